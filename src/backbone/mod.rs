@@ -1,0 +1,209 @@
+//! Pretrained convolutional bases: their layer names, shapes, preprocessing and weights.
+
+pub mod vgg;
+pub mod weights;
+
+use crate::spec::Preprocess;
+
+/// What a layer of a backbone does, enough to infer shapes and count parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerOp {
+    /// 3x3 convolution, `same` padding, ReLU; `index` is its position among the convolutions.
+    Conv {
+        /// Position among the backbone's convolutions.
+        index: usize,
+        /// Input channels.
+        in_channels: usize,
+        /// Output channels.
+        out_channels: usize,
+    },
+    /// 2x2 max pooling, stride 2.
+    MaxPool,
+}
+
+/// One named backbone layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerInfo {
+    /// Keras layer name, e.g. `block5_conv1`.
+    pub name: String,
+    /// What it computes.
+    pub op: LayerOp,
+}
+
+impl LayerInfo {
+    /// Parameters of this layer (weights and biases).
+    pub fn num_params(&self) -> usize {
+        match self.op {
+            LayerOp::Conv {
+                in_channels,
+                out_channels,
+                ..
+            } => out_channels * in_channels * 9 + out_channels,
+            LayerOp::MaxPool => 0,
+        }
+    }
+
+    /// Output shape `[channels, height, width]` for an input of that shape.
+    pub fn output_shape(&self, [c, h, w]: [usize; 3]) -> [usize; 3] {
+        match self.op {
+            LayerOp::Conv { out_channels, .. } => [out_channels, h, w],
+            LayerOp::MaxPool => [c, h / 2, w / 2],
+        }
+    }
+}
+
+/// A backbone architecture runner knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackboneDef {
+    /// Name used in specs.
+    pub name: &'static str,
+    /// Convolutions per block.
+    pub blocks: &'static [usize],
+    /// Channels of each block.
+    pub widths: &'static [usize],
+    /// Preprocessing the ImageNet weights were trained with.
+    pub default_preprocess: Preprocess,
+    /// File name of the ImageNet weights (in `weights/` or `$RUNNER_ASSETS/weights/`).
+    pub imagenet_file: &'static str,
+    /// Smallest input height and width that still leaves a 1x1 output.
+    pub min_input: usize,
+}
+
+/// Every backbone runner can build.
+pub const BACKBONES: [BackboneDef; 2] = [
+    BackboneDef {
+        name: "vgg16",
+        blocks: &[2, 2, 3, 3, 3],
+        widths: &[64, 128, 256, 512, 512],
+        default_preprocess: Preprocess::Caffe,
+        imagenet_file: "vgg16_imagenet_notop.safetensors",
+        min_input: 32,
+    },
+    BackboneDef {
+        name: "vgg19",
+        blocks: &[2, 2, 4, 4, 4],
+        widths: &[64, 128, 256, 512, 512],
+        default_preprocess: Preprocess::Caffe,
+        imagenet_file: "vgg19_imagenet_notop.safetensors",
+        min_input: 32,
+    },
+];
+
+/// The names of every known backbone.
+pub fn backbone_names() -> Vec<&'static str> {
+    BACKBONES.iter().map(|b| b.name).collect()
+}
+
+/// Looks a backbone up by name.
+pub fn find(name: &str) -> Option<&'static BackboneDef> {
+    BACKBONES.iter().find(|b| b.name == name)
+}
+
+impl BackboneDef {
+    /// The layers in order, with Keras names (`block1_conv1` ... `block5_pool`).
+    pub fn layers(&self) -> Vec<LayerInfo> {
+        let mut out = Vec::new();
+        let mut in_channels = 3;
+        let mut index = 0;
+        for (b, (&n, &width)) in self.blocks.iter().zip(self.widths).enumerate() {
+            for c in 0..n {
+                out.push(LayerInfo {
+                    name: format!("block{}_conv{}", b + 1, c + 1),
+                    op: LayerOp::Conv {
+                        index,
+                        in_channels,
+                        out_channels: width,
+                    },
+                });
+                in_channels = width;
+                index += 1;
+            }
+            out.push(LayerInfo {
+                name: format!("block{}_pool", b + 1),
+                op: LayerOp::MaxPool,
+            });
+        }
+        out
+    }
+
+    /// Total parameters of the base.
+    pub fn num_params(&self) -> usize {
+        self.layers().iter().map(LayerInfo::num_params).sum()
+    }
+
+    /// The shape after layer `upto` (exclusive) for an input of `[height, width]`.
+    pub fn shape_at(&self, upto: usize, [h, w]: [usize; 2]) -> [usize; 3] {
+        self.layers()
+            .iter()
+            .take(upto)
+            .fold([3, h, w], |s, l| l.output_shape(s))
+    }
+
+    /// The weight tensors the base expects: `(name, shape)` in Keras naming.
+    pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
+        self.layers()
+            .iter()
+            .filter_map(|l| match l.op {
+                LayerOp::Conv {
+                    in_channels,
+                    out_channels,
+                    ..
+                } => Some([
+                    (
+                        format!("{}.weight", l.name),
+                        vec![out_channels, in_channels, 3, 3],
+                    ),
+                    (format!("{}.bias", l.name), vec![out_channels]),
+                ]),
+                LayerOp::MaxPool => None,
+            })
+            .flatten()
+            .collect()
+    }
+}
+
+/// Where training starts in the backbone: layers before `index` are frozen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cutoff {
+    /// Index of the first trainable layer; `layers().len()` when the whole base is frozen.
+    pub index: usize,
+    /// The spec's value (`none`, `all` or a layer name).
+    pub label: String,
+}
+
+impl Cutoff {
+    /// Resolves `trainable_from` against the backbone's layer names.
+    pub fn resolve(def: &BackboneDef, trainable_from: &str) -> Result<Self, String> {
+        let layers = def.layers();
+        let index = match trainable_from {
+            "none" => layers.len(),
+            "all" => 0,
+            name => match layers.iter().position(|l| l.name == name) {
+                Some(i) => i,
+                None => {
+                    let mut names: Vec<(usize, &str)> = layers
+                        .iter()
+                        .map(|l| (strsim::damerau_levenshtein(name, &l.name), l.name.as_str()))
+                        .collect();
+                    names.sort();
+                    let near: Vec<String> =
+                        names.iter().take(3).map(|(_, n)| format!("\"{n}\"")).collect();
+                    return Err(format!(
+                        "\"{name}\" is not a layer of {}; nearest layer names: {}; or use \"none\" (all frozen) or \"all\" (all trainable)",
+                        def.name,
+                        near.join(", ")
+                    ));
+                }
+            },
+        };
+        Ok(Self {
+            index,
+            label: trainable_from.to_string(),
+        })
+    }
+
+    /// Whether the whole base is frozen.
+    pub fn all_frozen(&self, def: &BackboneDef) -> bool {
+        self.index >= def.layers().len()
+    }
+}

@@ -1,0 +1,85 @@
+//! The VGG convolutional base (no top), with Keras layer names.
+
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
+use burn::nn::PaddingConfig2d;
+use burn::prelude::*;
+use burn::tensor::activation::relu;
+
+use super::{BackboneDef, LayerOp};
+
+/// A VGG base: 3x3 same convolutions with ReLU, 2x2 max pooling after each block.
+#[derive(Module, Debug)]
+pub struct Vgg {
+    /// The convolutions in order; `convs.{i}` in the module tree.
+    pub convs: Vec<Conv2d>,
+    pool: MaxPool2d,
+    #[module(skip)]
+    ops: Vec<LayerOp>,
+}
+
+impl Vgg {
+    /// A VGG base with freshly initialised weights (load real ones with `weights::load`).
+    pub fn init(def: &BackboneDef, device: &Device) -> Self {
+        let ops: Vec<LayerOp> = def.layers().iter().map(|l| l.op).collect();
+        let convs = ops
+            .iter()
+            .filter_map(|op| match *op {
+                LayerOp::Conv {
+                    in_channels,
+                    out_channels,
+                    ..
+                } => Some(
+                    Conv2dConfig::new([in_channels, out_channels], [3, 3])
+                        .with_padding(PaddingConfig2d::Same)
+                        .init(device),
+                ),
+                LayerOp::MaxPool => None,
+            })
+            .collect();
+        Self {
+            convs,
+            pool: MaxPool2dConfig::new([2, 2]).init(),
+            ops,
+        }
+    }
+
+    /// Number of layers (convolutions and pools).
+    pub fn num_layers(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Runs layers `from..to` (indices into the backbone's layer list).
+    ///
+    /// # Shapes
+    ///
+    /// - input: `[batch, channels, height, width]` as expected by layer `from`
+    /// - output: `[batch, channels, height, width]` after layer `to - 1`
+    pub fn forward_range(&self, mut x: Tensor<4>, from: usize, to: usize) -> Tensor<4> {
+        for op in &self.ops[from..to] {
+            x = match *op {
+                LayerOp::Conv { index, .. } => relu(self.convs[index].forward(x)),
+                LayerOp::MaxPool => self.pool.forward(x),
+            };
+        }
+        x
+    }
+
+    /// Stops gradients for every convolution that sits before layer `cut`.
+    pub fn freeze_before(mut self, cut: usize) -> Self {
+        let frozen: Vec<usize> = self.ops[..cut]
+            .iter()
+            .filter_map(|op| match op {
+                LayerOp::Conv { index, .. } => Some(*index),
+                LayerOp::MaxPool => None,
+            })
+            .collect();
+        self.convs = self
+            .convs
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| if frozen.contains(&i) { c.no_grad() } else { c })
+            .collect();
+        self
+    }
+}

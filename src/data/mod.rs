@@ -1,0 +1,47 @@
+//! Images from folders, decoded once, and their conversion to network input.
+
+pub mod folder;
+
+use burn::prelude::*;
+
+use crate::spec::Preprocess;
+pub use folder::{DataError, Images, SplitListing};
+
+/// ImageNet mean, BGR order, on the 0-255 scale (Keras `preprocess_input` for VGG).
+const CAFFE_MEAN_BGR: [f32; 3] = [103.939, 116.779, 123.68];
+/// ImageNet mean and standard deviation, RGB order, on the 0-1 scale (torchvision).
+const TORCH_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+const TORCH_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// Writes one HWC RGB u8 image into `out` as CHW f32 with the preprocessing applied.
+pub fn preprocess_into(pixels: &[u8], hw: usize, pre: Preprocess, out: &mut [f32]) {
+    for c in 0..3 {
+        // Output channel c reads input channel src and maps v -> v * scale + shift.
+        let (src, scale, shift) = match pre {
+            Preprocess::Rescale => (c, 1.0 / 255.0, 0.0),
+            Preprocess::Caffe => (2 - c, 1.0, -CAFFE_MEAN_BGR[c]),
+            Preprocess::Torch => (c, 1.0 / (255.0 * TORCH_STD[c]), -TORCH_MEAN[c] / TORCH_STD[c]),
+        };
+        let plane = &mut out[c * hw..(c + 1) * hw];
+        for (o, px) in plane.iter_mut().zip(pixels.chunks_exact(3)) {
+            *o = f32::from(px[src]) * scale + shift;
+        }
+    }
+}
+
+/// A batch of images `indices` as network input.
+///
+/// # Shapes
+///
+/// - output: `[indices.len(), 3, height, width]`
+pub fn batch_tensor(images: &Images, indices: &[usize], pre: Preprocess, device: &Device) -> Tensor<4> {
+    let hw = images.height * images.width;
+    let mut buf = vec![0f32; indices.len() * 3 * hw];
+    for (chunk, &i) in buf.chunks_exact_mut(3 * hw).zip(indices) {
+        preprocess_into(images.image(i), hw, pre, chunk);
+    }
+    Tensor::from_data(
+        TensorData::new(buf, [indices.len(), 3, images.height, images.width]),
+        device,
+    )
+}

@@ -1,0 +1,288 @@
+//! The head: `LayerSpec` -> `Layer` (a `#[derive(Module)]` enum), shapes inferred from the input.
+
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
+use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
+use burn::prelude::*;
+use burn::tensor::activation;
+
+use crate::spec::{Activation, LayerSpec, Padding};
+
+/// The shape of one example between layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// A feature map `[channels, height, width]`.
+    Map([usize; 3]),
+    /// A vector of features.
+    Flat(usize),
+}
+
+impl Shape {
+    /// Keras-style text, channels last: `(4, 4, 512)` or `(8192)`.
+    pub fn keras(&self) -> String {
+        match self {
+            Self::Map([c, h, w]) => format!("({h}, {w}, {c})"),
+            Self::Flat(n) => format!("({n})"),
+        }
+    }
+}
+
+/// Output size and explicit padding `(before, after)` of a window along one axis, as Keras.
+fn window(input: usize, kernel: usize, stride: usize, padding: Padding) -> Option<(usize, usize, usize)> {
+    match padding {
+        Padding::Valid => (input >= kernel).then(|| ((input - kernel) / stride + 1, 0, 0)),
+        Padding::Same => {
+            let out = input.div_ceil(stride);
+            let total = ((out - 1) * stride + kernel).saturating_sub(input);
+            Some((out, total / 2, total - total / 2))
+        }
+    }
+}
+
+/// The output shape and parameter count of one layer, or why it cannot take `input`.
+pub fn infer(layer: &LayerSpec, input: Shape) -> Result<(Shape, usize), String> {
+    match (layer, input) {
+        (
+            LayerSpec::Conv2d {
+                filters,
+                kernel,
+                stride,
+                padding,
+                ..
+            },
+            Shape::Map([c, h, w]),
+        ) => {
+            let [kh, kw] = kernel.hw();
+            let [sh, sw] = stride.hw();
+            match (window(h, kh, sh, *padding), window(w, kw, sw, *padding)) {
+                (Some((oh, ..)), Some((ow, ..))) => {
+                    Ok((Shape::Map([*filters, oh, ow]), filters * c * kh * kw + filters))
+                }
+                _ => Err(format!(
+                    "a {kh}x{kw} valid convolution cannot run on a {h}x{w} feature map; use padding = \"same\", a smaller kernel or a larger image_size"
+                )),
+            }
+        }
+        (LayerSpec::MaxPool2d { pool, stride }, Shape::Map([c, h, w])) => {
+            let [ph, pw] = pool.hw();
+            let [sh, sw] = stride.unwrap_or(*pool).hw();
+            match (window(h, ph, sh, Padding::Valid), window(w, pw, sw, Padding::Valid)) {
+                (Some((oh, ..)), Some((ow, ..))) => Ok((Shape::Map([c, oh, ow]), 0)),
+                _ => Err(format!("a {ph}x{pw} pool cannot run on a {h}x{w} feature map")),
+            }
+        }
+        (LayerSpec::GlobalAveragePool {}, Shape::Map([c, ..])) => Ok((Shape::Flat(c), 0)),
+        (LayerSpec::Flatten {}, Shape::Map([c, h, w])) => Ok((Shape::Flat(c * h * w), 0)),
+        (LayerSpec::Flatten {}, Shape::Flat(n)) => Ok((Shape::Flat(n), 0)),
+        (LayerSpec::Dense { units, .. }, Shape::Flat(n)) => Ok((Shape::Flat(*units), n * units + units)),
+        (LayerSpec::Dense { .. }, Shape::Map(_)) => Err(
+            "dense needs a vector but gets a feature map; put a flatten or global_average_pool layer before it"
+                .into(),
+        ),
+        (LayerSpec::Dropout { .. }, s) => Ok((s, 0)),
+        (l, Shape::Flat(n)) => Err(format!(
+            "{} needs a feature map but gets a vector of {n}; put it before flatten/global_average_pool",
+            l.kind()
+        )),
+    }
+}
+
+/// Applies an activation.
+fn activate<const D: usize>(x: Tensor<D>, a: Activation) -> Tensor<D> {
+    match a {
+        Activation::Linear => x,
+        Activation::Relu => activation::relu(x),
+        Activation::Sigmoid => activation::sigmoid(x),
+        Activation::Softmax => activation::softmax(x, D - 1),
+        Activation::Tanh => activation::tanh(x),
+    }
+}
+
+/// Activations between layers: a feature map or a batch of vectors.
+#[derive(Debug, Clone)]
+pub enum Act {
+    /// `[batch, channels, height, width]`
+    Map(Tensor<4>),
+    /// `[batch, features]`
+    Flat(Tensor<2>),
+}
+
+impl Act {
+    /// The batch of vectors; panics on a feature map, which plan validation rules out.
+    pub fn flat(self) -> Tensor<2> {
+        match self {
+            Self::Flat(x) => x,
+            Self::Map(x) => x.flatten(1, 3),
+        }
+    }
+}
+
+/// A convolution with its activation.
+#[derive(Module, Debug)]
+pub struct ConvLayer {
+    conv: Conv2d,
+    #[module(skip)]
+    activation: Activation,
+}
+
+/// A dense layer with its activation.
+#[derive(Module, Debug)]
+pub struct DenseLayer {
+    linear: Linear,
+    #[module(skip)]
+    activation: Activation,
+}
+
+/// A parameter-free reshaping layer.
+#[derive(Module, Debug)]
+pub struct ReshapeLayer {
+    #[module(skip)]
+    global_average: bool,
+}
+
+/// One head layer.
+#[derive(Module, Debug)]
+pub enum Layer {
+    /// `conv2d`
+    Conv(ConvLayer),
+    /// `max_pool2d`
+    Pool(MaxPool2d),
+    /// `flatten` or `global_average_pool`
+    Reshape(ReshapeLayer),
+    /// `dense`
+    Dense(DenseLayer),
+    /// `dropout`
+    Dropout(Dropout),
+}
+
+impl Layer {
+    /// Builds the layer for an input of shape `input` (already validated by the plan).
+    pub fn init(spec: &LayerSpec, input: Shape, device: &Device) -> Self {
+        // Keras' default initialiser for Dense and Conv2D kernels; biases start at zero.
+        let glorot = Initializer::XavierUniform { gain: 1.0 };
+        match (spec, input) {
+            (
+                LayerSpec::Conv2d {
+                    filters,
+                    kernel,
+                    stride,
+                    padding,
+                    activation,
+                },
+                Shape::Map([c, h, w]),
+            ) => {
+                let [kh, kw] = kernel.hw();
+                let [sh, sw] = stride.hw();
+                let (_, top, bottom) = window(h, kh, sh, *padding).unwrap_or((0, 0, 0));
+                let (_, left, right) = window(w, kw, sw, *padding).unwrap_or((0, 0, 0));
+                let conv = Conv2dConfig::new([c, *filters], [kh, kw])
+                    .with_stride([sh, sw])
+                    .with_padding(PaddingConfig2d::Explicit(top, left, bottom, right))
+                    .with_initializer(glorot)
+                    .init(device);
+                Self::Conv(ConvLayer {
+                    conv: zero_conv_bias(conv),
+                    activation: *activation,
+                })
+            }
+            (LayerSpec::MaxPool2d { pool, stride }, _) => Self::Pool(
+                MaxPool2dConfig::new(pool.hw())
+                    .with_strides(stride.unwrap_or(*pool).hw())
+                    .init(),
+            ),
+            (LayerSpec::GlobalAveragePool {}, _) => Self::Reshape(ReshapeLayer {
+                global_average: true,
+            }),
+            (LayerSpec::Flatten {}, _) => Self::Reshape(ReshapeLayer {
+                global_average: false,
+            }),
+            (LayerSpec::Dense { units, activation }, s) => {
+                let n = match s {
+                    Shape::Flat(n) => n,
+                    Shape::Map([c, h, w]) => c * h * w,
+                };
+                let linear = LinearConfig::new(n, *units)
+                    .with_initializer(glorot)
+                    .init(device);
+                Self::Dense(DenseLayer {
+                    linear: zero_linear_bias(linear),
+                    activation: *activation,
+                })
+            }
+            (LayerSpec::Dropout { rate }, _) => Self::Dropout(DropoutConfig::new(*rate).init()),
+            (LayerSpec::Conv2d { .. }, Shape::Flat(_)) => {
+                unreachable!("the plan rejects a convolution on a vector")
+            }
+        }
+    }
+
+    /// Runs the layer; `final_activation` false leaves a dense layer's activation out (logits).
+    ///
+    /// # Shapes
+    ///
+    /// - input: `[batch, c, h, w]` or `[batch, n]`
+    /// - output: `[batch, c', h', w']` or `[batch, n']`
+    pub fn forward(&self, x: Act, final_activation: bool) -> Act {
+        match (self, x) {
+            (Self::Conv(l), Act::Map(x)) => Act::Map(activate(l.conv.forward(x), l.activation)),
+            (Self::Pool(p), Act::Map(x)) => Act::Map(p.forward(x)),
+            (Self::Reshape(r), Act::Map(x)) if r.global_average => {
+                let [b, c, _, _] = x.dims();
+                Act::Flat(x.mean_dim(3).mean_dim(2).reshape([b, c]))
+            }
+            (Self::Reshape(_), x) => Act::Flat(x.flat()),
+            (Self::Dense(l), x) => {
+                let y = l.linear.forward(x.flat());
+                Act::Flat(if final_activation { activate(y, l.activation) } else { y })
+            }
+            (Self::Dropout(d), Act::Map(x)) => Act::Map(d.forward(x)),
+            (Self::Dropout(d), Act::Flat(x)) => Act::Flat(d.forward(x)),
+            (_, Act::Flat(_)) => unreachable!("the plan rejects spatial layers on vectors"),
+        }
+    }
+}
+
+fn zero_linear_bias(mut l: Linear) -> Linear {
+    l.bias = l.bias.map(|b| b.map(|t| t.zeros_like()));
+    l
+}
+
+fn zero_conv_bias(mut c: Conv2d) -> Conv2d {
+    c.bias = c.bias.map(|b| b.map(|t| t.zeros_like()));
+    c
+}
+
+/// The head: layers applied in order.
+#[derive(Module, Debug)]
+pub struct Head {
+    /// The layers.
+    pub layers: Vec<Layer>,
+}
+
+impl Head {
+    /// Builds the head for the backbone output shape `input`.
+    pub fn init(specs: &[LayerSpec], input: Shape, device: &Device) -> Self {
+        let mut shape = input;
+        let mut layers = Vec::with_capacity(specs.len());
+        for spec in specs {
+            layers.push(Layer::init(spec, shape, device));
+            shape = infer(spec, shape).map(|(s, _)| s).unwrap_or(shape);
+        }
+        Self { layers }
+    }
+
+    /// Logits: every layer, with the last layer's activation left out.
+    ///
+    /// # Shapes
+    ///
+    /// - input: `[batch, c, h, w]` (the backbone's output)
+    /// - output: `[batch, outputs]`
+    pub fn forward_logits(&self, x: Tensor<4>) -> Tensor<2> {
+        let n = self.layers.len();
+        let mut act = Act::Map(x);
+        for (i, l) in self.layers.iter().enumerate() {
+            act = l.forward(act, i + 1 < n);
+        }
+        act.flat()
+    }
+}

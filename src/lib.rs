@@ -1,0 +1,18 @@
+//! runner: transfer learning on images from a TOML file.
+//!
+//! experiment TOML -> [`spec`] (serde, strict) -> [`plan`] (validated, resolved) ->
+//! [`model`] (backbone + head) -> [`train`] -> [`results`] (parquet) and [`logging`] (JSON lines).
+#![warn(missing_docs)]
+
+pub mod assets;
+pub mod backbone;
+pub mod cli;
+pub mod data;
+pub mod device;
+pub mod head;
+pub mod logging;
+pub mod model;
+pub mod plan;
+pub mod results;
+pub mod spec;
+pub mod train;

@@ -1,0 +1,314 @@
+//! Spec -> Plan: every value checked, every path resolved, every problem collected (each with its
+//! file and key path) before anything runs.
+
+use std::path::PathBuf;
+
+use sha2::{Digest, Sha256};
+
+use crate::assets::Locations;
+use crate::backbone::{self, BackboneDef, Cutoff};
+use crate::data::folder::{self, SplitListing};
+use crate::head::{self, Shape};
+use crate::spec::load::{Loaded, Problem, Problems};
+use crate::spec::{Activation, LayerSpec, Loss, OptimizerSpec, Preprocess, Spec};
+
+/// The split names, in the order they are used; `test` is optional.
+pub const SPLITS: [&str; 3] = ["train", "validation", "test"];
+
+/// A validated, resolved experiment.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The spec as resolved from all layers.
+    pub spec: Spec,
+    /// The experiment file.
+    pub file: PathBuf,
+    /// The backbone architecture.
+    pub backbone: &'static BackboneDef,
+    /// The weights file to load.
+    pub weights: PathBuf,
+    /// Input preprocessing (the spec's, or the backbone's default).
+    pub preprocess: Preprocess,
+    /// First trainable backbone layer.
+    pub cutoff: Cutoff,
+    /// The resolved data folder.
+    pub data_dir: PathBuf,
+    /// `train`, `validation` and, when present, `test`.
+    pub splits: Vec<SplitListing>,
+    /// Class names (sorted folder names).
+    pub classes: Vec<String>,
+    /// Output shape of the backbone.
+    pub base_output: [usize; 3],
+    /// Output shape and parameter count of each head layer.
+    pub head_shapes: Vec<(Shape, usize)>,
+    /// Hash of the resolved spec.
+    pub config_hash: String,
+}
+
+impl Plan {
+    /// The split listing named `name`, if present.
+    pub fn split(&self, name: &str) -> Option<&SplitListing> {
+        self.splits.iter().find(|s| s.name == name)
+    }
+}
+
+/// A short, stable hash of the resolved spec.
+pub fn config_hash(spec: &Spec) -> String {
+    let json = serde_json::to_string(spec).unwrap_or_default();
+    let digest = Sha256::digest(json.as_bytes());
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Checks the loaded spec and resolves it into a plan, or returns every problem found.
+pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
+    let spec = &loaded.spec;
+    let mut problems: Vec<Problem> = Vec::new();
+    let mut bad = |key: &str, message: String| problems.push(loaded.problem(key, message));
+
+    // [experiment]
+    let name = &spec.experiment.name;
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    {
+        bad(
+            "experiment.name",
+            format!("must be non-empty and use only letters, digits, '_', '-' and '.', got \"{name}\""),
+        );
+    }
+
+    // [backbone]
+    let def = backbone::find(&spec.backbone.name);
+    if def.is_none() {
+        bad(
+            "backbone.name",
+            format!(
+                "unknown backbone \"{}\"{}; known backbones: {}",
+                spec.backbone.name,
+                crate::spec::load::closest(&spec.backbone.name, &backbone::backbone_names()),
+                backbone::backbone_names().join(", ")
+            ),
+        );
+    }
+    let weights = def.and_then(|def| {
+        let w = &spec.backbone.weights;
+        let found = if w == "imagenet" {
+            locations.weights_file(def.imagenet_file, &format!("ImageNet weights for {}", def.name))
+        } else {
+            locations.path(w, "weights file", false)
+        };
+        found.map_err(|e| bad("backbone.weights", e.to_string().trim_end().to_string())).ok()
+    });
+    let cutoff = def.and_then(|def| {
+        Cutoff::resolve(def, &spec.backbone.trainable_from)
+            .map_err(|e| bad("backbone.trainable_from", e))
+            .ok()
+    });
+
+    // [data]
+    let [h, w] = spec.data.image_size;
+    let min = def.map_or(1, |d| d.min_input);
+    if h < min || w < min || h > 4096 || w > 4096 {
+        bad(
+            "data.image_size",
+            format!("each side must be in [{min}, 4096] for {}, got [{h}, {w}]", spec.backbone.name),
+        );
+    }
+    if spec.data.batch_size == 0 {
+        bad("data.batch_size", "must be at least 1, got 0".into());
+    }
+    let data_dir = locations
+        .path(&spec.data.dir, "data folder", true)
+        .map_err(|e| bad("data.dir", e.to_string().trim_end().to_string()))
+        .ok();
+    let mut splits = Vec::new();
+    if let Some(dir) = &data_dir {
+        for split in SPLITS {
+            let p = dir.join(split);
+            if !p.is_dir() {
+                if split != "test" {
+                    bad("data.dir", format!("{}: missing the {split}/ folder", dir.display()));
+                }
+                continue;
+            }
+            match folder::scan_split(split, &p) {
+                Ok(l) => splits.push(l),
+                Err(e) => bad("data.dir", e.to_string()),
+            }
+        }
+    }
+    let classes = splits.first().map(|s| s.classes.clone()).unwrap_or_default();
+    for s in &splits {
+        if s.classes != classes {
+            bad(
+                "data.dir",
+                format!(
+                    "{}: class folders {:?} differ from train/'s {:?}",
+                    s.dir.display(),
+                    s.classes,
+                    classes
+                ),
+            );
+        }
+        for (label, class) in s.classes.iter().enumerate() {
+            if !s.files.iter().any(|(_, l)| *l == label) {
+                bad(
+                    "data.dir",
+                    format!("{}: class folder {class}/ has no images ({})", s.dir.display(), folder::IMAGE_EXTENSIONS.join(", ")),
+                );
+            }
+        }
+    }
+    if !splits.is_empty() && classes.len() < 2 {
+        bad(
+            "data.dir",
+            format!("{}: needs at least two class folders in train/, found {:?}", splits[0].dir.display(), classes),
+        );
+    }
+
+    // [head]
+    let base_output = match (def, &cutoff) {
+        (Some(def), _) => def.shape_at(def.layers().len(), [h, w]),
+        _ => [0, 0, 0],
+    };
+    let mut head_shapes = Vec::new();
+    if spec.head.layers.is_empty() {
+        bad("head.layers", "the head needs at least one layer".into());
+    }
+    let mut shape = Some(Shape::Map(base_output)).filter(|_| def.is_some() && h >= min && w >= min);
+    for (i, layer) in spec.head.layers.iter().enumerate() {
+        let at = format!("head.layers[{i}]");
+        layer_rules(layer, &at, &mut bad);
+        if let Some(s) = shape {
+            match head::infer(layer, s) {
+                Ok((out, params)) => {
+                    head_shapes.push((out, params));
+                    shape = Some(out);
+                }
+                Err(e) => {
+                    bad(&at, format!("{e} (input {})", s.keras()));
+                    shape = None;
+                }
+            }
+        }
+    }
+
+    // [train] and the loss against the last layer and the classes
+    if spec.train.epochs == 0 {
+        bad("train.epochs", "must be at least 1, got 0".into());
+    }
+    if let Some(last) = spec.head.layers.last() {
+        let at = format!("head.layers[{}]", spec.head.layers.len() - 1);
+        let n = classes.len();
+        match (spec.train.loss, last) {
+            (Loss::BinaryCrossentropy, LayerSpec::Dense { units: 1, activation: Activation::Sigmoid }) => {
+                if n != 2 && n >= 2 {
+                    bad(
+                        "train.loss",
+                        format!("binary_crossentropy needs exactly 2 classes, the data has {n} ({}); use categorical_crossentropy with a softmax layer of {n} units", classes.join(", ")),
+                    );
+                }
+            }
+            (Loss::BinaryCrossentropy, _) => bad(
+                &at,
+                format!("binary_crossentropy needs a last layer of kind = \"dense\", units = 1, activation = \"sigmoid\"; got {}", last.describe()),
+            ),
+            (Loss::CategoricalCrossentropy, LayerSpec::Dense { units, activation: Activation::Softmax }) => {
+                if n >= 2 && *units != n {
+                    bad(
+                        &format!("{at}.units"),
+                        format!("categorical_crossentropy needs one unit per class: {n} ({}), got {units}", classes.join(", ")),
+                    );
+                }
+            }
+            (Loss::CategoricalCrossentropy, _) => bad(
+                &at,
+                format!("categorical_crossentropy needs a last layer of kind = \"dense\", activation = \"softmax\", units = number of classes; got {}", last.describe()),
+            ),
+        }
+    }
+
+    // [optimizer]
+    optimizer_rules(&spec.optimizer, &mut bad);
+
+    drop(bad);
+    if !problems.is_empty() {
+        return Err(Problems(problems));
+    }
+    let (Some(def), Some(weights), Some(cutoff), Some(data_dir)) = (def, weights, cutoff, data_dir) else {
+        unreachable!("every None above reported a problem");
+    };
+    Ok(Plan {
+        spec: spec.clone(),
+        file: loaded.file.clone(),
+        backbone: def,
+        weights,
+        preprocess: spec.backbone.preprocess.unwrap_or(def.default_preprocess),
+        cutoff,
+        data_dir,
+        splits,
+        classes,
+        base_output,
+        head_shapes,
+        config_hash: config_hash(spec),
+    })
+}
+
+fn layer_rules(layer: &LayerSpec, at: &str, bad: &mut impl FnMut(&str, String)) {
+    let positive = |bad: &mut dyn FnMut(&str, String), key: &str, v: usize| {
+        if v == 0 {
+            bad(&format!("{at}.{key}"), "must be at least 1, got 0".into());
+        }
+    };
+    match layer {
+        LayerSpec::Conv2d { filters, kernel, stride, .. } => {
+            positive(bad, "filters", *filters);
+            positive(bad, "kernel", kernel.hw().into_iter().min().unwrap_or(0));
+            positive(bad, "stride", stride.hw().into_iter().min().unwrap_or(0));
+        }
+        LayerSpec::MaxPool2d { pool, stride } => {
+            positive(bad, "pool", pool.hw().into_iter().min().unwrap_or(0));
+            if let Some(s) = stride {
+                positive(bad, "stride", s.hw().into_iter().min().unwrap_or(0));
+            }
+        }
+        LayerSpec::Dense { units, .. } => positive(bad, "units", *units),
+        LayerSpec::Dropout { rate } => {
+            if !(0.0..1.0).contains(rate) {
+                bad(&format!("{at}.rate"), format!("must be in [0, 1), got {rate}"));
+            }
+        }
+        LayerSpec::GlobalAveragePool {} | LayerSpec::Flatten {} => {}
+    }
+}
+
+fn optimizer_rules(opt: &OptimizerSpec, bad: &mut impl FnMut(&str, String)) {
+    let mut check = |key: &str, v: f64, ok: bool, range: &str| {
+        if !ok || !v.is_finite() {
+            bad(&format!("optimizer.{key}"), format!("must be {range}, got {v}"));
+        }
+    };
+    let lr = opt.lr();
+    check("lr", lr, lr > 0.0, "a positive number");
+    match opt {
+        OptimizerSpec::Rmsprop { rho, momentum, epsilon, .. } => {
+            check("rho", *rho, (0.0..1.0).contains(rho), "in [0, 1)");
+            check("momentum", *momentum, (0.0..1.0).contains(momentum), "in [0, 1)");
+            check("epsilon", *epsilon, *epsilon > 0.0, "positive");
+        }
+        OptimizerSpec::Adam { beta_1, beta_2, epsilon, .. } => {
+            check("beta_1", *beta_1, (0.0..1.0).contains(beta_1), "in [0, 1)");
+            check("beta_2", *beta_2, (0.0..1.0).contains(beta_2), "in [0, 1)");
+            check("epsilon", *epsilon, *epsilon > 0.0, "positive");
+        }
+        OptimizerSpec::Adamw { beta_1, beta_2, epsilon, weight_decay, .. } => {
+            check("beta_1", *beta_1, (0.0..1.0).contains(beta_1), "in [0, 1)");
+            check("beta_2", *beta_2, (0.0..1.0).contains(beta_2), "in [0, 1)");
+            check("epsilon", *epsilon, *epsilon > 0.0, "positive");
+            check("weight_decay", *weight_decay, *weight_decay >= 0.0, "at least 0");
+        }
+        OptimizerSpec::Sgd { momentum, .. } => {
+            check("momentum", *momentum, (0.0..1.0).contains(momentum), "in [0, 1)");
+        }
+    }
+}

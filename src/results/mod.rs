@@ -1,0 +1,191 @@
+//! Run results: `results/<run_id>.parquet`, one row per epoch, written atomically, with the
+//! resolved config in the file's metadata and beside it as `results/<run_id>.toml`.
+//! The only module that imports polars.
+//!
+//! # Schema, version 1
+//!
+//! | column | type | meaning |
+//! | --- | --- | --- |
+//! | `schema_version` | u32 | 1 |
+//! | `run_id` | str | `<experiment>-<UTC yyyymmdd-hhmmss>-<config hash>` |
+//! | `experiment` | str | `experiment.name` |
+//! | `config_hash` | str | sha256 prefix of the resolved spec |
+//! | `status` | str | `completed` |
+//! | `started_at` | str | RFC 3339, UTC |
+//! | `backbone`, `weights`, `preprocess`, `trainable_from` | str | backbone settings; `weights` is the file used |
+//! | `head` | str | the head's layers, e.g. `flatten > dense(256, relu) > dropout(0.5) > dense(1, sigmoid)` |
+//! | `optimizer` | str | optimizer kind |
+//! | `lr` | f64 | learning rate of the epoch |
+//! | `batch_size` | u32 | |
+//! | `seed` | u64 | |
+//! | `image_size` | str | `HxW` |
+//! | `epoch` | u32 | 1-based |
+//! | `train_loss`, `train_acc`, `val_loss`, `val_acc` | f64 | per-epoch metrics |
+//! | `seconds` | f64 | wall time of the epoch |
+//! | `test_loss`, `test_acc` | f64, null without a test split | final test evaluation, same on every row |
+//!
+//! File metadata: `runner.schema_version` and `runner.config` (the resolved spec as TOML).
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use polars::prelude::*;
+
+use crate::plan::Plan;
+use crate::train::{EpochMetrics, Evaluation};
+
+/// Version of the results schema written by this build.
+pub const SCHEMA_VERSION: u32 = 1;
+/// Parquet metadata key holding the resolved config.
+pub const CONFIG_KEY: &str = "runner.config";
+
+/// Errors writing or reading results.
+#[derive(Debug, thiserror::Error)]
+pub enum ResultsError {
+    /// A file could not be written.
+    #[error("{path}: cannot write: {message}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// A file could not be read.
+    #[error("{path}: cannot read results: {message}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder, then a rename.
+pub fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> Result<(), String>) -> Result<(), ResultsError> {
+    let err = |message: String| ResultsError::Write {
+        path: path.to_path_buf(),
+        message,
+    };
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = File::create(&tmp).map_err(|e| e.to_string())?;
+        write(&mut f)?;
+        f.sync_all().map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, path).map_err(|e| e.to_string())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(err)
+}
+
+/// The resolved spec as TOML.
+pub fn config_toml(plan: &Plan) -> String {
+    toml::to_string_pretty(&plan.spec).unwrap_or_default()
+}
+
+/// The per-epoch table of a run.
+pub fn run_frame(
+    plan: &Plan,
+    run_id: &str,
+    started_at: &str,
+    epochs: &[EpochMetrics],
+    test: Option<Evaluation>,
+) -> PolarsResult<DataFrame> {
+    let n = epochs.len();
+    let spec = &plan.spec;
+    let s = |v: &str| vec![v.to_string(); n];
+    let head = spec
+        .head
+        .layers
+        .iter()
+        .map(|l| l.describe())
+        .collect::<Vec<_>>()
+        .join(" > ");
+    let [h, w] = spec.data.image_size;
+    let col = |f: fn(&EpochMetrics) -> f64| epochs.iter().map(f).collect::<Vec<f64>>();
+    df! {
+        "schema_version" => vec![SCHEMA_VERSION; n],
+        "run_id" => s(run_id),
+        "experiment" => s(&spec.experiment.name),
+        "config_hash" => s(&plan.config_hash),
+        "status" => s("completed"),
+        "started_at" => s(started_at),
+        "backbone" => s(plan.backbone.name),
+        "weights" => s(&plan.weights.display().to_string()),
+        "preprocess" => s(plan.preprocess.as_str()),
+        "trainable_from" => s(&plan.cutoff.label),
+        "head" => s(&head),
+        "optimizer" => s(spec.optimizer.kind()),
+        "lr" => col(|m| m.lr),
+        "batch_size" => vec![spec.data.batch_size as u32; n],
+        "seed" => vec![spec.experiment.seed; n],
+        "image_size" => s(&format!("{h}x{w}")),
+        "epoch" => epochs.iter().map(|m| m.epoch as u32).collect::<Vec<u32>>(),
+        "train_loss" => col(|m| m.train_loss),
+        "train_acc" => col(|m| m.train_acc),
+        "val_loss" => col(|m| m.val_loss),
+        "val_acc" => col(|m| m.val_acc),
+        "seconds" => col(|m| m.seconds),
+        "test_loss" => vec![test.map(|t| t.loss); n],
+        "test_acc" => vec![test.map(|t| t.acc); n],
+    }
+}
+
+/// Writes `results/<run_id>.toml` and `results/<run_id>.parquet`, both atomically.
+pub fn write_run(
+    dir: &Path,
+    plan: &Plan,
+    run_id: &str,
+    started_at: &str,
+    epochs: &[EpochMetrics],
+    test: Option<Evaluation>,
+) -> Result<PathBuf, ResultsError> {
+    let config = config_toml(plan);
+    write_atomic(&dir.join(format!("{run_id}.toml")), |f| {
+        f.write_all(config.as_bytes()).map_err(|e| e.to_string())
+    })?;
+    let path = dir.join(format!("{run_id}.parquet"));
+    let mut df = run_frame(plan, run_id, started_at, epochs, test).map_err(|e| ResultsError::Write {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    write_atomic(&path, |f| {
+        ParquetWriter::new(f)
+            .with_key_value_metadata(Some(KeyValueMetadata::from_static(vec![
+                ("runner.schema_version".into(), SCHEMA_VERSION.to_string()),
+                (CONFIG_KEY.into(), config),
+            ])))
+            .finish(&mut df)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })?;
+    Ok(path)
+}
+
+/// Reads a run's table and its file metadata.
+pub fn read_run(path: &Path) -> Result<(DataFrame, Vec<(String, String)>), ResultsError> {
+    let err = |e: &dyn std::fmt::Display| ResultsError::Read {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let file = File::open(path).map_err(|e| err(&e))?;
+    let mut reader = ParquetReader::new(file);
+    let meta = reader
+        .get_metadata()
+        .map_err(|e| err(&e))?
+        .key_value_metadata()
+        .as_ref()
+        .map(|kv| {
+            kv.iter()
+                .map(|k| (k.key.clone(), k.value.clone().unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let df = reader.finish().map_err(|e| err(&e))?;
+    Ok((df, meta))
+}

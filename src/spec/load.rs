@@ -1,0 +1,365 @@
+//! Layered loading: built-in defaults < the file < `RUNNER_*` environment < `--set key=value`.
+//!
+//! Each section, and each head layer, is deserialized on its own so that one run reports every
+//! unknown key or bad value at once, each with the file it came from and its key path.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::{Dict, Value};
+use figment::{Figment, Source};
+use serde::de::DeserializeOwned;
+
+use super::{HeadSpec, LayerSpec, SECTIONS, Spec};
+
+/// One problem with a spec: where it came from, the key path and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The file (or `--set`, or the environment variable) the offending value came from.
+    pub source: String,
+    /// Key path, e.g. `head.layers[1].rate`.
+    pub key: String,
+    /// What is wrong and what was expected.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.source, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.source, self.key, self.message)
+        }
+    }
+}
+
+/// Every problem found in one spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problems(pub Vec<Problem>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        writeln!(
+            f,
+            "{n} problem{} in the experiment spec:",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.0 {
+            writeln!(f, "  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Problems {}
+
+/// Errors from loading a spec.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// The file could not be read.
+    #[error("{path}: cannot read the experiment file: {source}")]
+    Read {
+        /// The spec file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("{path}: not valid TOML: {message}")]
+    Syntax {
+        /// The spec file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A `--set` argument is not `key.path=value`.
+    #[error("--set {0}: expected key.path=value, e.g. --set optimizer.lr=1e-4")]
+    BadSet(String),
+    /// Problems with keys or values.
+    #[error("{0}")]
+    Invalid(Problems),
+}
+
+/// A spec together with where each value came from.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The resolved spec.
+    pub spec: Spec,
+    /// The experiment file.
+    pub file: PathBuf,
+    sources: Sources,
+}
+
+impl Loaded {
+    /// Where the value at `key` came from (file path, environment variable or `--set`).
+    pub fn source_of(&self, key: &str) -> String {
+        self.sources.source_of(key)
+    }
+
+    /// A problem at `key`, attributed to the layer that set it.
+    pub fn problem(&self, key: impl Into<String>, message: impl Into<String>) -> Problem {
+        let key = key.into();
+        Problem {
+            source: self.source_of(&key),
+            key,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Sources {
+    figment: Figment,
+    file: PathBuf,
+    sets: Vec<String>,
+}
+
+impl Sources {
+    fn source_of(&self, key: &str) -> String {
+        // `--set` wins over everything, so a key under one of its paths came from it.
+        let bare = strip_indices(key);
+        if let Some(set) = self
+            .sets
+            .iter()
+            .rev()
+            .find(|s| bare == **s || bare.starts_with(&format!("{s}.")) || s.starts_with(&format!("{bare}.")))
+        {
+            return format!("--set {set}");
+        }
+        let mut probe = bare.as_str();
+        loop {
+            if let Some(md) = self.figment.find_metadata(probe) {
+                return match &md.source {
+                    Some(Source::File(p)) => p.display().to_string(),
+                    Some(Source::Custom(s)) => s.clone(),
+                    _ if md.name.contains("environment") => {
+                        format!("environment variable RUNNER_{}", probe.to_uppercase().replace('.', "__"))
+                    }
+                    _ => self.file.display().to_string(),
+                };
+            }
+            match probe.rfind('.') {
+                Some(i) => probe = &probe[..i],
+                None => return self.file.display().to_string(),
+            }
+        }
+    }
+}
+
+fn strip_indices(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    let mut depth = 0;
+    for c in key.chars() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            _ if depth == 0 => out.push(c),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Parses a `--set` value as TOML (number, bool, array, inline table), else as a string.
+fn parse_set_value(raw: &str) -> toml::Value {
+    match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.into()),
+    }
+}
+
+/// Loads `path` with all layers and checks every key against the spec types.
+pub fn load(path: &Path, sets: &[String]) -> Result<Loaded, SpecError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if let Err(e) = toml::from_str::<toml::Table>(&text) {
+        return Err(SpecError::Syntax {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().replace('\n', " "),
+        });
+    }
+
+    let mut figment = Figment::from(Toml::string(super::DEFAULTS))
+        .merge(Toml::file_exact(path))
+        .merge(
+            Env::prefixed("RUNNER_")
+                .split("__")
+                .filter(|k| SECTIONS.iter().any(|s| k.as_str() == *s || k.as_str().starts_with(&format!("{s}.")))),
+        );
+    let mut set_keys = Vec::new();
+    for s in sets {
+        let (key, raw) = s
+            .split_once('=')
+            .filter(|(k, _)| !k.trim().is_empty())
+            .ok_or_else(|| SpecError::BadSet(s.clone()))?;
+        let key = key.trim().to_string();
+        figment = figment.merge(Serialized::default(&key, parse_set_value(raw.trim())));
+        set_keys.push(key);
+    }
+    let sources = Sources {
+        figment: figment.clone(),
+        file: path.to_path_buf(),
+        sets: set_keys,
+    };
+
+    let root: Dict = figment.extract().map_err(|e| {
+        SpecError::Invalid(Problems(vec![Problem {
+            source: path.display().to_string(),
+            key: e.path.join("."),
+            message: e.kind.to_string(),
+        }]))
+    })?;
+
+    let mut problems = Vec::new();
+    let mut report = |key: String, message: String| {
+        problems.push(Problem {
+            source: sources.source_of(&key),
+            key,
+            message,
+        })
+    };
+    for key in root.keys() {
+        if !SECTIONS.contains(&key.as_str()) {
+            let hint = closest(key, &SECTIONS);
+            report(
+                key.clone(),
+                format!(
+                    "unknown section [{key}]{hint}; expected one of {}",
+                    SECTIONS.map(|s| format!("[{s}]")).join(", ")
+                ),
+            );
+        }
+    }
+
+    fn section<T: DeserializeOwned>(
+        root: &Dict,
+        name: &str,
+        report: &mut impl FnMut(String, String),
+    ) -> Option<T> {
+        let Some(value) = root.get(name) else {
+            report(name.to_string(), format!("missing section [{name}]"));
+            return None;
+        };
+        deserialize_at(value, name, report)
+    }
+
+    let experiment = section(&root, "experiment", &mut report);
+    let data = section(&root, "data", &mut report);
+    let backbone = section(&root, "backbone", &mut report);
+    let optimizer = section(&root, "optimizer", &mut report);
+    let train = section(&root, "train", &mut report);
+    let head = head_section(&root, &mut report);
+    drop(report);
+
+    match (experiment, data, backbone, head, optimizer, train) {
+        (Some(experiment), Some(data), Some(backbone), Some(head), Some(optimizer), Some(train))
+            if problems.is_empty() =>
+        {
+            Ok(Loaded {
+                spec: Spec {
+                    experiment,
+                    data,
+                    backbone,
+                    head,
+                    optimizer,
+                    train,
+                },
+                file: path.to_path_buf(),
+                sources,
+            })
+        }
+        _ => Err(SpecError::Invalid(Problems(problems))),
+    }
+}
+
+/// `head` is checked layer by layer, so every bad layer is reported.
+fn head_section(root: &Dict, report: &mut impl FnMut(String, String)) -> Option<HeadSpec> {
+    let Some(value) = root.get("head") else {
+        report(
+            "head.layers".into(),
+            "missing: the head needs at least one layer ([[head.layers]])".into(),
+        );
+        return None;
+    };
+    let Some(dict) = value.as_dict() else {
+        report("head".into(), "expected a table with `layers`".into());
+        return None;
+    };
+    let mut ok = true;
+    for key in dict.keys().filter(|k| k.as_str() != "layers") {
+        report(format!("head.{key}"), format!("unknown field `{key}`, expected `layers`"));
+        ok = false;
+    }
+    let Some(layers) = dict.get("layers") else {
+        report(
+            "head.layers".into(),
+            "missing: the head needs at least one layer ([[head.layers]])".into(),
+        );
+        return None;
+    };
+    let Some(array) = layers.as_array() else {
+        report("head.layers".into(), "expected an array of tables ([[head.layers]])".into());
+        return None;
+    };
+    let mut out = Vec::with_capacity(array.len());
+    for (i, layer) in array.iter().enumerate() {
+        let at = format!("head.layers[{i}]");
+        if let Some(kind) = layer.as_dict().and_then(|d| d.get("kind")).and_then(Value::as_str) {
+            if !super::LAYER_KINDS.contains(&kind) {
+                report(
+                    format!("{at}.kind"),
+                    format!(
+                        "unknown layer kind \"{kind}\"{}; valid kinds: {}",
+                        closest(kind, &super::LAYER_KINDS),
+                        super::LAYER_KINDS.join(", ")
+                    ),
+                );
+                ok = false;
+                continue;
+            }
+        }
+        match deserialize_at::<LayerSpec>(layer, &at, report) {
+            Some(l) => out.push(l),
+            None => ok = false,
+        }
+    }
+    ok.then_some(HeadSpec { layers: out })
+}
+
+fn deserialize_at<T: DeserializeOwned>(
+    value: &Value,
+    at: &str,
+    report: &mut impl FnMut(String, String),
+) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let inner = e.path().to_string();
+            let key = if inner == "." || inner.is_empty() {
+                at.to_string()
+            } else if inner.starts_with('[') {
+                format!("{at}{inner}")
+            } else {
+                format!("{at}.{inner}")
+            };
+            report(key, e.into_inner().kind.to_string());
+            None
+        }
+    }
+}
+
+/// ` (did you mean "x"?)` when a candidate is close to `word`, else empty.
+pub fn closest(word: &str, candidates: &[&str]) -> String {
+    let best = candidates
+        .iter()
+        .map(|c| (strsim::damerau_levenshtein(word, c), *c))
+        .min();
+    match best {
+        Some((d, c)) if d <= 2.max(word.len() / 3) => format!(" (did you mean \"{c}\"?)"),
+        _ => String::new(),
+    }
+}

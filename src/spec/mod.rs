@@ -1,0 +1,433 @@
+//! The experiment spec: serde types only, no burn types.
+//!
+//! Every struct denies unknown fields, so a misspelt key is an error that names it. Defaults
+//! live in [`defaults`] (the lowest figment layer) or in `#[serde(default)]` for optional keys.
+//! Semantic checks (ranges, shapes, names) are in `crate::plan`, which collects every problem.
+
+pub mod load;
+
+use serde::{Deserialize, Serialize};
+
+/// The built-in defaults: the lowest layer under the file, the environment and `--set`.
+pub const DEFAULTS: &str = r#"
+[experiment]
+seed = 42
+
+[data]
+image_size = [150, 150]
+batch_size = 20
+
+[backbone]
+weights = "imagenet"
+trainable_from = "none"
+
+[train]
+epochs = 30
+loss = "binary_crossentropy"
+"#;
+
+/// The top-level sections of a spec, in the order they are checked and documented.
+pub const SECTIONS: [&str; 6] = ["experiment", "data", "backbone", "head", "optimizer", "train"];
+
+/// A whole experiment, as resolved from all layers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// Name and seed of the experiment.
+    pub experiment: ExperimentSpec,
+    /// Where the images are and how they are batched.
+    pub data: DataSpec,
+    /// The pretrained convolutional base and its freeze cutoff.
+    pub backbone: BackboneSpec,
+    /// The layers stacked on top of the base.
+    pub head: HeadSpec,
+    /// The optimizer and its learning rate.
+    pub optimizer: OptimizerSpec,
+    /// Epochs and loss.
+    pub train: TrainSpec,
+}
+
+/// `[experiment]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentSpec {
+    /// Name of the experiment; part of the run id and of every result row.
+    pub name: String,
+    /// Seed for weight initialisation, shuffling and dropout: the same seed gives the same run.
+    pub seed: u64,
+    /// Free text kept with the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// `[data]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// Folder with `train/`, `validation/` and (optionally) `test/`, each with one folder per class.
+    /// A relative path that does not exist is also tried under `$RUNNER_ASSETS/`.
+    pub dir: String,
+    /// Size every image is resized to, `[height, width]`.
+    pub image_size: [usize; 2],
+    /// Images per batch, for training and evaluation.
+    pub batch_size: usize,
+    /// Resampling filter used to resize images.
+    #[serde(default)]
+    pub interpolation: Interpolation,
+}
+
+/// Resampling filter for resizing.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Interpolation {
+    /// Nearest neighbour (Keras' `load_img` default).
+    Nearest,
+    /// Bilinear (triangle filter).
+    #[default]
+    Bilinear,
+    /// Bicubic (Catmull-Rom).
+    Bicubic,
+}
+
+/// `[backbone]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackboneSpec {
+    /// Backbone architecture, e.g. `vgg16`.
+    pub name: String,
+    /// `imagenet` (the named asset) or a path to a `.safetensors` file.
+    pub weights: String,
+    /// Input preprocessing; defaults to the backbone's own (`caffe` for VGG16 is what the
+    /// weights were trained with; the notebook uses `rescale`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preprocess: Option<Preprocess>,
+    /// Freeze cutoff: the first trainable backbone layer, `none` (all frozen) or `all`.
+    pub trainable_from: String,
+}
+
+/// How pixel values (RGB, 0-255) become network input.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Preprocess {
+    /// `x / 255`, RGB (the notebook's `ImageDataGenerator(rescale=1./255)`).
+    Rescale,
+    /// BGR, `x - [103.939, 116.779, 123.68]` (Keras `vgg16.preprocess_input`).
+    Caffe,
+    /// RGB, `(x / 255 - mean) / std` with the ImageNet mean and std (torchvision).
+    Torch,
+}
+
+impl Preprocess {
+    /// The name used in the spec.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Rescale => "rescale",
+            Self::Caffe => "caffe",
+            Self::Torch => "torch",
+        }
+    }
+}
+
+/// `[head]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HeadSpec {
+    /// The layer stack, applied in order to the backbone's output.
+    #[serde(default)]
+    pub layers: Vec<LayerSpec>,
+}
+
+/// Activation applied after a layer.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// Identity.
+    #[default]
+    Linear,
+    /// `max(x, 0)`.
+    Relu,
+    /// Logistic sigmoid; the output of a binary classifier.
+    Sigmoid,
+    /// Softmax over the last axis; the output of a multi-class classifier.
+    Softmax,
+    /// Hyperbolic tangent.
+    Tanh,
+}
+
+/// Padding of a convolution, as in Keras.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Padding {
+    /// No padding: the output shrinks by `kernel - 1`.
+    #[default]
+    Valid,
+    /// Zero padding so that the output is `ceil(input / stride)`.
+    Same,
+}
+
+/// A size given as one number (square) or as `[height, width]`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Size2 {
+    /// The same along both axes.
+    Square(usize),
+    /// `[height, width]`.
+    Pair([usize; 2]),
+}
+
+impl Size2 {
+    /// As `[height, width]`.
+    pub fn hw(self) -> [usize; 2] {
+        match self {
+            Self::Square(n) => [n, n],
+            Self::Pair(p) => p,
+        }
+    }
+}
+
+fn one() -> Size2 {
+    Size2::Square(1)
+}
+
+fn two() -> Size2 {
+    Size2::Square(2)
+}
+
+/// One head layer, selected by `kind`. Input sizes are inferred, never written.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LayerSpec {
+    /// 2D convolution (Keras `Conv2D`).
+    Conv2d {
+        /// Number of output channels.
+        filters: usize,
+        /// Kernel size: `3` or `[3, 3]`.
+        kernel: Size2,
+        /// Stride: `1` or `[1, 1]`.
+        #[serde(default = "one")]
+        stride: Size2,
+        /// `valid` or `same`.
+        #[serde(default)]
+        padding: Padding,
+        /// Activation after the convolution.
+        #[serde(default)]
+        activation: Activation,
+    },
+    /// 2D max pooling (Keras `MaxPooling2D`).
+    MaxPool2d {
+        /// Window size, default 2.
+        #[serde(default = "two")]
+        pool: Size2,
+        /// Stride, default the window size.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stride: Option<Size2>,
+    },
+    /// Mean over the spatial axes (Keras `GlobalAveragePooling2D`).
+    GlobalAveragePool {},
+    /// Flatten a feature map into a vector.
+    Flatten {},
+    /// Fully connected layer (Keras `Dense`).
+    Dense {
+        /// Number of outputs.
+        units: usize,
+        /// Activation after the layer.
+        #[serde(default)]
+        activation: Activation,
+    },
+    /// Dropout, active in training only.
+    Dropout {
+        /// Fraction of inputs set to zero, in `[0, 1)`.
+        rate: f64,
+    },
+}
+
+/// The valid layer kinds, for error messages.
+pub const LAYER_KINDS: [&str; 6] = [
+    "conv2d",
+    "max_pool2d",
+    "global_average_pool",
+    "flatten",
+    "dense",
+    "dropout",
+];
+
+impl LayerSpec {
+    /// The `kind` string of this layer.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Conv2d { .. } => "conv2d",
+            Self::MaxPool2d { .. } => "max_pool2d",
+            Self::GlobalAveragePool {} => "global_average_pool",
+            Self::Flatten {} => "flatten",
+            Self::Dense { .. } => "dense",
+            Self::Dropout { .. } => "dropout",
+        }
+    }
+
+    /// A compact one-line description, e.g. `dense(256, relu)`.
+    pub fn describe(&self) -> String {
+        fn act(a: &Activation) -> String {
+            format!("{a:?}").to_lowercase()
+        }
+        match self {
+            Self::Conv2d {
+                filters,
+                kernel,
+                stride,
+                padding,
+                activation,
+            } => {
+                let [kh, kw] = kernel.hw();
+                let [sh, sw] = stride.hw();
+                format!(
+                    "conv2d({filters}, {kh}x{kw}, stride {sh}x{sw}, {}, {})",
+                    format!("{padding:?}").to_lowercase(),
+                    act(activation)
+                )
+            }
+            Self::MaxPool2d { pool, stride } => {
+                let [ph, pw] = pool.hw();
+                let [sh, sw] = stride.unwrap_or(*pool).hw();
+                format!("max_pool2d({ph}x{pw}, stride {sh}x{sw})")
+            }
+            Self::GlobalAveragePool {} => "global_average_pool".into(),
+            Self::Flatten {} => "flatten".into(),
+            Self::Dense { units, activation } => format!("dense({units}, {})", act(activation)),
+            Self::Dropout { rate } => format!("dropout({rate})"),
+        }
+    }
+}
+
+/// `[optimizer]`, selected by `kind`. Defaults are Keras'.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum OptimizerSpec {
+    /// RMSprop (Keras: rho 0.9, momentum 0, epsilon 1e-7).
+    Rmsprop {
+        /// Learning rate.
+        lr: f64,
+        /// Decay of the moving average of squared gradients.
+        #[serde(default = "default_rho")]
+        rho: f64,
+        /// Momentum.
+        #[serde(default)]
+        momentum: f64,
+        /// Added to the denominator for stability.
+        #[serde(default = "default_epsilon")]
+        epsilon: f64,
+        /// Normalise by the centred second moment.
+        #[serde(default)]
+        centered: bool,
+    },
+    /// Adam (Keras: beta_1 0.9, beta_2 0.999, epsilon 1e-7).
+    Adam {
+        /// Learning rate.
+        lr: f64,
+        /// Decay of the first moment.
+        #[serde(default = "default_beta_1")]
+        beta_1: f64,
+        /// Decay of the second moment.
+        #[serde(default = "default_beta_2")]
+        beta_2: f64,
+        /// Added to the denominator for stability.
+        #[serde(default = "default_epsilon")]
+        epsilon: f64,
+    },
+    /// AdamW, decoupled weight decay (Keras: weight_decay 0.004).
+    Adamw {
+        /// Learning rate.
+        lr: f64,
+        /// Decay of the first moment.
+        #[serde(default = "default_beta_1")]
+        beta_1: f64,
+        /// Decay of the second moment.
+        #[serde(default = "default_beta_2")]
+        beta_2: f64,
+        /// Added to the denominator for stability.
+        #[serde(default = "default_epsilon")]
+        epsilon: f64,
+        /// Decoupled weight decay.
+        #[serde(default = "default_weight_decay")]
+        weight_decay: f64,
+    },
+    /// Stochastic gradient descent with optional (Nesterov) momentum.
+    Sgd {
+        /// Learning rate.
+        lr: f64,
+        /// Momentum.
+        #[serde(default)]
+        momentum: f64,
+        /// Use Nesterov momentum.
+        #[serde(default)]
+        nesterov: bool,
+    },
+}
+
+fn default_rho() -> f64 {
+    0.9
+}
+fn default_epsilon() -> f64 {
+    1e-7
+}
+fn default_beta_1() -> f64 {
+    0.9
+}
+fn default_beta_2() -> f64 {
+    0.999
+}
+fn default_weight_decay() -> f64 {
+    0.004
+}
+
+impl OptimizerSpec {
+    /// The `kind` string.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Rmsprop { .. } => "rmsprop",
+            Self::Adam { .. } => "adam",
+            Self::Adamw { .. } => "adamw",
+            Self::Sgd { .. } => "sgd",
+        }
+    }
+
+    /// The learning rate.
+    pub fn lr(&self) -> f64 {
+        match self {
+            Self::Rmsprop { lr, .. }
+            | Self::Adam { lr, .. }
+            | Self::Adamw { lr, .. }
+            | Self::Sgd { lr, .. } => *lr,
+        }
+    }
+}
+
+/// `[train]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    /// Passes over the training split.
+    pub epochs: usize,
+    /// `binary_crossentropy` (one sigmoid unit, two classes) or `categorical_crossentropy`
+    /// (softmax over N units, N classes).
+    pub loss: Loss,
+}
+
+/// Loss function.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Loss {
+    /// Binary cross-entropy on one sigmoid output.
+    BinaryCrossentropy,
+    /// Categorical cross-entropy on a softmax over one unit per class.
+    CategoricalCrossentropy,
+}
+
+impl Loss {
+    /// The name used in the spec.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BinaryCrossentropy => "binary_crossentropy",
+            Self::CategoricalCrossentropy => "categorical_crossentropy",
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! Losses on logits (the last layer's activation is folded in, for numerical stability) and
+//! accuracy.
+
+use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
+
+use crate::spec::Loss;
+
+/// Mean loss over the batch.
+///
+/// # Shapes
+///
+/// - logits: `[batch, 1]` (binary) or `[batch, classes]` (categorical)
+/// - labels: `[batch]` class indices
+/// - output: `[1]`
+pub fn loss(kind: Loss, logits: Tensor<2>, labels: &[usize]) -> Tensor<1> {
+    let device = logits.device();
+    let [batch, classes] = logits.dims();
+    match kind {
+        Loss::BinaryCrossentropy => {
+            // max(z, 0) - z*y + log(1 + exp(-|z|)): sigmoid + cross-entropy without overflow.
+            let y: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
+            let y = Tensor::<2>::from_data(TensorData::new(y, [batch, 1]), &device);
+            let z = logits;
+            (z.clone().clamp_min(0.0) - z.clone() * y + z.abs().neg().exp().log1p()).mean()
+        }
+        Loss::CategoricalCrossentropy => {
+            let mut onehot = vec![0f32; batch * classes];
+            for (i, &l) in labels.iter().enumerate() {
+                onehot[i * classes + l] = 1.0;
+            }
+            let y = Tensor::<2>::from_data(TensorData::new(onehot, [batch, classes]), &device);
+            (log_softmax(logits, 1) * y).sum_dim(1).mean().neg()
+        }
+    }
+}
+
+/// Predicted class of each example.
+pub fn predictions(kind: Loss, logits: Tensor<2>) -> Vec<usize> {
+    match kind {
+        Loss::BinaryCrossentropy => logits
+            .into_data()
+            .iter::<f32>()
+            .map(|z| usize::from(z > 0.0))
+            .collect(),
+        Loss::CategoricalCrossentropy => logits
+            .argmax(1)
+            .into_data()
+            .iter::<i64>()
+            .map(|c| c as usize)
+            .collect(),
+    }
+}
+
+/// Number of correct predictions.
+pub fn correct(kind: Loss, logits: Tensor<2>, labels: &[usize]) -> usize {
+    predictions(kind, logits)
+        .iter()
+        .zip(labels)
+        .filter(|(p, l)| p == l)
+        .count()
+}

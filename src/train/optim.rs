@@ -1,0 +1,64 @@
+//! Optimizers from the spec, with Keras' semantics (burn's own defaults differ: its RMSprop uses
+//! alpha 0.99, momentum 0.9, epsilon 1e-5, and its SGD momentum dampens by 0.1).
+
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{AdamConfig, AdamWConfig, ModuleOptimizer, RmsPropConfig, SgdConfig};
+
+use crate::spec::OptimizerSpec;
+
+/// The optimizer of a spec.
+pub fn build(spec: &OptimizerSpec) -> ModuleOptimizer {
+    match *spec {
+        OptimizerSpec::Rmsprop {
+            rho,
+            momentum,
+            epsilon,
+            centered,
+            ..
+        } => RmsPropConfig::new()
+            .with_alpha(rho as f32)
+            .with_momentum(momentum as f32)
+            .with_epsilon(epsilon as f32)
+            .with_centered(centered)
+            .init(),
+        OptimizerSpec::Adam {
+            beta_1,
+            beta_2,
+            epsilon,
+            ..
+        } => AdamConfig::new()
+            .with_beta_1(beta_1 as f32)
+            .with_beta_2(beta_2 as f32)
+            .with_epsilon(epsilon as f32)
+            .init(),
+        OptimizerSpec::Adamw {
+            beta_1,
+            beta_2,
+            epsilon,
+            weight_decay,
+            ..
+        } => AdamWConfig::new()
+            .with_beta_1(beta_1 as f32)
+            .with_beta_2(beta_2 as f32)
+            .with_epsilon(epsilon as f32)
+            .with_weight_decay(weight_decay as f32)
+            .init(),
+        OptimizerSpec::Sgd {
+            momentum, nesterov, ..
+        } => {
+            let config = SgdConfig::new();
+            if momentum > 0.0 {
+                config
+                    .with_momentum(Some(
+                        MomentumConfig::new()
+                            .with_momentum(momentum)
+                            .with_dampening(0.0)
+                            .with_nesterov(nesterov),
+                    ))
+                    .init()
+            } else {
+                config.init()
+            }
+        }
+    }
+}
