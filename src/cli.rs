@@ -130,11 +130,27 @@ pub fn run_id(plan: &Plan, now: chrono::DateTime<chrono::Utc>) -> String {
     )
 }
 
+/// `id`, or `id-2`, `id-3`... when a run with that id already left files in `dir`.
+pub fn unique_run_id(dir: &Path, id: String) -> String {
+    let taken = |c: &str| {
+        ["parquet", "toml", "log.jsonl"]
+            .iter()
+            .any(|ext| dir.join(format!("{c}.{ext}")).exists())
+    };
+    if !taken(&id) {
+        return id;
+    }
+    (2..)
+        .map(|n| format!("{id}-{n}"))
+        .find(|c| !taken(c))
+        .unwrap_or(id)
+}
+
 fn run_experiment(path: &Path, common: &Common) -> Result<(), Failure> {
     let plan = load_plan(path, common)?;
     let (device, device_name) = device::select(common.device).map_err(bad_input)?;
     let now = chrono::Utc::now();
-    let id = run_id(&plan, now);
+    let id = unique_run_id(&common.results, run_id(&plan, now));
     let log_path = common.results.join(format!("{id}.log.jsonl"));
     crate::logging::open_run_log(&log_path)
         .map_err(|e| failed(anyhow::anyhow!("{}: cannot write the run log: {e}", log_path.display())))?;
@@ -146,7 +162,10 @@ fn run_experiment(path: &Path, common: &Common) -> Result<(), Failure> {
         Err(e) => {
             tracing::error!(run = %id, error = %e, "Run failed.");
             crate::logging::close_run_log();
-            return Err(failed(e));
+            // Bad images and weights are input problems, found before any training step.
+            return Err(match e {
+                crate::train::TrainError::Data(_) | crate::train::TrainError::Weights(_) => bad_input(e),
+            });
         }
     };
     let written = crate::results::write_run(

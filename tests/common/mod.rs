@@ -1,0 +1,162 @@
+//! Test helpers: small generated images, random VGG weight files, spec files. No network, no
+//! asset mirror.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use runner::backbone::BackboneDef;
+
+/// A deterministic pseudo-random stream (SplitMix64), for pixels and weights.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+}
+
+/// Writes a PNG whose colour depends on the class: class 0 reddish, class 1 bluish, class 2
+/// greenish, with noise, so that even random conv features separate them.
+pub fn write_image(path: &Path, class: usize, size: u32, rng: &mut Rng) {
+    let mut img = image::RgbImage::new(size, size);
+    for p in img.pixels_mut() {
+        let noise = |r: &mut Rng| (r.uniform() * 40.0) as i32;
+        let mut c = [90i32, 90, 90];
+        c[class % 3] = 200;
+        *p = image::Rgb([
+            (c[0] + noise(rng)).clamp(0, 255) as u8,
+            (c[1] + noise(rng)).clamp(0, 255) as u8,
+            (c[2] + noise(rng)).clamp(0, 255) as u8,
+        ]);
+    }
+    img.save(path).expect("write test image");
+}
+
+/// A dataset folder with `train/`, `validation/`, `test/`, each with `classes` folders of `n`
+/// images of `size` pixels.
+pub fn make_dataset(root: &Path, classes: &[&str], n: [usize; 3], size: u32) -> PathBuf {
+    let mut rng = Rng::new(7);
+    for (split, count) in ["train", "validation", "test"].iter().zip(n) {
+        for (label, class) in classes.iter().enumerate() {
+            let dir = root.join(split).join(class);
+            std::fs::create_dir_all(&dir).unwrap();
+            for i in 0..count {
+                write_image(&dir.join(format!("{class}.{i}.png")), label, size, &mut rng);
+            }
+        }
+    }
+    root.to_path_buf()
+}
+
+/// Writes a VGG weight file in Keras naming with He-scaled random values (biases zero).
+pub fn write_vgg_weights(path: &Path, def: &BackboneDef, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = def
+        .expected_tensors()
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = if shape.len() == 4 {
+                let fan_in = (shape[1] * 9) as f32;
+                let a = (6.0 / fan_in).sqrt();
+                (0..n).map(|_| rng.uniform() * a).collect()
+            } else {
+                vec![0.0; n]
+            };
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (name, shape, bytes)
+        })
+        .collect();
+    write_safetensors(path, &tensors);
+}
+
+/// Writes raw f32 tensors `(name, shape, little-endian bytes)` as a safetensors file.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)]) {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+/// The head of the notebook's first experiment, as TOML.
+pub const DENSE_HEAD: &str = r#"
+[[head.layers]]
+kind = "flatten"
+[[head.layers]]
+kind = "dense"
+units = 16
+activation = "relu"
+[[head.layers]]
+kind = "dropout"
+rate = 0.5
+[[head.layers]]
+kind = "dense"
+units = 1
+activation = "sigmoid"
+"#;
+
+/// A complete small spec: `data` and `weights` paths, 32x32 images, the dense head.
+pub fn spec_text(data: &Path, weights: &Path, extra: &str) -> String {
+    format!(
+        r#"
+[experiment]
+name = "tiny"
+seed = 3
+
+[data]
+dir = "{}"
+image_size = [32, 32]
+batch_size = 4
+
+[backbone]
+name = "vgg16"
+weights = "{}"
+preprocess = "caffe"
+trainable_from = "none"
+{DENSE_HEAD}
+[optimizer]
+kind = "rmsprop"
+lr = 1e-3
+
+[train]
+epochs = 2
+loss = "binary_crossentropy"
+{extra}"#,
+        data.display(),
+        weights.display()
+    )
+}
+
+/// Writes `text` as `<dir>/exp.toml`, loads and plans it (no mirror).
+pub fn plan_for(dir: &Path, text: &str) -> runner::plan::Plan {
+    let p = dir.join("exp.toml");
+    std::fs::write(&p, text).unwrap();
+    let loaded = runner::spec::load::load(&p, &[]).unwrap();
+    runner::plan::build(&loaded, &runner::assets::Locations { mirror: None }).unwrap()
+}
+
+/// The asset mirror, when this machine has one (`$RUNNER_ASSETS`, else `../shared/assets`).
+pub fn mirror() -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("RUNNER_ASSETS").map(PathBuf::from),
+        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/assets")),
+    ];
+    candidates.into_iter().flatten().find(|p| p.join("weights").is_dir())
+}
