@@ -51,11 +51,15 @@ impl Locations {
         if let Some(m) = &self.mirror {
             tried.push(m.join("weights").join(file));
         }
-        tried.iter().find(|p| p.is_file()).cloned().ok_or_else(|| NotFound {
-            what: what.to_string(),
-            tried,
-            hint: self.hint(),
-        })
+        tried
+            .iter()
+            .find(|p| p.is_file())
+            .cloned()
+            .ok_or_else(|| NotFound {
+                what: what.to_string(),
+                tried,
+                hint: self.hint(),
+            })
     }
 
     /// A path from a spec: as given (relative to the current directory), then, when relative,
@@ -69,10 +73,18 @@ impl Locations {
             }
         }
         let ok = |q: &PathBuf| if want_dir { q.is_dir() } else { q.is_file() };
-        tried.iter().find(|q| ok(q)).cloned().ok_or_else(|| NotFound {
-            what: what.to_string(),
-            tried,
-            hint: if p.is_relative() { self.hint() } else { String::new() },
-        })
+        tried
+            .iter()
+            .find(|q| ok(q))
+            .cloned()
+            .ok_or_else(|| NotFound {
+                what: what.to_string(),
+                tried,
+                hint: if p.is_relative() {
+                    self.hint()
+                } else {
+                    String::new()
+                },
+            })
     }
 }

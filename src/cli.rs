@@ -73,11 +73,17 @@ pub struct Failure {
 }
 
 fn bad_input(e: impl Into<anyhow::Error>) -> Failure {
-    Failure { code: 2, error: e.into() }
+    Failure {
+        code: 2,
+        error: e.into(),
+    }
 }
 
 fn failed(e: impl Into<anyhow::Error>) -> Failure {
-    Failure { code: 1, error: e.into() }
+    Failure {
+        code: 1,
+        error: e.into(),
+    }
 }
 
 /// Loads and validates one experiment file.
@@ -90,7 +96,9 @@ pub fn load_plan(path: &Path, common: &Common) -> Result<Plan, Failure> {
 pub fn run(cli: Cli) -> Result<(), Failure> {
     let common = cli.common;
     match (cli.command, cli.experiment) {
-        (Some(Command::Run { experiment }), _) | (None, Some(experiment)) => run_experiment(&experiment, &common),
+        (Some(Command::Run { experiment }), _) | (None, Some(experiment)) => {
+            run_experiment(&experiment, &common)
+        }
         (Some(Command::Check { experiments }), _) => check(&experiments, &common),
         (Some(Command::Plan { experiment }), _) => {
             let plan = load_plan(&experiment, &common)?;
@@ -107,7 +115,12 @@ fn check(files: &[PathBuf], common: &Common) -> Result<(), Failure> {
     let mut failures = 0;
     for f in files {
         match load_plan(f, common) {
-            Ok(p) => println!("{}: ok ({} classes, config {})", f.display(), p.classes.len(), p.config_hash),
+            Ok(p) => println!(
+                "{}: ok ({} classes, config {})",
+                f.display(),
+                p.classes.len(),
+                p.config_hash
+            ),
             Err(e) => {
                 failures += 1;
                 eprintln!("{}", e.error);
@@ -115,7 +128,10 @@ fn check(files: &[PathBuf], common: &Common) -> Result<(), Failure> {
         }
     }
     if failures > 0 {
-        return Err(bad_input(anyhow::anyhow!("{failures} of {} experiment files have problems", files.len())));
+        return Err(bad_input(anyhow::anyhow!(
+            "{failures} of {} experiment files have problems",
+            files.len()
+        )));
     }
     Ok(())
 }
@@ -152,8 +168,12 @@ fn run_experiment(path: &Path, common: &Common) -> Result<(), Failure> {
     let now = chrono::Utc::now();
     let id = unique_run_id(&common.results, run_id(&plan, now));
     let log_path = common.results.join(format!("{id}.log.jsonl"));
-    crate::logging::open_run_log(&log_path)
-        .map_err(|e| failed(anyhow::anyhow!("{}: cannot write the run log: {e}", log_path.display())))?;
+    crate::logging::open_run_log(&log_path).map_err(|e| {
+        failed(anyhow::anyhow!(
+            "{}: cannot write the run log: {e}",
+            log_path.display()
+        ))
+    })?;
     let started = Instant::now();
     info!(run = %id, experiment = %plan.spec.experiment.name, file = %path.display(), device = device_name, config_hash = %plan.config_hash, "Run started.");
     let result = crate::train::run(&plan, &device, &id, |_| {});
@@ -164,7 +184,9 @@ fn run_experiment(path: &Path, common: &Common) -> Result<(), Failure> {
             crate::logging::close_run_log();
             // Bad images and weights are input problems, found before any training step.
             return Err(match e {
-                crate::train::TrainError::Data(_) | crate::train::TrainError::Weights(_) => bad_input(e),
+                crate::train::TrainError::Data(_) | crate::train::TrainError::Weights(_) => {
+                    bad_input(e)
+                }
             });
         }
     };
@@ -196,7 +218,9 @@ fn run_experiment(path: &Path, common: &Common) -> Result<(), Failure> {
     println!(
         "{id}: best val_acc {best:.4}, final val_acc {:.4}, test_acc {} -> {}",
         last.map_or(f64::NAN, |m| m.val_acc),
-        outcome.test.map_or("n/a".into(), |t| format!("{:.4}", t.acc)),
+        outcome
+            .test
+            .map_or("n/a".into(), |t| format!("{:.4}", t.acc)),
         written.display()
     );
     Ok(())
@@ -235,11 +259,32 @@ pub fn summary(plan: &Plan) -> String {
             (_, true) => "frozen",
             (_, false) => "trainable",
         };
-        rows.push((format!("{} ({})", l.name, if p > 0 { "Conv2D" } else { "MaxPooling2D" }), Shape::Map(shape).keras(), p, state));
+        rows.push((
+            format!(
+                "{} ({})",
+                l.name,
+                if p > 0 { "Conv2D" } else { "MaxPooling2D" }
+            ),
+            Shape::Map(shape).keras(),
+            p,
+            state,
+        ));
     }
-    for (i, (layer, (out, p))) in plan.spec.head.layers.iter().zip(&plan.head_shapes).enumerate() {
+    for (i, (layer, (out, p))) in plan
+        .spec
+        .head
+        .layers
+        .iter()
+        .zip(&plan.head_shapes)
+        .enumerate()
+    {
         trainable += p;
-        rows.push((format!("head_{i} ({})", layer.describe()), out.keras(), *p, if *p > 0 { "trainable" } else { "" }));
+        rows.push((
+            format!("head_{i} ({})", layer.describe()),
+            out.keras(),
+            *p,
+            if *p > 0 { "trainable" } else { "" },
+        ));
     }
     let mut s = format!(
         "Experiment: {} ({})\nBackbone: {} weights {} preprocess {}, trainable from {}\nInput: ({h}, {w}, 3), {} classes: {}\n\n",
@@ -253,10 +298,16 @@ pub fn summary(plan: &Plan) -> String {
         plan.classes.join(", ")
     );
     let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(20).max(20);
-    s += &format!("{:<width$}  {:<16}  {:>12}  {}\n", "Layer (type)", "Output Shape", "Param #", "");
+    s += &format!(
+        "{:<width$}  {:<16}  {:>12}  {}\n",
+        "Layer (type)", "Output Shape", "Param #", ""
+    );
     s += &format!("{}\n", "=".repeat(width + 44));
     for (name, out, p, state) in &rows {
-        s += &format!("{name:<width$}  {out:<16}  {:>12}  {state}\n", thousands(*p));
+        s += &format!(
+            "{name:<width$}  {out:<16}  {:>12}  {state}\n",
+            thousands(*p)
+        );
     }
     s += &format!("{}\n", "=".repeat(width + 44));
     let base = def.num_params();
@@ -283,7 +334,11 @@ pub fn summary(plan: &Plan) -> String {
     s += &format!(
         "Frozen tensors ({}): {}\n",
         frozen_tensors.len(),
-        if frozen_tensors.is_empty() { "none".into() } else { frozen_tensors.join(", ") }
+        if frozen_tensors.is_empty() {
+            "none".into()
+        } else {
+            frozen_tensors.join(", ")
+        }
     );
     s
 }

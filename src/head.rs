@@ -6,7 +6,9 @@ use burn::nn::{Dropout, DropoutConfig, Initializer, Linear, LinearConfig, Paddin
 use burn::prelude::*;
 use burn::tensor::activation;
 
-use crate::spec::{Activation, LayerSpec, Padding};
+use crate::spec::{
+    Activation, Conv2dSpec, DenseSpec, DropoutSpec, LayerSpec, MaxPool2dSpec, Padding,
+};
 
 /// The shape of one example between layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +30,12 @@ impl Shape {
 }
 
 /// Output size and explicit padding `(before, after)` of a window along one axis, as Keras.
-fn window(input: usize, kernel: usize, stride: usize, padding: Padding) -> Option<(usize, usize, usize)> {
+fn window(
+    input: usize,
+    kernel: usize,
+    stride: usize,
+    padding: Padding,
+) -> Option<(usize, usize, usize)> {
     match padding {
         Padding::Valid => (input >= kernel).then(|| ((input - kernel) / stride + 1, 0, 0)),
         Padding::Same => {
@@ -43,13 +50,13 @@ fn window(input: usize, kernel: usize, stride: usize, padding: Padding) -> Optio
 pub fn infer(layer: &LayerSpec, input: Shape) -> Result<(Shape, usize), String> {
     match (layer, input) {
         (
-            LayerSpec::Conv2d {
+            LayerSpec::Conv2d(Conv2dSpec {
                 filters,
                 kernel,
                 stride,
                 padding,
                 ..
-            },
+            }),
             Shape::Map([c, h, w]),
         ) => {
             let [kh, kw] = kernel.hw();
@@ -63,7 +70,7 @@ pub fn infer(layer: &LayerSpec, input: Shape) -> Result<(Shape, usize), String> 
                 )),
             }
         }
-        (LayerSpec::MaxPool2d { pool, stride }, Shape::Map([c, h, w])) => {
+        (LayerSpec::MaxPool2d(MaxPool2dSpec { pool, stride }), Shape::Map([c, h, w])) => {
             let [ph, pw] = pool.hw();
             let [sh, sw] = stride.unwrap_or(*pool).hw();
             match (window(h, ph, sh, Padding::Valid), window(w, pw, sw, Padding::Valid)) {
@@ -71,15 +78,15 @@ pub fn infer(layer: &LayerSpec, input: Shape) -> Result<(Shape, usize), String> 
                 _ => Err(format!("a {ph}x{pw} pool cannot run on a {h}x{w} feature map")),
             }
         }
-        (LayerSpec::GlobalAveragePool {}, Shape::Map([c, ..])) => Ok((Shape::Flat(c), 0)),
-        (LayerSpec::Flatten {}, Shape::Map([c, h, w])) => Ok((Shape::Flat(c * h * w), 0)),
-        (LayerSpec::Flatten {}, Shape::Flat(n)) => Ok((Shape::Flat(n), 0)),
-        (LayerSpec::Dense { units, .. }, Shape::Flat(n)) => Ok((Shape::Flat(*units), n * units + units)),
-        (LayerSpec::Dense { .. }, Shape::Map(_)) => Err(
+        (LayerSpec::GlobalAveragePool(_), Shape::Map([c, ..])) => Ok((Shape::Flat(c), 0)),
+        (LayerSpec::Flatten(_), Shape::Map([c, h, w])) => Ok((Shape::Flat(c * h * w), 0)),
+        (LayerSpec::Flatten(_), Shape::Flat(n)) => Ok((Shape::Flat(n), 0)),
+        (LayerSpec::Dense(DenseSpec { units, .. }), Shape::Flat(n)) => Ok((Shape::Flat(*units), n * units + units)),
+        (LayerSpec::Dense(_), Shape::Map(_)) => Err(
             "dense needs a vector but gets a feature map; put a flatten or global_average_pool layer before it"
                 .into(),
         ),
-        (LayerSpec::Dropout { .. }, s) => Ok((s, 0)),
+        (LayerSpec::Dropout(_), s) => Ok((s, 0)),
         (l, Shape::Flat(n)) => Err(format!(
             "{} needs a feature map but gets a vector of {n}; put it before flatten/global_average_pool",
             l.kind()
@@ -162,13 +169,13 @@ impl Layer {
         let glorot = Initializer::XavierUniform { gain: 1.0 };
         match (spec, input) {
             (
-                LayerSpec::Conv2d {
+                LayerSpec::Conv2d(Conv2dSpec {
                     filters,
                     kernel,
                     stride,
                     padding,
                     activation,
-                },
+                }),
                 Shape::Map([c, h, w]),
             ) => {
                 let [kh, kw] = kernel.hw();
@@ -185,18 +192,18 @@ impl Layer {
                     activation: *activation,
                 })
             }
-            (LayerSpec::MaxPool2d { pool, stride }, _) => Self::Pool(
+            (LayerSpec::MaxPool2d(MaxPool2dSpec { pool, stride }), _) => Self::Pool(
                 MaxPool2dConfig::new(pool.hw())
                     .with_strides(stride.unwrap_or(*pool).hw())
                     .init(),
             ),
-            (LayerSpec::GlobalAveragePool {}, _) => Self::Reshape(ReshapeLayer {
+            (LayerSpec::GlobalAveragePool(_), _) => Self::Reshape(ReshapeLayer {
                 global_average: true,
             }),
-            (LayerSpec::Flatten {}, _) => Self::Reshape(ReshapeLayer {
+            (LayerSpec::Flatten(_), _) => Self::Reshape(ReshapeLayer {
                 global_average: false,
             }),
-            (LayerSpec::Dense { units, activation }, s) => {
+            (LayerSpec::Dense(DenseSpec { units, activation }), s) => {
                 let n = match s {
                     Shape::Flat(n) => n,
                     Shape::Map([c, h, w]) => c * h * w,
@@ -209,8 +216,10 @@ impl Layer {
                     activation: *activation,
                 })
             }
-            (LayerSpec::Dropout { rate }, _) => Self::Dropout(DropoutConfig::new(*rate).init()),
-            (LayerSpec::Conv2d { .. }, Shape::Flat(_)) => {
+            (LayerSpec::Dropout(DropoutSpec { rate }), _) => {
+                Self::Dropout(DropoutConfig::new(*rate).init())
+            }
+            (LayerSpec::Conv2d(_), Shape::Flat(_)) => {
                 unreachable!("the plan rejects a convolution on a vector")
             }
         }
@@ -233,7 +242,11 @@ impl Layer {
             (Self::Reshape(_), x) => Act::Flat(x.flat()),
             (Self::Dense(l), x) => {
                 let y = l.linear.forward(x.flat());
-                Act::Flat(if final_activation { activate(y, l.activation) } else { y })
+                Act::Flat(if final_activation {
+                    activate(y, l.activation)
+                } else {
+                    y
+                })
             }
             (Self::Dropout(d), Act::Map(x)) => Act::Map(d.forward(x)),
             (Self::Dropout(d), Act::Flat(x)) => Act::Flat(d.forward(x)),

@@ -18,7 +18,10 @@ pub struct RunLogWriter;
 
 impl Write for RunLogWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match RUN_LOG.lock().map(|mut g| g.as_mut().map(|f| f.write_all(buf))) {
+        match RUN_LOG
+            .lock()
+            .map(|mut g| g.as_mut().map(|f| f.write_all(buf)))
+        {
             Ok(Some(r)) => r.map(|_| buf.len()),
             _ => Ok(buf.len()),
         }
@@ -43,7 +46,10 @@ pub fn open_run_log(path: &Path) -> io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
     if let Ok(mut g) = RUN_LOG.lock() {
         *g = Some(f);
     }
@@ -66,7 +72,9 @@ pub fn init() {
         .with_writer(io::stderr)
         .with_target(false)
         .compact()
-        .with_filter(EnvFilter::try_from_env("RUNNER_LOG").unwrap_or_else(|_| EnvFilter::new("info")));
+        .with_filter(
+            EnvFilter::try_from_env("RUNNER_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        );
     let json = tracing_subscriber::fmt::layer()
         .json()
         .flatten_event(true)
@@ -74,5 +82,8 @@ pub fn init() {
         .with_span_list(false)
         .with_writer(RunLogWriter)
         .with_filter(EnvFilter::new("runner=debug"));
-    let _ = tracing_subscriber::registry().with(console).with(json).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(console)
+        .with(json)
+        .try_init();
 }

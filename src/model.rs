@@ -61,6 +61,7 @@ impl TransferModel {
     /// - output: `[batch, outputs]`
     pub fn forward_from_cut(&self, x: Tensor<4>) -> Tensor<2> {
         let n = self.backbone.num_layers();
-        self.head.forward_logits(self.backbone.forward_range(x, self.cut, n))
+        self.head
+            .forward_logits(self.backbone.forward_range(x, self.cut, n))
     }
 }

@@ -10,7 +10,10 @@ use crate::backbone::{self, BackboneDef, Cutoff};
 use crate::data::folder::{self, SplitListing};
 use crate::head::{self, Shape};
 use crate::spec::load::{Loaded, Problem, Problems};
-use crate::spec::{Activation, LayerSpec, Loss, OptimizerSpec, Preprocess, Spec};
+use crate::spec::{
+    Activation, AdamSpec, Conv2dSpec, DenseSpec, DropoutSpec, LayerSpec, Loss, MaxPool2dSpec,
+    OptimizerSpec, Preprocess, RmspropSpec, SgdSpec, Spec,
+};
 
 /// The split names, in the order they are used; `test` is optional.
 pub const SPLITS: [&str; 3] = ["train", "validation", "test"];
@@ -73,7 +76,9 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
     {
         bad(
             "experiment.name",
-            format!("must be non-empty and use only letters, digits, '_', '-' and '.', got \"{name}\""),
+            format!(
+                "must be non-empty and use only letters, digits, '_', '-' and '.', got \"{name}\""
+            ),
         );
     }
 
@@ -93,11 +98,16 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
     let weights = def.and_then(|def| {
         let w = &spec.backbone.weights;
         let found = if w == "imagenet" {
-            locations.weights_file(def.imagenet_file, &format!("ImageNet weights for {}", def.name))
+            locations.weights_file(
+                def.imagenet_file,
+                &format!("ImageNet weights for {}", def.name),
+            )
         } else {
             locations.path(w, "weights file", false)
         };
-        found.map_err(|e| bad("backbone.weights", e.to_string().trim_end().to_string())).ok()
+        found
+            .map_err(|e| bad("backbone.weights", e.to_string().trim_end().to_string()))
+            .ok()
     });
     let cutoff = def.and_then(|def| {
         Cutoff::resolve(def, &spec.backbone.trainable_from)
@@ -111,7 +121,10 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
     if h < min || w < min || h > 4096 || w > 4096 {
         bad(
             "data.image_size",
-            format!("each side must be in [{min}, 4096] for {}, got [{h}, {w}]", spec.backbone.name),
+            format!(
+                "each side must be in [{min}, 4096] for {}, got [{h}, {w}]",
+                spec.backbone.name
+            ),
         );
     }
     if spec.data.batch_size == 0 {
@@ -127,7 +140,10 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
             let p = dir.join(split);
             if !p.is_dir() {
                 if split != "test" {
-                    bad("data.dir", format!("{}: missing the {split}/ folder", dir.display()));
+                    bad(
+                        "data.dir",
+                        format!("{}: missing the {split}/ folder", dir.display()),
+                    );
                 }
                 continue;
             }
@@ -137,7 +153,10 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
             }
         }
     }
-    let classes = splits.first().map(|s| s.classes.clone()).unwrap_or_default();
+    let classes = splits
+        .first()
+        .map(|s| s.classes.clone())
+        .unwrap_or_default();
     for s in &splits {
         if s.classes != classes {
             bad(
@@ -154,7 +173,11 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
             if !s.files.iter().any(|(_, l)| *l == label) {
                 bad(
                     "data.dir",
-                    format!("{}: class folder {class}/ has no images ({})", s.dir.display(), folder::IMAGE_EXTENSIONS.join(", ")),
+                    format!(
+                        "{}: class folder {class}/ has no images ({})",
+                        s.dir.display(),
+                        folder::IMAGE_EXTENSIONS.join(", ")
+                    ),
                 );
             }
         }
@@ -162,7 +185,11 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
     if !splits.is_empty() && classes.len() < 2 {
         bad(
             "data.dir",
-            format!("{}: needs at least two class folders in train/, found {:?}", splits[0].dir.display(), classes),
+            format!(
+                "{}: needs at least two class folders in train/, found {:?}",
+                splits[0].dir.display(),
+                classes
+            ),
         );
     }
 
@@ -201,29 +228,53 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
         let at = format!("head.layers[{}]", spec.head.layers.len() - 1);
         let n = classes.len();
         match (spec.train.loss, last) {
-            (Loss::BinaryCrossentropy, LayerSpec::Dense { units: 1, activation: Activation::Sigmoid }) => {
+            (
+                Loss::BinaryCrossentropy,
+                LayerSpec::Dense(DenseSpec {
+                    units: 1,
+                    activation: Activation::Sigmoid,
+                }),
+            ) => {
                 if n != 2 && n >= 2 {
                     bad(
                         "train.loss",
-                        format!("binary_crossentropy needs exactly 2 classes, the data has {n} ({}); use categorical_crossentropy with a softmax layer of {n} units", classes.join(", ")),
+                        format!(
+                            "binary_crossentropy needs exactly 2 classes, the data has {n} ({}); use categorical_crossentropy with a softmax layer of {n} units",
+                            classes.join(", ")
+                        ),
                     );
                 }
             }
             (Loss::BinaryCrossentropy, _) => bad(
                 &at,
-                format!("binary_crossentropy needs a last layer of kind = \"dense\", units = 1, activation = \"sigmoid\"; got {}", last.describe()),
+                format!(
+                    "binary_crossentropy needs a last layer of kind = \"dense\", units = 1, activation = \"sigmoid\"; got {}",
+                    last.describe()
+                ),
             ),
-            (Loss::CategoricalCrossentropy, LayerSpec::Dense { units, activation: Activation::Softmax }) => {
+            (
+                Loss::CategoricalCrossentropy,
+                LayerSpec::Dense(DenseSpec {
+                    units,
+                    activation: Activation::Softmax,
+                }),
+            ) => {
                 if n >= 2 && *units != n {
                     bad(
                         &format!("{at}.units"),
-                        format!("categorical_crossentropy needs one unit per class: {n} ({}), got {units}", classes.join(", ")),
+                        format!(
+                            "categorical_crossentropy needs one unit per class: {n} ({}), got {units}",
+                            classes.join(", ")
+                        ),
                     );
                 }
             }
             (Loss::CategoricalCrossentropy, _) => bad(
                 &at,
-                format!("categorical_crossentropy needs a last layer of kind = \"dense\", activation = \"softmax\", units = number of classes; got {}", last.describe()),
+                format!(
+                    "categorical_crossentropy needs a last layer of kind = \"dense\", activation = \"softmax\", units = number of classes; got {}",
+                    last.describe()
+                ),
             ),
         }
     }
@@ -235,7 +286,8 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
     if !problems.is_empty() {
         return Err(Problems(problems));
     }
-    let (Some(def), Some(weights), Some(cutoff), Some(data_dir)) = (def, weights, cutoff, data_dir) else {
+    let (Some(def), Some(weights), Some(cutoff), Some(data_dir)) = (def, weights, cutoff, data_dir)
+    else {
         unreachable!("every None above reported a problem");
     };
     Ok(Plan {
@@ -261,54 +313,91 @@ fn layer_rules(layer: &LayerSpec, at: &str, bad: &mut impl FnMut(&str, String)) 
         }
     };
     match layer {
-        LayerSpec::Conv2d { filters, kernel, stride, .. } => {
+        LayerSpec::Conv2d(Conv2dSpec {
+            filters,
+            kernel,
+            stride,
+            ..
+        }) => {
             positive(bad, "filters", *filters);
             positive(bad, "kernel", kernel.hw().into_iter().min().unwrap_or(0));
             positive(bad, "stride", stride.hw().into_iter().min().unwrap_or(0));
         }
-        LayerSpec::MaxPool2d { pool, stride } => {
+        LayerSpec::MaxPool2d(MaxPool2dSpec { pool, stride }) => {
             positive(bad, "pool", pool.hw().into_iter().min().unwrap_or(0));
             if let Some(s) = stride {
                 positive(bad, "stride", s.hw().into_iter().min().unwrap_or(0));
             }
         }
-        LayerSpec::Dense { units, .. } => positive(bad, "units", *units),
-        LayerSpec::Dropout { rate } => {
+        LayerSpec::Dense(DenseSpec { units, .. }) => positive(bad, "units", *units),
+        LayerSpec::Dropout(DropoutSpec { rate }) => {
             if !(0.0..1.0).contains(rate) {
-                bad(&format!("{at}.rate"), format!("must be in [0, 1), got {rate}"));
+                bad(
+                    &format!("{at}.rate"),
+                    format!("must be in [0, 1), got {rate}"),
+                );
             }
         }
-        LayerSpec::GlobalAveragePool {} | LayerSpec::Flatten {} => {}
+        LayerSpec::GlobalAveragePool(_) | LayerSpec::Flatten(_) => {}
     }
 }
 
 fn optimizer_rules(opt: &OptimizerSpec, bad: &mut impl FnMut(&str, String)) {
     let mut check = |key: &str, v: f64, ok: bool, range: &str| {
         if !ok || !v.is_finite() {
-            bad(&format!("optimizer.{key}"), format!("must be {range}, got {v}"));
+            bad(
+                &format!("optimizer.{key}"),
+                format!("must be {range}, got {v}"),
+            );
         }
     };
     let lr = opt.lr();
     check("lr", lr, lr > 0.0, "a positive number");
     match opt {
-        OptimizerSpec::Rmsprop { rho, momentum, epsilon, .. } => {
+        OptimizerSpec::Rmsprop(RmspropSpec {
+            rho,
+            momentum,
+            epsilon,
+            ..
+        }) => {
             check("rho", *rho, (0.0..1.0).contains(rho), "in [0, 1)");
-            check("momentum", *momentum, (0.0..1.0).contains(momentum), "in [0, 1)");
+            check(
+                "momentum",
+                *momentum,
+                (0.0..1.0).contains(momentum),
+                "in [0, 1)",
+            );
             check("epsilon", *epsilon, *epsilon > 0.0, "positive");
         }
-        OptimizerSpec::Adam { beta_1, beta_2, epsilon, .. } => {
+        OptimizerSpec::Adam(a) | OptimizerSpec::Adamw(a) => {
+            let AdamSpec {
+                beta_1,
+                beta_2,
+                epsilon,
+                weight_decay,
+                ..
+            } = a;
             check("beta_1", *beta_1, (0.0..1.0).contains(beta_1), "in [0, 1)");
             check("beta_2", *beta_2, (0.0..1.0).contains(beta_2), "in [0, 1)");
             check("epsilon", *epsilon, *epsilon > 0.0, "positive");
+            match (opt, weight_decay) {
+                (OptimizerSpec::Adam(_), Some(wd)) if *wd != 0.0 => check(
+                    "weight_decay",
+                    *wd,
+                    false,
+                    "0 for adam (use kind = \"adamw\" for decoupled weight decay)",
+                ),
+                (_, Some(wd)) => check("weight_decay", *wd, *wd >= 0.0, "at least 0"),
+                _ => {}
+            }
         }
-        OptimizerSpec::Adamw { beta_1, beta_2, epsilon, weight_decay, .. } => {
-            check("beta_1", *beta_1, (0.0..1.0).contains(beta_1), "in [0, 1)");
-            check("beta_2", *beta_2, (0.0..1.0).contains(beta_2), "in [0, 1)");
-            check("epsilon", *epsilon, *epsilon > 0.0, "positive");
-            check("weight_decay", *weight_decay, *weight_decay >= 0.0, "at least 0");
-        }
-        OptimizerSpec::Sgd { momentum, .. } => {
-            check("momentum", *momentum, (0.0..1.0).contains(momentum), "in [0, 1)");
+        OptimizerSpec::Sgd(SgdSpec { momentum, .. }) => {
+            check(
+                "momentum",
+                *momentum,
+                (0.0..1.0).contains(momentum),
+                "in [0, 1)",
+            );
         }
     }
 }

@@ -27,7 +27,12 @@ fn setup(extra_replace: &[(&str, &str)]) -> Setup {
     let spec = dir.path().join("tiny.toml");
     std::fs::write(&spec, text).unwrap();
     let results = dir.path().join("results");
-    Setup { dir, spec, results, data }
+    Setup {
+        dir,
+        spec,
+        results,
+        data,
+    }
 }
 
 fn runner(args: &[&str], cwd: &Path) -> Output {
@@ -41,7 +46,13 @@ fn runner(args: &[&str], cwd: &Path) -> Output {
 }
 
 fn run(s: &Setup, extra: &[&str]) -> Output {
-    let mut args = vec![s.spec.to_str().unwrap(), "--device", "cpu", "--results", s.results.to_str().unwrap()];
+    let mut args = vec![
+        s.spec.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--results",
+        s.results.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra);
     runner(&args, s.dir.path())
 }
@@ -56,46 +67,104 @@ fn files_with(dir: &Path, suffix: &str) -> Vec<PathBuf> {
 }
 
 fn f64s(df: &DataFrame, col: &str) -> Vec<f64> {
-    df.column(col).unwrap().f64().unwrap().into_no_null_iter().collect()
+    df.column(col)
+        .unwrap()
+        .f64()
+        .unwrap()
+        .into_no_null_iter()
+        .collect()
 }
 
 #[test]
 fn a_tiny_run_writes_a_parquet_table_a_config_and_a_json_log() {
     let s = setup(&[]);
     let out = run(&s, &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let parquet = files_with(&s.results, ".parquet");
     assert_eq!(parquet.len(), 1);
     let (df, meta) = runner::results::read_run(&parquet[0]).unwrap();
     assert_eq!(df.height(), 2);
-    let epochs: Vec<u32> = df.column("epoch").unwrap().u32().unwrap().into_no_null_iter().collect();
+    let epochs: Vec<u32> = df
+        .column("epoch")
+        .unwrap()
+        .u32()
+        .unwrap()
+        .into_no_null_iter()
+        .collect();
     assert_eq!(epochs, vec![1, 2]);
-    let name = df.column("experiment").unwrap().str().unwrap().get(0).unwrap().to_string();
+    let name = df
+        .column("experiment")
+        .unwrap()
+        .str()
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .to_string();
     assert_eq!(name, "tiny");
     for col in ["train_loss", "val_loss", "test_loss"] {
-        assert!(f64s(&df, col).iter().all(|v| v.is_finite() && *v > 0.0), "{col}");
+        assert!(
+            f64s(&df, col).iter().all(|v| v.is_finite() && *v > 0.0),
+            "{col}"
+        );
     }
     for col in ["train_acc", "val_acc", "test_acc"] {
-        assert!(f64s(&df, col).iter().all(|v| (0.0..=1.0).contains(v)), "{col}");
+        assert!(
+            f64s(&df, col).iter().all(|v| (0.0..=1.0).contains(v)),
+            "{col}"
+        );
     }
     // Accuracies are counts over 16 training / 8 validation images.
-    assert!(f64s(&df, "val_acc").iter().all(|v| (v * 8.0 - (v * 8.0).round()).abs() < 1e-9));
-    let head = df.column("head").unwrap().str().unwrap().get(0).unwrap().to_string();
-    assert_eq!(head, "flatten > dense(16, relu) > dropout(0.5) > dense(1, sigmoid)");
+    assert!(
+        f64s(&df, "val_acc")
+            .iter()
+            .all(|v| (v * 8.0 - (v * 8.0).round()).abs() < 1e-9)
+    );
+    let head = df
+        .column("head")
+        .unwrap()
+        .str()
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        head,
+        "flatten > dense(16, relu) > dropout(0.5) > dense(1, sigmoid)"
+    );
     assert_eq!(df.column("lr").unwrap().f64().unwrap().get(0), Some(1e-3));
-    let config = meta.iter().find(|(k, _)| k == runner::results::CONFIG_KEY).map(|(_, v)| v.clone()).unwrap();
-    assert!(config.contains("name = \"tiny\"") && config.contains("trainable_from = \"none\""), "{config}");
+    let config = meta
+        .iter()
+        .find(|(k, _)| k == runner::results::CONFIG_KEY)
+        .map(|(_, v)| v.clone())
+        .unwrap();
+    assert!(
+        config.contains("name = \"tiny\"") && config.contains("trainable_from = \"none\""),
+        "{config}"
+    );
     let toml = std::fs::read_to_string(parquet[0].with_extension("toml")).unwrap();
     assert_eq!(toml, config);
 
     let log = std::fs::read_to_string(files_with(&s.results, ".log.jsonl")[0].clone()).unwrap();
-    let events: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let epoch_events: Vec<&serde_json::Value> = events.iter().filter(|e| e["message"] == "Epoch finished.").collect();
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let epoch_events: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["message"] == "Epoch finished.")
+        .collect();
     assert_eq!(epoch_events.len(), 2);
     assert_eq!(epoch_events[1]["epoch"], 2);
     assert!(epoch_events[0]["val_acc"].is_number() && epoch_events[0]["run"].is_string());
     for phase in ["load_data", "build_model", "extract_features", "train"] {
-        assert!(events.iter().any(|e| e["phase"] == phase), "no event for phase {phase}");
+        assert!(
+            events.iter().any(|e| e["phase"] == phase),
+            "no event for phase {phase}"
+        );
     }
 }
 
@@ -104,17 +173,35 @@ fn the_same_seed_gives_the_same_numbers() {
     let s = setup(&[]);
     for _ in 0..2 {
         let out = run(&s, &[]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let out = run(&s, &["--set", "experiment.seed=4"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let parquet = files_with(&s.results, ".parquet");
     assert_eq!(parquet.len(), 3, "each run keeps its own file: {parquet:?}");
-    let tables: Vec<DataFrame> = parquet.iter().map(|p| runner::results::read_run(p).unwrap().0).collect();
+    let tables: Vec<DataFrame> = parquet
+        .iter()
+        .map(|p| runner::results::read_run(p).unwrap().0)
+        .collect();
     let seed = |df: &DataFrame| df.column("seed").unwrap().u64().unwrap().get(0).unwrap();
-    let (same, other): (Vec<&DataFrame>, Vec<&DataFrame>) = tables.iter().partition(|df| seed(df) == 3);
+    let (same, other): (Vec<&DataFrame>, Vec<&DataFrame>) =
+        tables.iter().partition(|df| seed(df) == 3);
     assert_eq!(same.len(), 2);
-    for col in ["train_loss", "train_acc", "val_loss", "val_acc", "test_loss"] {
+    for col in [
+        "train_loss",
+        "train_acc",
+        "val_loss",
+        "val_acc",
+        "test_loss",
+    ] {
         assert_eq!(f64s(same[0], col), f64s(same[1], col), "{col}");
     }
     assert_ne!(f64s(same[0], "train_loss"), f64s(other[0], "train_loss"));
@@ -123,7 +210,11 @@ fn the_same_seed_gives_the_same_numbers() {
 #[test]
 fn a_corrupt_image_is_named_before_training_and_nothing_is_lost() {
     let s = setup(&[]);
-    std::fs::write(s.data.join("train/cats/broken.jpg"), b"\xff\xd8\xff\xe0 not really a jpeg").unwrap();
+    std::fs::write(
+        s.data.join("train/cats/broken.jpg"),
+        b"\xff\xd8\xff\xe0 not really a jpeg",
+    )
+    .unwrap();
     std::fs::write(s.data.join("validation/dogs/empty.png"), b"").unwrap();
     std::fs::create_dir_all(&s.results).unwrap();
     let earlier = s.results.join("earlier.parquet");
@@ -146,7 +237,10 @@ fn a_bad_weights_file_stops_the_run_with_its_name() {
     let out = run(&s, &[]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("{}: the weights do not fit vgg16", w.display())), "{err}");
+    assert!(
+        err.contains(&format!("{}: the weights do not fit vgg16", w.display())),
+        "{err}"
+    );
     assert!(files_with(&s.results, ".parquet").is_empty());
 }
 
@@ -154,21 +248,46 @@ fn a_bad_weights_file_stops_the_run_with_its_name() {
 fn check_and_plan_commands_validate_without_training() {
     let s = setup(&[]);
     let out = runner(&["check", s.spec.to_str().unwrap()], s.dir.path());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains(": ok (2 classes"));
 
     let bad = s.dir.path().join("bad.toml");
-    std::fs::write(&bad, std::fs::read_to_string(&s.spec).unwrap().replace("rate = 0.5", "rate = 2.0")).unwrap();
-    let out = runner(&["check", s.spec.to_str().unwrap(), bad.to_str().unwrap()], s.dir.path());
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&s.spec)
+            .unwrap()
+            .replace("rate = 0.5", "rate = 2.0"),
+    )
+    .unwrap();
+    let out = runner(
+        &["check", s.spec.to_str().unwrap(), bad.to_str().unwrap()],
+        s.dir.path(),
+    );
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("{}: head.layers[2].rate: must be in [0, 1), got 2", bad.display())), "{err}");
-    assert!(err.contains("1 of 2 experiment files have problems"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}: head.layers[2].rate: must be in [0, 1), got 2",
+            bad.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("1 of 2 experiment files have problems"),
+        "{err}"
+    );
 
     let out = runner(&["plan", s.spec.to_str().unwrap()], s.dir.path());
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("block5_pool (MaxPooling2D)") && text.contains("(1, 1, 512)"), "{text}");
+    assert!(
+        text.contains("block5_pool (MaxPooling2D)") && text.contains("(1, 1, 512)"),
+        "{text}"
+    );
     assert!(text.contains("Trainable params: 8,225"), "{text}");
     assert!(!s.results.exists(), "check and plan write nothing");
 }
@@ -176,7 +295,16 @@ fn check_and_plan_commands_validate_without_training() {
 #[test]
 fn asking_for_wgpu_without_it_is_a_clear_error() {
     let s = setup(&[]);
-    let out = runner(&[s.spec.to_str().unwrap(), "--device", "wgpu", "--results", s.results.to_str().unwrap()], s.dir.path());
+    let out = runner(
+        &[
+            s.spec.to_str().unwrap(),
+            "--device",
+            "wgpu",
+            "--results",
+            s.results.to_str().unwrap(),
+        ],
+        s.dir.path(),
+    );
     if cfg!(feature = "wgpu") {
         return;
     }

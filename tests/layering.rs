@@ -24,8 +24,13 @@ fn environment_overrides_the_file_and_set_overrides_the_environment() {
     }
     let loaded = load::load(&spec, &[]).unwrap();
     assert_eq!(loaded.spec.optimizer.lr(), 0.25);
-    let e = plan::build(&loaded, &Locations { mirror: None }).unwrap_err().to_string();
-    assert!(e.contains("environment variable RUNNER_TRAIN__EPOCHS: train.epochs: must be at least 1"), "{e}");
+    let e = plan::build(&loaded, &Locations { mirror: None })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("environment variable RUNNER_TRAIN__EPOCHS: train.epochs: must be at least 1"),
+        "{e}"
+    );
 
     let loaded = load::load(&spec, &["optimizer.lr=0.5".into(), "train.epochs=3".into()]).unwrap();
     assert_eq!(loaded.spec.optimizer.lr(), 0.5);

@@ -24,14 +24,26 @@ fn weight_import_reports_missing_unexpected_and_misshapen_tensors() {
     common::write_safetensors(
         &path,
         &[
-            ("block1_conv1.weight".into(), vec![64, 3, 1, 1], vec![0; 64 * 3 * 4]),
+            (
+                "block1_conv1.weight".into(),
+                vec![64, 3, 1, 1],
+                vec![0; 64 * 3 * 4],
+            ),
             ("classifier.weight".into(), vec![2], vec![0; 8]),
         ],
     );
     let device = Device::flex();
-    let e = weights::load_vgg(vgg16(), Vgg::init(vgg16(), &device), &path).unwrap_err().to_string();
-    assert!(e.starts_with(&format!("{}: the weights do not fit vgg16", path.display())), "{e}");
-    assert!(e.contains("tensor block1_conv1.weight has shape [64, 3, 1, 1], expected [64, 3, 3, 3]"), "{e}");
+    let e = weights::load_vgg(vgg16(), Vgg::init(vgg16(), &device), &path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with(&format!("{}: the weights do not fit vgg16", path.display())),
+        "{e}"
+    );
+    assert!(
+        e.contains("tensor block1_conv1.weight has shape [64, 3, 1, 1], expected [64, 3, 3, 3]"),
+        "{e}"
+    );
     assert!(e.contains("missing tensor block1_conv1.bias"), "{e}");
     assert!(e.contains("missing tensor block5_conv3.weight"), "{e}");
     assert!(e.contains("unexpected tensor classifier.weight"), "{e}");
@@ -43,8 +55,13 @@ fn weight_import_rejects_a_file_that_is_not_safetensors() {
     let path = dir.path().join("junk.safetensors");
     std::fs::write(&path, b"this is not a weights file").unwrap();
     let device = Device::flex();
-    let e = weights::load_vgg(vgg16(), Vgg::init(vgg16(), &device), &path).unwrap_err().to_string();
-    assert!(e.starts_with(&format!("{}: cannot read weights", path.display())), "{e}");
+    let e = weights::load_vgg(vgg16(), Vgg::init(vgg16(), &device), &path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with(&format!("{}: cannot read weights", path.display())),
+        "{e}"
+    );
 }
 
 #[test]
@@ -56,13 +73,27 @@ fn weight_import_puts_every_tensor_in_its_layer() {
     let file = std::fs::read(&path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&file).unwrap();
     let expect = |name: &str| -> Vec<f32> {
-        st.tensor(name).unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+        st.tensor(name)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
     };
     let device = Device::flex();
     let vgg = weights::load_vgg(vgg16(), Vgg::init(vgg16(), &device), &path).unwrap();
-    assert_eq!(values(vgg.convs[0].weight.val()), expect("block1_conv1.weight"));
-    assert_eq!(values(vgg.convs[12].weight.val()), expect("block5_conv3.weight"));
-    assert_eq!(values(vgg.convs[7].weight.val()), expect("block3_conv3.weight"));
+    assert_eq!(
+        values(vgg.convs[0].weight.val()),
+        expect("block1_conv1.weight")
+    );
+    assert_eq!(
+        values(vgg.convs[12].weight.val()),
+        expect("block5_conv3.weight")
+    );
+    assert_eq!(
+        values(vgg.convs[7].weight.val()),
+        expect("block3_conv3.weight")
+    );
 }
 
 /// The base's output on a real image against a numpy forward pass (tools/vgg16_reference.py),
@@ -73,7 +104,11 @@ fn forward_matches_the_numpy_reference_on_a_real_image() {
         eprintln!("skipped: no asset mirror (set RUNNER_ASSETS) for the real VGG16 weights");
         return;
     };
-    let fixture = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/vgg16_reference.safetensors")).unwrap();
+    let fixture = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/vgg16_reference.safetensors"
+    ))
+    .unwrap();
     let st = safetensors::SafeTensors::deserialize(&fixture).unwrap();
     let pixels = st.tensor("input").unwrap().data().to_vec();
     let device = Device::flex();
@@ -83,14 +118,27 @@ fn forward_matches_the_numpy_reference_on_a_real_image() {
         &mirror.join("weights/vgg16_imagenet_notop.safetensors"),
     )
     .unwrap();
-    for (pre, name) in [(Preprocess::Rescale, "rescale"), (Preprocess::Caffe, "caffe")] {
+    for (pre, name) in [
+        (Preprocess::Rescale, "rescale"),
+        (Preprocess::Caffe, "caffe"),
+    ] {
         let mut input = vec![0f32; 3 * 150 * 150];
         runner::data::preprocess_into(&pixels, 150 * 150, pre, &mut input);
         let x = Tensor::<4>::from_data(TensorData::new(input, [1, 3, 150, 150]), &device);
         let got = values(vgg.forward_range(x, 0, vgg.num_layers()));
-        let want: Vec<f32> = st.tensor(name).unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        let want: Vec<f32> = st
+            .tensor(name)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
         assert_eq!(got.len(), 512 * 4 * 4);
-        let num: f64 = got.iter().zip(&want).map(|(a, b)| f64::from(a - b).powi(2)).sum();
+        let num: f64 = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum();
         let den: f64 = want.iter().map(|b| f64::from(*b).powi(2)).sum();
         let rel = (num / den).sqrt();
         assert!(rel < 1e-4, "{name}: relative error {rel}");
@@ -103,8 +151,10 @@ fn layers_below_the_cutoff_do_not_change_in_training() {
     let data = common::make_dataset(&dir.path().join("data"), &["cats", "dogs"], [4, 2, 2], 32);
     let weights = dir.path().join("w.safetensors");
     common::write_vgg_weights(&weights, vgg16(), 5);
-    let text = common::spec_text(&data, &weights, "")
-        .replace("trainable_from = \"none\"", "trainable_from = \"block5_conv1\"");
+    let text = common::spec_text(&data, &weights, "").replace(
+        "trainable_from = \"none\"",
+        "trainable_from = \"block5_conv1\"",
+    );
     let plan = common::plan_for(dir.path(), &text);
     let device = Device::flex().autodiff();
     let before = TransferModel::build(&plan, &device).unwrap();

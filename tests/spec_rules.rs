@@ -72,7 +72,10 @@ fn unknown_field_names_file_key_and_expected_field() {
     let text = f.spec().replace("rate = 0.5", "prob = 0.5");
     let e = err(f.plan(&text));
     assert!(
-        e.contains(&format!("{}: head.layers[2].prob: unknown field `prob`, expected `rate`", f.file())),
+        e.contains(&format!(
+            "{}: head.layers[2].prob: unknown field `prob`, expected `rate`",
+            f.file()
+        )),
         "{e}"
     );
 }
@@ -82,15 +85,26 @@ fn unknown_layer_kind_lists_the_valid_kinds() {
     let f = fixture(&["cats", "dogs"]);
     let text = f.spec().replace("kind = \"flatten\"", "kind = \"flaten\"");
     let e = err(f.plan(&text));
-    assert!(e.contains("head.layers[0].kind: unknown layer kind \"flaten\" (did you mean \"flatten\"?)"), "{e}");
-    assert!(e.contains("conv2d, max_pool2d, global_average_pool, flatten, dense, dropout"), "{e}");
+    assert!(
+        e.contains(
+            "head.layers[0].kind: unknown layer kind \"flaten\" (did you mean \"flatten\"?)"
+        ),
+        "{e}"
+    );
+    assert!(
+        e.contains("conv2d, max_pool2d, global_average_pool, flatten, dense, dropout"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unknown_section_is_reported() {
     let f = fixture(&["cats", "dogs"]);
     let e = err(f.plan(&format!("{}\n[trian]\nepochs = 3\n", f.spec())));
-    assert!(e.contains("trian: unknown section [trian] (did you mean \"train\"?)"), "{e}");
+    assert!(
+        e.contains("trian: unknown section [trian] (did you mean \"train\"?)"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -117,8 +131,14 @@ fn semantic_problems_are_all_collected() {
         .replace("lr = 1e-3", "lr = -1.0")
         .replace("epochs = 2", "epochs = 0");
     let e = err(f.plan(&text));
-    assert!(e.contains("head.layers[2].rate: must be in [0, 1), got 1.5"), "{e}");
-    assert!(e.contains("optimizer.lr: must be a positive number, got -1"), "{e}");
+    assert!(
+        e.contains("head.layers[2].rate: must be in [0, 1), got 1.5"),
+        "{e}"
+    );
+    assert!(
+        e.contains("optimizer.lr: must be a positive number, got -1"),
+        "{e}"
+    );
     assert!(e.contains("train.epochs: must be at least 1, got 0"), "{e}");
 }
 
@@ -126,30 +146,55 @@ fn semantic_problems_are_all_collected() {
 fn dropout_rate_must_be_below_one() {
     let f = fixture(&["cats", "dogs"]);
     let e = err(f.plan(&f.spec().replace("rate = 0.5", "rate = 1.5")));
-    assert!(e.contains(&format!("{}: head.layers[2].rate: must be in [0, 1), got 1.5", f.file())), "{e}");
+    assert!(
+        e.contains(&format!(
+            "{}: head.layers[2].rate: must be in [0, 1), got 1.5",
+            f.file()
+        )),
+        "{e}"
+    );
 }
 
 #[test]
 fn wrong_value_type_names_the_key() {
     let f = fixture(&["cats", "dogs"]);
     let e = err(f.plan(&f.spec().replace("units = 16", "units = \"many\"")));
-    assert!(e.contains("head.layers[1].units: invalid type: found string \"many\""), "{e}");
+    assert!(
+        e.contains("head.layers[1].units: invalid type: found string \"many\""),
+        "{e}"
+    );
 }
 
 #[test]
 fn freeze_cutoff_must_name_a_backbone_layer() {
     let f = fixture(&["cats", "dogs"]);
-    let e = err(f.plan(&f.spec().replace("trainable_from = \"none\"", "trainable_from = \"block5_conv\"")));
-    assert!(e.contains("backbone.trainable_from: \"block5_conv\" is not a layer of vgg16"), "{e}");
+    let e = err(f.plan(&f.spec().replace(
+        "trainable_from = \"none\"",
+        "trainable_from = \"block5_conv\"",
+    )));
+    assert!(
+        e.contains("backbone.trainable_from: \"block5_conv\" is not a layer of vgg16"),
+        "{e}"
+    );
     assert!(e.contains("\"block5_conv1\""), "{e}");
 }
 
 #[test]
 fn freeze_cutoff_accepts_layer_names_none_and_all() {
     let f = fixture(&["cats", "dogs"]);
-    let p = f.plan(&f.spec().replace("trainable_from = \"none\"", "trainable_from = \"block5_conv1\"")).unwrap();
+    let p = f
+        .plan(&f.spec().replace(
+            "trainable_from = \"none\"",
+            "trainable_from = \"block5_conv1\"",
+        ))
+        .unwrap();
     assert_eq!(p.backbone.layers()[p.cutoff.index].name, "block5_conv1");
-    let p = f.plan(&f.spec().replace("trainable_from = \"none\"", "trainable_from = \"all\"")).unwrap();
+    let p = f
+        .plan(
+            &f.spec()
+                .replace("trainable_from = \"none\"", "trainable_from = \"all\""),
+        )
+        .unwrap();
     assert_eq!(p.cutoff.index, 0);
 }
 
@@ -157,24 +202,40 @@ fn freeze_cutoff_accepts_layer_names_none_and_all() {
 fn head_shapes_must_work() {
     let f = fixture(&["cats", "dogs"]);
     // 32x32 input leaves a 1x1x512 map: a 3x3 valid convolution cannot run on it.
-    let conv = "[[head.layers]]\nkind = \"conv2d\"\nfilters = 8\nkernel = 3\nactivation = \"relu\"\n";
-    let text = f.spec().replacen("[[head.layers]]\nkind = \"flatten\"", &format!("{conv}[[head.layers]]\nkind = \"flatten\""), 1);
+    let conv =
+        "[[head.layers]]\nkind = \"conv2d\"\nfilters = 8\nkernel = 3\nactivation = \"relu\"\n";
+    let text = f.spec().replacen(
+        "[[head.layers]]\nkind = \"flatten\"",
+        &format!("{conv}[[head.layers]]\nkind = \"flatten\""),
+        1,
+    );
     let e = err(f.plan(&text));
-    assert!(e.contains("head.layers[0]: a 3x3 valid convolution cannot run on a 1x1 feature map"), "{e}");
+    assert!(
+        e.contains("head.layers[0]: a 3x3 valid convolution cannot run on a 1x1 feature map"),
+        "{e}"
+    );
 }
 
 #[test]
 fn dense_needs_a_vector() {
     let f = fixture(&["cats", "dogs"]);
-    let text = f.spec().replacen("[[head.layers]]\nkind = \"flatten\"\n", "", 1);
+    let text = f
+        .spec()
+        .replacen("[[head.layers]]\nkind = \"flatten\"\n", "", 1);
     let e = err(f.plan(&text));
-    assert!(e.contains("head.layers[0]: dense needs a vector but gets a feature map"), "{e}");
+    assert!(
+        e.contains("head.layers[0]: dense needs a vector but gets a feature map"),
+        "{e}"
+    );
 }
 
 #[test]
 fn loss_must_fit_the_last_layer() {
     let f = fixture(&["cats", "dogs"]);
-    let e = err(f.plan(&f.spec().replace("activation = \"sigmoid\"", "activation = \"relu\"")));
+    let e = err(f.plan(
+        &f.spec()
+            .replace("activation = \"sigmoid\"", "activation = \"relu\""),
+    ));
     assert!(e.contains("head.layers[3]: binary_crossentropy needs a last layer of kind = \"dense\", units = 1, activation = \"sigmoid\""), "{e}");
 }
 
@@ -182,7 +243,10 @@ fn loss_must_fit_the_last_layer() {
 fn binary_crossentropy_needs_two_classes() {
     let f = fixture(&["cats", "dogs", "birds"]);
     let e = err(f.plan(&f.spec()));
-    assert!(e.contains("train.loss: binary_crossentropy needs exactly 2 classes, the data has 3"), "{e}");
+    assert!(
+        e.contains("train.loss: binary_crossentropy needs exactly 2 classes, the data has 3"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -190,11 +254,20 @@ fn categorical_crossentropy_needs_one_unit_per_class() {
     let f = fixture(&["cats", "dogs", "birds"]);
     let text = f
         .spec()
-        .replace("units = 1\nactivation = \"sigmoid\"", "units = 2\nactivation = \"softmax\"")
+        .replace(
+            "units = 1\nactivation = \"sigmoid\"",
+            "units = 2\nactivation = \"softmax\"",
+        )
         .replace("binary_crossentropy", "categorical_crossentropy");
     let e = err(f.plan(&text));
-    assert!(e.contains("head.layers[3].units: categorical_crossentropy needs one unit per class: 3"), "{e}");
-    let ok = text.replace("units = 2\nactivation = \"softmax\"", "units = 3\nactivation = \"softmax\"");
+    assert!(
+        e.contains("head.layers[3].units: categorical_crossentropy needs one unit per class: 3"),
+        "{e}"
+    );
+    let ok = text.replace(
+        "units = 2\nactivation = \"softmax\"",
+        "units = 3\nactivation = \"softmax\"",
+    );
     assert!(f.plan(&ok).is_ok());
 }
 
@@ -208,14 +281,29 @@ fn backbone_must_be_known() {
 #[test]
 fn missing_weights_file_lists_every_place_tried() {
     let f = fixture(&["cats", "dogs"]);
-    let text = f.spec().replace(&f.weights.display().to_string(), "nowhere/w.safetensors");
+    let text = f
+        .spec()
+        .replace(&f.weights.display().to_string(), "nowhere/w.safetensors");
     let p = f.write(&text);
     let loaded = load::load(&p, &[]).unwrap();
     let mirror = f.dir.path().join("mirror");
-    let e = plan::build(&loaded, &Locations { mirror: Some(mirror.clone()) }).unwrap_err().to_string();
-    assert!(e.contains("backbone.weights: weights file not found; tried:"), "{e}");
+    let e = plan::build(
+        &loaded,
+        &Locations {
+            mirror: Some(mirror.clone()),
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("backbone.weights: weights file not found; tried:"),
+        "{e}"
+    );
     assert!(e.contains("nowhere/w.safetensors"), "{e}");
-    assert!(e.contains(&mirror.join("nowhere/w.safetensors").display().to_string()), "{e}");
+    assert!(
+        e.contains(&mirror.join("nowhere/w.safetensors").display().to_string()),
+        "{e}"
+    );
 }
 
 #[test]
@@ -223,36 +311,82 @@ fn imagenet_weights_are_found_in_the_mirror() {
     let f = fixture(&["cats", "dogs"]);
     let mirror = f.dir.path().join("mirror");
     std::fs::create_dir_all(mirror.join("weights")).unwrap();
-    std::fs::write(mirror.join("weights/vgg16_imagenet_notop.safetensors"), b"x").unwrap();
-    let text = f.spec().replace(&f.weights.display().to_string(), "imagenet");
+    std::fs::write(
+        mirror.join("weights/vgg16_imagenet_notop.safetensors"),
+        b"x",
+    )
+    .unwrap();
+    let text = f
+        .spec()
+        .replace(&f.weights.display().to_string(), "imagenet");
     let loaded = load::load(&f.write(&text), &[]).unwrap();
-    let plan = plan::build(&loaded, &Locations { mirror: Some(mirror.clone()) }).unwrap();
-    assert_eq!(plan.weights, mirror.join("weights/vgg16_imagenet_notop.safetensors"));
+    let plan = plan::build(
+        &loaded,
+        &Locations {
+            mirror: Some(mirror.clone()),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        plan.weights,
+        mirror.join("weights/vgg16_imagenet_notop.safetensors")
+    );
     // Without a mirror the error says where it looked and how to point at one.
-    let e = plan::build(&loaded, &Locations { mirror: None }).unwrap_err().to_string();
-    assert!(e.contains("weights/vgg16_imagenet_notop.safetensors") && e.contains("RUNNER_ASSETS"), "{e}");
+    let e = plan::build(&loaded, &Locations { mirror: None })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("weights/vgg16_imagenet_notop.safetensors") && e.contains("RUNNER_ASSETS"),
+        "{e}"
+    );
 }
 
 #[test]
 fn relative_data_dir_falls_back_to_the_mirror() {
     let f = fixture(&["cats", "dogs"]);
     let mirror = f.dir.path();
-    let text = f.spec().replace(&f.data.display().to_string(), "data");
+    std::fs::rename(&f.data, mirror.join("only_in_mirror")).unwrap();
+    let text = f
+        .spec()
+        .replace(&f.data.display().to_string(), "only_in_mirror");
     let loaded = load::load(&f.write(&text), &[]).unwrap();
-    let plan = plan::build(&loaded, &Locations { mirror: Some(mirror.to_path_buf()) }).unwrap();
-    assert_eq!(plan.data_dir, mirror.join("data"));
-    let text = f.spec().replace(&f.data.display().to_string(), "no/such/data");
+    let plan = plan::build(
+        &loaded,
+        &Locations {
+            mirror: Some(mirror.to_path_buf()),
+        },
+    )
+    .unwrap();
+    assert_eq!(plan.data_dir, mirror.join("only_in_mirror"));
+    let text = f
+        .spec()
+        .replace(&f.data.display().to_string(), "no/such/data");
     let loaded = load::load(&f.write(&text), &[]).unwrap();
-    let e = plan::build(&loaded, &Locations { mirror: Some(mirror.to_path_buf()) }).unwrap_err().to_string();
+    let e = plan::build(
+        &loaded,
+        &Locations {
+            mirror: Some(mirror.to_path_buf()),
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("data.dir: data folder not found; tried:"), "{e}");
-    assert!(e.contains(&mirror.join("no/such/data").display().to_string()), "{e}");
+    assert!(
+        e.contains(&mirror.join("no/such/data").display().to_string()),
+        "{e}"
+    );
 }
 
 #[test]
 fn splits_must_have_the_same_class_folders() {
     let f = fixture(&["cats", "dogs"]);
     std::fs::create_dir_all(f.data.join("validation/birds")).unwrap();
-    common::write_image(&f.data.join("validation/birds/b.png"), 2, 8, &mut common::Rng::new(1));
+    common::write_image(
+        &f.data.join("validation/birds/b.png"),
+        2,
+        8,
+        &mut common::Rng::new(1),
+    );
     let e = err(f.plan(&f.spec()));
     assert!(e.contains("validation: class folders [\"birds\", \"cats\", \"dogs\"] differ from train/'s [\"cats\", \"dogs\"]"), "{e}");
 }
@@ -268,15 +402,24 @@ fn empty_class_folder_is_reported() {
 #[test]
 fn image_size_must_fit_the_backbone() {
     let f = fixture(&["cats", "dogs"]);
-    let e = err(f.plan(&f.spec().replace("image_size = [32, 32]", "image_size = [16, 32]")));
-    assert!(e.contains("data.image_size: each side must be in [32, 4096] for vgg16, got [16, 32]"), "{e}");
+    let e = err(f.plan(
+        &f.spec()
+            .replace("image_size = [32, 32]", "image_size = [16, 32]"),
+    ));
+    assert!(
+        e.contains("data.image_size: each side must be in [32, 4096] for vgg16, got [16, 32]"),
+        "{e}"
+    );
 }
 
 #[test]
 fn batch_size_must_be_positive() {
     let f = fixture(&["cats", "dogs"]);
     let e = err(f.plan(&f.spec().replace("batch_size = 4", "batch_size = 0")));
-    assert!(e.contains("data.batch_size: must be at least 1, got 0"), "{e}");
+    assert!(
+        e.contains("data.batch_size: must be at least 1, got 0"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -290,7 +433,7 @@ fn optimizer_ranges_are_checked() {
 fn unknown_optimizer_kind_lists_the_kinds() {
     let f = fixture(&["cats", "dogs"]);
     let e = err(f.plan(&f.spec().replace("kind = \"rmsprop\"", "kind = \"rmsprob\"")));
-    assert!(e.contains("optimizer: unknown variant `rmsprob`, expected one of `rmsprop`, `adam`, `adamw`, `sgd`"), "{e}");
+    assert!(e.contains("optimizer.kind: unknown optimizer kind \"rmsprob\" (did you mean \"rmsprop\"?); valid kinds: rmsprop, adam, adamw, sgd"), "{e}");
 }
 
 #[test]
@@ -304,25 +447,39 @@ fn experiment_name_must_be_file_safe() {
 fn toml_syntax_error_names_the_file() {
     let f = fixture(&["cats", "dogs"]);
     let e = err(f.plan("[experiment\nname = 1"));
-    assert!(e.starts_with(&format!("{}: not valid TOML", f.file())), "{e}");
+    assert!(
+        e.starts_with(&format!("{}: not valid TOML", f.file())),
+        "{e}"
+    );
 }
 
 #[test]
 fn set_overrides_the_file_and_is_named_in_errors() {
     let f = fixture(&["cats", "dogs"]);
-    let p = f.plan_with(&f.spec(), &["optimizer.lr=0.5", "train.epochs=7"]).unwrap();
+    let p = f
+        .plan_with(&f.spec(), &["optimizer.lr=0.5", "train.epochs=7"])
+        .unwrap();
     assert_eq!(p.spec.optimizer.lr(), 0.5);
     assert_eq!(p.spec.train.epochs, 7);
     let e = err(f.plan_with(&f.spec(), &["train.epochs=0"]));
-    assert!(e.contains("--set train.epochs: train.epochs: must be at least 1, got 0"), "{e}");
+    assert!(
+        e.contains("--set train.epochs: train.epochs: must be at least 1, got 0"),
+        "{e}"
+    );
     let e = err(f.plan_with(&f.spec(), &["optimizer"]));
-    assert!(e.contains("--set optimizer: expected key.path=value"), "{e}");
+    assert!(
+        e.contains("--set optimizer: expected key.path=value"),
+        "{e}"
+    );
 }
 
 #[test]
 fn defaults_fill_what_the_file_leaves_out() {
     let f = fixture(&["cats", "dogs"]);
-    let text = f.spec().replace("seed = 3\n", "").replace("batch_size = 4\n", "");
+    let text = f
+        .spec()
+        .replace("seed = 3\n", "")
+        .replace("batch_size = 4\n", "");
     let p = f.plan(&text).unwrap();
     assert_eq!(p.spec.experiment.seed, 42);
     assert_eq!(p.spec.data.batch_size, 20);
@@ -343,18 +500,30 @@ fn plan_counts_parameters_like_keras() {
     let summary = runner::cli::summary(&p);
     assert!(summary.contains("Total params: 16,812,353"), "{summary}");
     assert!(summary.contains("Trainable params: 2,097,665"), "{summary}");
-    assert!(summary.contains("Non-trainable params: 14,714,688"), "{summary}");
+    assert!(
+        summary.contains("Non-trainable params: 14,714,688"),
+        "{summary}"
+    );
     assert!(summary.contains("Frozen tensors (26)"), "{summary}");
 }
 
 #[test]
 fn plan_says_which_tensors_are_frozen() {
     let f = fixture(&["cats", "dogs"]);
-    let text = f.spec().replace("trainable_from = \"none\"", "trainable_from = \"block5_conv1\"");
+    let text = f.spec().replace(
+        "trainable_from = \"none\"",
+        "trainable_from = \"block5_conv1\"",
+    );
     let p = f.plan(&text).unwrap();
     let summary = runner::cli::summary(&p);
     assert!(summary.contains("Frozen tensors (20)"), "{summary}");
-    assert!(summary.contains("block4_conv3.bias") && !summary.contains("block5_conv1.weight,"), "{summary}");
-    let trainable_base: usize = p.backbone.layers()[p.cutoff.index..].iter().map(|l| l.num_params()).sum();
+    assert!(
+        summary.contains("block4_conv3.bias") && !summary.contains("block5_conv1.weight,"),
+        "{summary}"
+    );
+    let trainable_base: usize = p.backbone.layers()[p.cutoff.index..]
+        .iter()
+        .map(|l| l.num_params())
+        .sum();
     assert_eq!(trainable_base, 3 * (512 * 512 * 9 + 512));
 }

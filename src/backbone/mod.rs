@@ -186,8 +186,11 @@ impl Cutoff {
                         .map(|l| (strsim::damerau_levenshtein(name, &l.name), l.name.as_str()))
                         .collect();
                     names.sort();
-                    let near: Vec<String> =
-                        names.iter().take(3).map(|(_, n)| format!("\"{n}\"")).collect();
+                    let near: Vec<String> = names
+                        .iter()
+                        .take(3)
+                        .map(|(_, n)| format!("\"{n}\""))
+                        .collect();
                     return Err(format!(
                         "\"{name}\" is not a layer of {}; nearest layer names: {}; or use \"none\" (all frozen) or \"all\" (all trainable)",
                         def.name,

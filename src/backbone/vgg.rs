@@ -1,8 +1,8 @@
 //! The VGG convolutional base (no top), with Keras layer names.
 
+use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
-use burn::nn::PaddingConfig2d;
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 

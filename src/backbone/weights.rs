@@ -61,9 +61,10 @@ pub fn load_vgg(def: &BackboneDef, mut model: Vgg, path: &Path) -> Result<Vgg, W
         def.layers()
             .iter()
             .filter_map(|l| match l.op {
-                LayerOp::Conv { index, .. } => {
-                    Some((format!(r"^{}\.(weight|bias)$", l.name), format!("convs.{index}.$1")))
-                }
+                LayerOp::Conv { index, .. } => Some((
+                    format!(r"^{}\.(weight|bias)$", l.name),
+                    format!("convs.{index}.$1"),
+                )),
                 LayerOp::MaxPool => None,
             })
             .collect(),
@@ -104,7 +105,8 @@ pub fn load_vgg(def: &BackboneDef, mut model: Vgg, path: &Path) -> Result<Vgg, W
                 "tensor {} has dtype {found:?}, expected {expected:?}",
                 keras_name(&pairs, path)
             ),
-            ApplyError::AdapterError { path, message } | ApplyError::LoadError { path, message } => {
+            ApplyError::AdapterError { path, message }
+            | ApplyError::LoadError { path, message } => {
                 format!("tensor {}: {message}", keras_name(&pairs, path))
             }
         });
@@ -113,7 +115,10 @@ pub fn load_vgg(def: &BackboneDef, mut model: Vgg, path: &Path) -> Result<Vgg, W
         problems.push(format!("missing tensor {}", keras_name(&pairs, path)));
     }
     for path in &result.unused {
-        problems.push(format!("unexpected tensor {path} (not a layer of {})", def.name));
+        problems.push(format!(
+            "unexpected tensor {path} (not a layer of {})",
+            def.name
+        ));
     }
     if !problems.is_empty() {
         return Err(WeightsError::Mismatch {

@@ -78,7 +78,10 @@ pub fn scan_split(name: &str, dir: &Path) -> Result<SplitListing, DataError> {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
         );
-        for f in sorted_entries(&class_dir)?.into_iter().filter(|p| p.is_file()) {
+        for f in sorted_entries(&class_dir)?
+            .into_iter()
+            .filter(|p| p.is_file())
+        {
             if is_image(&f) {
                 files.push((f, label));
             } else {
@@ -160,7 +163,11 @@ pub fn decode(path: &Path, [h, w]: [usize; 2], interp: Interpolation) -> Result<
 }
 
 /// Decodes every image of a split in parallel; fails with the list of every bad file.
-pub fn load_split(listing: &SplitListing, size: [usize; 2], interp: Interpolation) -> Result<Images, DataError> {
+pub fn load_split(
+    listing: &SplitListing,
+    size: [usize; 2],
+    interp: Interpolation,
+) -> Result<Images, DataError> {
     let decoded: Vec<Result<Vec<u8>, (PathBuf, String)>> = listing
         .files
         .par_iter()

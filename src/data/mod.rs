@@ -20,7 +20,11 @@ pub fn preprocess_into(pixels: &[u8], hw: usize, pre: Preprocess, out: &mut [f32
         let (src, scale, shift) = match pre {
             Preprocess::Rescale => (c, 1.0 / 255.0, 0.0),
             Preprocess::Caffe => (2 - c, 1.0, -CAFFE_MEAN_BGR[c]),
-            Preprocess::Torch => (c, 1.0 / (255.0 * TORCH_STD[c]), -TORCH_MEAN[c] / TORCH_STD[c]),
+            Preprocess::Torch => (
+                c,
+                1.0 / (255.0 * TORCH_STD[c]),
+                -TORCH_MEAN[c] / TORCH_STD[c],
+            ),
         };
         let plane = &mut out[c * hw..(c + 1) * hw];
         for (o, px) in plane.iter_mut().zip(pixels.chunks_exact(3)) {
@@ -34,7 +38,12 @@ pub fn preprocess_into(pixels: &[u8], hw: usize, pre: Preprocess, out: &mut [f32
 /// # Shapes
 ///
 /// - output: `[indices.len(), 3, height, width]`
-pub fn batch_tensor(images: &Images, indices: &[usize], pre: Preprocess, device: &Device) -> Tensor<4> {
+pub fn batch_tensor(
+    images: &Images,
+    indices: &[usize],
+    pre: Preprocess,
+    device: &Device,
+) -> Tensor<4> {
     let hw = images.height * images.width;
     let mut buf = vec![0f32; indices.len() * 3 * hw];
     for (chunk, &i) in buf.chunks_exact_mut(3 * hw).zip(indices) {

@@ -62,14 +62,23 @@ pub enum ResultsError {
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, then a rename.
-pub fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> Result<(), String>) -> Result<(), ResultsError> {
+pub fn write_atomic(
+    path: &Path,
+    write: impl FnOnce(&mut File) -> Result<(), String>,
+) -> Result<(), ResultsError> {
     let err = |message: String| ResultsError::Write {
         path: path.to_path_buf(),
         message,
     };
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
         let mut f = File::create(&tmp).map_err(|e| e.to_string())?;
@@ -150,10 +159,11 @@ pub fn write_run(
         f.write_all(config.as_bytes()).map_err(|e| e.to_string())
     })?;
     let path = dir.join(format!("{run_id}.parquet"));
-    let mut df = run_frame(plan, run_id, started_at, epochs, test).map_err(|e| ResultsError::Write {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
+    let mut df =
+        run_frame(plan, run_id, started_at, epochs, test).map_err(|e| ResultsError::Write {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
     write_atomic(&path, |f| {
         ParquetWriter::new(f)
             .with_key_value_metadata(Some(KeyValueMetadata::from_static(vec![

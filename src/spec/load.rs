@@ -11,7 +11,7 @@ use figment::value::{Dict, Value};
 use figment::{Figment, Source};
 use serde::de::DeserializeOwned;
 
-use super::{HeadSpec, LayerSpec, SECTIONS, Spec};
+use super::{HeadSpec, LAYER_KINDS, LayerSpec, OPTIMIZER_KINDS, OptimizerSpec, SECTIONS, Spec};
 
 /// One problem with a spec: where it came from, the key path and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,12 +120,9 @@ impl Sources {
     fn source_of(&self, key: &str) -> String {
         // `--set` wins over everything, so a key under one of its paths came from it.
         let bare = strip_indices(key);
-        if let Some(set) = self
-            .sets
-            .iter()
-            .rev()
-            .find(|s| bare == **s || bare.starts_with(&format!("{s}.")) || s.starts_with(&format!("{bare}.")))
-        {
+        if let Some(set) = self.sets.iter().rev().find(|s| {
+            bare == **s || bare.starts_with(&format!("{s}.")) || s.starts_with(&format!("{bare}."))
+        }) {
             return format!("--set {set}");
         }
         let mut probe = bare.as_str();
@@ -135,7 +132,10 @@ impl Sources {
                     Some(Source::File(p)) => p.display().to_string(),
                     Some(Source::Custom(s)) => s.clone(),
                     _ if md.name.contains("environment") => {
-                        format!("environment variable RUNNER_{}", probe.to_uppercase().replace('.', "__"))
+                        format!(
+                            "environment variable RUNNER_{}",
+                            probe.to_uppercase().replace('.', "__")
+                        )
                     }
                     _ => self.file.display().to_string(),
                 };
@@ -165,7 +165,9 @@ fn strip_indices(key: &str) -> String {
 /// Parses a `--set` value as TOML (number, bool, array, inline table), else as a string.
 fn parse_set_value(raw: &str) -> toml::Value {
     match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.into()),
     }
 }
@@ -185,11 +187,12 @@ pub fn load(path: &Path, sets: &[String]) -> Result<Loaded, SpecError> {
 
     let mut figment = Figment::from(Toml::string(super::DEFAULTS))
         .merge(Toml::file_exact(path))
-        .merge(
-            Env::prefixed("RUNNER_")
-                .split("__")
-                .filter(|k| SECTIONS.iter().any(|s| k.as_str() == *s || k.as_str().starts_with(&format!("{s}.")))),
-        );
+        .merge(Env::prefixed("RUNNER_").split("__").filter(|k| {
+            let k = k.as_str().to_lowercase();
+            SECTIONS
+                .iter()
+                .any(|s| k == *s || k.starts_with(&format!("{s}.")))
+        }));
     let mut set_keys = Vec::new();
     for s in sets {
         let (key, raw) = s
@@ -250,28 +253,37 @@ pub fn load(path: &Path, sets: &[String]) -> Result<Loaded, SpecError> {
     let experiment = section(&root, "experiment", &mut report);
     let data = section(&root, "data", &mut report);
     let backbone = section(&root, "backbone", &mut report);
-    let optimizer = section(&root, "optimizer", &mut report);
+    let optimizer = root
+        .get("optimizer")
+        .or_else(|| {
+            report("optimizer".into(), "missing section [optimizer]".into());
+            None
+        })
+        .and_then(|v| optimizer_at(v, &mut report));
     let train = section(&root, "train", &mut report);
     let head = head_section(&root, &mut report);
     drop(report);
 
     match (experiment, data, backbone, head, optimizer, train) {
-        (Some(experiment), Some(data), Some(backbone), Some(head), Some(optimizer), Some(train))
-            if problems.is_empty() =>
-        {
-            Ok(Loaded {
-                spec: Spec {
-                    experiment,
-                    data,
-                    backbone,
-                    head,
-                    optimizer,
-                    train,
-                },
-                file: path.to_path_buf(),
-                sources,
-            })
-        }
+        (
+            Some(experiment),
+            Some(data),
+            Some(backbone),
+            Some(head),
+            Some(optimizer),
+            Some(train),
+        ) if problems.is_empty() => Ok(Loaded {
+            spec: Spec {
+                experiment,
+                data,
+                backbone,
+                head,
+                optimizer,
+                train,
+            },
+            file: path.to_path_buf(),
+            sources,
+        }),
         _ => Err(SpecError::Invalid(Problems(problems))),
     }
 }
@@ -291,7 +303,10 @@ fn head_section(root: &Dict, report: &mut impl FnMut(String, String)) -> Option<
     };
     let mut ok = true;
     for key in dict.keys().filter(|k| k.as_str() != "layers") {
-        report(format!("head.{key}"), format!("unknown field `{key}`, expected `layers`"));
+        report(
+            format!("head.{key}"),
+            format!("unknown field `{key}`, expected `layers`"),
+        );
         ok = false;
     }
     let Some(layers) = dict.get("layers") else {
@@ -302,32 +317,127 @@ fn head_section(root: &Dict, report: &mut impl FnMut(String, String)) -> Option<
         return None;
     };
     let Some(array) = layers.as_array() else {
-        report("head.layers".into(), "expected an array of tables ([[head.layers]])".into());
+        report(
+            "head.layers".into(),
+            "expected an array of tables ([[head.layers]])".into(),
+        );
         return None;
     };
     let mut out = Vec::with_capacity(array.len());
     for (i, layer) in array.iter().enumerate() {
-        let at = format!("head.layers[{i}]");
-        if let Some(kind) = layer.as_dict().and_then(|d| d.get("kind")).and_then(Value::as_str) {
-            if !super::LAYER_KINDS.contains(&kind) {
-                report(
-                    format!("{at}.kind"),
-                    format!(
-                        "unknown layer kind \"{kind}\"{}; valid kinds: {}",
-                        closest(kind, &super::LAYER_KINDS),
-                        super::LAYER_KINDS.join(", ")
-                    ),
-                );
-                ok = false;
-                continue;
-            }
-        }
-        match deserialize_at::<LayerSpec>(layer, &at, report) {
+        match layer_at(layer, &format!("head.layers[{i}]"), report) {
             Some(l) => out.push(l),
             None => ok = false,
         }
     }
     ok.then_some(HeadSpec { layers: out })
+}
+
+/// Splits a `kind`-tagged table into its kind and the other keys; reports a missing or unknown
+/// kind (listing the valid ones).
+fn tagged<'a>(
+    value: &'a Value,
+    at: &str,
+    what: &str,
+    kinds: &[&str],
+    report: &mut impl FnMut(String, String),
+) -> Option<(&'a str, Value)> {
+    let Some(dict) = value.as_dict() else {
+        report(at.to_string(), "expected a table".into());
+        return None;
+    };
+    let Some(kind) = dict.get("kind").and_then(Value::as_str) else {
+        report(
+            format!("{at}.kind"),
+            format!(
+                "missing: every {what} needs a kind, one of {}",
+                kinds.join(", ")
+            ),
+        );
+        return None;
+    };
+    if !kinds.contains(&kind) {
+        report(
+            format!("{at}.kind"),
+            format!(
+                "unknown {what} kind \"{kind}\"{}; valid kinds: {}",
+                closest(kind, kinds),
+                kinds.join(", ")
+            ),
+        );
+        return None;
+    }
+    let mut rest = dict.clone();
+    rest.remove("kind");
+    Some((kind, Value::from(rest)))
+}
+
+/// One head layer: the kind picks the settings type, whose fields are checked with their paths.
+fn layer_at(value: &Value, at: &str, report: &mut impl FnMut(String, String)) -> Option<LayerSpec> {
+    let (kind, rest) = tagged(value, at, "layer", &LAYER_KINDS, report)?;
+    let r = &rest;
+    match kind {
+        "conv2d" => deserialize_at(r, at, report).map(LayerSpec::Conv2d),
+        "max_pool2d" => deserialize_at(r, at, report).map(LayerSpec::MaxPool2d),
+        "global_average_pool" => deserialize_at(r, at, report).map(LayerSpec::GlobalAveragePool),
+        "flatten" => deserialize_at(r, at, report).map(LayerSpec::Flatten),
+        "dense" => deserialize_at(r, at, report).map(LayerSpec::Dense),
+        _ => deserialize_at(r, at, report).map(LayerSpec::Dropout),
+    }
+}
+
+/// `[optimizer]`: the kind picks the settings type.
+fn optimizer_at(value: &Value, report: &mut impl FnMut(String, String)) -> Option<OptimizerSpec> {
+    let at = "optimizer";
+    let (kind, rest) = tagged(value, at, "optimizer", &OPTIMIZER_KINDS, report)?;
+    let r = &rest;
+    match kind {
+        "rmsprop" => deserialize_at(r, at, report).map(OptimizerSpec::Rmsprop),
+        "adam" => deserialize_at(r, at, report).map(OptimizerSpec::Adam),
+        "adamw" => deserialize_at(r, at, report).map(OptimizerSpec::Adamw),
+        _ => deserialize_at(r, at, report).map(OptimizerSpec::Sgd),
+    }
+}
+
+fn one_of(names: &[&str]) -> String {
+    match names {
+        [] => "no fields here".into(),
+        [a] => format!("`{a}`"),
+        [a, b] => format!("`{a}` or `{b}`"),
+        _ => format!(
+            "one of {}",
+            names
+                .iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// serde's wording for an error, and the key it is about when that is deeper than the path.
+fn describe(kind: &figment::error::Kind) -> (Option<String>, String) {
+    use figment::error::Kind;
+    match kind {
+        Kind::UnknownField(f, expected) => (
+            Some(f.clone()),
+            format!("unknown field `{f}`, expected {}", one_of(expected)),
+        ),
+        Kind::UnknownVariant(v, expected) => (
+            None,
+            format!("unknown variant `{v}`, expected {}", one_of(expected)),
+        ),
+        Kind::InvalidType(actual, expected) => (
+            None,
+            format!("invalid type: found {actual}, expected {expected}"),
+        ),
+        Kind::InvalidValue(actual, expected) => (
+            None,
+            format!("invalid value: found {actual}, expected {expected}"),
+        ),
+        Kind::MissingField(f) => (None, format!("missing field `{f}`")),
+        other => (None, other.to_string()),
+    }
 }
 
 fn deserialize_at<T: DeserializeOwned>(
@@ -339,14 +449,18 @@ fn deserialize_at<T: DeserializeOwned>(
         Ok(v) => Some(v),
         Err(e) => {
             let inner = e.path().to_string();
-            let key = if inner == "." || inner.is_empty() {
+            let mut key = if inner == "." || inner.is_empty() {
                 at.to_string()
             } else if inner.starts_with('[') {
                 format!("{at}{inner}")
             } else {
                 format!("{at}.{inner}")
             };
-            report(key, e.into_inner().kind.to_string());
+            let (field, message) = describe(&e.into_inner().kind);
+            if let Some(f) = field.filter(|f| !key.ends_with(&format!(".{f}"))) {
+                key = format!("{key}.{f}");
+            }
+            report(key, message);
             None
         }
     }

@@ -27,7 +27,14 @@ loss = "binary_crossentropy"
 "#;
 
 /// The top-level sections of a spec, in the order they are checked and documented.
-pub const SECTIONS: [&str; 6] = ["experiment", "data", "backbone", "head", "optimizer", "train"];
+pub const SECTIONS: [&str; 6] = [
+    "experiment",
+    "data",
+    "backbone",
+    "head",
+    "optimizer",
+    "train",
+];
 
 /// A whole experiment, as resolved from all layers.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -193,52 +200,77 @@ fn two() -> Size2 {
     Size2::Square(2)
 }
 
+/// `kind = "conv2d"`: 2D convolution (Keras `Conv2D`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Conv2dSpec {
+    /// Number of output channels.
+    pub filters: usize,
+    /// Kernel size: `3` or `[3, 3]`.
+    pub kernel: Size2,
+    /// Stride: `1` or `[1, 1]`.
+    #[serde(default = "one")]
+    pub stride: Size2,
+    /// `valid` or `same`.
+    #[serde(default)]
+    pub padding: Padding,
+    /// Activation after the convolution.
+    #[serde(default)]
+    pub activation: Activation,
+}
+
+/// `kind = "max_pool2d"`: 2D max pooling (Keras `MaxPooling2D`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MaxPool2dSpec {
+    /// Window size, default 2.
+    #[serde(default = "two")]
+    pub pool: Size2,
+    /// Stride, default the window size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stride: Option<Size2>,
+}
+
+/// A layer without settings (`flatten`, `global_average_pool`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NoSettings {}
+
+/// `kind = "dense"`: fully connected layer (Keras `Dense`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DenseSpec {
+    /// Number of outputs.
+    pub units: usize,
+    /// Activation after the layer.
+    #[serde(default)]
+    pub activation: Activation,
+}
+
+/// `kind = "dropout"`: dropout, active in training only.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DropoutSpec {
+    /// Fraction of inputs set to zero, in `[0, 1)`.
+    pub rate: f64,
+}
+
 /// One head layer, selected by `kind`. Input sizes are inferred, never written.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum LayerSpec {
-    /// 2D convolution (Keras `Conv2D`).
-    Conv2d {
-        /// Number of output channels.
-        filters: usize,
-        /// Kernel size: `3` or `[3, 3]`.
-        kernel: Size2,
-        /// Stride: `1` or `[1, 1]`.
-        #[serde(default = "one")]
-        stride: Size2,
-        /// `valid` or `same`.
-        #[serde(default)]
-        padding: Padding,
-        /// Activation after the convolution.
-        #[serde(default)]
-        activation: Activation,
-    },
-    /// 2D max pooling (Keras `MaxPooling2D`).
-    MaxPool2d {
-        /// Window size, default 2.
-        #[serde(default = "two")]
-        pool: Size2,
-        /// Stride, default the window size.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        stride: Option<Size2>,
-    },
+    /// 2D convolution.
+    Conv2d(Conv2dSpec),
+    /// 2D max pooling.
+    MaxPool2d(MaxPool2dSpec),
     /// Mean over the spatial axes (Keras `GlobalAveragePooling2D`).
-    GlobalAveragePool {},
+    GlobalAveragePool(NoSettings),
     /// Flatten a feature map into a vector.
-    Flatten {},
-    /// Fully connected layer (Keras `Dense`).
-    Dense {
-        /// Number of outputs.
-        units: usize,
-        /// Activation after the layer.
-        #[serde(default)]
-        activation: Activation,
-    },
-    /// Dropout, active in training only.
-    Dropout {
-        /// Fraction of inputs set to zero, in `[0, 1)`.
-        rate: f64,
-    },
+    Flatten(NoSettings),
+    /// Fully connected layer.
+    Dense(DenseSpec),
+    /// Dropout.
+    Dropout(DropoutSpec),
 }
 
 /// The valid layer kinds, for error messages.
@@ -255,12 +287,12 @@ impl LayerSpec {
     /// The `kind` string of this layer.
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::Conv2d { .. } => "conv2d",
-            Self::MaxPool2d { .. } => "max_pool2d",
-            Self::GlobalAveragePool {} => "global_average_pool",
-            Self::Flatten {} => "flatten",
-            Self::Dense { .. } => "dense",
-            Self::Dropout { .. } => "dropout",
+            Self::Conv2d(_) => "conv2d",
+            Self::MaxPool2d(_) => "max_pool2d",
+            Self::GlobalAveragePool(_) => "global_average_pool",
+            Self::Flatten(_) => "flatten",
+            Self::Dense(_) => "dense",
+            Self::Dropout(_) => "dropout",
         }
     }
 
@@ -270,13 +302,13 @@ impl LayerSpec {
             format!("{a:?}").to_lowercase()
         }
         match self {
-            Self::Conv2d {
+            Self::Conv2d(Conv2dSpec {
                 filters,
                 kernel,
                 stride,
                 padding,
                 activation,
-            } => {
+            }) => {
                 let [kh, kw] = kernel.hw();
                 let [sh, sw] = stride.hw();
                 format!(
@@ -285,83 +317,92 @@ impl LayerSpec {
                     act(activation)
                 )
             }
-            Self::MaxPool2d { pool, stride } => {
+            Self::MaxPool2d(MaxPool2dSpec { pool, stride }) => {
                 let [ph, pw] = pool.hw();
                 let [sh, sw] = stride.unwrap_or(*pool).hw();
                 format!("max_pool2d({ph}x{pw}, stride {sh}x{sw})")
             }
-            Self::GlobalAveragePool {} => "global_average_pool".into(),
-            Self::Flatten {} => "flatten".into(),
-            Self::Dense { units, activation } => format!("dense({units}, {})", act(activation)),
-            Self::Dropout { rate } => format!("dropout({rate})"),
+            Self::GlobalAveragePool(_) => "global_average_pool".into(),
+            Self::Flatten(_) => "flatten".into(),
+            Self::Dense(DenseSpec { units, activation }) => {
+                format!("dense({units}, {})", act(activation))
+            }
+            Self::Dropout(DropoutSpec { rate }) => format!("dropout({rate})"),
         }
     }
 }
 
-/// `[optimizer]`, selected by `kind`. Defaults are Keras'.
+/// `kind = "rmsprop"` (Keras defaults: rho 0.9, momentum 0, epsilon 1e-7).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum OptimizerSpec {
-    /// RMSprop (Keras: rho 0.9, momentum 0, epsilon 1e-7).
-    Rmsprop {
-        /// Learning rate.
-        lr: f64,
-        /// Decay of the moving average of squared gradients.
-        #[serde(default = "default_rho")]
-        rho: f64,
-        /// Momentum.
-        #[serde(default)]
-        momentum: f64,
-        /// Added to the denominator for stability.
-        #[serde(default = "default_epsilon")]
-        epsilon: f64,
-        /// Normalise by the centred second moment.
-        #[serde(default)]
-        centered: bool,
-    },
-    /// Adam (Keras: beta_1 0.9, beta_2 0.999, epsilon 1e-7).
-    Adam {
-        /// Learning rate.
-        lr: f64,
-        /// Decay of the first moment.
-        #[serde(default = "default_beta_1")]
-        beta_1: f64,
-        /// Decay of the second moment.
-        #[serde(default = "default_beta_2")]
-        beta_2: f64,
-        /// Added to the denominator for stability.
-        #[serde(default = "default_epsilon")]
-        epsilon: f64,
-    },
-    /// AdamW, decoupled weight decay (Keras: weight_decay 0.004).
-    Adamw {
-        /// Learning rate.
-        lr: f64,
-        /// Decay of the first moment.
-        #[serde(default = "default_beta_1")]
-        beta_1: f64,
-        /// Decay of the second moment.
-        #[serde(default = "default_beta_2")]
-        beta_2: f64,
-        /// Added to the denominator for stability.
-        #[serde(default = "default_epsilon")]
-        epsilon: f64,
-        /// Decoupled weight decay.
-        #[serde(default = "default_weight_decay")]
-        weight_decay: f64,
-    },
-    /// Stochastic gradient descent with optional (Nesterov) momentum.
-    Sgd {
-        /// Learning rate.
-        lr: f64,
-        /// Momentum.
-        #[serde(default)]
-        momentum: f64,
-        /// Use Nesterov momentum.
-        #[serde(default)]
-        nesterov: bool,
-    },
+#[serde(deny_unknown_fields)]
+pub struct RmspropSpec {
+    /// Learning rate.
+    pub lr: f64,
+    /// Decay of the moving average of squared gradients.
+    #[serde(default = "default_rho")]
+    pub rho: f64,
+    /// Momentum.
+    #[serde(default)]
+    pub momentum: f64,
+    /// Added to the denominator for stability.
+    #[serde(default = "default_epsilon")]
+    pub epsilon: f64,
+    /// Normalise by the centred second moment.
+    #[serde(default)]
+    pub centered: bool,
 }
+
+/// `kind = "adam"` or `"adamw"` (Keras defaults: beta_1 0.9, beta_2 0.999, epsilon 1e-7;
+/// AdamW weight_decay 0.004).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdamSpec {
+    /// Learning rate.
+    pub lr: f64,
+    /// Decay of the first moment.
+    #[serde(default = "default_beta_1")]
+    pub beta_1: f64,
+    /// Decay of the second moment.
+    #[serde(default = "default_beta_2")]
+    pub beta_2: f64,
+    /// Added to the denominator for stability.
+    #[serde(default = "default_epsilon")]
+    pub epsilon: f64,
+    /// Decoupled weight decay (adamw only; adam rejects a non-zero value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_decay: Option<f64>,
+}
+
+/// `kind = "sgd"`: stochastic gradient descent with optional (Nesterov) momentum.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SgdSpec {
+    /// Learning rate.
+    pub lr: f64,
+    /// Momentum.
+    #[serde(default)]
+    pub momentum: f64,
+    /// Use Nesterov momentum.
+    #[serde(default)]
+    pub nesterov: bool,
+}
+
+/// `[optimizer]`, selected by `kind`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum OptimizerSpec {
+    /// RMSprop.
+    Rmsprop(RmspropSpec),
+    /// Adam.
+    Adam(AdamSpec),
+    /// AdamW (decoupled weight decay).
+    Adamw(AdamSpec),
+    /// SGD.
+    Sgd(SgdSpec),
+}
+
+/// The valid optimizer kinds, for error messages.
+pub const OPTIMIZER_KINDS: [&str; 4] = ["rmsprop", "adam", "adamw", "sgd"];
 
 fn default_rho() -> f64 {
     0.9
@@ -375,28 +416,27 @@ fn default_beta_1() -> f64 {
 fn default_beta_2() -> f64 {
     0.999
 }
-fn default_weight_decay() -> f64 {
-    0.004
-}
+/// Keras' default weight decay for AdamW.
+pub const ADAMW_WEIGHT_DECAY: f64 = 0.004;
 
 impl OptimizerSpec {
     /// The `kind` string.
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::Rmsprop { .. } => "rmsprop",
-            Self::Adam { .. } => "adam",
-            Self::Adamw { .. } => "adamw",
-            Self::Sgd { .. } => "sgd",
+            Self::Rmsprop(_) => "rmsprop",
+            Self::Adam(_) => "adam",
+            Self::Adamw(_) => "adamw",
+            Self::Sgd(_) => "sgd",
         }
     }
 
     /// The learning rate.
     pub fn lr(&self) -> f64 {
         match self {
-            Self::Rmsprop { lr, .. }
-            | Self::Adam { lr, .. }
-            | Self::Adamw { lr, .. }
-            | Self::Sgd { lr, .. } => *lr,
+            Self::Rmsprop(RmspropSpec { lr, .. })
+            | Self::Adam(AdamSpec { lr, .. })
+            | Self::Adamw(AdamSpec { lr, .. })
+            | Self::Sgd(SgdSpec { lr, .. }) => *lr,
         }
     }
 }

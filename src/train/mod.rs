@@ -115,7 +115,9 @@ pub fn extract_features(
     let frozen = model.valid();
     let plain = device.clone().without_autodiff();
     let batch = plan.spec.data.batch_size;
-    let shape = plan.backbone.shape_at(model.cut(), [images.height, images.width]);
+    let shape = plan
+        .backbone
+        .shape_at(model.cut(), [images.height, images.width]);
     let mut values = Vec::with_capacity(images.len() * shape.iter().product::<usize>());
     let started = Instant::now();
     let n_batches = images.len().div_ceil(batch);
@@ -156,7 +158,12 @@ pub fn shuffled(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
 }
 
 /// Loss and accuracy of `model` (in validation mode) over a split's features.
-pub fn evaluate(model: &TransferModel, feats: &Features, plan: &Plan, device: &Device) -> Evaluation {
+pub fn evaluate(
+    model: &TransferModel,
+    feats: &Features,
+    plan: &Plan,
+    device: &Device,
+) -> Evaluation {
     let m = model.valid();
     let plain = device.clone().without_autodiff();
     let kind = plan.spec.train.loss;
@@ -166,7 +173,8 @@ pub fn evaluate(model: &TransferModel, feats: &Features, plan: &Plan, device: &D
         let (x, y) = feats.batch(chunk, &plain);
         let logits = m.forward_from_cut(x);
         correct += loss::correct(kind, logits.clone(), &y);
-        loss_sum += f64::from(loss::loss(kind, logits, &y).into_scalar::<f32>()) * chunk.len() as f64;
+        loss_sum +=
+            f64::from(loss::loss(kind, logits, &y).into_scalar::<f32>()) * chunk.len() as f64;
     }
     let n = feats.len().max(1) as f64;
     Evaluation {
@@ -243,11 +251,17 @@ pub fn run(
     info!(run, phase = "load_data", dir = %plan.data_dir.display(), "Phase started.");
     let mut images = Vec::new();
     for listing in &plan.splits {
-        let imgs = data::folder::load_split(listing, spec.data.image_size, spec.data.interpolation)?;
+        let imgs =
+            data::folder::load_split(listing, spec.data.image_size, spec.data.interpolation)?;
         info!(run, split = %listing.name, images = imgs.len(), ignored = listing.ignored.len(), "Split decoded.");
         images.push(imgs);
     }
-    info!(run, phase = "load_data", seconds = started.elapsed().as_secs_f64(), "Phase finished.");
+    info!(
+        run,
+        phase = "load_data",
+        seconds = started.elapsed().as_secs_f64(),
+        "Phase finished."
+    );
 
     info!(run, phase = "build_model", weights = %plan.weights.display(), "Phase started.");
     device.seed(spec.experiment.seed);
@@ -260,18 +274,43 @@ pub fn run(
         .map(|imgs| extract_features(&model, imgs, plan, device, run))
         .collect();
     drop(images);
-    info!(run, phase = "extract_features", seconds = started.elapsed().as_secs_f64(), "Phase finished.");
+    info!(
+        run,
+        phase = "extract_features",
+        seconds = started.elapsed().as_secs_f64(),
+        "Phase finished."
+    );
 
     let started = Instant::now();
-    info!(run, phase = "train", epochs = spec.train.epochs, "Phase started.");
+    info!(
+        run,
+        phase = "train",
+        epochs = spec.train.epochs,
+        "Phase started."
+    );
     device.seed(spec.experiment.seed);
     let (model, epochs) = fit(model, &feats[0], &feats[1], plan, device, run, on_epoch);
-    info!(run, phase = "train", seconds = started.elapsed().as_secs_f64(), "Phase finished.");
+    info!(
+        run,
+        phase = "train",
+        seconds = started.elapsed().as_secs_f64(),
+        "Phase finished."
+    );
 
     let test = feats.get(2).map(|t| {
         let e = evaluate(&model, t, plan, device);
-        info!(run, phase = "test", test_loss = e.loss, test_acc = e.acc, "Test evaluation finished.");
+        info!(
+            run,
+            phase = "test",
+            test_loss = e.loss,
+            test_acc = e.acc,
+            "Test evaluation finished."
+        );
         e
     });
-    Ok(Outcome { epochs, test, model })
+    Ok(Outcome {
+        epochs,
+        test,
+        model,
+    })
 }

@@ -4,48 +4,48 @@
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, AdamWConfig, ModuleOptimizer, RmsPropConfig, SgdConfig};
 
-use crate::spec::OptimizerSpec;
+use crate::spec::{ADAMW_WEIGHT_DECAY, AdamSpec, OptimizerSpec, RmspropSpec, SgdSpec};
 
 /// The optimizer of a spec.
 pub fn build(spec: &OptimizerSpec) -> ModuleOptimizer {
-    match *spec {
-        OptimizerSpec::Rmsprop {
+    match spec.clone() {
+        OptimizerSpec::Rmsprop(RmspropSpec {
             rho,
             momentum,
             epsilon,
             centered,
             ..
-        } => RmsPropConfig::new()
+        }) => RmsPropConfig::new()
             .with_alpha(rho as f32)
             .with_momentum(momentum as f32)
             .with_epsilon(epsilon as f32)
             .with_centered(centered)
             .init(),
-        OptimizerSpec::Adam {
+        OptimizerSpec::Adam(AdamSpec {
             beta_1,
             beta_2,
             epsilon,
             ..
-        } => AdamConfig::new()
+        }) => AdamConfig::new()
             .with_beta_1(beta_1 as f32)
             .with_beta_2(beta_2 as f32)
             .with_epsilon(epsilon as f32)
             .init(),
-        OptimizerSpec::Adamw {
+        OptimizerSpec::Adamw(AdamSpec {
             beta_1,
             beta_2,
             epsilon,
             weight_decay,
             ..
-        } => AdamWConfig::new()
+        }) => AdamWConfig::new()
             .with_beta_1(beta_1 as f32)
             .with_beta_2(beta_2 as f32)
             .with_epsilon(epsilon as f32)
-            .with_weight_decay(weight_decay as f32)
+            .with_weight_decay(weight_decay.unwrap_or(ADAMW_WEIGHT_DECAY) as f32)
             .init(),
-        OptimizerSpec::Sgd {
+        OptimizerSpec::Sgd(SgdSpec {
             momentum, nesterov, ..
-        } => {
+        }) => {
             let config = SgdConfig::new();
             if momentum > 0.0 {
                 config

@@ -88,7 +88,8 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)])
         .map(|(n, s, b)| {
             (
                 n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
             )
         })
         .collect();
@@ -158,5 +159,8 @@ pub fn mirror() -> Option<PathBuf> {
         std::env::var_os("RUNNER_ASSETS").map(PathBuf::from),
         Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/assets")),
     ];
-    candidates.into_iter().flatten().find(|p| p.join("weights").is_dir())
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|p| p.join("weights").is_dir())
 }
