@@ -82,18 +82,10 @@ fn weight_import_puts_every_tensor_in_its_layer() {
     };
     let device = Device::flex();
     let vgg = weights::load_vgg(vgg16(), Vgg::init(vgg16(), &device), &path).unwrap();
-    assert_eq!(
-        values(vgg.convs[0].weight.val()),
-        expect("block1_conv1.weight")
-    );
-    assert_eq!(
-        values(vgg.convs[12].weight.val()),
-        expect("block5_conv3.weight")
-    );
-    assert_eq!(
-        values(vgg.convs[7].weight.val()),
-        expect("block3_conv3.weight")
-    );
+    for (i, name) in [(0, "block1_conv1"), (6, "block3_conv3"), (7, "block4_conv1"), (12, "block5_conv3")] {
+        let w = values(vgg.convs[i].weight.val());
+        assert!(w == expect(&format!("{name}.weight")), "convs[{i}] should hold {name}");
+    }
 }
 
 /// The base's output on a real image against a numpy forward pass (tools/vgg16_reference.py),
