@@ -70,6 +70,7 @@ pub fn close_run_log() {
 pub fn init() {
     let console = tracing_subscriber::fmt::layer()
         .with_writer(io::stderr)
+        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
         .with_target(false)
         .compact()
         .with_filter(

@@ -82,9 +82,17 @@ fn weight_import_puts_every_tensor_in_its_layer() {
     };
     let device = Device::flex();
     let vgg = weights::load_vgg(vgg16(), Vgg::init(vgg16(), &device), &path).unwrap();
-    for (i, name) in [(0, "block1_conv1"), (6, "block3_conv3"), (7, "block4_conv1"), (12, "block5_conv3")] {
+    for (i, name) in [
+        (0, "block1_conv1"),
+        (6, "block3_conv3"),
+        (7, "block4_conv1"),
+        (12, "block5_conv3"),
+    ] {
         let w = values(vgg.convs[i].weight.val());
-        assert!(w == expect(&format!("{name}.weight")), "convs[{i}] should hold {name}");
+        assert!(
+            w == expect(&format!("{name}.weight")),
+            "convs[{i}] should hold {name}"
+        );
     }
 }
 

@@ -249,12 +249,21 @@ pub fn run(
     let spec = &plan.spec;
     let started = Instant::now();
     info!(run, phase = "load_data", dir = %plan.data_dir.display(), "Phase started.");
+    // Every split is decoded before any error is returned, so that every bad file is listed.
     let mut images = Vec::new();
+    let mut bad = Vec::new();
     for listing in &plan.splits {
-        let imgs =
-            data::folder::load_split(listing, spec.data.image_size, spec.data.interpolation)?;
-        info!(run, split = %listing.name, images = imgs.len(), ignored = listing.ignored.len(), "Split decoded.");
-        images.push(imgs);
+        match data::folder::load_split(listing, spec.data.image_size, spec.data.interpolation) {
+            Ok(imgs) => {
+                info!(run, split = %listing.name, images = imgs.len(), ignored = listing.ignored.len(), "Split decoded.");
+                images.push(imgs);
+            }
+            Err(DataError::BadImages(files)) => bad.extend(files),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if !bad.is_empty() {
+        return Err(DataError::BadImages(bad).into());
     }
     info!(
         run,
