@@ -54,3 +54,36 @@ pub fn batch_tensor(
         device,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caffe_preprocessing_is_bgr_minus_the_imagenet_mean() {
+        let mut out = [0f32; 3];
+        preprocess_into(&[10, 20, 30], 1, Preprocess::Caffe, &mut out);
+        assert_eq!(out, [30.0 - 103.939, 20.0 - 116.779, 10.0 - 123.68]);
+    }
+
+    #[test]
+    fn rescale_and_torch_preprocessing_keep_rgb_order() {
+        let mut out = [0f32; 3];
+        preprocess_into(&[255, 0, 51], 1, Preprocess::Rescale, &mut out);
+        assert_eq!(out[..2], [1.0, 0.0]);
+        assert!((out[2] - 0.2).abs() < 1e-6, "{out:?}");
+        preprocess_into(&[255, 0, 51], 1, Preprocess::Torch, &mut out);
+        let want = [(1.0 - 0.485) / 0.229, (0.0 - 0.456) / 0.224, (0.2 - 0.406) / 0.225];
+        for (o, w) in out.iter().zip(want) {
+            assert!((o - w).abs() < 1e-5, "{out:?}");
+        }
+    }
+
+    #[test]
+    fn planes_are_channel_first() {
+        // Two pixels: the output holds all red values, then all green, then all blue.
+        let mut out = [0f32; 6];
+        preprocess_into(&[255, 0, 0, 0, 255, 0], 2, Preprocess::Rescale, &mut out);
+        assert_eq!(out, [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]);
+    }
+}

@@ -435,7 +435,7 @@ fn describe(kind: &figment::error::Kind) -> (Option<String>, String) {
             None,
             format!("invalid value: found {actual}, expected {expected}"),
         ),
-        Kind::MissingField(f) => (None, format!("missing field `{f}`")),
+        Kind::MissingField(f) => (Some(f.to_string()), format!("missing field `{f}`")),
         other => (None, other.to_string()),
     }
 }

@@ -323,3 +323,19 @@ pub fn run(
         model,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::shuffled;
+
+    #[test]
+    fn shuffling_is_a_permutation_fixed_by_seed_and_epoch() {
+        let a = shuffled(100, 42, 1);
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+        assert_eq!(a, shuffled(100, 42, 1));
+        assert_ne!(a, shuffled(100, 42, 2));
+        assert_ne!(a, shuffled(100, 43, 1));
+    }
+}
