@@ -1,5 +1,6 @@
 //! Picking the compute device: `cpu` (burn's Flex backend), `wgpu` (with the `wgpu` feature) or
-//! `auto` (wgpu when an adapter exists, else cpu).
+//! `auto` (wgpu on a discrete or integrated GPU when there is one, else cpu: a software Vulkan
+//! adapter such as lavapipe is only used when asked for with `--device wgpu`).
 
 use burn::prelude::Device;
 
@@ -26,23 +27,40 @@ pub enum DeviceError {
 pub fn select(choice: DeviceChoice) -> Result<(Device, &'static str), DeviceError> {
     match choice {
         DeviceChoice::Cpu => Ok((Device::flex().autodiff(), "cpu (flex)")),
-        DeviceChoice::Wgpu => wgpu().map(|d| (d, "wgpu")),
-        DeviceChoice::Auto => Ok(match wgpu() {
-            Ok(d) => (d, "wgpu"),
-            Err(_) => (Device::flex().autodiff(), "cpu (flex)"),
-        }),
+        DeviceChoice::Wgpu => wgpu(Kind::Any).map(|d| (d, "wgpu")),
+        DeviceChoice::Auto => Ok(
+            match wgpu(Kind::Discrete).or_else(|_| wgpu(Kind::Integrated)) {
+                Ok(d) => (d, "wgpu"),
+                Err(_) => (Device::flex().autodiff(), "cpu (flex)"),
+            },
+        ),
     }
 }
 
+/// Which wgpu adapters to accept.
+#[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
+enum Kind {
+    Any,
+    Discrete,
+    Integrated,
+}
+
 #[cfg(feature = "wgpu")]
-fn wgpu() -> Result<Device, DeviceError> {
+fn wgpu(kind: Kind) -> Result<Device, DeviceError> {
     use burn::prelude::Tensor;
+    use burn::tensor::DeviceKind;
+    let kind = match kind {
+        Kind::Any => DeviceKind::DefaultDevice,
+        Kind::Discrete => DeviceKind::DiscreteGpu(0),
+        Kind::Integrated => DeviceKind::IntegratedGpu(0),
+    };
     // The adapter is requested lazily; a tiny tensor forces it, and a missing adapter panics
     // inside wgpu, which is caught here and reported as "no adapter".
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let probe = std::panic::catch_unwind(|| {
-        let d = Device::wgpu(Default::default());
+        let d = Device::wgpu(kind.clone());
         let t = Tensor::<1>::from_floats([1.0, 2.0], &d);
         let _ = t.sum().into_scalar::<f32>();
         d
@@ -54,7 +72,7 @@ fn wgpu() -> Result<Device, DeviceError> {
 }
 
 #[cfg(not(feature = "wgpu"))]
-fn wgpu() -> Result<Device, DeviceError> {
+fn wgpu(_: Kind) -> Result<Device, DeviceError> {
     Err(DeviceError::NoWgpu(
         "this runner was built without the wgpu feature; rebuild with `cargo build --release --features wgpu`".into(),
     ))

@@ -319,11 +319,27 @@ mod tests {
     fn conv_shapes_follow_keras() {
         let input = Shape::Map([512, 4, 4]);
         // The notebook's conv head: Conv2D(32, 3x3) on 4x4x512 -> 2x2x32, 147,488 parameters.
-        assert_eq!(infer(&conv(3, 1, Padding::Valid), input), Ok((Shape::Map([32, 2, 2]), 147_488)));
-        assert_eq!(infer(&conv(3, 1, Padding::Same), input).unwrap().0, Shape::Map([32, 4, 4]));
+        assert_eq!(
+            infer(&conv(3, 1, Padding::Valid), input),
+            Ok((Shape::Map([32, 2, 2]), 147_488))
+        );
+        assert_eq!(
+            infer(&conv(3, 1, Padding::Same), input).unwrap().0,
+            Shape::Map([32, 4, 4])
+        );
         // same with stride 2 is ceil(9 / 2) = 5, as Keras.
-        assert_eq!(infer(&conv(3, 2, Padding::Same), Shape::Map([1, 9, 9])).unwrap().0, Shape::Map([32, 5, 5]));
-        assert_eq!(infer(&conv(3, 2, Padding::Valid), Shape::Map([1, 9, 9])).unwrap().0, Shape::Map([32, 4, 4]));
+        assert_eq!(
+            infer(&conv(3, 2, Padding::Same), Shape::Map([1, 9, 9]))
+                .unwrap()
+                .0,
+            Shape::Map([32, 5, 5])
+        );
+        assert_eq!(
+            infer(&conv(3, 2, Padding::Valid), Shape::Map([1, 9, 9]))
+                .unwrap()
+                .0,
+            Shape::Map([32, 4, 4])
+        );
     }
 
     #[test]
@@ -331,9 +347,12 @@ mod tests {
         let device = Device::flex();
         for (k, s, n) in [(3, 1, 9), (3, 2, 9), (4, 2, 8), (5, 3, 7)] {
             let spec = conv(k, s, Padding::Same);
-            let (Shape::Map(want), _) = infer(&spec, Shape::Map([2, n, n])).unwrap() else { unreachable!() };
+            let (Shape::Map(want), _) = infer(&spec, Shape::Map([2, n, n])).unwrap() else {
+                unreachable!()
+            };
             let layer = Layer::init(&spec, Shape::Map([2, n, n]), &device);
-            let Act::Map(y) = layer.forward(Act::Map(Tensor::zeros([1, 2, n, n], &device)), true) else {
+            let Act::Map(y) = layer.forward(Act::Map(Tensor::zeros([1, 2, n, n], &device)), true)
+            else {
                 unreachable!()
             };
             assert_eq!(y.dims()[1..], want, "kernel {k} stride {s} input {n}");
@@ -343,7 +362,13 @@ mod tests {
     #[test]
     fn global_average_pool_and_flatten_make_vectors() {
         let m = Shape::Map([512, 4, 4]);
-        assert_eq!(infer(&LayerSpec::GlobalAveragePool(NoSettings {}), m), Ok((Shape::Flat(512), 0)));
-        assert_eq!(infer(&LayerSpec::Flatten(NoSettings {}), m), Ok((Shape::Flat(8192), 0)));
+        assert_eq!(
+            infer(&LayerSpec::GlobalAveragePool(NoSettings {}), m),
+            Ok((Shape::Flat(512), 0))
+        );
+        assert_eq!(
+            infer(&LayerSpec::Flatten(NoSettings {}), m),
+            Ok((Shape::Flat(8192), 0))
+        );
     }
 }

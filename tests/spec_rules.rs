@@ -532,14 +532,25 @@ fn plan_says_which_tensors_are_frozen() {
 fn a_missing_required_field_is_named() {
     let f = fixture(&["cats", "dogs"]);
     let e = err(f.plan(&f.spec().replace("units = 16\n", "")));
-    assert!(e.contains("head.layers[1].units: missing field `units`"), "{e}");
+    assert!(
+        e.contains("head.layers[1].units: missing field `units`"),
+        "{e}"
+    );
 }
 
 #[test]
 fn adam_has_no_weight_decay() {
     let f = fixture(&["cats", "dogs"]);
-    let adam = f.spec().replace("kind = \"rmsprop\"", "kind = \"adam\"\nweight_decay = 0.01");
+    let adam = f
+        .spec()
+        .replace("kind = \"rmsprop\"", "kind = \"adam\"\nweight_decay = 0.01");
     let e = err(f.plan(&adam));
-    assert!(e.contains("optimizer.weight_decay: must be 0 for adam (use kind = \"adamw\""), "{e}");
-    assert!(f.plan(&adam.replace("kind = \"adam\"", "kind = \"adamw\"")).is_ok());
+    assert!(
+        e.contains("optimizer.weight_decay: must be 0 for adam (use kind = \"adamw\""),
+        "{e}"
+    );
+    assert!(
+        f.plan(&adam.replace("kind = \"adam\"", "kind = \"adamw\""))
+            .is_ok()
+    );
 }

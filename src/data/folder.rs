@@ -202,11 +202,21 @@ mod tests {
     fn grayscale_and_rgba_images_become_rgb() {
         let dir = tempfile::tempdir().unwrap();
         let gray = dir.path().join("gray.png");
-        image::GrayImage::from_pixel(4, 4, image::Luma([77])).save(&gray).unwrap();
+        image::GrayImage::from_pixel(4, 4, image::Luma([77]))
+            .save(&gray)
+            .unwrap();
         let rgba = dir.path().join("rgba.png");
-        image::RgbaImage::from_pixel(4, 4, image::Rgba([1, 2, 3, 0])).save(&rgba).unwrap();
-        assert_eq!(decode(&gray, [2, 2], Interpolation::Bilinear).unwrap(), vec![77; 12]);
-        assert_eq!(decode(&rgba, [4, 4], Interpolation::Nearest).unwrap(), [1, 2, 3].repeat(16));
+        image::RgbaImage::from_pixel(4, 4, image::Rgba([1, 2, 3, 0]))
+            .save(&rgba)
+            .unwrap();
+        assert_eq!(
+            decode(&gray, [2, 2], Interpolation::Bilinear).unwrap(),
+            vec![77; 12]
+        );
+        assert_eq!(
+            decode(&rgba, [4, 4], Interpolation::Nearest).unwrap(),
+            [1, 2, 3].repeat(16)
+        );
     }
 
     #[test]
@@ -214,12 +224,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for class in ["zebra", "ant"] {
             std::fs::create_dir_all(dir.path().join(class)).unwrap();
-            image::RgbImage::new(2, 2).save(dir.path().join(class).join("a.png")).unwrap();
+            image::RgbImage::new(2, 2)
+                .save(dir.path().join(class).join("a.png"))
+                .unwrap();
         }
         std::fs::write(dir.path().join("ant/notes.txt"), "x").unwrap();
         let l = scan_split("train", dir.path()).unwrap();
         assert_eq!(l.classes, vec!["ant", "zebra"]);
-        assert_eq!(l.files.iter().map(|(_, c)| *c).collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(
+            l.files.iter().map(|(_, c)| *c).collect::<Vec<_>>(),
+            vec![0, 1]
+        );
         assert_eq!(l.ignored, vec![dir.path().join("ant/notes.txt")]);
     }
 
@@ -236,7 +251,10 @@ mod tests {
         let Err(DataError::BadImages(bad)) = load_split(&l, [8, 8], Interpolation::Bilinear) else {
             panic!("expected bad images");
         };
-        let names: Vec<String> = bad.iter().map(|(p, _)| p.file_name().unwrap().to_string_lossy().into()).collect();
+        let names: Vec<String> = bad
+            .iter()
+            .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into())
+            .collect();
         assert_eq!(names, vec!["cut.png", "zero.jpg"]);
         assert!(bad[1].1.contains("empty file"), "{bad:?}");
     }

@@ -73,7 +73,11 @@ mod tests {
         assert_eq!(out[..2], [1.0, 0.0]);
         assert!((out[2] - 0.2).abs() < 1e-6, "{out:?}");
         preprocess_into(&[255, 0, 51], 1, Preprocess::Torch, &mut out);
-        let want = [(1.0 - 0.485) / 0.229, (0.0 - 0.456) / 0.224, (0.2 - 0.406) / 0.225];
+        let want = [
+            (1.0 - 0.485) / 0.229,
+            (0.0 - 0.456) / 0.224,
+            (0.2 - 0.406) / 0.225,
+        ];
         for (o, w) in out.iter().zip(want) {
             assert!((o - w).abs() < 1e-5, "{out:?}");
         }

@@ -66,7 +66,10 @@ mod tests {
     use super::*;
 
     fn logits(v: &[f32], classes: usize) -> Tensor<2> {
-        Tensor::from_data(TensorData::new(v.to_vec(), [v.len() / classes, classes]), &Device::flex())
+        Tensor::from_data(
+            TensorData::new(v.to_vec(), [v.len() / classes, classes]),
+            &Device::flex(),
+        )
     }
 
     fn scalar(t: Tensor<1>) -> f32 {
@@ -75,26 +78,52 @@ mod tests {
 
     #[test]
     fn binary_crossentropy_of_a_zero_logit_is_ln2() {
-        let l = scalar(loss(Loss::BinaryCrossentropy, logits(&[0.0, 0.0], 1), &[0, 1]));
+        let l = scalar(loss(
+            Loss::BinaryCrossentropy,
+            logits(&[0.0, 0.0], 1),
+            &[0, 1],
+        ));
         assert!((l - std::f32::consts::LN_2).abs() < 1e-6, "{l}");
     }
 
     #[test]
     fn binary_crossentropy_is_stable_for_large_logits() {
         // A confident wrong answer costs |z|; a confident right one costs ~0; nothing overflows.
-        let l = scalar(loss(Loss::BinaryCrossentropy, logits(&[100.0, -100.0], 1), &[0, 0]));
+        let l = scalar(loss(
+            Loss::BinaryCrossentropy,
+            logits(&[100.0, -100.0], 1),
+            &[0, 0],
+        ));
         assert!((l - 50.0).abs() < 1e-4, "{l}");
     }
 
     #[test]
     fn categorical_crossentropy_of_equal_logits_is_ln_classes() {
-        let l = scalar(loss(Loss::CategoricalCrossentropy, logits(&[1.0, 1.0, 1.0], 3), &[2]));
+        let l = scalar(loss(
+            Loss::CategoricalCrossentropy,
+            logits(&[1.0, 1.0, 1.0], 3),
+            &[2],
+        ));
         assert!((l - 3f32.ln()).abs() < 1e-6, "{l}");
     }
 
     #[test]
     fn accuracy_counts_thresholded_and_argmax_predictions() {
-        assert_eq!(correct(Loss::BinaryCrossentropy, logits(&[2.0, -1.0, 0.5], 1), &[1, 1, 1]), 2);
-        assert_eq!(correct(Loss::CategoricalCrossentropy, logits(&[0.1, 0.9, 0.8, 0.2], 2), &[1, 1]), 1);
+        assert_eq!(
+            correct(
+                Loss::BinaryCrossentropy,
+                logits(&[2.0, -1.0, 0.5], 1),
+                &[1, 1, 1]
+            ),
+            2
+        );
+        assert_eq!(
+            correct(
+                Loss::CategoricalCrossentropy,
+                logits(&[0.1, 0.9, 0.8, 0.2], 2),
+                &[1, 1]
+            ),
+            1
+        );
     }
 }
