@@ -60,6 +60,29 @@ enum Command {
         /// The experiment file.
         experiment: PathBuf,
     },
+    /// Measure decoding, augmentation and the training step on the experiment's data; prints a table.
+    Bench {
+        /// The experiment file.
+        experiment: PathBuf,
+        /// Training steps to time.
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+    },
+    /// Write a grid of augmented versions of a few training images (one row per image: the
+    /// original, then one augmented version per column).
+    AugmentPreview {
+        /// The experiment file (needs an [augment] section).
+        experiment: PathBuf,
+        /// The PNG to write.
+        #[arg(long, default_value = "augment-preview.png")]
+        out: PathBuf,
+        /// Rows: images picked evenly across train/.
+        #[arg(long, default_value_t = 4)]
+        images: usize,
+        /// Augmented versions per image.
+        #[arg(long, default_value_t = 7)]
+        variants: usize,
+    },
 }
 
 /// A failure with its exit code: 2 for bad input found before running, 1 for a failed run.
@@ -103,6 +126,42 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         (Some(Command::Plan { experiment }), _) => {
             let plan = load_plan(&experiment, &common)?;
             print!("{}", summary(&plan));
+            Ok(())
+        }
+        (
+            Some(Command::AugmentPreview {
+                experiment,
+                out,
+                images,
+                variants,
+            }),
+            _,
+        ) => {
+            let plan = load_plan(&experiment, &common)?;
+            let grid =
+                crate::data::preview::grid(&plan, images.max(1), variants).map_err(bad_input)?;
+            crate::data::preview::write(&grid, &out).map_err(failed)?;
+            println!(
+                "{}: {} images x {} augmented versions",
+                out.display(),
+                images.max(1),
+                variants
+            );
+            Ok(())
+        }
+        (Some(Command::Bench { experiment, steps }), _) => {
+            let plan = load_plan(&experiment, &common)?;
+            let (device, name) = device::select(common.device).map_err(bad_input)?;
+            println!(
+                "runner bench {} on {name}, {} ({} cores)",
+                experiment.display(),
+                chrono::Utc::now().format("%Y-%m-%d"),
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            );
+            print!(
+                "{}",
+                crate::bench::run(&plan, &device, steps.max(1)).map_err(bad_input)?
+            );
             Ok(())
         }
         (None, None) => Err(bad_input(anyhow::anyhow!(
@@ -183,11 +242,7 @@ fn run_experiment(path: &Path, common: &Common) -> Result<(), Failure> {
             tracing::error!(run = %id, error = %e, "Run failed.");
             crate::logging::close_run_log();
             // Bad images and weights are input problems, found before any training step.
-            return Err(match e {
-                crate::train::TrainError::Data(_) | crate::train::TrainError::Weights(_) => {
-                    bad_input(e)
-                }
-            });
+            return Err(bad_input(e));
         }
     };
     let written = crate::results::write_run(
@@ -197,6 +252,7 @@ fn run_experiment(path: &Path, common: &Common) -> Result<(), Failure> {
         &now.to_rfc3339(),
         &outcome.epochs,
         outcome.test,
+        outcome.skipped_images,
     )
     .map_err(failed)?;
     let best = outcome

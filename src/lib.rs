@@ -6,6 +6,7 @@
 
 pub mod assets;
 pub mod backbone;
+pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod device;

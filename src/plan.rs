@@ -11,8 +11,8 @@ use crate::data::folder::{self, SplitListing};
 use crate::head::{self, Shape};
 use crate::spec::load::{Loaded, Problem, Problems};
 use crate::spec::{
-    Activation, AdamSpec, Conv2dSpec, DenseSpec, DropoutSpec, LayerSpec, Loss, MaxPool2dSpec,
-    OptimizerSpec, Preprocess, RmspropSpec, SgdSpec, Spec,
+    Activation, AdamSpec, AugmentSpec, Conv2dSpec, DenseSpec, DropoutSpec, LayerSpec, Loss,
+    MaxPool2dSpec, OptimizerSpec, Preprocess, RmspropSpec, SgdSpec, Spec,
 };
 
 /// The split names, in the order they are used; `test` is optional.
@@ -279,8 +279,19 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
         }
     }
 
-    // [optimizer]
+    // [optimizer], [augment] and the step counts
     optimizer_rules(&spec.optimizer, &mut bad);
+    if let Some(a) = &spec.augment {
+        augment_rules(a, &mut bad);
+    }
+    for (key, v) in [
+        ("train.steps_per_epoch", spec.train.steps_per_epoch),
+        ("train.validation_steps", spec.train.validation_steps),
+    ] {
+        if v == Some(0) {
+            bad(key, "must be at least 1 when given, got 0".into());
+        }
+    }
 
     drop(bad);
     if !problems.is_empty() {
@@ -340,6 +351,47 @@ fn layer_rules(layer: &LayerSpec, at: &str, bad: &mut impl FnMut(&str, String)) 
         }
         LayerSpec::GlobalAveragePool(_) | LayerSpec::Flatten(_) => {}
     }
+}
+
+fn augment_rules(a: &AugmentSpec, bad: &mut impl FnMut(&str, String)) {
+    let mut check = |key: &str, v: f64, ok: bool, range: &str| {
+        if !ok || !v.is_finite() {
+            bad(
+                &format!("augment.{key}"),
+                format!("must be {range}, got {v}"),
+            );
+        }
+    };
+    check(
+        "rotation_degrees",
+        a.rotation_degrees,
+        a.rotation_degrees >= 0.0,
+        "at least 0 (a range [-r, r])",
+    );
+    check(
+        "shear_degrees",
+        a.shear_degrees,
+        a.shear_degrees >= 0.0,
+        "at least 0 (a range [-s, s])",
+    );
+    for (key, v) in [
+        ("width_shift", a.width_shift),
+        ("height_shift", a.height_shift),
+    ] {
+        check(key, v, (0.0..1.0).contains(&v), "a fraction in [0, 1)");
+    }
+    check(
+        "zoom",
+        a.zoom,
+        (0.0..1.0).contains(&a.zoom),
+        "in [0, 1) (scales are drawn from [1 - zoom, 1 + zoom])",
+    );
+    check(
+        "fill_value",
+        a.fill_value,
+        (0.0..=255.0).contains(&a.fill_value),
+        "a pixel value in [0, 255]",
+    );
 }
 
 fn optimizer_rules(opt: &OptimizerSpec, bad: &mut impl FnMut(&str, String)) {

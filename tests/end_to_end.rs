@@ -222,7 +222,7 @@ fn a_corrupt_image_is_named_before_training_and_nothing_is_lost() {
     let out = run(&s, &[]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("broken.jpg: not a readable image"), "{err}");
+    assert!(err.contains("broken.jpg: truncated JPEG"), "{err}");
     assert!(err.contains("empty.png: empty file (0 bytes)"), "{err}");
     assert!(!err.contains("Epoch finished"), "{err}");
     assert_eq!(std::fs::read(&earlier).unwrap(), b"an earlier run");
@@ -310,4 +310,118 @@ fn asking_for_wgpu_without_it_is_a_clear_error() {
     }
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("built without the wgpu feature"));
+}
+
+const AUGMENT: &str = "\n[augment]\nrotation_degrees = 40\nwidth_shift = 0.2\nheight_shift = 0.2\nzoom = 0.2\nhorizontal_flip = true\n";
+
+#[test]
+fn an_augmented_run_trains_end_to_end_and_is_reproducible() {
+    let s = setup(&[("epochs = 2", "epochs = 2\nsteps_per_epoch = 5")]);
+    std::fs::write(
+        &s.spec,
+        format!("{}{AUGMENT}", std::fs::read_to_string(&s.spec).unwrap()),
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let out = run(&s, &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let tables: Vec<DataFrame> = files_with(&s.results, ".parquet")
+        .iter()
+        .map(|p| runner::results::read_run(p).unwrap().0)
+        .collect();
+    assert_eq!(tables.len(), 2);
+    // 5 steps of 4 images: more than the 16 training images, so a second pass is drawn.
+    assert_eq!(
+        f64s(&tables[0], "train_acc")
+            .iter()
+            .map(|a| (a * 20.0).round() / 20.0)
+            .collect::<Vec<_>>(),
+        f64s(&tables[0], "train_acc")
+    );
+    for col in ["train_loss", "val_loss", "test_loss"] {
+        assert_eq!(f64s(&tables[0], col), f64s(&tables[1], col), "{col}");
+    }
+}
+
+#[test]
+fn skip_policy_leaves_bad_images_out_and_counts_them() {
+    let s = setup(&[("batch_size = 4", "batch_size = 4\non_bad_image = \"skip\"")]);
+    std::fs::write(
+        s.data.join("train/cats/broken.jpg"),
+        b"\xff\xd8\xff\xe0 not really a jpeg",
+    )
+    .unwrap();
+    std::fs::write(s.data.join("train/dogs/notes.txt"), b"hello").unwrap();
+    let out = run(&s, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Image skipped.") && err.contains("broken.jpg") && err.contains("notes.txt"),
+        "{err}"
+    );
+    let df = runner::results::read_run(&files_with(&s.results, ".parquet")[0])
+        .unwrap()
+        .0;
+    assert_eq!(
+        df.column("skipped_images").unwrap().u32().unwrap().get(0),
+        Some(2)
+    );
+}
+
+#[test]
+fn augment_preview_writes_a_grid_png() {
+    let s = setup(&[]);
+    let out_png = s.dir.path().join("grid.png");
+    let no_aug = runner(
+        &[
+            "augment-preview",
+            s.spec.to_str().unwrap(),
+            "--out",
+            out_png.to_str().unwrap(),
+        ],
+        s.dir.path(),
+    );
+    assert_eq!(no_aug.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&no_aug.stderr).contains("declares no [augment] section"));
+    std::fs::write(
+        &s.spec,
+        format!("{}{AUGMENT}", std::fs::read_to_string(&s.spec).unwrap()),
+    )
+    .unwrap();
+    let out = runner(
+        &[
+            "augment-preview",
+            s.spec.to_str().unwrap(),
+            "--out",
+            out_png.to_str().unwrap(),
+            "--images",
+            "3",
+            "--variants",
+            "5",
+        ],
+        s.dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let img = image::open(&out_png).unwrap().to_rgb8();
+    // 6 columns and 3 rows of 32x32 tiles with 4-pixel gaps.
+    assert_eq!(img.dimensions(), (6 * 36 - 4, 3 * 36 - 4));
+    let tile = |c: u32, r: u32| image::imageops::crop_imm(&img, c * 36, r * 36, 32, 32).to_image();
+    assert_ne!(
+        tile(0, 0),
+        tile(1, 0),
+        "an augmented version differs from the original"
+    );
 }

@@ -554,3 +554,137 @@ fn adam_has_no_weight_decay() {
             .is_ok()
     );
 }
+
+const AUGMENT: &str = "\n[augment]\nrotation_degrees = 40\nwidth_shift = 0.2\nheight_shift = 0.2\nshear_degrees = 0.2\nzoom = 0.2\nhorizontal_flip = true\nfill = \"nearest\"\n";
+
+#[test]
+fn augment_section_is_optional_and_parsed() {
+    let f = fixture(&["cats", "dogs"]);
+    assert!(f.plan(&f.spec()).unwrap().spec.augment.is_none());
+    let a = f
+        .plan(&format!("{}{AUGMENT}", f.spec()))
+        .unwrap()
+        .spec
+        .augment
+        .unwrap();
+    assert_eq!(
+        (
+            a.rotation_degrees,
+            a.zoom,
+            a.horizontal_flip,
+            a.vertical_flip
+        ),
+        (40.0, 0.2, true, false)
+    );
+}
+
+#[test]
+fn augment_ranges_must_not_be_negative() {
+    let f = fixture(&["cats", "dogs"]);
+    let text = format!(
+        "{}{}",
+        f.spec(),
+        AUGMENT
+            .replace("rotation_degrees = 40", "rotation_degrees = -5")
+            .replace("width_shift = 0.2", "width_shift = -0.1")
+    );
+    let e = err(f.plan(&text));
+    assert!(
+        e.contains("augment.rotation_degrees: must be at least 0 (a range [-r, r]), got -5"),
+        "{e}"
+    );
+    assert!(
+        e.contains("augment.width_shift: must be a fraction in [0, 1), got -0.1"),
+        "{e}"
+    );
+}
+
+#[test]
+fn augment_zoom_must_be_below_one() {
+    let f = fixture(&["cats", "dogs"]);
+    let e = err(f.plan(&format!(
+        "{}{}",
+        f.spec(),
+        AUGMENT.replace("zoom = 0.2", "zoom = 1.0")
+    )));
+    assert!(e.contains("augment.zoom: must be in [0, 1)"), "{e}");
+}
+
+#[test]
+fn augment_fill_mode_must_be_known() {
+    let f = fixture(&["cats", "dogs"]);
+    let e = err(f.plan(&format!(
+        "{}{}",
+        f.spec(),
+        AUGMENT.replace("fill = \"nearest\"", "fill = \"mirror\"")
+    )));
+    assert!(e.contains(&format!("{}: augment.fill: unknown variant `mirror`, expected one of `nearest`, `constant`, `reflect`, `wrap`", f.file())), "{e}");
+}
+
+#[test]
+fn augment_unknown_key_is_named() {
+    let f = fixture(&["cats", "dogs"]);
+    let e = err(f.plan(&format!(
+        "{}{}",
+        f.spec(),
+        AUGMENT.replace("shear_degrees", "shear")
+    )));
+    assert!(e.contains("augment.shear: unknown field `shear`"), "{e}");
+}
+
+#[test]
+fn step_counts_must_be_positive() {
+    let f = fixture(&["cats", "dogs"]);
+    let text = f.spec().replace(
+        "epochs = 2",
+        "epochs = 2\nsteps_per_epoch = 0\nvalidation_steps = 0",
+    );
+    let e = err(f.plan(&text));
+    assert!(
+        e.contains("train.steps_per_epoch: must be at least 1 when given, got 0"),
+        "{e}"
+    );
+    assert!(
+        e.contains("train.validation_steps: must be at least 1 when given, got 0"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_image_policy_must_be_fail_or_skip() {
+    let f = fixture(&["cats", "dogs"]);
+    let e = err(f.plan(&f.spec().replace(
+        "batch_size = 4",
+        "batch_size = 4\non_bad_image = \"ignore\"",
+    )));
+    assert!(
+        e.contains("data.on_bad_image: unknown variant `ignore`, expected `fail` or `skip`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_seed_experiments_validate_against_the_mirror() {
+    let Some(mirror) = common::mirror() else {
+        eprintln!("skipped: no asset mirror");
+        return;
+    };
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 3);
+    for p in names {
+        let loaded = load::load(&p, &[]).unwrap_or_else(|e| panic!("{e}"));
+        plan::build(
+            &loaded,
+            &Locations {
+                mirror: Some(mirror.clone()),
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+}

@@ -141,57 +141,142 @@ fn filter(i: Interpolation) -> FilterType {
     }
 }
 
+/// Number of components declared in a JPEG's frame header (3 for YCbCr, 4 for CMYK/YCCK).
+fn jpeg_components(bytes: &[u8]) -> Option<u8> {
+    let mut i = 2;
+    while i + 9 < bytes.len() {
+        if bytes[i] != 0xFF {
+            i += 1;
+            continue;
+        }
+        let marker = bytes[i + 1];
+        if marker == 0xFF {
+            i += 1;
+            continue;
+        }
+        if marker == 0x01 || (0xD0..=0xD8).contains(&marker) {
+            i += 2;
+            continue;
+        }
+        if (0xC0..=0xCF).contains(&marker) && ![0xC4, 0xC8, 0xCC].contains(&marker) {
+            return Some(bytes[i + 9]);
+        }
+        i += 2 + usize::from(bytes[i + 2]) * 256 + usize::from(bytes[i + 3]);
+    }
+    None
+}
+
+/// One decoded image and, when it was not plain 8-bit RGB, what it was converted from.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    /// RGB u8, `[height, width, 3]`.
+    pub pixels: Vec<u8>,
+    /// e.g. `converted from grayscale to RGB`.
+    pub converted: Option<String>,
+}
+
 /// Decodes one file to RGB and resizes it to `[height, width]`.
-pub fn decode(path: &Path, [h, w]: [usize; 2], interp: Interpolation) -> Result<Vec<u8>, String> {
-    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
-    if meta.len() == 0 {
+pub fn decode(path: &Path, [h, w]: [usize; 2], interp: Interpolation) -> Result<Decoded, String> {
+    use image::{ExtendedColorType as C, ImageDecoder};
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    if bytes.is_empty() {
         return Err("empty file (0 bytes)".into());
     }
-    let img = image::ImageReader::open(path)
-        .map_err(|e| e.to_string())?
+    let reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
         .with_guessed_format()
-        .map_err(|e| e.to_string())?
-        .decode()
+        .map_err(|e| e.to_string())?;
+    let is_jpeg = reader.format() == Some(image::ImageFormat::Jpeg);
+    if is_jpeg
+        && !bytes[bytes.len().saturating_sub(1024)..]
+            .windows(2)
+            .any(|w| w == [0xFF, 0xD9])
+    {
+        return Err("truncated JPEG (no end-of-image marker)".into());
+    }
+    let decoder = reader
+        .into_decoder()
         .map_err(|e| format!("not a readable image: {e}"))?;
+    let original = decoder.original_color_type();
+    let img = image::DynamicImage::from_decoder(decoder)
+        .map_err(|e| format!("not a readable image: {e}"))?;
+    let from = match original {
+        _ if is_jpeg && jpeg_components(&bytes) == Some(4) => Some("CMYK"),
+        C::L8 | C::L1 | C::L2 | C::L4 => Some("grayscale"),
+        C::La8 | C::La16 | C::La1 | C::La2 | C::La4 => Some("grayscale with alpha (alpha dropped)"),
+        C::Rgba8 | C::Rgba1 | C::Rgba2 | C::Rgba4 => Some("RGBA (alpha dropped)"),
+        C::L16 | C::Rgb16 | C::Rgba16 => Some("16-bit"),
+        C::Rgb8 => None,
+        _ => Some("an unusual colour type"),
+    };
     let rgb = img.to_rgb8();
     let out = if rgb.dimensions() == (w as u32, h as u32) {
         rgb
     } else {
         image::imageops::resize(&rgb, w as u32, h as u32, filter(interp))
     };
-    Ok(out.into_raw())
+    Ok(Decoded {
+        pixels: out.into_raw(),
+        converted: from.map(|f| format!("converted from {f} to RGB")),
+    })
 }
 
-/// Decodes every image of a split in parallel; fails with the list of every bad file.
+/// What decoding a split found besides good images.
+#[derive(Debug, Clone, Default)]
+pub struct Preflight {
+    /// Files that are not readable images, with the reason; left out of the split.
+    pub bad: Vec<(PathBuf, String)>,
+    /// Images that were readable but not 8-bit RGB, with what they were converted from.
+    pub converted: Vec<(PathBuf, String)>,
+}
+
+/// Decodes every image of a split in parallel. Unreadable files (and files that are not images)
+/// are left out and reported in the preflight, with the reason.
 pub fn load_split(
     listing: &SplitListing,
     size: [usize; 2],
     interp: Interpolation,
-) -> Result<Images, DataError> {
-    let decoded: Vec<Result<Vec<u8>, (PathBuf, String)>> = listing
+) -> (Images, Preflight) {
+    let decoded: Vec<Result<Decoded, String>> = listing
         .files
         .par_iter()
-        .map(|(p, _)| decode(p, size, interp).map_err(|e| (p.clone(), e)))
+        .map(|(p, _)| decode(p, size, interp))
         .collect();
-    let mut pixels = Vec::with_capacity(listing.files.len() * size[0] * size[1] * 3);
-    let mut bad = Vec::new();
-    for r in decoded {
-        match r {
-            Ok(px) => pixels.extend_from_slice(&px),
-            Err(e) => bad.push(e),
-        }
-    }
-    if !bad.is_empty() {
-        return Err(DataError::BadImages(bad));
-    }
-    Ok(Images {
+    let mut images = Images {
         split: listing.name.clone(),
         height: size[0],
         width: size[1],
-        pixels,
-        labels: listing.files.iter().map(|(_, l)| *l).collect(),
-        paths: listing.files.iter().map(|(p, _)| p.clone()).collect(),
-    })
+        pixels: Vec::with_capacity(listing.files.len() * size[0] * size[1] * 3),
+        labels: Vec::with_capacity(listing.files.len()),
+        paths: Vec::with_capacity(listing.files.len()),
+    };
+    let mut report = Preflight::default();
+    for ((path, label), r) in listing.files.iter().zip(decoded) {
+        match r {
+            Ok(d) => {
+                images.pixels.extend_from_slice(&d.pixels);
+                images.labels.push(*label);
+                images.paths.push(path.clone());
+                if let Some(note) = d.converted {
+                    report.converted.push((path.clone(), note));
+                }
+            }
+            Err(e) => report.bad.push((path.clone(), e)),
+        }
+    }
+    for p in &listing.ignored {
+        let ext = p
+            .extension()
+            .map(|e| e.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        report.bad.push((
+            p.clone(),
+            format!(
+                "not an image file (\".{ext}\"); runner reads {}",
+                IMAGE_EXTENSIONS.map(|e| format!(".{e}")).join(", ")
+            ),
+        ));
+    }
+    (images, report)
 }
 
 #[cfg(test)]
@@ -209,14 +294,17 @@ mod tests {
         image::RgbaImage::from_pixel(4, 4, image::Rgba([1, 2, 3, 0]))
             .save(&rgba)
             .unwrap();
-        assert_eq!(
-            decode(&gray, [2, 2], Interpolation::Bilinear).unwrap(),
-            vec![77; 12]
-        );
-        assert_eq!(
-            decode(&rgba, [4, 4], Interpolation::Nearest).unwrap(),
-            [1, 2, 3].repeat(16)
-        );
+        let g = decode(&gray, [2, 2], Interpolation::Bilinear).unwrap();
+        assert_eq!(g.pixels, vec![77; 12]);
+        assert_eq!(g.converted.as_deref(), Some("converted from grayscale to RGB"));
+        let a = decode(&rgba, [4, 4], Interpolation::Nearest).unwrap();
+        assert_eq!(a.pixels, [1, 2, 3].repeat(16));
+        assert_eq!(a.converted.as_deref(), Some("converted from RGBA (alpha dropped) to RGB"));
+        let wide = dir.path().join("wide.png");
+        image::ImageBuffer::<image::Rgb<u16>, _>::from_pixel(2, 2, image::Rgb([65535u16, 0, 0])).save(&wide).unwrap();
+        let d = decode(&wide, [2, 2], Interpolation::Nearest).unwrap();
+        assert_eq!(d.pixels, [255, 0, 0].repeat(4));
+        assert_eq!(d.converted.as_deref(), Some("converted from 16-bit to RGB"));
     }
 
     #[test]
@@ -248,14 +336,69 @@ mod tests {
         std::fs::write(dir.path().join("a/cut.png"), &bytes[..bytes.len() / 2]).unwrap();
         std::fs::write(dir.path().join("a/zero.jpg"), b"").unwrap();
         let l = scan_split("train", dir.path()).unwrap();
-        let Err(DataError::BadImages(bad)) = load_split(&l, [8, 8], Interpolation::Bilinear) else {
-            panic!("expected bad images");
-        };
+        let (images, report) = load_split(&l, [8, 8], Interpolation::Bilinear);
+        assert_eq!(images.len(), 1);
+        let bad = report.bad;
         let names: Vec<String> = bad
             .iter()
             .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into())
             .collect();
         assert_eq!(names, vec!["cut.png", "zero.jpg"]);
         assert!(bad[1].1.contains("empty file"), "{bad:?}");
+    }
+}
+
+#[cfg(test)]
+mod preflight_tests {
+    use super::*;
+
+    #[test]
+    fn a_truncated_jpeg_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cut.jpg");
+        image::RgbImage::from_fn(32, 32, |x, y| image::Rgb([x as u8 * 8, y as u8 * 8, 0]))
+            .save(&p)
+            .unwrap();
+        assert!(decode(&p, [8, 8], Interpolation::Bilinear).is_ok());
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() * 2 / 3]).unwrap();
+        assert_eq!(
+            decode(&p, [8, 8], Interpolation::Bilinear).unwrap_err(),
+            "truncated JPEG (no end-of-image marker)"
+        );
+    }
+
+    #[test]
+    fn a_cmyk_jpeg_header_is_recognised() {
+        // SOI, then a baseline frame header declaring 16x16 with 4 components.
+        let header = [
+            0xFF, 0xD8, 0xFF, 0xC0, 0x00, 0x14, 0x08, 0x00, 0x10, 0x00, 0x10, 0x04, 1, 0x11, 0, 2,
+            0x11, 0,
+        ];
+        assert_eq!(jpeg_components(&header), Some(4));
+        let rgb = [
+            0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x04, 0, 0, 0xFF, 0xC0, 0x00, 0x11, 0x08, 0x00, 0x10,
+            0x00, 0x10, 0x03, 1,
+        ];
+        assert_eq!(jpeg_components(&rgb), Some(3));
+    }
+
+    #[test]
+    fn a_text_file_among_images_is_reported_as_not_an_image() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("a")).unwrap();
+        image::RgbImage::new(4, 4)
+            .save(dir.path().join("a/ok.png"))
+            .unwrap();
+        std::fs::write(dir.path().join("a/labels.txt"), "cat").unwrap();
+        let l = scan_split("train", dir.path()).unwrap();
+        let (images, report) = load_split(&l, [4, 4], Interpolation::Bilinear);
+        assert_eq!(images.len(), 1);
+        assert_eq!(report.bad.len(), 1);
+        assert!(
+            report.bad[0].1.starts_with("not an image file (\".txt\")"),
+            "{:?}",
+            report.bad
+        );
     }
 }

@@ -1,6 +1,8 @@
 //! Images from folders, decoded once, and their conversion to network input.
 
+pub mod augment;
 pub mod folder;
+pub mod preview;
 
 use burn::prelude::*;
 
@@ -44,15 +46,43 @@ pub fn batch_tensor(
     pre: Preprocess,
     device: &Device,
 ) -> Tensor<4> {
-    let hw = images.height * images.width;
-    let mut buf = vec![0f32; indices.len() * 3 * hw];
-    for (chunk, &i) in buf.chunks_exact_mut(3 * hw).zip(indices) {
-        preprocess_into(images.image(i), hw, pre, chunk);
-    }
-    Tensor::from_data(
-        TensorData::new(buf, [indices.len(), 3, images.height, images.width]),
+    to_tensor(
+        indices.iter().map(|&i| images.image(i)),
+        indices.len(),
+        [images.height, images.width],
+        pre,
         device,
     )
+}
+
+/// `n` HWC RGB u8 images stored back to back, as network input.
+///
+/// # Shapes
+///
+/// - output: `[n, 3, height, width]`
+pub fn pixels_tensor(
+    pixels: &[u8],
+    n: usize,
+    [h, w]: [usize; 2],
+    pre: Preprocess,
+    device: &Device,
+) -> Tensor<4> {
+    to_tensor(pixels.chunks_exact(h * w * 3), n, [h, w], pre, device)
+}
+
+fn to_tensor<'a>(
+    images: impl Iterator<Item = &'a [u8]>,
+    n: usize,
+    [h, w]: [usize; 2],
+    pre: Preprocess,
+    device: &Device,
+) -> Tensor<4> {
+    let hw = h * w;
+    let mut buf = vec![0f32; n * 3 * hw];
+    for (chunk, img) in buf.chunks_exact_mut(3 * hw).zip(images) {
+        preprocess_into(img, hw, pre, chunk);
+    }
+    Tensor::from_data(TensorData::new(buf, [n, 3, h, w]), device)
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@
 //! | `train_loss`, `train_acc`, `val_loss`, `val_acc` | f64 | per-epoch metrics |
 //! | `seconds` | f64 | wall time of the epoch |
 //! | `test_loss`, `test_acc` | f64, null without a test split | final test evaluation, same on every row |
+//! | `skipped_images` | u32 | images left out by `data.on_bad_image = "skip"` |
 //!
 //! File metadata: `runner.schema_version` and `runner.config` (the resolved spec as TOML).
 
@@ -104,6 +105,7 @@ pub fn run_frame(
     started_at: &str,
     epochs: &[EpochMetrics],
     test: Option<Evaluation>,
+    skipped_images: usize,
 ) -> PolarsResult<DataFrame> {
     let n = epochs.len();
     let spec = &plan.spec;
@@ -142,6 +144,7 @@ pub fn run_frame(
         "seconds" => col(|m| m.seconds),
         "test_loss" => vec![test.map(|t| t.loss); n],
         "test_acc" => vec![test.map(|t| t.acc); n],
+        "skipped_images" => vec![skipped_images as u32; n],
     }
 }
 
@@ -153,6 +156,7 @@ pub fn write_run(
     started_at: &str,
     epochs: &[EpochMetrics],
     test: Option<Evaluation>,
+    skipped_images: usize,
 ) -> Result<PathBuf, ResultsError> {
     let config = config_toml(plan);
     write_atomic(&dir.join(format!("{run_id}.toml")), |f| {
@@ -160,9 +164,11 @@ pub fn write_run(
     })?;
     let path = dir.join(format!("{run_id}.parquet"));
     let mut df =
-        run_frame(plan, run_id, started_at, epochs, test).map_err(|e| ResultsError::Write {
-            path: path.clone(),
-            message: e.to_string(),
+        run_frame(plan, run_id, started_at, epochs, test, skipped_images).map_err(|e| {
+            ResultsError::Write {
+                path: path.clone(),
+                message: e.to_string(),
+            }
         })?;
     write_atomic(&path, |f| {
         ParquetWriter::new(f)

@@ -262,14 +262,19 @@ pub fn load(path: &Path, sets: &[String]) -> Result<Loaded, SpecError> {
         .and_then(|v| optimizer_at(v, &mut report));
     let train = section(&root, "train", &mut report);
     let head = head_section(&root, &mut report);
+    let augment = match root.get("augment") {
+        None => Some(None),
+        Some(v) => deserialize_at(v, "augment", &mut report).map(Some),
+    };
     drop(report);
 
-    match (experiment, data, backbone, head, optimizer, train) {
+    match (experiment, data, backbone, head, augment, optimizer, train) {
         (
             Some(experiment),
             Some(data),
             Some(backbone),
             Some(head),
+            Some(augment),
             Some(optimizer),
             Some(train),
         ) if problems.is_empty() => Ok(Loaded {
@@ -278,6 +283,7 @@ pub fn load(path: &Path, sets: &[String]) -> Result<Loaded, SpecError> {
                 data,
                 backbone,
                 head,
+                augment,
                 optimizer,
                 train,
             },

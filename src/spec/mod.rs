@@ -27,11 +27,12 @@ loss = "binary_crossentropy"
 "#;
 
 /// The top-level sections of a spec, in the order they are checked and documented.
-pub const SECTIONS: [&str; 6] = [
+pub const SECTIONS: [&str; 7] = [
     "experiment",
     "data",
     "backbone",
     "head",
+    "augment",
     "optimizer",
     "train",
 ];
@@ -48,6 +49,9 @@ pub struct Spec {
     pub backbone: BackboneSpec,
     /// The layers stacked on top of the base.
     pub head: HeadSpec,
+    /// Random transforms of the training images; absent means none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub augment: Option<AugmentSpec>,
     /// The optimizer and its learning rate.
     pub optimizer: OptimizerSpec,
     /// Epochs and loss.
@@ -81,6 +85,62 @@ pub struct DataSpec {
     /// Resampling filter used to resize images.
     #[serde(default)]
     pub interpolation: Interpolation,
+    /// What to do with an image that cannot be read: `fail` (default; every bad file is listed)
+    /// or `skip` (each is logged and the count is stored with the run).
+    #[serde(default)]
+    pub on_bad_image: OnBadImage,
+}
+
+/// Policy for unreadable images.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBadImage {
+    /// Stop before training with the list of every bad file.
+    #[default]
+    Fail,
+    /// Leave bad files out, log each, and record how many with the run.
+    Skip,
+}
+
+/// How pixels outside the image are filled by a geometric transform (Keras `fill_mode`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Fill {
+    /// Repeat the edge pixel (`aaaa|abcd|dddd`).
+    #[default]
+    Nearest,
+    /// A constant, `fill_value`.
+    Constant,
+    /// Mirror at the edge (`dcba|abcd|dcba`).
+    Reflect,
+    /// Tile the image (`abcd|abcd|abcd`).
+    Wrap,
+}
+
+/// `[augment]`: Keras `ImageDataGenerator` parameters, training split only. Units are in the
+/// names; every range is symmetric around "no change".
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AugmentSpec {
+    /// Rotation drawn uniformly from `[-r, r]` degrees.
+    pub rotation_degrees: f64,
+    /// Horizontal shift drawn from `[-s, s]` times the width, `s` in `[0, 1)`.
+    pub width_shift: f64,
+    /// Vertical shift drawn from `[-s, s]` times the height, `s` in `[0, 1)`.
+    pub height_shift: f64,
+    /// Shear angle drawn from `[-s, s]` degrees (Keras takes shear in degrees: the notebook's
+    /// 0.2 is 0.2 degrees).
+    pub shear_degrees: f64,
+    /// Zoom factor per axis drawn from `[1 - z, 1 + z]`, `z` in `[0, 1)`.
+    pub zoom: f64,
+    /// Mirror left-right with probability 1/2.
+    pub horizontal_flip: bool,
+    /// Mirror top-bottom with probability 1/2.
+    pub vertical_flip: bool,
+    /// How the area uncovered by a transform is filled.
+    pub fill: Fill,
+    /// The pixel value (0-255) for `fill = "constant"`.
+    pub fill_value: f64,
 }
 
 /// Resampling filter for resizing.
@@ -447,6 +507,13 @@ impl OptimizerSpec {
 pub struct TrainSpec {
     /// Passes over the training split.
     pub epochs: usize,
+    /// Batches per epoch; default: the whole training split once. With augmentation more steps
+    /// than the split holds draw fresh transforms (the notebook: 100 steps of 20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps_per_epoch: Option<usize>,
+    /// Validation batches per epoch; default: the whole validation split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_steps: Option<usize>,
     /// `binary_crossentropy` (one sigmoid unit, two classes) or `categorical_crossentropy`
     /// (softmax over N units, N classes).
     pub loss: Loss,

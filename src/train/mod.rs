@@ -8,12 +8,13 @@ use std::time::Instant;
 
 use burn::optim::GradientsParams;
 use burn::prelude::*;
-use tracing::info;
+use tracing::{debug, info, warn};
 
 use crate::backbone::weights::WeightsError;
-use crate::data::{self, DataError, Images};
+use crate::data::{self, DataError, Images, augment};
 use crate::model::TransferModel;
 use crate::plan::Plan;
+use crate::spec::{AugmentSpec, OnBadImage};
 
 /// Errors that stop a run.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +25,12 @@ pub enum TrainError {
     /// Backbone weights could not be loaded.
     #[error(transparent)]
     Weights(#[from] WeightsError),
+    /// Every image of a class was skipped.
+    #[error("{dir}: no readable images left in this class folder after skipping bad files")]
+    EmptyClass {
+        /// The class folder.
+        dir: std::path::PathBuf,
+    },
 }
 
 /// Metrics of one epoch.
@@ -63,6 +70,8 @@ pub struct Outcome {
     pub test: Option<Evaluation>,
     /// The trained model.
     pub model: TransferModel,
+    /// Images left out by `data.on_bad_image = "skip"`.
+    pub skipped_images: usize,
 }
 
 /// Activations at the cutoff for every image of one split, `[n, c, h, w]` row-major.
@@ -101,6 +110,17 @@ impl Features {
     /// Whether there are no examples.
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
+    }
+
+    /// The first `n` examples.
+    pub fn head(&self, n: usize) -> Self {
+        let n = n.min(self.len());
+        let per: usize = self.shape.iter().product();
+        Self {
+            values: self.values[..n * per].to_vec(),
+            shape: self.shape,
+            labels: self.labels[..n].to_vec(),
+        }
     }
 }
 
@@ -183,10 +203,64 @@ pub fn evaluate(
     }
 }
 
-/// Trains `model` on precomputed features at the cutoff.
+/// Where training batches come from.
+pub enum TrainSource<'a> {
+    /// Activations at the cutoff, computed once (no augmentation).
+    Features(&'a Features),
+    /// Decoded images, augmented per step and run through the frozen part of the base (a
+    /// `valid()` copy, so no gradients and no stored activations).
+    Augmented {
+        /// The training images.
+        images: &'a Images,
+        /// The transforms.
+        spec: &'a AugmentSpec,
+        /// The model without autodiff, for the frozen prefix.
+        frozen: TransferModel,
+    },
+}
+
+impl TrainSource<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Self::Features(f) => f.len(),
+            Self::Augmented { images, .. } => images.len(),
+        }
+    }
+}
+
+/// The training indices of one epoch: `steps` batches from successive shuffled passes; each
+/// index comes with the pass it belongs to (passes after the first draw fresh transforms).
+pub fn epoch_order(
+    n: usize,
+    batch: usize,
+    steps: Option<usize>,
+    seed: u64,
+    epoch: usize,
+) -> Vec<(usize, usize)> {
+    let want = steps.map_or(n, |s| s * batch);
+    let mut out = Vec::with_capacity(want);
+    let mut pass = 0;
+    while out.len() < want && n > 0 {
+        let key = if pass == 0 {
+            epoch
+        } else {
+            epoch + pass * 1_000_003
+        };
+        out.extend(
+            shuffled(n, seed, key)
+                .into_iter()
+                .map(|i| (i, pass))
+                .take(want - out.len()),
+        );
+        pass += 1;
+    }
+    out
+}
+
+/// Trains `model` on `train`, validating on precomputed features after each epoch.
 pub fn fit(
     mut model: TransferModel,
-    train: &Features,
+    train: &TrainSource<'_>,
     validation: &Features,
     plan: &Plan,
     device: &Device,
@@ -195,24 +269,71 @@ pub fn fit(
 ) -> (TransferModel, Vec<EpochMetrics>) {
     let spec = &plan.spec;
     let kind = spec.train.loss;
+    let seed = spec.experiment.seed;
+    let batch = spec.data.batch_size;
     let mut optimizer = optim::build(&spec.optimizer);
     let lr = spec.optimizer.lr();
+    let plain = device.clone().without_autodiff();
     let mut history = Vec::with_capacity(spec.train.epochs);
     for epoch in 1..=spec.train.epochs {
         let started = Instant::now();
-        let order = shuffled(train.len(), spec.experiment.seed, epoch);
+        let order = epoch_order(train.len(), batch, spec.train.steps_per_epoch, seed, epoch);
+        let chunks: Vec<&[(usize, usize)]> = order.chunks(batch).collect();
         let (mut loss_sum, mut correct) = (0.0, 0usize);
-        for chunk in order.chunks(spec.data.batch_size) {
-            let (x, y) = train.batch(chunk, device);
+        let mut step = |model: TransferModel, x: Tensor<4>, y: &[usize]| -> TransferModel {
             let logits = model.forward_from_cut(x);
-            correct += loss::correct(kind, logits.clone().without_autodiff(), &y);
-            let l = loss::loss(kind, logits, &y);
+            correct += loss::correct(kind, logits.clone().without_autodiff(), y);
+            let l = loss::loss(kind, logits, y);
             let grads = GradientsParams::from_grads(l.backward(), &model);
-            loss_sum += f64::from(l.into_scalar::<f32>()) * chunk.len() as f64;
-            model = optimizer.step(lr, model, grads);
+            loss_sum += f64::from(l.into_scalar::<f32>()) * y.len() as f64;
+            optimizer.step(lr, model, grads)
+        };
+        match train {
+            TrainSource::Features(f) => {
+                for chunk in &chunks {
+                    let idx: Vec<usize> = chunk.iter().map(|(i, _)| *i).collect();
+                    let (x, y) = f.batch(&idx, device);
+                    model = step(model, x, &y);
+                }
+            }
+            TrainSource::Augmented {
+                images,
+                spec: aug,
+                frozen,
+            } => {
+                // Augmentation of the next batches runs on another thread while this one
+                // computes; the channel bounds how far ahead it gets.
+                model = std::thread::scope(|scope| {
+                    let mut model = model;
+                    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+                    let chunks_ref = &chunks;
+                    scope.spawn(move || {
+                        for chunk in chunks_ref {
+                            let pixels =
+                                augment::augment_pass_batch(images, chunk, aug, seed, epoch);
+                            if tx.send(pixels).is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    for (chunk, pixels) in chunks.iter().zip(rx.iter()) {
+                        let y: Vec<usize> = chunk.iter().map(|(i, _)| images.labels[*i]).collect();
+                        let x = data::pixels_tensor(
+                            &pixels,
+                            y.len(),
+                            [images.height, images.width],
+                            plan.preprocess,
+                            &plain,
+                        );
+                        let x = frozen.frozen_features(x).autodiff();
+                        model = step(model, x, &y);
+                    }
+                    model
+                });
+            }
         }
         let val = evaluate(&model, validation, plan, device);
-        let n = train.len().max(1) as f64;
+        let n = order.len().max(1) as f64;
         let m = EpochMetrics {
             epoch,
             train_loss: loss_sum / n,
@@ -239,6 +360,46 @@ pub fn fit(
     (model, history)
 }
 
+/// Decodes every split and applies the `data.on_bad_image` policy: `fail` lists every bad file
+/// of every split; `skip` logs each and leaves it out. Returns the images and the skipped count.
+fn load_images(plan: &Plan, run: &str) -> Result<(Vec<Images>, usize), TrainError> {
+    let spec = &plan.spec;
+    let mut images = Vec::new();
+    let mut bad = Vec::new();
+    for listing in &plan.splits {
+        let (imgs, report) =
+            data::folder::load_split(listing, spec.data.image_size, spec.data.interpolation);
+        for (path, note) in &report.converted {
+            debug!(run, path = %path.display(), note, "Image converted.");
+        }
+        if !report.converted.is_empty() {
+            warn!(run, split = %listing.name, images = report.converted.len(), first = %report.converted[0].0.display(), note = %report.converted[0].1, "Images converted to 8-bit RGB.");
+        }
+        info!(run, split = %listing.name, images = imgs.len(), bad = report.bad.len(), "Split decoded.");
+        bad.extend(report.bad);
+        images.push(imgs);
+    }
+    if bad.is_empty() {
+        return Ok((images, 0));
+    }
+    if spec.data.on_bad_image == OnBadImage::Fail {
+        return Err(DataError::BadImages(bad).into());
+    }
+    for (path, reason) in &bad {
+        warn!(run, path = %path.display(), reason, "Image skipped.");
+    }
+    for (imgs, listing) in images.iter().zip(&plan.splits) {
+        for (label, class) in listing.classes.iter().enumerate() {
+            if !imgs.labels.contains(&label) {
+                return Err(TrainError::EmptyClass {
+                    dir: listing.dir.join(class),
+                });
+            }
+        }
+    }
+    Ok((images, bad.len()))
+}
+
 /// The whole run: decode, build, extract, fit, test.
 pub fn run(
     plan: &Plan,
@@ -249,25 +410,11 @@ pub fn run(
     let spec = &plan.spec;
     let started = Instant::now();
     info!(run, phase = "load_data", dir = %plan.data_dir.display(), "Phase started.");
-    // Every split is decoded before any error is returned, so that every bad file is listed.
-    let mut images = Vec::new();
-    let mut bad = Vec::new();
-    for listing in &plan.splits {
-        match data::folder::load_split(listing, spec.data.image_size, spec.data.interpolation) {
-            Ok(imgs) => {
-                info!(run, split = %listing.name, images = imgs.len(), ignored = listing.ignored.len(), "Split decoded.");
-                images.push(imgs);
-            }
-            Err(DataError::BadImages(files)) => bad.extend(files),
-            Err(e) => return Err(e.into()),
-        }
-    }
-    if !bad.is_empty() {
-        return Err(DataError::BadImages(bad).into());
-    }
+    let (images, skipped) = load_images(plan, run)?;
     info!(
         run,
         phase = "load_data",
+        skipped_images = skipped,
         seconds = started.elapsed().as_secs_f64(),
         "Phase finished."
     );
@@ -276,13 +423,18 @@ pub fn run(
     device.seed(spec.experiment.seed);
     let model = TransferModel::build(plan, device)?;
 
+    // Validation and test are never augmented: their activations at the cutoff are computed
+    // once. So is the training split's, when no augmentation is declared.
     let started = Instant::now();
     info!(run, phase = "extract_features", cut = %plan.cutoff.label, "Phase started.");
-    let feats: Vec<Features> = images
+    let augmented = spec.augment.is_some();
+    let feats: Vec<Option<Features>> = images
         .iter()
-        .map(|imgs| extract_features(&model, imgs, plan, device, run))
+        .enumerate()
+        .map(|(i, imgs)| {
+            (i > 0 || !augmented).then(|| extract_features(&model, imgs, plan, device, run))
+        })
         .collect();
-    drop(images);
     info!(
         run,
         phase = "extract_features",
@@ -295,10 +447,26 @@ pub fn run(
         run,
         phase = "train",
         epochs = spec.train.epochs,
+        augmented,
         "Phase started."
     );
     device.seed(spec.experiment.seed);
-    let (model, epochs) = fit(model, &feats[0], &feats[1], plan, device, run, on_epoch);
+    let source = match (&spec.augment, &feats[0]) {
+        (Some(aug), _) => TrainSource::Augmented {
+            images: &images[0],
+            spec: aug,
+            frozen: model.valid(),
+        },
+        (None, Some(f)) => TrainSource::Features(f),
+        (None, None) => unreachable!("features are extracted when there is no augmentation"),
+    };
+    let validation = feats[1].as_ref().expect("validation features");
+    let validation = match spec.train.validation_steps {
+        Some(steps) => validation.head(steps * spec.data.batch_size),
+        None => validation.clone(),
+    };
+    let (model, epochs) = fit(model, &source, &validation, plan, device, run, on_epoch);
+    drop(source);
     info!(
         run,
         phase = "train",
@@ -306,7 +474,7 @@ pub fn run(
         "Phase finished."
     );
 
-    let test = feats.get(2).map(|t| {
+    let test = feats.get(2).and_then(Option::as_ref).map(|t| {
         let e = evaluate(&model, t, plan, device);
         info!(
             run,
@@ -321,6 +489,7 @@ pub fn run(
         epochs,
         test,
         model,
+        skipped_images: skipped,
     })
 }
 
@@ -337,5 +506,29 @@ mod tests {
         assert_eq!(a, shuffled(100, 42, 1));
         assert_ne!(a, shuffled(100, 42, 2));
         assert_ne!(a, shuffled(100, 43, 1));
+    }
+}
+
+#[cfg(test)]
+mod order_tests {
+    use super::epoch_order;
+
+    #[test]
+    fn steps_per_epoch_cycles_through_fresh_passes() {
+        // The notebook: 100 steps of 20 over 2000 images is exactly one pass.
+        let one = epoch_order(2000, 20, Some(100), 1, 1);
+        assert_eq!(one.len(), 2000);
+        assert!(one.iter().all(|(_, pass)| *pass == 0));
+        // More steps than the split holds continue into a second, differently shuffled pass.
+        let two = epoch_order(10, 4, Some(4), 1, 1);
+        assert_eq!(two.len(), 16);
+        assert_eq!(two.iter().filter(|(_, p)| *p == 1).count(), 6);
+        let first: Vec<usize> = two[..10].iter().map(|(i, _)| *i).collect();
+        let mut sorted = first.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+        // Fewer steps take a prefix; no steps given is one pass.
+        assert_eq!(epoch_order(10, 4, Some(1), 1, 1).len(), 4);
+        assert_eq!(epoch_order(10, 4, None, 1, 1).len(), 10);
     }
 }
