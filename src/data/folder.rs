@@ -296,12 +296,20 @@ mod tests {
             .unwrap();
         let g = decode(&gray, [2, 2], Interpolation::Bilinear).unwrap();
         assert_eq!(g.pixels, vec![77; 12]);
-        assert_eq!(g.converted.as_deref(), Some("converted from grayscale to RGB"));
+        assert_eq!(
+            g.converted.as_deref(),
+            Some("converted from grayscale to RGB")
+        );
         let a = decode(&rgba, [4, 4], Interpolation::Nearest).unwrap();
         assert_eq!(a.pixels, [1, 2, 3].repeat(16));
-        assert_eq!(a.converted.as_deref(), Some("converted from RGBA (alpha dropped) to RGB"));
+        assert_eq!(
+            a.converted.as_deref(),
+            Some("converted from RGBA (alpha dropped) to RGB")
+        );
         let wide = dir.path().join("wide.png");
-        image::ImageBuffer::<image::Rgb<u16>, _>::from_pixel(2, 2, image::Rgb([65535u16, 0, 0])).save(&wide).unwrap();
+        image::ImageBuffer::<image::Rgb<u16>, _>::from_pixel(2, 2, image::Rgb([65535u16, 0, 0]))
+            .save(&wide)
+            .unwrap();
         let d = decode(&wide, [2, 2], Interpolation::Nearest).unwrap();
         assert_eq!(d.pixels, [255, 0, 0].repeat(4));
         assert_eq!(d.converted.as_deref(), Some("converted from 16-bit to RGB"));
