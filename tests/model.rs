@@ -145,13 +145,13 @@ fn forward_matches_the_numpy_reference_on_a_real_image() {
     }
 }
 
-#[test]
-fn layers_below_the_cutoff_do_not_change_in_training() {
+/// Trains with `trainable_from = "block5_conv1"` and checks that exactly block 5 changed.
+fn only_block5_changes(extra: &str) {
     let dir = tempfile::tempdir().unwrap();
     let data = common::make_dataset(&dir.path().join("data"), &["cats", "dogs"], [4, 2, 2], 32);
     let weights = dir.path().join("w.safetensors");
     common::write_vgg_weights(&weights, vgg16(), 5);
-    let text = common::spec_text(&data, &weights, "").replace(
+    let text = common::spec_text(&data, &weights, extra).replace(
         "trainable_from = \"none\"",
         "trainable_from = \"block5_conv1\"",
     );
@@ -169,4 +169,14 @@ fn layers_below_the_cutoff_do_not_change_in_training() {
             assert_ne!(a, b, "conv {i} is trainable and should have changed");
         }
     }
+}
+
+#[test]
+fn layers_below_the_cutoff_do_not_change_in_training() {
+    only_block5_changes("");
+}
+
+#[test]
+fn layers_below_the_cutoff_do_not_change_in_augmented_training() {
+    only_block5_changes("\n[augment]\nrotation_degrees = 20\nhorizontal_flip = true\n");
 }
