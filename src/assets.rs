@@ -67,10 +67,8 @@ impl Locations {
     pub fn path(&self, given: &str, what: &str, want_dir: bool) -> Result<PathBuf, NotFound> {
         let p = PathBuf::from(given);
         let mut tried = vec![p.clone()];
-        if p.is_relative() {
-            if let Some(m) = &self.mirror {
-                tried.push(m.join(&p));
-            }
+        if let (true, Some(m)) = (p.is_relative(), &self.mirror) {
+            tried.push(m.join(&p));
         }
         let ok = |q: &PathBuf| if want_dir { q.is_dir() } else { q.is_file() };
         tried

@@ -235,7 +235,7 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
                     activation: Activation::Sigmoid,
                 }),
             ) => {
-                if n != 2 && n >= 2 {
+                if n > 2 {
                     bad(
                         "train.loss",
                         format!(
@@ -293,7 +293,6 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
         }
     }
 
-    drop(bad);
     if !problems.is_empty() {
         return Err(Problems(problems));
     }

@@ -266,7 +266,6 @@ pub fn load(path: &Path, sets: &[String]) -> Result<Loaded, SpecError> {
         None => Some(None),
         Some(v) => deserialize_at(v, "augment", &mut report).map(Some),
     };
-    drop(report);
 
     match (experiment, data, backbone, head, augment, optimizer, train) {
         (
