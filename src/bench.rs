@@ -15,19 +15,6 @@ use crate::plan::Plan;
 use crate::spec::AugmentSpec;
 use crate::train::{self, TrainError, TrainSource};
 
-/// The notebook's augmentation, used when the experiment declares none.
-pub fn notebook_augment() -> AugmentSpec {
-    AugmentSpec {
-        rotation_degrees: 40.0,
-        width_shift: 0.2,
-        height_shift: 0.2,
-        shear_degrees: 0.2,
-        zoom: 0.2,
-        horizontal_flip: true,
-        ..AugmentSpec::default()
-    }
-}
-
 /// Peak resident memory of this process so far, from `/proc/self/status` (Linux), in MiB.
 pub fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -59,7 +46,7 @@ pub fn run(plan: &Plan, device: &Device, steps: usize) -> Result<String, TrainEr
         format!("{decode_rate:.0} images/s"),
     ));
 
-    let aug = spec.augment.clone().unwrap_or_else(notebook_augment);
+    let aug = spec.augment.clone().unwrap_or_else(AugmentSpec::notebook);
     let train_images = &images[0];
     let all: Vec<usize> = (0..train_images.len()).collect();
     let t = Instant::now();

@@ -352,15 +352,23 @@ fn layer_rules(layer: &LayerSpec, at: &str, bad: &mut impl FnMut(&str, String)) 
     }
 }
 
-fn augment_rules(a: &AugmentSpec, bad: &mut impl FnMut(&str, String)) {
-    let mut check = |key: &str, v: f64, ok: bool, range: &str| {
+/// A checker for numbers in `section`: `check(key, value, ok, "what was expected")`.
+fn ranged<'a>(
+    bad: &'a mut impl FnMut(&str, String),
+    section: &'a str,
+) -> impl FnMut(&str, f64, bool, &str) + 'a {
+    move |key, v, ok, range| {
         if !ok || !v.is_finite() {
             bad(
-                &format!("augment.{key}"),
+                &format!("{section}.{key}"),
                 format!("must be {range}, got {v}"),
             );
         }
-    };
+    }
+}
+
+fn augment_rules(a: &AugmentSpec, bad: &mut impl FnMut(&str, String)) {
+    let mut check = ranged(bad, "augment");
     check(
         "rotation_degrees",
         a.rotation_degrees,
@@ -394,14 +402,7 @@ fn augment_rules(a: &AugmentSpec, bad: &mut impl FnMut(&str, String)) {
 }
 
 fn optimizer_rules(opt: &OptimizerSpec, bad: &mut impl FnMut(&str, String)) {
-    let mut check = |key: &str, v: f64, ok: bool, range: &str| {
-        if !ok || !v.is_finite() {
-            bad(
-                &format!("optimizer.{key}"),
-                format!("must be {range}, got {v}"),
-            );
-        }
-    };
+    let mut check = ranged(bad, "optimizer");
     let lr = opt.lr();
     check("lr", lr, lr > 0.0, "a positive number");
     match opt {

@@ -391,15 +391,7 @@ mod tests {
 
     #[test]
     fn the_same_seed_gives_the_same_transform_and_epochs_differ() {
-        let spec = AugmentSpec {
-            rotation_degrees: 40.0,
-            width_shift: 0.2,
-            height_shift: 0.2,
-            shear_degrees: 0.2,
-            zoom: 0.2,
-            horizontal_flip: true,
-            ..none()
-        };
+        let spec = AugmentSpec::notebook();
         assert_eq!(
             draw(&spec, [150, 150], 42, 3, 17),
             draw(&spec, [150, 150], 42, 3, 17)

@@ -102,6 +102,22 @@ pub enum OnBadImage {
     Skip,
 }
 
+impl AugmentSpec {
+    /// The notebook's augmentation: rotation 40, shifts 0.2, shear 0.2, zoom 0.2, horizontal
+    /// flips, nearest fill.
+    pub fn notebook() -> Self {
+        Self {
+            rotation_degrees: 40.0,
+            width_shift: 0.2,
+            height_shift: 0.2,
+            shear_degrees: 0.2,
+            zoom: 0.2,
+            horizontal_flip: true,
+            ..Self::default()
+        }
+    }
+}
+
 /// How pixels outside the image are filled by a geometric transform (Keras `fill_mode`).
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
