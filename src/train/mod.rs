@@ -280,12 +280,28 @@ pub fn fit(
         let order = epoch_order(train.len(), batch, spec.train.steps_per_epoch, seed, epoch);
         let chunks: Vec<&[(usize, usize)]> = order.chunks(batch).collect();
         let (mut loss_sum, mut correct) = (0.0, 0usize);
+        let (steps, mut done, mut seen) = (chunks.len(), 0usize, 0usize);
+        let report_every = steps.div_ceil(10).max(1);
         let mut step = |model: TransferModel, x: Tensor<4>, y: &[usize]| -> TransferModel {
             let logits = model.forward_from_cut(x);
             correct += loss::correct(kind, logits.clone().without_autodiff(), y);
             let l = loss::loss(kind, logits, y);
             let grads = GradientsParams::from_grads(l.backward(), &model);
             loss_sum += f64::from(l.into_scalar::<f32>()) * y.len() as f64;
+            (done, seen) = (done + 1, seen + y.len());
+            if done % report_every == 0 && done < steps {
+                let rate = seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                info!(
+                    run,
+                    epoch,
+                    step = done,
+                    steps,
+                    loss = loss_sum / seen as f64,
+                    acc = correct as f64 / seen as f64,
+                    images_per_s = rate,
+                    "Training."
+                );
+            }
             optimizer.step(lr, model, grads)
         };
         match train {
