@@ -210,3 +210,37 @@ impl Cutoff {
         self.index >= def.layers().len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameter_counts_match_keras() {
+        let vgg16 = find("vgg16").unwrap();
+        assert_eq!(vgg16.num_params(), 14_714_688);
+        assert_eq!(vgg16.expected_tensors().len(), 26);
+        assert_eq!(
+            vgg16.shape_at(vgg16.layers().len(), [150, 150]),
+            [512, 4, 4]
+        );
+        let vgg19 = find("vgg19").unwrap();
+        assert_eq!(vgg19.num_params(), 20_024_384);
+        assert_eq!(vgg19.expected_tensors().len(), 32);
+    }
+
+    #[test]
+    fn layer_names_follow_keras() {
+        let names: Vec<String> = find("vgg16")
+            .unwrap()
+            .layers()
+            .into_iter()
+            .map(|l| l.name)
+            .collect();
+        assert_eq!(names.len(), 18);
+        assert_eq!(names[0], "block1_conv1");
+        assert_eq!(names[2], "block1_pool");
+        assert_eq!(names[14], "block5_conv1");
+        assert_eq!(names[17], "block5_pool");
+    }
+}
