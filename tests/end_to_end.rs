@@ -66,6 +66,16 @@ fn files_with(dir: &Path, suffix: &str) -> Vec<PathBuf> {
     v
 }
 
+fn first_str(df: &DataFrame, col: &str) -> String {
+    df.column(col)
+        .unwrap()
+        .str()
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .to_string()
+}
+
 fn f64s(df: &DataFrame, col: &str) -> Vec<f64> {
     df.column(col)
         .unwrap()
@@ -96,14 +106,7 @@ fn a_tiny_run_writes_a_parquet_table_a_config_and_a_json_log() {
         .into_no_null_iter()
         .collect();
     assert_eq!(epochs, vec![1, 2]);
-    let name = df
-        .column("experiment")
-        .unwrap()
-        .str()
-        .unwrap()
-        .get(0)
-        .unwrap()
-        .to_string();
+    let name = first_str(&df, "experiment");
     assert_eq!(name, "tiny");
     for col in ["train_loss", "val_loss", "test_loss"] {
         assert!(
@@ -123,14 +126,7 @@ fn a_tiny_run_writes_a_parquet_table_a_config_and_a_json_log() {
             .iter()
             .all(|v| (v * 8.0 - (v * 8.0).round()).abs() < 1e-9)
     );
-    let head = df
-        .column("head")
-        .unwrap()
-        .str()
-        .unwrap()
-        .get(0)
-        .unwrap()
-        .to_string();
+    let head = first_str(&df, "head");
     assert_eq!(
         head,
         "flatten > dense(16, relu) > dropout(0.5) > dense(1, sigmoid)"

@@ -72,14 +72,7 @@ fn weight_import_puts_every_tensor_in_its_layer() {
     // The same stream the helper used: the first values of block1_conv1 and block5_conv3.
     let file = std::fs::read(&path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&file).unwrap();
-    let expect = |name: &str| -> Vec<f32> {
-        st.tensor(name)
-            .unwrap()
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect()
-    };
+    let expect = |name: &str| common::f32_tensor(&st, name);
     let device = Device::flex();
     let vgg = weights::load_vgg(vgg16(), Vgg::init(vgg16(), &device), &path).unwrap();
     for (i, name) in [
@@ -126,13 +119,7 @@ fn forward_matches_the_numpy_reference_on_a_real_image() {
         runner::data::preprocess_into(&pixels, 150 * 150, pre, &mut input);
         let x = Tensor::<4>::from_data(TensorData::new(input, [1, 3, 150, 150]), &device);
         let got = values(vgg.forward_range(x, 0, vgg.num_layers()));
-        let want: Vec<f32> = st
-            .tensor(name)
-            .unwrap()
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
+        let want = common::f32_tensor(&st, name);
         assert_eq!(got.len(), 512 * 4 * 4);
         let num: f64 = got
             .iter()

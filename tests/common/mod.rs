@@ -164,3 +164,13 @@ pub fn mirror() -> Option<PathBuf> {
         .flatten()
         .find(|p| p.join("weights").is_dir())
 }
+
+/// The values of a little-endian f32 tensor in a safetensors file.
+pub fn f32_tensor(st: &safetensors::SafeTensors<'_>, name: &str) -> Vec<f32> {
+    st.tensor(name)
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
