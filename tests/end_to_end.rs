@@ -421,3 +421,28 @@ fn augment_preview_writes_a_grid_png() {
         "an augmented version differs from the original"
     );
 }
+
+#[test]
+fn an_unwritable_results_folder_is_named_and_nothing_is_trained() {
+    let s = setup(&[]);
+    let blocker = s.dir.path().join("not_a_folder");
+    std::fs::write(&blocker, b"keep me").unwrap();
+    let out = runner(
+        &[
+            s.spec.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--results",
+            blocker.to_str().unwrap(),
+        ],
+        s.dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}", blocker.display())) && err.contains("cannot write the run log"),
+        "{err}"
+    );
+    assert!(!err.contains("Epoch finished"), "{err}");
+    assert_eq!(std::fs::read(&blocker).unwrap(), b"keep me");
+}
