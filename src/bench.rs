@@ -9,7 +9,7 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::prelude::Device;
 
-use crate::data::{self, augment, folder};
+use crate::data::{augment, folder};
 use crate::model::TransferModel;
 use crate::plan::Plan;
 use crate::spec::AugmentSpec;
@@ -73,15 +73,11 @@ pub fn run(plan: &Plan, device: &Device, steps: usize) -> Result<String, TrainEr
     let model = TransferModel::build(plan, device)?;
     let val = &images[1];
     let few: Vec<usize> = (0..spec.data.batch_size.min(val.len())).collect();
-    let small = data::Images {
-        pixels: few.iter().flat_map(|&i| val.image(i).to_vec()).collect(),
-        labels: few.iter().map(|&i| val.labels[i]).collect(),
-        paths: few.iter().map(|&i| val.paths[i].clone()).collect(),
-        ..val.clone()
-    };
-    let val_feats = train::extract_features(&model, &small, plan, device, "bench");
+    let small = val.subset(&few);
+    let val_feats = train::features::extract(&model, &small, plan, device, "bench");
     let mut bench_plan = plan.clone();
-    bench_plan.spec.train.epochs = 1;
+    bench_plan.phases.truncate(1);
+    bench_plan.phases[0].epochs = 1;
     bench_plan.spec.train.steps_per_epoch = Some(steps);
     let source = TrainSource::Augmented {
         images: train_images,
@@ -89,15 +85,7 @@ pub fn run(plan: &Plan, device: &Device, steps: usize) -> Result<String, TrainEr
         frozen: model.valid(),
     };
     let t = Instant::now();
-    let (_, _) = train::fit(
-        model,
-        &source,
-        &val_feats,
-        &bench_plan,
-        device,
-        "bench",
-        |_| {},
-    );
+    let (_, _) = train::fit(model, &source, &val_feats, &bench_plan, device, "bench");
     let secs = t.elapsed().as_secs_f64();
     let per_step = secs / steps as f64;
     let train_rate = (steps * spec.data.batch_size) as f64 / secs;

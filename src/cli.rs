@@ -1,6 +1,8 @@
 //! Command line: `runner <experiment.toml>` runs it; `check` validates; `plan` prints the model.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
@@ -11,6 +13,7 @@ use crate::device::{self, DeviceChoice};
 use crate::head::Shape;
 use crate::plan::{self, Plan};
 use crate::spec::load;
+use crate::train::{self, checkpoint};
 
 /// Transfer learning on images from a TOML file.
 #[derive(Debug, Parser)]
@@ -20,6 +23,9 @@ pub struct Cli {
     command: Option<Command>,
     /// Experiment file to run (same as `runner run FILE`).
     experiment: Option<PathBuf>,
+    /// Continue the latest unfinished run of this experiment from its checkpoint.
+    #[arg(long)]
+    resume: bool,
     #[command(flatten)]
     common: Common,
 }
@@ -40,6 +46,10 @@ pub struct Common {
     /// Local asset mirror with weights/ and data/ (default: $RUNNER_ASSETS).
     #[arg(long, global = true, value_name = "DIR")]
     assets: Option<PathBuf>,
+    /// Folder of the feature cache (default: $XDG_CACHE_HOME/runner/features or
+    /// ~/.cache/runner/features).
+    #[arg(long, global = true, env = "RUNNER_CACHE", value_name = "DIR")]
+    cache: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -48,6 +58,25 @@ enum Command {
     Run {
         /// The experiment file.
         experiment: PathBuf,
+        /// Continue the latest unfinished run of this experiment from its checkpoint.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Continue an interrupted run from its last checkpoint (refused if the config changed).
+    Resume {
+        /// The run id (the name of its results/<run_id>.parquet).
+        run_id: String,
+    },
+    /// Print class probabilities for images with a trained run's model.
+    Predict {
+        /// The run id.
+        run_id: String,
+        /// Image files or folders (searched recursively).
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Which weights: the final model, or the best or last checkpoint.
+        #[arg(long, value_enum, default_value_t = crate::predict::Which::Final)]
+        weights: crate::predict::Which,
     },
     /// Validate experiment files without running them.
     Check {
@@ -119,9 +148,19 @@ pub fn load_plan(path: &Path, common: &Common) -> Result<Plan, Failure> {
 pub fn run(cli: Cli) -> Result<(), Failure> {
     let common = cli.common;
     match (cli.command, cli.experiment) {
-        (Some(Command::Run { experiment }), _) | (None, Some(experiment)) => {
-            run_experiment(&experiment, &common)
+        (Some(Command::Run { experiment, resume }), _) => {
+            run_experiment(&experiment, &common, resume)
         }
+        (None, Some(experiment)) => run_experiment(&experiment, &common, cli.resume),
+        (Some(Command::Resume { run_id }), _) => resume(&run_id, None, &common),
+        (
+            Some(Command::Predict {
+                run_id,
+                inputs,
+                weights,
+            }),
+            _,
+        ) => predict(&run_id, &inputs, weights, &common),
         (Some(Command::Check { experiments }), _) => check(&experiments, &common),
         (Some(Command::Plan { experiment }), _) => {
             let plan = load_plan(&experiment, &common)?;
@@ -208,9 +247,10 @@ pub fn run_id(plan: &Plan, now: chrono::DateTime<chrono::Utc>) -> String {
 /// `id`, or `id-2`, `id-3`... when a run with that id already left files in `dir`.
 pub fn unique_run_id(dir: &Path, id: String) -> String {
     let taken = |c: &str| {
-        ["parquet", "toml", "log.jsonl"]
-            .iter()
-            .any(|ext| dir.join(format!("{c}.{ext}")).exists())
+        dir.join(c).exists()
+            || ["parquet", "toml", "log.jsonl"]
+                .iter()
+                .any(|ext| dir.join(format!("{c}.{ext}")).exists())
     };
     if !taken(&id) {
         return id;
@@ -221,11 +261,175 @@ pub fn unique_run_id(dir: &Path, id: String) -> String {
         .unwrap_or(id)
 }
 
-fn run_experiment(path: &Path, common: &Common) -> Result<(), Failure> {
+/// The default feature cache folder.
+fn default_cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"))
+        .join("runner")
+        .join("features")
+}
+
+fn run_experiment(path: &Path, common: &Common, resume_latest: bool) -> Result<(), Failure> {
     let plan = load_plan(path, common)?;
-    let (device, device_name) = device::select(common.device).map_err(bad_input)?;
+    if resume_latest {
+        let id = latest_unfinished(&common.results, &plan.spec.experiment.name)?;
+        return resume(&id, Some(path), common);
+    }
     let now = chrono::Utc::now();
     let id = unique_run_id(&common.results, run_id(&plan, now));
+    let origin = train::Origin {
+        file: std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
+        sets: common.sets.clone(),
+        config: crate::results::config_toml(&plan),
+        config_hash: plan.config_hash.clone(),
+        started_at: now.to_rfc3339(),
+        classes: plan.classes.clone(),
+    };
+    execute(&plan, &id, origin, None, common)
+}
+
+/// The newest run of `experiment` in `results` that has a checkpoint and did not finish.
+fn latest_unfinished(results: &Path, experiment: &str) -> Result<String, Failure> {
+    let mut candidates: Vec<(String, String)> = std::fs::read_dir(results)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let ck = checkpoint::last_path(results, &name);
+                    (name.starts_with(&format!("{experiment}-")) && ck.is_file()).then(|| {
+                        let started = checkpoint::read(&ck)
+                            .map(|c| c.state.origin.started_at)
+                            .unwrap_or_default();
+                        (started, name)
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    candidates.retain(|(_, id)| run_status(results, id).as_deref() != Some("completed"));
+    candidates.sort();
+    candidates.pop().map(|(_, id)| id).ok_or_else(|| {
+        bad_input(anyhow::anyhow!(
+            "--resume: no unfinished run of experiment \"{experiment}\" with a checkpoint in {}",
+            results.display()
+        ))
+    })
+}
+
+/// The `status` of a run's results table, if it has one.
+fn run_status(results: &Path, id: &str) -> Option<String> {
+    let (df, _) = crate::results::read_run(&results.join(format!("{id}.parquet"))).ok()?;
+    let col = df.column("status").ok()?;
+    col.str().ok()?.get(0).map(str::to_string)
+}
+
+/// Every `key.path = value` of a TOML document.
+fn flatten(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<String, String>) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        toml::Value::Array(a) if a.iter().any(|x| x.is_table()) => {
+            for (i, v) in a.iter().enumerate() {
+                flatten(&format!("{prefix}[{i}]"), v, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_string(), other.to_string());
+        }
+    }
+}
+
+/// The keys whose values differ between two resolved configs: `key: old -> new`.
+pub fn config_drift(old: &str, new: &str) -> Vec<String> {
+    let parse = |s: &str| {
+        let mut m = std::collections::BTreeMap::new();
+        if let Ok(v) = toml::from_str::<toml::Value>(s) {
+            flatten("", &v, &mut m);
+        }
+        m
+    };
+    let (a, b) = (parse(old), parse(new));
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(unset)".into());
+            format!("{k}: {} -> {}", show(a.get(k)), show(b.get(k)))
+        })
+        .collect()
+}
+
+/// Continues run `id` from its last checkpoint, after checking that the experiment still
+/// resolves to the same config.
+fn resume(id: &str, file: Option<&Path>, common: &Common) -> Result<(), Failure> {
+    let ck_path = checkpoint::last_path(&common.results, id);
+    let ck = checkpoint::read(&ck_path).map_err(bad_input)?;
+    if run_status(&common.results, id).as_deref() == Some("completed") {
+        return Err(bad_input(anyhow::anyhow!(
+            "run {id} has already completed; nothing to resume"
+        )));
+    }
+    let origin = ck.state.origin.clone();
+    // The experiment file as given now, else the one the run started from, else the config
+    // the run stored beside its results.
+    let stored = common.results.join(format!("{id}.toml"));
+    let source = [file.map(Path::to_path_buf), Some(origin.file.clone())]
+        .into_iter()
+        .flatten()
+        .find(|p| p.is_file())
+        .unwrap_or(stored);
+    let mut sets = origin.sets.clone();
+    sets.extend(common.sets.iter().cloned());
+    let with_sets = Common {
+        sets,
+        ..common.clone()
+    };
+    let plan = load_plan(&source, &with_sets)?;
+    let now = crate::results::config_toml(&plan);
+    let drift = config_drift(&origin.config, &now);
+    if !drift.is_empty() {
+        return Err(bad_input(anyhow::anyhow!(
+            "{}: the config changed since run {id} started, refusing to resume ({} key{} differ{}; run it as a new experiment instead):\n  {}",
+            source.display(),
+            drift.len(),
+            if drift.len() == 1 { "" } else { "s" },
+            if drift.len() == 1 { "s" } else { "" },
+            drift.join("\n  ")
+        )));
+    }
+    execute(&plan, id, origin, Some(ck), common)
+}
+
+/// Installs the Ctrl-C (and SIGTERM) handling: the first signal sets the flag (the run finishes
+/// its step, checkpoints and stops); a second one exits at once.
+fn interrupt_flag() -> Option<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone()).ok()?;
+        signal_hook::flag::register(sig, flag.clone()).ok()?;
+    }
+    Some(flag)
+}
+
+fn execute(
+    plan: &Plan,
+    id: &str,
+    origin: train::Origin,
+    resume_from: Option<train::Checkpoint>,
+    common: &Common,
+) -> Result<(), Failure> {
+    let (device, device_name) = device::select(common.device).map_err(bad_input)?;
     let log_path = common.results.join(format!("{id}.log.jsonl"));
     crate::logging::open_run_log(&log_path).map_err(|e| {
         failed(anyhow::anyhow!(
@@ -234,36 +438,93 @@ fn run_experiment(path: &Path, common: &Common) -> Result<(), Failure> {
         ))
     })?;
     let started = Instant::now();
-    info!(run = %id, experiment = %plan.spec.experiment.name, file = %path.display(), device = device_name, config_hash = %plan.config_hash, "Run started.");
-    let result = crate::train::run(&plan, &device, &id, |_| {});
+    let resuming = resume_from.is_some();
+    info!(run = %id, experiment = %plan.spec.experiment.name, file = %plan.file.display(), device = device_name, config_hash = %plan.config_hash, resuming, "Run started.");
+    let cache_dir = match plan.spec.train.cache {
+        crate::spec::CacheMode::Off => None,
+        crate::spec::CacheMode::Auto => {
+            Some(common.cache.clone().unwrap_or_else(default_cache_dir))
+        }
+    };
+    let opts = train::RunOptions {
+        run_id: id.to_string(),
+        results: common.results.clone(),
+        origin: origin.clone(),
+        cache: train::FeatureCache::new(cache_dir),
+        resume: resume_from,
+        interrupt: interrupt_flag(),
+    };
+    let results = &common.results;
+    let result = train::run(plan, &device, opts, |progress| {
+        if let Err(e) =
+            crate::results::write_run(results, plan, id, &origin.started_at, progress, None)
+        {
+            tracing::warn!(run = %id, error = %e, "Cannot write the results table.");
+        }
+    });
     let outcome = match result {
         Ok(o) => o,
         Err(e) => {
             tracing::error!(run = %id, error = %e, "Run failed.");
             crate::logging::close_run_log();
-            // Bad images and weights are input problems, found before any training step.
-            return Err(bad_input(e));
+            return Err(match e {
+                // Bad images and weights are input problems, found before any training step.
+                train::TrainError::Data(_)
+                | train::TrainError::Weights(_)
+                | train::TrainError::EmptyClass { .. }
+                | train::TrainError::Restore { .. } => bad_input(e),
+                train::TrainError::Write(_) => failed(e),
+            });
         }
     };
-    let written = crate::results::write_run(
-        &common.results,
-        &plan,
-        &id,
-        &now.to_rfc3339(),
-        &outcome.epochs,
-        outcome.test,
-        outcome.skipped_images,
-    )
-    .map_err(failed)?;
-    let best = outcome
-        .epochs
+    let progress = &outcome.progress;
+    let history = &progress.history;
+    let best = history
         .iter()
         .map(|m| m.val_acc)
+        .filter(|v| v.is_finite())
         .fold(f64::NAN, f64::max);
-    let last = outcome.epochs.last();
+    match progress.status {
+        train::Status::Interrupted => {
+            crate::logging::close_run_log();
+            return Err(Failure {
+                code: 130,
+                error: anyhow::anyhow!(
+                    "{id}: interrupted after {} epochs (step {} of the next); checkpoint and results written. Resume with: runner resume {id} --results {}",
+                    history.len(),
+                    progress.step,
+                    results.display()
+                ),
+            });
+        }
+        train::Status::Diverged => {
+            let (epoch, step) = progress.diverged_at.unwrap_or_default();
+            crate::logging::close_run_log();
+            return Err(failed(anyhow::anyhow!(
+                "{id}: diverged at epoch {epoch}, step {step} (the loss is not finite); results written with status \"diverged\". Try a lower learning rate or train.clip_grad_norm."
+            )));
+        }
+        train::Status::Running | train::Status::Completed => {}
+    }
+    let written = crate::results::write_run(
+        results,
+        plan,
+        id,
+        &origin.started_at,
+        progress,
+        outcome.test,
+    )
+    .map_err(failed)?;
+    if !outcome.predictions.is_empty() {
+        crate::results::write_predictions(results, id, &plan.classes, &outcome.predictions)
+            .map_err(failed)?;
+    }
+    let model_dir = crate::predict::save(results, id, plan, &outcome.model).map_err(failed)?;
+    let last = history.last();
     info!(
         run = %id,
         results = %written.display(),
+        model = %model_dir.display(),
         best_val_acc = best,
         final_val_acc = last.map(|m| m.val_acc),
         test_acc = outcome.test.map(|t| t.acc),
@@ -279,6 +540,71 @@ fn run_experiment(path: &Path, common: &Common) -> Result<(), Failure> {
             .map_or("n/a".into(), |t| format!("{:.4}", t.acc)),
         written.display()
     );
+    Ok(())
+}
+
+fn predict(
+    run_id: &str,
+    inputs: &[PathBuf],
+    which: crate::predict::Which,
+    common: &Common,
+) -> Result<(), Failure> {
+    let (device, _) = device::select(common.device).map_err(bad_input)?;
+    let (card, model) =
+        crate::predict::load(&common.results, run_id, which, &device).map_err(bad_input)?;
+    let files = crate::predict::collect_images(inputs).map_err(bad_input)?;
+    if files.is_empty() {
+        return Err(bad_input(anyhow::anyhow!(
+            "no image files ({}) in {}",
+            crate::data::folder::IMAGE_EXTENSIONS.join(", "),
+            inputs
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let rows = crate::predict::predict(&card, &model, &files, &device);
+    let width = rows
+        .iter()
+        .map(|(p, _)| p.display().to_string().len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let mut header = format!("{:<width$}", "path");
+    for c in &card.classes {
+        header += &format!("  {c:>10}");
+    }
+    println!("{header}  predicted");
+    let mut bad = 0;
+    for (path, r) in rows {
+        match r {
+            Ok(p) => {
+                let mut line = format!("{:<width$}", path.display());
+                for v in &p {
+                    line += &format!("  {v:>10.4}");
+                }
+                let best = p
+                    .iter()
+                    .enumerate()
+                    .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+                    .0;
+                println!(
+                    "{line}  {}",
+                    card.classes.get(best).map_or("?", String::as_str)
+                );
+            }
+            Err(e) => {
+                bad += 1;
+                eprintln!("{}: cannot read: {e}", path.display());
+            }
+        }
+    }
+    if bad > 0 {
+        return Err(bad_input(anyhow::anyhow!(
+            "{bad} of the images could not be read"
+        )));
+    }
     Ok(())
 }
 

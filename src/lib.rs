@@ -14,6 +14,7 @@ pub mod head;
 pub mod logging;
 pub mod model;
 pub mod plan;
+pub mod predict;
 pub mod results;
 pub mod spec;
 pub mod train;

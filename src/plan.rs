@@ -11,8 +11,10 @@ use crate::data::folder::{self, SplitListing};
 use crate::head::{self, Shape};
 use crate::spec::load::{Loaded, Problem, Problems};
 use crate::spec::{
-    Activation, AdamSpec, AugmentSpec, Conv2dSpec, DenseSpec, DropoutSpec, LayerSpec, Loss,
-    MaxPool2dSpec, OptimizerSpec, Preprocess, RmspropSpec, SgdSpec, Spec,
+    Activation, AdamSpec, AugmentSpec, Conv2dSpec, CosineScheduleSpec, DenseSpec, DropoutSpec,
+    EarlyStoppingSpec, ExponentialScheduleSpec, LayerSpec, Loss, MaxPool2dSpec, NoSettings,
+    OptimizerSpec, PlateauScheduleSpec, Preprocess, RmspropSpec, ScheduleSpec, SgdSpec, Spec,
+    StepScheduleSpec,
 };
 
 /// The split names, in the order they are used; `test` is optional.
@@ -45,6 +47,27 @@ pub struct Plan {
     pub head_shapes: Vec<(Shape, usize)>,
     /// Hash of the resolved spec.
     pub config_hash: String,
+    /// The training phases, in order (one, named `train`, without `[[phase]]`).
+    pub phases: Vec<PhasePlan>,
+}
+
+/// One resolved training phase: every setting filled in from the experiment's defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PhasePlan {
+    /// Name, stored on the phase's result rows.
+    pub name: String,
+    /// Epochs.
+    pub epochs: usize,
+    /// First trainable backbone layer.
+    pub cutoff: Cutoff,
+    /// A fresh optimizer for the phase.
+    pub optimizer: OptimizerSpec,
+    /// Learning-rate schedule.
+    pub schedule: ScheduleSpec,
+    /// Augmentation of the training split; `None` when off (absent or `{}`).
+    pub augment: Option<AugmentSpec>,
+    /// Early stopping.
+    pub early_stopping: Option<EarlyStoppingSpec>,
 }
 
 impl Plan {
@@ -280,9 +303,9 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
     }
 
     // [optimizer], [augment] and the step counts
-    optimizer_rules(&spec.optimizer, &mut bad);
+    optimizer_rules(&spec.optimizer, "optimizer", &mut bad);
     if let Some(a) = &spec.augment {
-        augment_rules(a, &mut bad);
+        augment_rules(a, "augment", &mut bad);
     }
     for (key, v) in [
         ("train.steps_per_epoch", spec.train.steps_per_epoch),
@@ -290,6 +313,95 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
     ] {
         if v == Some(0) {
             bad(key, "must be at least 1 when given, got 0".into());
+        }
+    }
+
+    // [schedule], [early_stopping], [train] extras and [[phase]]
+    if let Some(sch) = &spec.schedule {
+        schedule_rules(sch, "schedule", &mut bad);
+    }
+    if let Some(es) = &spec.early_stopping {
+        stopping_rules(es, "early_stopping", &mut bad);
+    }
+    if let Some(c) = spec.train.clip_grad_norm {
+        ranged(&mut bad, "train")("clip_grad_norm", c, c > 0.0, "a positive number");
+    }
+    let mut phases = Vec::new();
+    let phase_specs = if spec.phase.is_empty() {
+        vec![crate::spec::PhaseSpec {
+            name: "train".into(),
+            ..Default::default()
+        }]
+    } else {
+        spec.phase.clone()
+    };
+    for (i, p) in phase_specs.iter().enumerate() {
+        let at = format!("phase[{i}]");
+        if p.name.is_empty()
+            || !p
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        {
+            bad(
+                &format!("{at}.name"),
+                format!(
+                    "must be non-empty and use only letters, digits, '_', '-' and '.', got \"{}\"",
+                    p.name
+                ),
+            );
+        } else if phase_specs[..i].iter().any(|q| q.name == p.name) {
+            bad(
+                &format!("{at}.name"),
+                format!("\"{}\" is already the name of an earlier phase", p.name),
+            );
+        }
+        if p.epochs == Some(0) {
+            bad(&format!("{at}.epochs"), "must be at least 1, got 0".into());
+        }
+        if let Some(o) = &p.optimizer {
+            optimizer_rules(o, &format!("{at}.optimizer"), &mut bad);
+        }
+        if let Some(sch) = &p.schedule {
+            schedule_rules(sch, &format!("{at}.schedule"), &mut bad);
+        }
+        if let Some(es) = &p.early_stopping {
+            stopping_rules(es, &format!("{at}.early_stopping"), &mut bad);
+        }
+        if let Some(a) = &p.augment {
+            augment_rules(a, &format!("{at}.augment"), &mut bad);
+        }
+        let phase_cut = match (&p.trainable_from, def) {
+            (Some(t), Some(def)) => Cutoff::resolve(def, t)
+                .map_err(|e| bad(&format!("{at}.trainable_from"), e))
+                .ok(),
+            (None, _) => cutoff.clone(),
+            (Some(_), None) => None,
+        };
+        if let Some(c) = phase_cut {
+            phases.push(PhasePlan {
+                name: p.name.clone(),
+                epochs: p.epochs.unwrap_or(spec.train.epochs),
+                cutoff: c,
+                optimizer: p
+                    .optimizer
+                    .clone()
+                    .unwrap_or_else(|| spec.optimizer.clone()),
+                schedule: p
+                    .schedule
+                    .clone()
+                    .or_else(|| spec.schedule.clone())
+                    .unwrap_or(ScheduleSpec::Constant(NoSettings {})),
+                augment: p
+                    .augment
+                    .clone()
+                    .or_else(|| spec.augment.clone())
+                    .filter(|a| !a.is_identity()),
+                early_stopping: p
+                    .early_stopping
+                    .clone()
+                    .or_else(|| spec.early_stopping.clone()),
+            });
         }
     }
 
@@ -313,6 +425,7 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
         base_output,
         head_shapes,
         config_hash: config_hash(spec),
+        phases,
     })
 }
 
@@ -367,8 +480,8 @@ fn ranged<'a>(
     }
 }
 
-fn augment_rules(a: &AugmentSpec, bad: &mut impl FnMut(&str, String)) {
-    let mut check = ranged(bad, "augment");
+fn augment_rules(a: &AugmentSpec, at: &str, bad: &mut impl FnMut(&str, String)) {
+    let mut check = ranged(bad, at);
     check(
         "rotation_degrees",
         a.rotation_degrees,
@@ -401,8 +514,8 @@ fn augment_rules(a: &AugmentSpec, bad: &mut impl FnMut(&str, String)) {
     );
 }
 
-fn optimizer_rules(opt: &OptimizerSpec, bad: &mut impl FnMut(&str, String)) {
-    let mut check = ranged(bad, "optimizer");
+fn optimizer_rules(opt: &OptimizerSpec, at: &str, bad: &mut impl FnMut(&str, String)) {
+    let mut check = ranged(bad, at);
     let lr = opt.lr();
     check("lr", lr, lr > 0.0, "a positive number");
     match opt {
@@ -452,4 +565,69 @@ fn optimizer_rules(opt: &OptimizerSpec, bad: &mut impl FnMut(&str, String)) {
             );
         }
     }
+    if let OptimizerSpec::Rmsprop(RmspropSpec {
+        weight_decay: Some(wd),
+        ..
+    })
+    | OptimizerSpec::Sgd(SgdSpec {
+        weight_decay: Some(wd),
+        ..
+    }) = opt
+    {
+        check("weight_decay", *wd, *wd >= 0.0, "at least 0");
+    }
+}
+
+fn schedule_rules(sch: &ScheduleSpec, at: &str, bad: &mut impl FnMut(&str, String)) {
+    let mut check = ranged(bad, at);
+    match sch {
+        ScheduleSpec::Constant(_) => {}
+        ScheduleSpec::Step(StepScheduleSpec {
+            every_epochs,
+            gamma,
+        }) => {
+            check(
+                "every_epochs",
+                *every_epochs as f64,
+                *every_epochs > 0,
+                "at least 1",
+            );
+            check("gamma", *gamma, *gamma > 0.0 && *gamma <= 1.0, "in (0, 1]");
+        }
+        ScheduleSpec::Exponential(ExponentialScheduleSpec { gamma, .. }) => {
+            check("gamma", *gamma, *gamma > 0.0 && *gamma <= 1.0, "in (0, 1]");
+        }
+        ScheduleSpec::Cosine(CosineScheduleSpec {
+            warmup_epochs,
+            min_lr,
+        }) => {
+            check(
+                "warmup_epochs",
+                *warmup_epochs,
+                *warmup_epochs >= 0.0,
+                "at least 0",
+            );
+            check("min_lr", *min_lr, *min_lr >= 0.0, "at least 0");
+        }
+        ScheduleSpec::ReduceOnPlateau(PlateauScheduleSpec {
+            factor,
+            min_delta,
+            min_lr,
+            ..
+        }) => {
+            check(
+                "factor",
+                *factor,
+                *factor > 0.0 && *factor < 1.0,
+                "in (0, 1)",
+            );
+            check("min_delta", *min_delta, *min_delta >= 0.0, "at least 0");
+            check("min_lr", *min_lr, *min_lr >= 0.0, "at least 0");
+        }
+    }
+}
+
+fn stopping_rules(es: &EarlyStoppingSpec, at: &str, bad: &mut impl FnMut(&str, String)) {
+    let mut check = ranged(bad, at);
+    check("min_delta", es.min_delta, es.min_delta >= 0.0, "at least 0");
 }

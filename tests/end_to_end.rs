@@ -40,6 +40,7 @@ fn runner(args: &[&str], cwd: &Path) -> Output {
         .args(args)
         .current_dir(cwd)
         .env_remove("RUNNER_ASSETS")
+        .env("RUNNER_CACHE", cwd.join("cache"))
         .env("RUNNER_LOG", "info")
         .output()
         .unwrap()
@@ -61,7 +62,11 @@ fn files_with(dir: &Path, suffix: &str) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
         .unwrap_or_default();
-    v.retain(|p| p.to_string_lossy().ends_with(suffix));
+    v.retain(|p| {
+        let name = p.to_string_lossy();
+        // Run tables only: per-image predictions sit beside them.
+        name.ends_with(suffix) && (suffix != ".parquet" || !name.ends_with(".predictions.parquet"))
+    });
     v.sort();
     v
 }
@@ -156,7 +161,11 @@ fn a_tiny_run_writes_a_parquet_table_a_config_and_a_json_log() {
     assert_eq!(epoch_events.len(), 2);
     assert_eq!(epoch_events[1]["epoch"], 2);
     assert!(epoch_events[0]["val_acc"].is_number() && epoch_events[0]["run"].is_string());
-    for phase in ["load_data", "build_model", "extract_features", "train"] {
+    assert!(
+        events.iter().any(|e| e["message"] == "Feature cache miss."),
+        "the first run computes the activations at the cutoff"
+    );
+    for phase in ["load_data", "build_model", "train", "test"] {
         assert!(
             events.iter().any(|e| e["phase"] == phase),
             "no event for phase {phase}"

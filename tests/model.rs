@@ -145,7 +145,7 @@ fn only_block5_changes(extra: &str) {
     let plan = common::plan_for(dir.path(), &text);
     let device = Device::flex().autodiff();
     let before = TransferModel::build(&plan, &device).unwrap();
-    let outcome = runner::train::run(&plan, &device, "test", |_| {}).unwrap();
+    let outcome = common::train(&plan, &device, &dir.path().join("results"));
     let after = outcome.model;
     for i in 0..13 {
         let a = values(before.backbone.convs[i].weight.val());

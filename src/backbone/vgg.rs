@@ -65,20 +65,31 @@ impl Vgg {
         x
     }
 
-    /// Stops gradients for every convolution that sits before layer `cut`.
-    pub fn freeze_before(mut self, cut: usize) -> Self {
-        let frozen: Vec<usize> = self.ops[..cut]
+    /// Indices (into `convs`) of the convolutions that sit before layer `cut`.
+    pub fn convs_before(&self, cut: usize) -> Vec<usize> {
+        self.ops[..cut]
             .iter()
             .filter_map(|op| match op {
                 LayerOp::Conv { index, .. } => Some(*index),
                 LayerOp::MaxPool => None,
             })
-            .collect();
+            .collect()
+    }
+
+    /// Stops gradients for every convolution that sits before layer `cut`, and lets them flow
+    /// for every one after it (a later phase may unfreeze layers).
+    pub fn freeze_before(mut self, cut: usize) -> Self {
+        let frozen = self.convs_before(cut);
         self.convs = self
             .convs
             .into_iter()
             .enumerate()
-            .map(|(i, c)| if frozen.contains(&i) { c.no_grad() } else { c })
+            .map(|(i, mut c)| {
+                let trainable = !frozen.contains(&i);
+                c.weight = c.weight.set_require_grad(trainable);
+                c.bias = c.bias.map(|b| b.set_require_grad(trainable));
+                c
+            })
             .collect();
         self
     }

@@ -415,6 +415,7 @@ mod tests {
             pixels: (0..4 * 6 * 6 * 3).map(|i| (i * 7 % 251) as u8).collect(),
             labels: vec![0; 4],
             paths: vec![Default::default(); 4],
+            digests: vec![[0; 32]; 4],
         };
         let a = augment_batch(&images, &[0, 1, 2, 3], &spec, 42, 1);
         assert_eq!(a, augment_batch(&images, &[0, 1, 2, 3], &spec, 42, 1));

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use image::imageops::FilterType;
 use rayon::prelude::*;
+use sha2::{Digest, Sha256};
 
 use crate::spec::Interpolation;
 
@@ -113,6 +114,8 @@ pub struct Images {
     pub labels: Vec<usize>,
     /// Source path of each image.
     pub paths: Vec<PathBuf>,
+    /// SHA-256 of each image file's bytes (the feature cache's content key).
+    pub digests: Vec<[u8; 32]>,
 }
 
 impl Images {
@@ -124,6 +127,22 @@ impl Images {
     /// Whether there are no images.
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
+    }
+
+    /// The images at `indices`, in that order.
+    pub fn subset(&self, indices: &[usize]) -> Self {
+        Self {
+            split: self.split.clone(),
+            height: self.height,
+            width: self.width,
+            pixels: indices
+                .iter()
+                .flat_map(|&i| self.image(i).to_vec())
+                .collect(),
+            labels: indices.iter().map(|&i| self.labels[i]).collect(),
+            paths: indices.iter().map(|&i| self.paths[i].clone()).collect(),
+            digests: indices.iter().map(|&i| self.digests[i]).collect(),
+        }
     }
 
     /// The pixels of image `i`.
@@ -173,6 +192,8 @@ pub struct Decoded {
     pub pixels: Vec<u8>,
     /// e.g. `converted from grayscale to RGB`.
     pub converted: Option<String>,
+    /// SHA-256 of the file's bytes.
+    pub digest: [u8; 32],
 }
 
 /// Decodes one file to RGB and resizes it to `[height, width]`.
@@ -215,6 +236,7 @@ pub fn decode(path: &Path, [h, w]: [usize; 2], interp: Interpolation) -> Result<
         image::imageops::resize(&rgb, w as u32, h as u32, filter(interp))
     };
     Ok(Decoded {
+        digest: Sha256::digest(&bytes).into(),
         pixels: out.into_raw(),
         converted: from.map(|f| format!("converted from {f} to RGB")),
     })
@@ -248,6 +270,7 @@ pub fn load_split(
         pixels: Vec::with_capacity(listing.files.len() * size[0] * size[1] * 3),
         labels: Vec::with_capacity(listing.files.len()),
         paths: Vec::with_capacity(listing.files.len()),
+        digests: Vec::with_capacity(listing.files.len()),
     };
     let mut report = Preflight::default();
     for ((path, label), r) in listing.files.iter().zip(decoded) {
@@ -256,6 +279,7 @@ pub fn load_split(
                 images.pixels.extend_from_slice(&d.pixels);
                 images.labels.push(*label);
                 images.paths.push(path.clone());
+                images.digests.push(d.digest);
                 if let Some(note) = d.converted {
                     report.converted.push((path.clone(), note));
                 }

@@ -44,6 +44,7 @@ pub fn grid(plan: &Plan, rows: usize, variants: usize) -> Result<image::RgbImage
         pixels: Vec::new(),
         labels: Vec::new(),
         paths: Vec::new(),
+        digests: Vec::new(),
     };
     for &i in &picks {
         let (path, label) = &train.files[i];
@@ -56,6 +57,7 @@ pub fn grid(plan: &Plan, rows: usize, variants: usize) -> Result<image::RgbImage
         images.pixels.extend_from_slice(&d.pixels);
         images.labels.push(*label);
         images.paths.push(path.clone());
+        images.digests.push(d.digest);
     }
     let gap = 4;
     let cols = variants + 1;

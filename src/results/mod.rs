@@ -2,25 +2,27 @@
 //! resolved config in the file's metadata and beside it as `results/<run_id>.toml`.
 //! The only module that imports polars.
 //!
-//! # Schema, version 1
+//! # Schema, version 2
 //!
 //! | column | type | meaning |
 //! | --- | --- | --- |
-//! | `schema_version` | u32 | 1 |
+//! | `schema_version` | u32 | 2 |
 //! | `run_id` | str | `<experiment>-<UTC yyyymmdd-hhmmss>-<config hash>` |
 //! | `experiment` | str | `experiment.name` |
 //! | `config_hash` | str | sha256 prefix of the resolved spec |
-//! | `status` | str | `completed` |
+//! | `status` | str | `running` (rewritten after every epoch), `completed`, `interrupted` or `diverged` |
 //! | `started_at` | str | RFC 3339, UTC |
-//! | `backbone`, `weights`, `preprocess`, `trainable_from` | str | backbone settings; `weights` is the file used |
+//! | `backbone`, `weights`, `preprocess` | str | backbone settings; `weights` is the file used |
 //! | `head` | str | the head's layers, e.g. `flatten > dense(256, relu) > dropout(0.5) > dense(1, sigmoid)` |
-//! | `optimizer` | str | optimizer kind |
-//! | `lr` | f64 | learning rate of the epoch |
+//! | `phase` | str | the phase's name (`train` without `[[phase]]`) |
+//! | `trainable_from` | str | the phase's freeze cutoff |
+//! | `optimizer` | str | the phase's optimizer kind |
+//! | `lr` | f64 | learning rate of the epoch's last step |
 //! | `batch_size` | u32 | |
 //! | `seed` | u64 | |
 //! | `image_size` | str | `HxW` |
-//! | `epoch` | u32 | 1-based |
-//! | `train_loss`, `train_acc`, `val_loss`, `val_acc` | f64 | per-epoch metrics |
+//! | `epoch` | u32 | 1-based, counted across phases |
+//! | `train_loss`, `train_acc`, `val_loss`, `val_acc` | f64 | per-epoch metrics (a diverged epoch: its partial training metrics, NaN validation) |
 //! | `seconds` | f64 | wall time of the epoch |
 //! | `test_loss`, `test_acc` | f64, null without a test split | final test evaluation, same on every row |
 //! | `skipped_images` | u32 | images left out by `data.on_bad_image = "skip"` |
@@ -34,10 +36,10 @@ use std::path::{Path, PathBuf};
 use polars::prelude::*;
 
 use crate::plan::Plan;
-use crate::train::{EpochMetrics, Evaluation};
+use crate::train::{EpochMetrics, Evaluation, Prediction, Progress};
 
 /// Version of the results schema written by this build.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 /// Parquet metadata key holding the resolved config.
 pub const CONFIG_KEY: &str = "runner.config";
 
@@ -103,11 +105,12 @@ pub fn run_frame(
     plan: &Plan,
     run_id: &str,
     started_at: &str,
-    epochs: &[EpochMetrics],
+    progress: &Progress,
     test: Option<Evaluation>,
-    skipped_images: usize,
 ) -> PolarsResult<DataFrame> {
+    let epochs = &progress.history;
     let n = epochs.len();
+    let phase = |m: &EpochMetrics| &plan.phases[m.phase.min(plan.phases.len() - 1)];
     let spec = &plan.spec;
     let s = |v: &str| vec![v.to_string(); n];
     let head = spec
@@ -124,14 +127,15 @@ pub fn run_frame(
         "run_id" => s(run_id),
         "experiment" => s(&spec.experiment.name),
         "config_hash" => s(&plan.config_hash),
-        "status" => s("completed"),
+        "status" => s(progress.status.as_str()),
         "started_at" => s(started_at),
         "backbone" => s(plan.backbone.name),
         "weights" => s(&plan.weights.display().to_string()),
         "preprocess" => s(plan.preprocess.as_str()),
-        "trainable_from" => s(&plan.cutoff.label),
         "head" => s(&head),
-        "optimizer" => s(spec.optimizer.kind()),
+        "phase" => epochs.iter().map(|m| phase(m).name.clone()).collect::<Vec<String>>(),
+        "trainable_from" => epochs.iter().map(|m| phase(m).cutoff.label.clone()).collect::<Vec<String>>(),
+        "optimizer" => epochs.iter().map(|m| phase(m).optimizer.kind().to_string()).collect::<Vec<String>>(),
         "lr" => col(|m| m.lr),
         "batch_size" => vec![spec.data.batch_size as u32; n],
         "seed" => vec![spec.experiment.seed; n],
@@ -144,7 +148,7 @@ pub fn run_frame(
         "seconds" => col(|m| m.seconds),
         "test_loss" => vec![test.map(|t| t.loss); n],
         "test_acc" => vec![test.map(|t| t.acc); n],
-        "skipped_images" => vec![skipped_images as u32; n],
+        "skipped_images" => vec![progress.skipped_images as u32; n],
     }
 }
 
@@ -154,9 +158,8 @@ pub fn write_run(
     plan: &Plan,
     run_id: &str,
     started_at: &str,
-    epochs: &[EpochMetrics],
+    progress: &Progress,
     test: Option<Evaluation>,
-    skipped_images: usize,
 ) -> Result<PathBuf, ResultsError> {
     let config = config_toml(plan);
     write_atomic(&dir.join(format!("{run_id}.toml")), |f| {
@@ -164,11 +167,9 @@ pub fn write_run(
     })?;
     let path = dir.join(format!("{run_id}.parquet"));
     let mut df =
-        run_frame(plan, run_id, started_at, epochs, test, skipped_images).map_err(|e| {
-            ResultsError::Write {
-                path: path.clone(),
-                message: e.to_string(),
-            }
+        run_frame(plan, run_id, started_at, progress, test).map_err(|e| ResultsError::Write {
+            path: path.clone(),
+            message: e.to_string(),
         })?;
     write_atomic(&path, |f| {
         ParquetWriter::new(f)
@@ -176,6 +177,86 @@ pub fn write_run(
                 ("runner.schema_version".into(), SCHEMA_VERSION.to_string()),
                 (CONFIG_KEY.into(), config),
             ])))
+            .finish(&mut df)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })?;
+    Ok(path)
+}
+
+/// Writes `results/<run_id>.predictions.parquet`: one row per test image with its path, true
+/// class, predicted class, the probability of the predicted class and one `p_<class>` column per
+/// class.
+pub fn write_predictions(
+    dir: &Path,
+    run_id: &str,
+    classes: &[String],
+    predictions: &[Prediction],
+) -> Result<PathBuf, ResultsError> {
+    let path = dir.join(format!("{run_id}.predictions.parquet"));
+    let fail = |e: &dyn std::fmt::Display| ResultsError::Write {
+        path: path.clone(),
+        message: e.to_string(),
+    };
+    let predicted: Vec<usize> = predictions
+        .iter()
+        .map(|p| {
+            p.probabilities
+                .iter()
+                .enumerate()
+                .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+                .0
+        })
+        .collect();
+    let name = |i: usize| classes.get(i).cloned().unwrap_or_else(|| i.to_string());
+    let mut columns: Vec<Column> = vec![
+        Column::new(
+            "path".into(),
+            predictions
+                .iter()
+                .map(|p| p.path.display().to_string())
+                .collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "label".into(),
+            predictions
+                .iter()
+                .map(|p| name(p.label))
+                .collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "predicted".into(),
+            predicted.iter().map(|&c| name(c)).collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "probability".into(),
+            predictions
+                .iter()
+                .zip(&predicted)
+                .map(|(p, &c)| f64::from(p.probabilities[c]))
+                .collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "correct".into(),
+            predictions
+                .iter()
+                .zip(&predicted)
+                .map(|(p, &c)| p.label == c)
+                .collect::<Vec<_>>(),
+        ),
+    ];
+    for (i, class) in classes.iter().enumerate() {
+        columns.push(Column::new(
+            format!("p_{class}").into(),
+            predictions
+                .iter()
+                .map(|p| f64::from(p.probabilities.get(i).copied().unwrap_or(f32::NAN)))
+                .collect::<Vec<_>>(),
+        ));
+    }
+    let mut df = DataFrame::new(predictions.len(), columns).map_err(|e| fail(&e))?;
+    write_atomic(&path, |f| {
+        ParquetWriter::new(f)
             .finish(&mut df)
             .map(|_| ())
             .map_err(|e| e.to_string())

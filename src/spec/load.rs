@@ -11,7 +11,10 @@ use figment::value::{Dict, Value};
 use figment::{Figment, Source};
 use serde::de::DeserializeOwned;
 
-use super::{HeadSpec, LAYER_KINDS, LayerSpec, OPTIMIZER_KINDS, OptimizerSpec, SECTIONS, Spec};
+use super::{
+    HeadSpec, LAYER_KINDS, LayerSpec, OPTIMIZER_KINDS, OptimizerSpec, PhaseSpec, SCHEDULE_KINDS,
+    SECTIONS, ScheduleSpec, Spec,
+};
 
 /// One problem with a spec: where it came from, the key path and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -259,23 +262,32 @@ pub fn load(path: &Path, sets: &[String]) -> Result<Loaded, SpecError> {
             report("optimizer".into(), "missing section [optimizer]".into());
             None
         })
-        .and_then(|v| optimizer_at(v, &mut report));
+        .and_then(|v| optimizer_at(v, "optimizer", &mut report));
     let train = section(&root, "train", &mut report);
     let head = head_section(&root, &mut report);
     let augment = match root.get("augment") {
         None => Some(None),
         Some(v) => deserialize_at(v, "augment", &mut report).map(Some),
     };
+    let schedule = match root.get("schedule") {
+        None => Some(None),
+        Some(v) => schedule_at(v, "schedule", &mut report).map(Some),
+    };
+    let early_stopping = match root.get("early_stopping") {
+        None => Some(None),
+        Some(v) => deserialize_at(v, "early_stopping", &mut report).map(Some),
+    };
+    let phase = phases(&root, &mut report);
 
-    match (experiment, data, backbone, head, augment, optimizer, train) {
+    match (
+        (experiment, data, backbone, head),
+        (augment, optimizer, schedule, early_stopping),
+        (train, phase),
+    ) {
         (
-            Some(experiment),
-            Some(data),
-            Some(backbone),
-            Some(head),
-            Some(augment),
-            Some(optimizer),
-            Some(train),
+            (Some(experiment), Some(data), Some(backbone), Some(head)),
+            (Some(augment), Some(optimizer), Some(schedule), Some(early_stopping)),
+            (Some(train), Some(phase)),
         ) if problems.is_empty() => Ok(Loaded {
             spec: Spec {
                 experiment,
@@ -284,7 +296,10 @@ pub fn load(path: &Path, sets: &[String]) -> Result<Loaded, SpecError> {
                 head,
                 augment,
                 optimizer,
+                schedule,
+                early_stopping,
                 train,
+                phase,
             },
             file: path.to_path_buf(),
             sources,
@@ -391,9 +406,72 @@ fn layer_at(value: &Value, at: &str, report: &mut impl FnMut(String, String)) ->
     }
 }
 
+/// `[[phase]]`: each phase on its own; its optimizer and schedule are kind-tagged like the
+/// top-level sections.
+fn phases(root: &Dict, report: &mut impl FnMut(String, String)) -> Option<Vec<PhaseSpec>> {
+    let Some(value) = root.get("phase") else {
+        return Some(Vec::new());
+    };
+    let Some(array) = value.as_array() else {
+        report(
+            "phase".into(),
+            "expected an array of tables ([[phase]])".into(),
+        );
+        return None;
+    };
+    let mut out = Vec::with_capacity(array.len());
+    let mut ok = true;
+    for (i, v) in array.iter().enumerate() {
+        let at = format!("phase[{i}]");
+        let Some(dict) = v.as_dict() else {
+            report(at, "expected a table ([[phase]])".into());
+            ok = false;
+            continue;
+        };
+        let mut rest = dict.clone();
+        let optimizer = rest
+            .remove("optimizer")
+            .map(|v| optimizer_at(&v, &format!("{at}.optimizer"), report));
+        let schedule = rest
+            .remove("schedule")
+            .map(|v| schedule_at(&v, &format!("{at}.schedule"), report));
+        let phase: Option<PhaseSpec> = deserialize_at(&Value::from(rest), &at, report);
+        let failed = matches!(optimizer, Some(None)) || matches!(schedule, Some(None));
+        match phase {
+            Some(mut p) if !failed => {
+                p.optimizer = optimizer.flatten();
+                p.schedule = schedule.flatten();
+                out.push(p);
+            }
+            _ => ok = false,
+        }
+    }
+    ok.then_some(out)
+}
+
+/// `[schedule]`: the kind picks the settings type.
+fn schedule_at(
+    value: &Value,
+    at: &str,
+    report: &mut impl FnMut(String, String),
+) -> Option<ScheduleSpec> {
+    let (kind, rest) = tagged(value, at, "schedule", &SCHEDULE_KINDS, report)?;
+    let r = &rest;
+    match kind {
+        "constant" => deserialize_at(r, at, report).map(ScheduleSpec::Constant),
+        "step" => deserialize_at(r, at, report).map(ScheduleSpec::Step),
+        "exponential" => deserialize_at(r, at, report).map(ScheduleSpec::Exponential),
+        "cosine" => deserialize_at(r, at, report).map(ScheduleSpec::Cosine),
+        _ => deserialize_at(r, at, report).map(ScheduleSpec::ReduceOnPlateau),
+    }
+}
+
 /// `[optimizer]`: the kind picks the settings type.
-fn optimizer_at(value: &Value, report: &mut impl FnMut(String, String)) -> Option<OptimizerSpec> {
-    let at = "optimizer";
+fn optimizer_at(
+    value: &Value,
+    at: &str,
+    report: &mut impl FnMut(String, String),
+) -> Option<OptimizerSpec> {
     let (kind, rest) = tagged(value, at, "optimizer", &OPTIMIZER_KINDS, report)?;
     let r = &rest;
     match kind {

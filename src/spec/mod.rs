@@ -27,14 +27,17 @@ loss = "binary_crossentropy"
 "#;
 
 /// The top-level sections of a spec, in the order they are checked and documented.
-pub const SECTIONS: [&str; 7] = [
+pub const SECTIONS: [&str; 10] = [
     "experiment",
     "data",
     "backbone",
     "head",
     "augment",
     "optimizer",
+    "schedule",
+    "early_stopping",
     "train",
+    "phase",
 ];
 
 /// A whole experiment, as resolved from all layers.
@@ -54,8 +57,211 @@ pub struct Spec {
     pub augment: Option<AugmentSpec>,
     /// The optimizer and its learning rate.
     pub optimizer: OptimizerSpec,
-    /// Epochs and loss.
+    /// How the learning rate changes during a phase; absent means constant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<ScheduleSpec>,
+    /// Stop a phase when the monitored metric stops improving; absent means never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stopping: Option<EarlyStoppingSpec>,
+    /// Epochs, loss, the monitored metric, clipping and the feature cache.
     pub train: TrainSpec,
+    /// Training phases (`[[phase]]`), run in order with the weights carried over; none means one
+    /// phase, `train`, with the settings above.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phase: Vec<PhaseSpec>,
+}
+
+/// `[[phase]]`: one stage of training. Unset keys take the experiment's value.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PhaseSpec {
+    /// Name of the phase, stored on its result rows (e.g. `head`, `fine_tune`).
+    pub name: String,
+    /// Epochs of this phase (default `train.epochs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<usize>,
+    /// Freeze cutoff for this phase (default `backbone.trainable_from`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainable_from: Option<String>,
+    /// A fresh optimizer for this phase (default `[optimizer]`); its state starts empty, as after
+    /// a Keras `compile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer: Option<OptimizerSpec>,
+    /// Learning-rate schedule of this phase (default `[schedule]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<ScheduleSpec>,
+    /// Augmentation of this phase (default `[augment]`); `augment = {}` turns it off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub augment: Option<AugmentSpec>,
+    /// Early stopping of this phase (default `[early_stopping]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stopping: Option<EarlyStoppingSpec>,
+}
+
+/// A metric computed every epoch, to monitor.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Monitor {
+    /// Validation loss (lower is better).
+    #[default]
+    ValLoss,
+    /// Validation accuracy (higher is better).
+    ValAcc,
+    /// Training loss (lower is better).
+    TrainLoss,
+    /// Training accuracy (higher is better).
+    TrainAcc,
+}
+
+impl Monitor {
+    /// The name used in the spec and in result columns.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ValLoss => "val_loss",
+            Self::ValAcc => "val_acc",
+            Self::TrainLoss => "train_loss",
+            Self::TrainAcc => "train_acc",
+        }
+    }
+
+    /// Whether a higher value is better.
+    pub fn higher_is_better(self) -> bool {
+        matches!(self, Self::ValAcc | Self::TrainAcc)
+    }
+}
+
+/// `kind = "step"`: multiply the rate by `gamma` every `every_epochs` epochs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StepScheduleSpec {
+    /// Epochs between decays.
+    pub every_epochs: usize,
+    /// Factor applied at each decay.
+    #[serde(default = "default_gamma")]
+    pub gamma: f64,
+}
+
+/// `kind = "exponential"`: multiply the rate by `gamma` per epoch, continuously over the steps
+/// (or once per epoch with `staircase = true`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExponentialScheduleSpec {
+    /// Factor per epoch, in (0, 1].
+    pub gamma: f64,
+    /// Decay at epoch boundaries only.
+    #[serde(default)]
+    pub staircase: bool,
+}
+
+/// `kind = "cosine"`: linear warm-up from 0, then cosine decay to `min_lr` at the phase's end.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CosineScheduleSpec {
+    /// Length of the linear warm-up, in epochs (fractions allowed).
+    pub warmup_epochs: f64,
+    /// The rate at the end of the phase.
+    pub min_lr: f64,
+}
+
+/// `kind = "reduce_on_plateau"`: multiply the rate by `factor` when the monitored metric has not
+/// improved for `patience` epochs (Keras `ReduceLROnPlateau`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PlateauScheduleSpec {
+    /// The metric (default `train.monitor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<Monitor>,
+    /// Factor applied to the rate, in (0, 1).
+    #[serde(default = "default_gamma")]
+    pub factor: f64,
+    /// Epochs without improvement before a reduction.
+    #[serde(default = "default_plateau_patience")]
+    pub patience: usize,
+    /// Smallest change that counts as an improvement.
+    #[serde(default = "default_min_delta")]
+    pub min_delta: f64,
+    /// Epochs to wait after a reduction before counting again.
+    #[serde(default)]
+    pub cooldown: usize,
+    /// The rate never goes below this.
+    #[serde(default)]
+    pub min_lr: f64,
+}
+
+/// `[schedule]`: how the learning rate (`optimizer.lr`) changes over a phase, selected by `kind`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ScheduleSpec {
+    /// The same rate throughout.
+    Constant(NoSettings),
+    /// Step decay.
+    Step(StepScheduleSpec),
+    /// Exponential decay.
+    Exponential(ExponentialScheduleSpec),
+    /// Warm-up then cosine decay.
+    Cosine(CosineScheduleSpec),
+    /// Reduce on plateau.
+    ReduceOnPlateau(PlateauScheduleSpec),
+}
+
+/// The valid schedule kinds, for error messages.
+pub const SCHEDULE_KINDS: [&str; 5] = [
+    "constant",
+    "step",
+    "exponential",
+    "cosine",
+    "reduce_on_plateau",
+];
+
+impl ScheduleSpec {
+    /// The `kind` string.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Constant(_) => "constant",
+            Self::Step(_) => "step",
+            Self::Exponential(_) => "exponential",
+            Self::Cosine(_) => "cosine",
+            Self::ReduceOnPlateau(_) => "reduce_on_plateau",
+        }
+    }
+}
+
+fn default_gamma() -> f64 {
+    0.1
+}
+fn default_plateau_patience() -> usize {
+    10
+}
+fn default_min_delta() -> f64 {
+    1e-4
+}
+
+/// `[early_stopping]` (Keras `EarlyStopping`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStoppingSpec {
+    /// The metric (default `train.monitor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<Monitor>,
+    /// Epochs without improvement before the phase stops.
+    pub patience: usize,
+    /// Smallest change that counts as an improvement.
+    #[serde(default)]
+    pub min_delta: f64,
+    /// Put back the weights of the best epoch when the phase stops early.
+    #[serde(default)]
+    pub restore_best: bool,
+}
+
+/// Whether activations at the freeze cutoff are kept on disk between runs.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheMode {
+    /// Read and write the feature cache (`--cache`, `$RUNNER_CACHE`).
+    #[default]
+    Auto,
+    /// Compute activations in memory for this run only.
+    Off,
 }
 
 /// `[experiment]`
@@ -157,6 +363,19 @@ pub struct AugmentSpec {
     pub fill: Fill,
     /// The pixel value (0-255) for `fill = "constant"`.
     pub fill_value: f64,
+}
+
+impl AugmentSpec {
+    /// Whether every transform is off (`augment = {}`): the images pass unchanged.
+    pub fn is_identity(&self) -> bool {
+        self.rotation_degrees == 0.0
+            && self.width_shift == 0.0
+            && self.height_shift == 0.0
+            && self.shear_degrees == 0.0
+            && self.zoom == 0.0
+            && !self.horizontal_flip
+            && !self.vertical_flip
+    }
 }
 
 /// Resampling filter for resizing.
@@ -426,6 +645,9 @@ pub struct RmspropSpec {
     /// Normalise by the centred second moment.
     #[serde(default)]
     pub centered: bool,
+    /// L2 penalty added to the gradient (PyTorch's `weight_decay`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_decay: Option<f64>,
 }
 
 /// `kind = "adam"` or `"adamw"` (Keras defaults: beta_1 0.9, beta_2 0.999, epsilon 1e-7;
@@ -461,6 +683,9 @@ pub struct SgdSpec {
     /// Use Nesterov momentum.
     #[serde(default)]
     pub nesterov: bool,
+    /// L2 penalty added to the gradient (PyTorch's `weight_decay`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_decay: Option<f64>,
 }
 
 /// `[optimizer]`, selected by `kind`.
@@ -533,6 +758,16 @@ pub struct TrainSpec {
     /// `binary_crossentropy` (one sigmoid unit, two classes) or `categorical_crossentropy`
     /// (softmax over N units, N classes).
     pub loss: Loss,
+    /// The metric that picks the best checkpoint (and the default for early stopping and
+    /// reduce-on-plateau).
+    #[serde(default)]
+    pub monitor: Monitor,
+    /// Clip each parameter's gradient to this L2 norm (Keras `clipnorm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_grad_norm: Option<f64>,
+    /// `auto`: reuse activations at the cutoff from the on-disk cache; `off`: never touch it.
+    #[serde(default)]
+    pub cache: CacheMode,
 }
 
 /// Loss function.

@@ -52,6 +52,29 @@ pub fn predictions(kind: Loss, logits: Tensor<2>) -> Vec<usize> {
     }
 }
 
+/// Class probabilities of each example: `[1 - p, p]` for a sigmoid output, the softmax
+/// otherwise.
+pub fn probabilities(kind: Loss, logits: Tensor<2>) -> Vec<Vec<f32>> {
+    match kind {
+        Loss::BinaryCrossentropy => logits
+            .into_data()
+            .iter::<f32>()
+            .map(|z| {
+                let p = 1.0 / (1.0 + (-z).exp());
+                vec![1.0 - p, p]
+            })
+            .collect(),
+        Loss::CategoricalCrossentropy => {
+            let [_, classes] = logits.dims();
+            let v: Vec<f32> = burn::tensor::activation::softmax(logits, 1)
+                .into_data()
+                .iter::<f32>()
+                .collect();
+            v.chunks(classes).map(<[f32]>::to_vec).collect()
+        }
+    }
+}
+
 /// Number of correct predictions.
 pub fn correct(kind: Loss, logits: Tensor<2>, labels: &[usize]) -> usize {
     predictions(kind, logits)

@@ -1,20 +1,38 @@
-//! The training loop: activations at the freeze cutoff are computed once per split (nothing
-//! below the cutoff changes and no augmentation is declared), then only the part above is trained.
+//! The training loop, in phases. Within a phase the layers below the freeze cutoff do not
+//! change, so for every split that is not augmented their activations are computed once (or read
+//! from the feature cache) and only the part above is trained. Each phase starts a fresh
+//! optimizer and keeps the weights of the one before; epochs are numbered across the run.
+//!
+//! Everything random is a function of the seed and the position: shuffling and augmentation of
+//! `(seed, epoch)`, dropout of `(seed, epoch, step)` (the device is reseeded before every step).
+//! With the model, optimizer, schedule and early-stopping state in a checkpoint, a resumed run
+//! therefore continues exactly as an uninterrupted one would.
 
+pub mod checkpoint;
+pub mod features;
 pub mod loss;
 pub mod optim;
+pub mod schedule;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use burn::optim::GradientsParams;
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
+use burn::store::ModuleRecord;
+use burn::tensor::Bytes;
+use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::backbone::weights::WeightsError;
 use crate::data::{self, DataError, Images, augment};
 use crate::model::TransferModel;
-use crate::plan::Plan;
+use crate::plan::{PhasePlan, Plan};
 use crate::spec::{AugmentSpec, OnBadImage};
+pub use checkpoint::{Checkpoint, Origin};
+pub use features::{FeatureCache, Features};
+use schedule::{Schedule, ScheduleState, Tracker};
 
 /// Errors that stop a run.
 #[derive(Debug, thiserror::Error)]
@@ -31,13 +49,26 @@ pub enum TrainError {
         /// The class folder.
         dir: std::path::PathBuf,
     },
+    /// A checkpoint's tensors do not fit this model.
+    #[error("{path}: cannot restore the checkpoint: {message}")]
+    Restore {
+        /// The checkpoint.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// A checkpoint or result file could not be written.
+    #[error(transparent)]
+    Write(#[from] crate::results::ResultsError),
 }
 
 /// Metrics of one epoch.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochMetrics {
-    /// 1-based epoch number.
+    /// 1-based epoch number, counted across phases.
     pub epoch: usize,
+    /// Index of the phase in `Plan::phases`.
+    pub phase: usize,
     /// Mean training loss over the epoch's batches (dropout active).
     pub train_loss: f64,
     /// Training accuracy over the epoch.
@@ -46,14 +77,14 @@ pub struct EpochMetrics {
     pub val_loss: f64,
     /// Validation accuracy.
     pub val_acc: f64,
-    /// Learning rate used.
+    /// Learning rate of the epoch's last step.
     pub lr: f64,
     /// Wall time of the epoch, training and validation.
     pub seconds: f64,
 }
 
 /// Loss and accuracy on one split.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {
     /// Mean loss.
     pub loss: f64,
@@ -61,102 +92,144 @@ pub struct Evaluation {
     pub acc: f64,
 }
 
-/// What a finished run produced.
-#[derive(Debug, Clone)]
-pub struct Outcome {
-    /// One entry per epoch.
-    pub epochs: Vec<EpochMetrics>,
-    /// Test split evaluation, when the data has a test split.
-    pub test: Option<Evaluation>,
-    /// The trained model.
-    pub model: TransferModel,
+/// The state of a run, as stored with every result row.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Training (the results are rewritten after every epoch).
+    #[default]
+    Running,
+    /// Every phase finished (or stopped early).
+    Completed,
+    /// Stopped by Ctrl-C; `runner resume` continues it.
+    Interrupted,
+    /// The training loss became NaN or infinite.
+    Diverged,
+}
+
+impl Status {
+    /// The name stored in the results.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Completed => "completed",
+            Self::Interrupted => "interrupted",
+            Self::Diverged => "diverged",
+        }
+    }
+}
+
+/// Sums over the steps of an unfinished epoch.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Partial {
+    /// Sum of batch losses times batch sizes.
+    pub loss_sum: f64,
+    /// Correct predictions.
+    pub correct: usize,
+    /// Examples seen.
+    pub seen: usize,
+    /// Seconds spent.
+    pub seconds: f64,
+}
+
+/// Where a run stands: what a checkpoint restores.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Current phase.
+    pub phase: usize,
+    /// Completed epochs of the current phase.
+    pub epoch_in_phase: usize,
+    /// Completed steps of the current epoch (0 at an epoch boundary).
+    pub step: usize,
+    /// The current epoch's sums so far.
+    pub partial: Partial,
+    /// The current phase stopped early.
+    pub phase_done: bool,
+    /// Every finished epoch.
+    pub history: Vec<EpochMetrics>,
+    /// The current phase's schedule state.
+    pub schedule: ScheduleState,
+    /// The current phase's early-stopping state.
+    pub stopping: Tracker,
+    /// `train.monitor` over the run (the best checkpoint).
+    pub best: Tracker,
     /// Images left out by `data.on_bad_image = "skip"`.
     pub skipped_images: usize,
+    /// Run status.
+    pub status: Status,
+    /// `(epoch, step)` where the loss stopped being finite.
+    pub diverged_at: Option<(usize, usize)>,
 }
 
-/// Activations at the cutoff for every image of one split, `[n, c, h, w]` row-major.
+/// One test image's prediction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    /// The image file.
+    pub path: std::path::PathBuf,
+    /// True class index.
+    pub label: usize,
+    /// Probability of each class.
+    pub probabilities: Vec<f32>,
+}
+
+/// What a run produced.
 #[derive(Debug, Clone)]
-pub struct Features {
-    /// Values.
-    pub values: Vec<f32>,
-    /// `[c, h, w]` of one example.
-    pub shape: [usize; 3],
-    /// Labels.
-    pub labels: Vec<usize>,
+pub struct Outcome {
+    /// Epochs, status and position.
+    pub progress: Progress,
+    /// Test split evaluation, when the data has a test split and the run completed.
+    pub test: Option<Evaluation>,
+    /// Per-image test predictions.
+    pub predictions: Vec<Prediction>,
+    /// The model as the run left it.
+    pub model: TransferModel,
 }
 
-impl Features {
-    /// A batch of examples as a tensor on `device`.
-    ///
-    /// # Shapes
-    ///
-    /// - output: `[indices.len(), c, h, w]`
-    pub fn batch(&self, indices: &[usize], device: &Device) -> (Tensor<4>, Vec<usize>) {
-        let per: usize = self.shape.iter().product();
-        let mut buf = Vec::with_capacity(indices.len() * per);
-        for &i in indices {
-            buf.extend_from_slice(&self.values[i * per..(i + 1) * per]);
-        }
-        let [c, h, w] = self.shape;
-        let x = Tensor::from_data(TensorData::new(buf, [indices.len(), c, h, w]), device);
-        (x, indices.iter().map(|&i| self.labels[i]).collect())
-    }
-
-    /// Number of examples.
-    pub fn len(&self) -> usize {
-        self.labels.len()
-    }
-
-    /// Whether there are no examples.
-    pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
-    }
-
-    /// The first `n` examples.
-    pub fn head(&self, n: usize) -> Self {
-        let n = n.min(self.len());
-        let per: usize = self.shape.iter().product();
-        Self {
-            values: self.values[..n * per].to_vec(),
-            shape: self.shape,
-            labels: self.labels[..n].to_vec(),
-        }
-    }
+/// How to run: identity, where results go, the cache, a checkpoint to resume and the Ctrl-C flag.
+pub struct RunOptions {
+    /// The run id.
+    pub run_id: String,
+    /// The results folder (checkpoints go under `<results>/<run_id>/`).
+    pub results: std::path::PathBuf,
+    /// Where the run came from.
+    pub origin: Origin,
+    /// Activations at the cutoff.
+    pub cache: FeatureCache,
+    /// A checkpoint to continue from.
+    pub resume: Option<Checkpoint>,
+    /// Set by the first Ctrl-C: finish the step, checkpoint, stop.
+    pub interrupt: Option<Arc<AtomicBool>>,
 }
 
-/// Runs the frozen part of the base once over a split.
-pub fn extract_features(
-    model: &TransferModel,
-    images: &Images,
-    plan: &Plan,
-    device: &Device,
-    run: &str,
-) -> Features {
-    let frozen = model.valid();
-    let plain = device.clone().without_autodiff();
-    let batch = plan.spec.data.batch_size;
-    let shape = plan
-        .backbone
-        .shape_at(model.cut(), [images.height, images.width]);
-    let mut values = Vec::with_capacity(images.len() * shape.iter().product::<usize>());
-    let started = Instant::now();
-    let n_batches = images.len().div_ceil(batch);
-    let indices: Vec<usize> = (0..images.len()).collect();
-    for (b, chunk) in indices.chunks(batch).enumerate() {
-        let x = data::batch_tensor(images, chunk, plan.preprocess, &plain);
-        let y = frozen.frozen_features(x);
-        values.extend(y.into_data().iter::<f32>());
-        if (b + 1) % 10 == 0 || b + 1 == n_batches {
-            let done = ((b + 1) * batch).min(images.len());
-            let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            info!(run, split = %images.split, done, total = images.len(), images_per_s = format!("{rate:.1}"), "Extracting features.");
-        }
-    }
-    Features {
-        values,
-        shape,
-        labels: images.labels.clone(),
-    }
+/// A model's weights as burnpack bytes.
+pub fn model_bytes(model: &TransferModel) -> Result<Vec<u8>, String> {
+    model
+        .clone()
+        .into_record()
+        .into_bytes()
+        .map(|b| b.to_vec())
+        .map_err(|e| e.to_string())
+}
+
+/// Loads burnpack bytes into `model` (parameter ids included, so optimizer state still fits).
+pub fn load_model_bytes(model: TransferModel, bytes: &[u8]) -> Result<TransferModel, String> {
+    let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(bytes.to_vec()))
+        .map_err(|e| e.to_string())?;
+    let cut = model.cut();
+    model
+        .try_load_record(record)
+        .map(|m| m.with_cut(cut))
+        .map_err(|e| e.to_string())
+}
+
+/// The seed of the device before step `step` of epoch `epoch` (dropout masks).
+fn step_seed(seed: u64, epoch: usize, step: usize) -> u64 {
+    let mut z = seed
+        ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (step as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// Deterministic shuffling: SplitMix64 seeded from the run seed and the epoch.
@@ -175,57 +248,6 @@ pub fn shuffled(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
         idx.swap(i, j);
     }
     idx
-}
-
-/// Loss and accuracy of `model` (in validation mode) over a split's features.
-pub fn evaluate(
-    model: &TransferModel,
-    feats: &Features,
-    plan: &Plan,
-    device: &Device,
-) -> Evaluation {
-    let m = model.valid();
-    let plain = device.clone().without_autodiff();
-    let kind = plan.spec.train.loss;
-    let (mut loss_sum, mut correct) = (0.0, 0usize);
-    let indices: Vec<usize> = (0..feats.len()).collect();
-    for chunk in indices.chunks(plan.spec.data.batch_size) {
-        let (x, y) = feats.batch(chunk, &plain);
-        let logits = m.forward_from_cut(x);
-        correct += loss::correct(kind, logits.clone(), &y);
-        loss_sum +=
-            f64::from(loss::loss(kind, logits, &y).into_scalar::<f32>()) * chunk.len() as f64;
-    }
-    let n = feats.len().max(1) as f64;
-    Evaluation {
-        loss: loss_sum / n,
-        acc: correct as f64 / n,
-    }
-}
-
-/// Where training batches come from.
-pub enum TrainSource<'a> {
-    /// Activations at the cutoff, computed once (no augmentation).
-    Features(&'a Features),
-    /// Decoded images, augmented per step and run through the frozen part of the base (a
-    /// `valid()` copy, so no gradients and no stored activations).
-    Augmented {
-        /// The training images.
-        images: &'a Images,
-        /// The transforms.
-        spec: &'a AugmentSpec,
-        /// The model without autodiff, for the frozen prefix.
-        frozen: TransferModel,
-    },
-}
-
-impl TrainSource<'_> {
-    fn len(&self) -> usize {
-        match self {
-            Self::Features(f) => f.len(),
-            Self::Augmented { images, .. } => images.len(),
-        }
-    }
 }
 
 /// The training indices of one epoch: `steps` batches from successive shuffled passes; each
@@ -257,60 +279,210 @@ pub fn epoch_order(
     out
 }
 
-/// Trains `model` on `train`, validating on precomputed features after each epoch.
-pub fn fit(
-    mut model: TransferModel,
-    train: &TrainSource<'_>,
-    validation: &Features,
+/// Loss and accuracy of `model` (in validation mode) over a split's features, and each
+/// example's class probabilities when `keep` is set.
+pub fn evaluate_with(
+    model: &TransferModel,
+    feats: &Features,
     plan: &Plan,
     device: &Device,
-    run: &str,
-    mut on_epoch: impl FnMut(&EpochMetrics),
-) -> (TransferModel, Vec<EpochMetrics>) {
-    let spec = &plan.spec;
-    let kind = spec.train.loss;
-    let seed = spec.experiment.seed;
-    let batch = spec.data.batch_size;
-    let mut optimizer = optim::build(&spec.optimizer);
-    let lr = spec.optimizer.lr();
+    keep: bool,
+) -> (Evaluation, Vec<Prediction>) {
+    let m = model.valid();
     let plain = device.clone().without_autodiff();
-    let mut history = Vec::with_capacity(spec.train.epochs);
-    for epoch in 1..=spec.train.epochs {
-        let started = Instant::now();
-        let order = epoch_order(train.len(), batch, spec.train.steps_per_epoch, seed, epoch);
-        let chunks: Vec<&[(usize, usize)]> = order.chunks(batch).collect();
-        let (mut loss_sum, mut correct) = (0.0, 0usize);
-        let (steps, mut done, mut seen) = (chunks.len(), 0usize, 0usize);
-        let report_every = steps.div_ceil(10).max(1);
-        let mut step = |model: TransferModel, x: Tensor<4>, y: &[usize]| -> TransferModel {
+    let kind = plan.spec.train.loss;
+    let (mut loss_sum, mut correct) = (0.0, 0usize);
+    let mut out = Vec::new();
+    let indices: Vec<usize> = (0..feats.len()).collect();
+    for chunk in indices.chunks(plan.spec.data.batch_size) {
+        let (x, y) = feats.batch(chunk, &plain);
+        let logits = m.forward_from_cut(x);
+        correct += loss::correct(kind, logits.clone(), &y);
+        if keep {
+            for (&i, p) in chunk.iter().zip(loss::probabilities(kind, logits.clone())) {
+                out.push(Prediction {
+                    path: feats.paths[i].clone(),
+                    label: feats.labels[i],
+                    probabilities: p,
+                });
+            }
+        }
+        loss_sum +=
+            f64::from(loss::loss(kind, logits, &y).into_scalar::<f32>()) * chunk.len() as f64;
+    }
+    let n = feats.len().max(1) as f64;
+    let e = Evaluation {
+        loss: loss_sum / n,
+        acc: correct as f64 / n,
+    };
+    (e, out)
+}
+
+/// Loss and accuracy of `model` (in validation mode) over a split's features.
+pub fn evaluate(
+    model: &TransferModel,
+    feats: &Features,
+    plan: &Plan,
+    device: &Device,
+) -> Evaluation {
+    evaluate_with(model, feats, plan, device, false).0
+}
+
+/// Where training batches come from.
+pub enum TrainSource<'a> {
+    /// Activations at the cutoff, computed once (no augmentation).
+    Features(&'a Features),
+    /// Decoded images, augmented per step and run through the frozen part of the base (a
+    /// `valid()` copy, so no gradients and no stored activations).
+    Augmented {
+        /// The training images.
+        images: &'a Images,
+        /// The transforms.
+        spec: &'a AugmentSpec,
+        /// The model without autodiff, for the frozen prefix.
+        frozen: TransferModel,
+    },
+}
+
+impl TrainSource<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Self::Features(f) => f.len(),
+            Self::Augmented { images, .. } => images.len(),
+        }
+    }
+}
+
+/// How a run of steps ended.
+enum StepsEnd {
+    Finished(TransferModel),
+    Interrupted(TransferModel),
+    Diverged(TransferModel),
+}
+
+/// One phase's optimizer and schedule, and the settings its steps need.
+pub struct PhaseRunner<'a> {
+    plan: &'a Plan,
+    device: &'a Device,
+    run: &'a str,
+    /// The phase's optimizer.
+    pub optimizer: ModuleOptimizer,
+    /// The phase's learning-rate schedule.
+    pub schedule: Schedule,
+    steps: usize,
+    last_lr: f64,
+    interrupt: Option<Arc<AtomicBool>>,
+}
+
+impl<'a> PhaseRunner<'a> {
+    /// A fresh optimizer and schedule for `phase`, whose epochs have `steps` steps.
+    pub fn new(
+        plan: &'a Plan,
+        phase: &PhasePlan,
+        steps: usize,
+        device: &'a Device,
+        run: &'a str,
+    ) -> Self {
+        let lr = phase.optimizer.lr();
+        Self {
+            plan,
+            device,
+            run,
+            optimizer: optim::build(&phase.optimizer, plan.spec.train.clip_grad_norm),
+            schedule: Schedule::new(
+                &phase.schedule,
+                lr,
+                steps,
+                phase.epochs,
+                plan.spec.train.monitor,
+            ),
+            steps,
+            last_lr: lr,
+            interrupt: None,
+        }
+    }
+
+    fn interrupted(&self) -> bool {
+        self.interrupt
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::SeqCst))
+    }
+
+    /// Trains on `batches` (the epoch's remaining ones), updating `progress`.
+    fn steps(
+        &mut self,
+        mut model: TransferModel,
+        progress: &mut Progress,
+        epoch: usize,
+        started: Instant,
+        batches: impl Iterator<Item = (Tensor<4>, Vec<usize>)>,
+    ) -> StepsEnd {
+        let kind = self.plan.spec.train.loss;
+        let seed = self.plan.spec.experiment.seed;
+        let report_every = self.steps.div_ceil(10).max(1);
+        for (x, y) in batches {
+            let at = progress.epoch_in_phase * self.steps + progress.step;
+            let lr = self.schedule.lr(at);
+            self.device.seed(step_seed(seed, epoch, progress.step));
             let logits = model.forward_from_cut(x);
-            correct += loss::correct(kind, logits.clone().without_autodiff(), y);
-            let l = loss::loss(kind, logits, y);
-            let grads = GradientsParams::from_grads(l.backward(), &model);
-            loss_sum += f64::from(l.into_scalar::<f32>()) * y.len() as f64;
-            (done, seen) = (done + 1, seen + y.len());
-            if done % report_every == 0 && done < steps {
-                let rate = seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            let correct = loss::correct(kind, logits.clone().without_autodiff(), &y);
+            let l = loss::loss(kind, logits, &y);
+            let grads = l.backward();
+            let value = l.into_scalar::<f32>();
+            let p = &mut progress.partial;
+            p.loss_sum += f64::from(value) * y.len() as f64;
+            p.correct += correct;
+            p.seen += y.len();
+            progress.step += 1;
+            if !value.is_finite() {
+                return StepsEnd::Diverged(model);
+            }
+            let grads = GradientsParams::from_grads(grads, &model);
+            model = self.optimizer.step(lr, model, grads);
+            self.last_lr = lr;
+            if progress.step % report_every == 0 && progress.step < self.steps {
+                let p = &progress.partial;
+                let rate = p.seen as f64 / (p.seconds + started.elapsed().as_secs_f64()).max(1e-9);
                 info!(
-                    run,
+                    run = self.run,
                     epoch,
-                    step = done,
-                    steps,
-                    loss = loss_sum / seen as f64,
-                    acc = correct as f64 / seen as f64,
+                    step = progress.step,
+                    steps = self.steps,
+                    lr,
+                    loss = p.loss_sum / p.seen as f64,
+                    acc = p.correct as f64 / p.seen as f64,
                     images_per_s = rate,
                     "Training."
                 );
             }
-            optimizer.step(lr, model, grads)
-        };
-        match train {
+            if self.interrupted() {
+                return StepsEnd::Interrupted(model);
+            }
+        }
+        StepsEnd::Finished(model)
+    }
+
+    /// Runs the rest of epoch `epoch` from `progress.step`.
+    fn epoch(
+        &mut self,
+        model: TransferModel,
+        train: &TrainSource<'_>,
+        progress: &mut Progress,
+        epoch: usize,
+    ) -> StepsEnd {
+        let spec = &self.plan.spec;
+        let (seed, batch) = (spec.experiment.seed, spec.data.batch_size);
+        let started = Instant::now();
+        let order = epoch_order(train.len(), batch, spec.train.steps_per_epoch, seed, epoch);
+        let chunks: Vec<&[(usize, usize)]> = order.chunks(batch).skip(progress.step).collect();
+        let device = self.device;
+        let end = match train {
             TrainSource::Features(f) => {
-                for chunk in &chunks {
+                let batches = chunks.iter().map(|chunk| {
                     let idx: Vec<usize> = chunk.iter().map(|(i, _)| *i).collect();
-                    let (x, y) = f.batch(&idx, device);
-                    model = step(model, x, &y);
-                }
+                    f.batch(&idx, device)
+                });
+                self.steps(model, progress, epoch, started, batches)
             }
             TrainSource::Augmented {
                 images,
@@ -319,8 +491,9 @@ pub fn fit(
             } => {
                 // Augmentation of the next batches runs on another thread while this one
                 // computes; the channel bounds how far ahead it gets.
-                model = std::thread::scope(|scope| {
-                    let mut model = model;
+                let plain = device.clone().without_autodiff();
+                let preprocess = self.plan.preprocess;
+                std::thread::scope(|scope| {
                     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
                     let chunks_ref = &chunks;
                     scope.spawn(move || {
@@ -332,48 +505,100 @@ pub fn fit(
                             }
                         }
                     });
-                    for (chunk, pixels) in chunks.iter().zip(rx.iter()) {
+                    let batches = chunks.iter().zip(rx.iter()).map(|(chunk, pixels)| {
                         let y: Vec<usize> = chunk.iter().map(|(i, _)| images.labels[*i]).collect();
                         let x = data::pixels_tensor(
                             &pixels,
                             y.len(),
                             [images.height, images.width],
-                            plan.preprocess,
+                            preprocess,
                             &plain,
                         );
-                        let x = frozen.frozen_features(x).autodiff();
-                        model = step(model, x, &y);
-                    }
-                    model
-                });
+                        (frozen.frozen_features(x).autodiff(), y)
+                    });
+                    self.steps(model, progress, epoch, started, batches)
+                })
             }
-        }
-        let val = evaluate(&model, validation, plan, device);
-        let n = order.len().max(1) as f64;
-        let m = EpochMetrics {
-            epoch,
-            train_loss: loss_sum / n,
-            train_acc: correct as f64 / n,
-            val_loss: val.loss,
-            val_acc: val.acc,
-            lr,
-            seconds: started.elapsed().as_secs_f64(),
         };
-        info!(
-            run,
-            epoch,
-            epochs = spec.train.epochs,
-            train_loss = m.train_loss,
-            train_acc = m.train_acc,
-            val_loss = m.val_loss,
-            val_acc = m.val_acc,
-            seconds = m.seconds,
-            "Epoch finished."
-        );
-        on_epoch(&m);
-        history.push(m);
+        progress.partial.seconds += started.elapsed().as_secs_f64();
+        end
     }
-    (model, history)
+}
+
+/// Trains `model` for `epochs` epochs on `train`, validating after each (no checkpoints, no
+/// phases: the benchmark's loop).
+pub fn fit(
+    mut model: TransferModel,
+    train: &TrainSource<'_>,
+    validation: &Features,
+    plan: &Plan,
+    device: &Device,
+    run: &str,
+) -> (TransferModel, Vec<EpochMetrics>) {
+    let phase = &plan.phases[0];
+    let steps = steps_per_epoch(plan, train.len());
+    let mut runner = PhaseRunner::new(plan, phase, steps, device, run);
+    let mut progress = Progress::default();
+    for epoch in 1..=phase.epochs {
+        model = match runner.epoch(model, train, &mut progress, epoch) {
+            StepsEnd::Finished(m) | StepsEnd::Interrupted(m) | StepsEnd::Diverged(m) => m,
+        };
+        let m = finish_epoch(&mut progress, &runner, &model, validation, epoch, run);
+        progress.history.push(m);
+    }
+    (model, progress.history)
+}
+
+/// Steps per epoch: `train.steps_per_epoch`, or one pass over `n` examples.
+fn steps_per_epoch(plan: &Plan, n: usize) -> usize {
+    plan.spec
+        .train
+        .steps_per_epoch
+        .unwrap_or_else(|| n.div_ceil(plan.spec.data.batch_size))
+        .max(1)
+}
+
+/// Validates and turns the epoch's sums into its metrics; resets the sums.
+fn finish_epoch(
+    progress: &mut Progress,
+    runner: &PhaseRunner<'_>,
+    model: &TransferModel,
+    validation: &Features,
+    epoch: usize,
+    run: &str,
+) -> EpochMetrics {
+    let started = Instant::now();
+    let val = evaluate(model, validation, runner.plan, runner.device);
+    let p = std::mem::take(&mut progress.partial);
+    let n = p.seen.max(1) as f64;
+    let m = EpochMetrics {
+        epoch,
+        phase: progress.phase,
+        train_loss: p.loss_sum / n,
+        train_acc: p.correct as f64 / n,
+        val_loss: val.loss,
+        val_acc: val.acc,
+        lr: runner.last_lr,
+        seconds: p.seconds + started.elapsed().as_secs_f64(),
+    };
+    progress.step = 0;
+    progress.epoch_in_phase += 1;
+    let phase = &runner.plan.phases[m.phase];
+    info!(
+        run,
+        epoch,
+        phase = %phase.name,
+        phase_epoch = progress.epoch_in_phase,
+        phase_epochs = phase.epochs,
+        train_loss = m.train_loss,
+        train_acc = m.train_acc,
+        val_loss = m.val_loss,
+        val_acc = m.val_acc,
+        lr = m.lr,
+        seconds = m.seconds,
+        "Epoch finished."
+    );
+    m
 }
 
 /// Decodes every split and applies the `data.on_bad_image` policy: `fail` lists every bad file
@@ -416,14 +641,51 @@ fn load_images(plan: &Plan, run: &str) -> Result<(Vec<Images>, usize), TrainErro
     Ok((images, bad.len()))
 }
 
-/// The whole run: decode, build, extract, fit, test.
+/// The checkpoint of the current state.
+fn checkpoint_of(
+    opts: &RunOptions,
+    progress: &Progress,
+    model: &TransferModel,
+    optimizer: &ModuleOptimizer,
+    phase_best: Option<&TransferModel>,
+) -> Result<Checkpoint, TrainError> {
+    let path = checkpoint::last_path(&opts.results, &opts.run_id);
+    let fail = |message: String| {
+        TrainError::Write(crate::results::ResultsError::Write {
+            path: path.clone(),
+            message,
+        })
+    };
+    Ok(Checkpoint {
+        state: checkpoint::State {
+            run_id: opts.run_id.clone(),
+            origin: opts.origin.clone(),
+            progress: progress.clone(),
+        },
+        model: model_bytes(model).map_err(fail)?,
+        optimizer: optimizer
+            .into_bytes()
+            .map(|b| b.to_vec())
+            .map_err(|e| fail(e.to_string()))?,
+        phase_best: match phase_best {
+            Some(m) => model_bytes(m).map_err(fail)?,
+            None => Vec::new(),
+        },
+    })
+}
+
+/// The whole run: decode, build (or restore a checkpoint), then each phase: activations at its
+/// cutoff, training with a checkpoint after every epoch; then the test split. `on_update` is
+/// called after every epoch and when the run stops, to write the results.
 pub fn run(
     plan: &Plan,
     device: &Device,
-    run: &str,
-    on_epoch: impl FnMut(&EpochMetrics),
+    mut opts: RunOptions,
+    mut on_update: impl FnMut(&Progress),
 ) -> Result<Outcome, TrainError> {
     let spec = &plan.spec;
+    let run_id = opts.run_id.clone();
+    let run = run_id.as_str();
     let started = Instant::now();
     info!(run, phase = "load_data", dir = %plan.data_dir.display(), "Phase started.");
     let (images, skipped) = load_images(plan, run)?;
@@ -437,75 +699,254 @@ pub fn run(
 
     info!(run, phase = "build_model", weights = %plan.weights.display(), "Phase started.");
     device.seed(spec.experiment.seed);
-    let model = TransferModel::build(plan, device)?;
-
-    // Validation and test are never augmented: their activations at the cutoff are computed
-    // once. So is the training split's, when no augmentation is declared.
-    let started = Instant::now();
-    info!(run, phase = "extract_features", cut = %plan.cutoff.label, "Phase started.");
-    let augmented = spec.augment.is_some();
-    let feats: Vec<Option<Features>> = images
-        .iter()
-        .enumerate()
-        .map(|(i, imgs)| {
-            (i > 0 || !augmented).then(|| extract_features(&model, imgs, plan, device, run))
-        })
-        .collect();
-    info!(
-        run,
-        phase = "extract_features",
-        seconds = started.elapsed().as_secs_f64(),
-        "Phase finished."
-    );
-
-    let started = Instant::now();
-    info!(
-        run,
-        phase = "train",
-        epochs = spec.train.epochs,
-        augmented,
-        "Phase started."
-    );
-    device.seed(spec.experiment.seed);
-    let source = match (&spec.augment, &feats[0]) {
-        (Some(aug), _) => TrainSource::Augmented {
-            images: &images[0],
-            spec: aug,
-            frozen: model.valid(),
-        },
-        (None, Some(f)) => TrainSource::Features(f),
-        (None, None) => unreachable!("features are extracted when there is no augmentation"),
+    let mut model = TransferModel::build(plan, device)?;
+    let mut progress = Progress {
+        skipped_images: skipped,
+        ..Default::default()
     };
-    let validation = feats[1].as_ref().expect("validation features");
-    let validation = match spec.train.validation_steps {
-        Some(steps) => validation.head(steps * spec.data.batch_size),
-        None => validation.clone(),
-    };
-    let (model, epochs) = fit(model, &source, &validation, plan, device, run, on_epoch);
-    drop(source);
-    info!(
-        run,
-        phase = "train",
-        seconds = started.elapsed().as_secs_f64(),
-        "Phase finished."
-    );
-
-    let test = feats.get(2).and_then(Option::as_ref).map(|t| {
-        let e = evaluate(&model, t, plan, device);
+    let mut optimizer_state: Option<Vec<u8>> = None;
+    let mut phase_best: Option<TransferModel> = None;
+    if let Some(ck) = opts.resume.take() {
+        let path = checkpoint::last_path(&opts.results, run);
+        let restore = |m: TransferModel, bytes: &[u8]| {
+            load_model_bytes(m, bytes).map_err(|message| TrainError::Restore {
+                path: path.clone(),
+                message,
+            })
+        };
+        model = restore(model, &ck.model)?;
+        if !ck.phase_best.is_empty() {
+            phase_best = Some(restore(model.clone(), &ck.phase_best)?);
+        }
+        optimizer_state = Some(ck.optimizer).filter(|b| !b.is_empty());
+        progress = ck.state.progress;
+        progress.status = Status::Running;
         info!(
             run,
-            phase = "test",
-            test_loss = e.loss,
-            test_acc = e.acc,
-            "Test evaluation finished."
+            phase = %plan.phases.get(progress.phase).map_or("", |p| p.name.as_str()),
+            epochs_done = progress.history.len(),
+            step = progress.step,
+            "Run resumed."
         );
-        e
-    });
+    }
+
+    // Validation takes `validation_steps` batches of a fixed, seeded sample of the split.
+    let batch = spec.data.batch_size;
+    let validation = match spec.train.validation_steps {
+        Some(s) if s * batch < images[1].len() => {
+            let mut idx: Vec<usize> = shuffled(images[1].len(), spec.experiment.seed, 0)
+                .into_iter()
+                .take(s * batch)
+                .collect();
+            idx.sort_unstable();
+            std::borrow::Cow::Owned(images[1].subset(&idx))
+        }
+        _ => std::borrow::Cow::Borrowed(&images[1]),
+    };
+
+    let mut cache = std::mem::take(&mut opts.cache);
+    while progress.phase < plan.phases.len() {
+        let ph = &plan.phases[progress.phase];
+        if progress.phase_done || progress.epoch_in_phase >= ph.epochs {
+            progress.phase += 1;
+            progress.epoch_in_phase = 0;
+            progress.step = 0;
+            progress.phase_done = false;
+            progress.schedule = ScheduleState::default();
+            progress.stopping = Tracker::default();
+            optimizer_state = None;
+            phase_best = None;
+            continue;
+        }
+        let phase_started = Instant::now();
+        model = model.with_cut(ph.cutoff.index);
+        info!(
+            run,
+            phase = %ph.name,
+            epochs = ph.epochs,
+            trainable_from = %ph.cutoff.label,
+            optimizer = ph.optimizer.kind(),
+            lr = ph.optimizer.lr(),
+            schedule = ph.schedule.kind(),
+            augmented = ph.augment.is_some(),
+            "Phase started."
+        );
+        let train_feats = ph
+            .augment
+            .is_none()
+            .then(|| cache.features(&model, &images[0], plan, device, run));
+        let val_feats = cache.features(&model, &validation, plan, device, run);
+        let source = match (&ph.augment, &train_feats) {
+            (Some(aug), _) => TrainSource::Augmented {
+                images: &images[0],
+                spec: aug,
+                frozen: model.valid(),
+            },
+            (None, Some(f)) => TrainSource::Features(f),
+            (None, None) => unreachable!("features are extracted when there is no augmentation"),
+        };
+        let steps = steps_per_epoch(plan, source.len());
+        let mut runner = PhaseRunner::new(plan, ph, steps, device, run);
+        runner.interrupt = opts.interrupt.clone();
+        runner.schedule.state = progress.schedule.clone();
+        if let Some(bytes) = optimizer_state.take() {
+            runner.optimizer = optim::build(&ph.optimizer, spec.train.clip_grad_norm)
+                .from_bytes(Bytes::from_bytes_vec(bytes))
+                .map_err(|e| TrainError::Restore {
+                    path: checkpoint::last_path(&opts.results, run),
+                    message: format!("optimizer state: {e}"),
+                })?;
+        }
+        while progress.epoch_in_phase < ph.epochs && !progress.phase_done {
+            let epoch = progress.history.len() + 1;
+            match runner.epoch(model, &source, &mut progress, epoch) {
+                StepsEnd::Finished(m) => model = m,
+                StepsEnd::Interrupted(m) => {
+                    model = m;
+                    progress.status = Status::Interrupted;
+                    let ck = checkpoint_of(
+                        &opts,
+                        &progress,
+                        &model,
+                        &runner.optimizer,
+                        phase_best.as_ref(),
+                    )?;
+                    checkpoint::write(&checkpoint::last_path(&opts.results, run), &ck)?;
+                    on_update(&progress);
+                    warn!(
+                        run,
+                        epoch,
+                        step = progress.step,
+                        "Interrupted; checkpoint written."
+                    );
+                    return Ok(Outcome {
+                        progress,
+                        test: None,
+                        predictions: Vec::new(),
+                        model,
+                    });
+                }
+                StepsEnd::Diverged(m) => {
+                    model = m;
+                    let p = std::mem::take(&mut progress.partial);
+                    let n = p.seen.max(1) as f64;
+                    progress.history.push(EpochMetrics {
+                        epoch,
+                        phase: progress.phase,
+                        train_loss: p.loss_sum / n,
+                        train_acc: p.correct as f64 / n,
+                        val_loss: f64::NAN,
+                        val_acc: f64::NAN,
+                        lr: runner.last_lr,
+                        seconds: p.seconds,
+                    });
+                    progress.status = Status::Diverged;
+                    progress.diverged_at = Some((epoch, progress.step));
+                    tracing::error!(
+                        run,
+                        epoch,
+                        step = progress.step,
+                        phase = %ph.name,
+                        lr = runner.last_lr,
+                        "Training diverged: the loss is not finite. The last good checkpoint is kept; try a lower learning rate or train.clip_grad_norm."
+                    );
+                    on_update(&progress);
+                    return Ok(Outcome {
+                        progress,
+                        test: None,
+                        predictions: Vec::new(),
+                        model,
+                    });
+                }
+            }
+            let m = finish_epoch(&mut progress, &runner, &model, &val_feats, epoch, run);
+            if let Some(lr) = runner.schedule.epoch_end(&m) {
+                info!(run, epoch, lr, "Learning rate reduced on plateau.");
+            }
+            progress.schedule = runner.schedule.state.clone();
+            if let Some(es) = &ph.early_stopping {
+                let d =
+                    schedule::early_stopping(es, spec.train.monitor, &mut progress.stopping, &m);
+                if d.improved && es.restore_best {
+                    phase_best = Some(model.clone());
+                }
+                if d.stop {
+                    progress.phase_done = true;
+                    let restored = es.restore_best && phase_best.is_some();
+                    if let Some(best) = phase_best.take().filter(|_| es.restore_best) {
+                        model = best;
+                    }
+                    info!(
+                        run,
+                        epoch,
+                        phase = %ph.name,
+                        best_epoch = progress.stopping.best_epoch,
+                        restored,
+                        "Early stopping."
+                    );
+                }
+            }
+            let improved = progress.best.update(
+                schedule::metric(&m, spec.train.monitor),
+                m.epoch,
+                spec.train.monitor,
+                0.0,
+            );
+            progress.history.push(m);
+            let ck = checkpoint_of(
+                &opts,
+                &progress,
+                &model,
+                &runner.optimizer,
+                phase_best.as_ref(),
+            )?;
+            checkpoint::write(&checkpoint::last_path(&opts.results, run), &ck)?;
+            if improved {
+                checkpoint::write(&checkpoint::best_path(&opts.results, run), &ck)?;
+            }
+            on_update(&progress);
+            if runner.interrupted() {
+                progress.status = Status::Interrupted;
+                on_update(&progress);
+                warn!(run, epoch, "Interrupted; checkpoint written.");
+                return Ok(Outcome {
+                    progress,
+                    test: None,
+                    predictions: Vec::new(),
+                    model,
+                });
+            }
+        }
+        drop(source);
+        info!(
+            run,
+            phase = %ph.name,
+            seconds = phase_started.elapsed().as_secs_f64(),
+            "Phase finished."
+        );
+    }
+
+    progress.status = Status::Completed;
+    let (test, predictions) = match images.get(2) {
+        Some(t) => {
+            let f = cache.features(&model, t, plan, device, run);
+            let (e, p) = evaluate_with(&model, &f, plan, device, true);
+            info!(
+                run,
+                phase = "test",
+                test_loss = e.loss,
+                test_acc = e.acc,
+                "Test evaluation finished."
+            );
+            (Some(e), p)
+        }
+        None => (None, Vec::new()),
+    };
     Ok(Outcome {
-        epochs,
+        progress,
         test,
+        predictions,
         model,
-        skipped_images: skipped,
     })
 }
 

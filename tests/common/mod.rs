@@ -174,3 +174,28 @@ pub fn f32_tensor(st: &safetensors::SafeTensors<'_>, name: &str) -> Vec<f32> {
         .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
         .collect()
 }
+
+/// Trains `plan` in-process with checkpoints under `results` and no feature cache on disk.
+#[allow(dead_code)]
+pub fn train(
+    plan: &runner::plan::Plan,
+    device: &burn::prelude::Device,
+    results: &Path,
+) -> runner::train::Outcome {
+    let opts = runner::train::RunOptions {
+        run_id: "test".into(),
+        results: results.to_path_buf(),
+        origin: runner::train::Origin {
+            file: plan.file.clone(),
+            sets: Vec::new(),
+            config: String::new(),
+            config_hash: plan.config_hash.clone(),
+            started_at: String::new(),
+            classes: plan.classes.clone(),
+        },
+        cache: runner::train::FeatureCache::new(None),
+        resume: None,
+        interrupt: None,
+    };
+    runner::train::run(plan, device, opts, |_| {}).unwrap()
+}

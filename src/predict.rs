@@ -1,0 +1,287 @@
+//! The trained model on disk, and `runner predict`.
+//!
+//! A finished run leaves `results/<run_id>/model.bpk` (burn's record, parameter ids included),
+//! `results/<run_id>/model.safetensors` (the backbone in the same Keras naming as the ImageNet
+//! files, so it can be the `backbone.weights` of another experiment; the head as `head.*`) and
+//! `results/<run_id>/model.json` (what is needed to rebuild and use the model: the resolved
+//! spec, the classes, the preprocessing and the cutoff).
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use burn::store::{KeyRemapper, ModuleSnapshot, SafetensorsStore};
+use serde::{Deserialize, Serialize};
+
+use crate::backbone::{self, LayerOp};
+use crate::data::folder;
+use crate::model::TransferModel;
+use crate::plan::Plan;
+use crate::results::{ResultsError, write_atomic};
+use crate::spec::{Preprocess, Spec};
+use crate::train::{self, checkpoint, loss};
+
+/// What `runner predict` needs besides the weights.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelCard {
+    /// The run.
+    pub run_id: String,
+    /// The resolved spec.
+    pub spec: Spec,
+    /// Class names; a label is an index into this.
+    pub classes: Vec<String>,
+    /// Input preprocessing.
+    pub preprocess: Preprocess,
+    /// Freeze cutoff of the last phase.
+    pub cut: usize,
+}
+
+/// Errors saving or using a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file could not be written.
+    #[error(transparent)]
+    Write(#[from] ResultsError),
+    /// No model or checkpoint for this run.
+    #[error("{0}")]
+    Missing(String),
+    /// A saved model could not be read.
+    #[error("{path}: {message}")]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// `results/<run_id>/model.json`.
+pub fn card_path(results: &Path, run_id: &str) -> PathBuf {
+    checkpoint::run_dir(results, run_id).join("model.json")
+}
+
+/// Saves the model of a finished run in both formats, with its card.
+pub fn save(
+    results: &Path,
+    run_id: &str,
+    plan: &Plan,
+    model: &TransferModel,
+) -> Result<PathBuf, ModelError> {
+    let dir = checkpoint::run_dir(results, run_id);
+    let card = ModelCard {
+        run_id: run_id.to_string(),
+        spec: plan.spec.clone(),
+        classes: plan.classes.clone(),
+        preprocess: plan.preprocess,
+        cut: model.cut(),
+    };
+    let json = serde_json::to_string_pretty(&card).unwrap_or_default();
+    write_atomic(&card_path(results, run_id), |f| {
+        std::io::Write::write_all(f, json.as_bytes()).map_err(|e| e.to_string())
+    })?;
+    let bpk = dir.join("model.bpk");
+    let bytes = train::model_bytes(model).map_err(|message| ResultsError::Write {
+        path: bpk.clone(),
+        message,
+    })?;
+    write_atomic(&bpk, |f| {
+        std::io::Write::write_all(f, &bytes).map_err(|e| e.to_string())
+    })?;
+
+    let st = dir.join("model.safetensors");
+    let fail = |message: String| ResultsError::Write {
+        path: st.clone(),
+        message,
+    };
+    let remap = KeyRemapper::from_patterns(
+        plan.backbone
+            .layers()
+            .iter()
+            .filter_map(|l| match l.op {
+                LayerOp::Conv { index, .. } => Some((
+                    format!(r"^backbone\.convs\.{index}\.(weight|bias)$"),
+                    format!("{}.$1", l.name),
+                )),
+                LayerOp::MaxPool => None,
+            })
+            .collect(),
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    let mut store = SafetensorsStore::from_bytes(None)
+        .remap(remap)
+        .metadata("runner.run_id", run_id)
+        .metadata("runner.classes", plan.classes.join(","))
+        .metadata("runner.config", crate::results::config_toml(plan));
+    model
+        .save_into(&mut store)
+        .map_err(|e| fail(e.to_string()))?;
+    let bytes = store.get_bytes().map_err(|e| fail(e.to_string()))?;
+    write_atomic(&st, |f| {
+        std::io::Write::write_all(f, &bytes).map_err(|e| e.to_string())
+    })?;
+    Ok(dir)
+}
+
+/// Which weights `runner predict` uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Which {
+    /// The final model of a finished run (else the last checkpoint).
+    Final,
+    /// The best checkpoint by `train.monitor`.
+    Best,
+    /// The last checkpoint.
+    Last,
+}
+
+/// Loads a run's model on `device`.
+pub fn load(
+    results: &Path,
+    run_id: &str,
+    which: Which,
+    device: &Device,
+) -> Result<(ModelCard, TransferModel), ModelError> {
+    let cp = card_path(results, run_id);
+    let dir = checkpoint::run_dir(results, run_id);
+    let unreadable = |path: &Path, message: String| ModelError::Unreadable {
+        path: path.to_path_buf(),
+        message,
+    };
+    let (card, bytes) = if cp.exists() {
+        let text = std::fs::read_to_string(&cp).map_err(|e| unreadable(&cp, e.to_string()))?;
+        let card: ModelCard =
+            serde_json::from_str(&text).map_err(|e| unreadable(&cp, e.to_string()))?;
+        (card, None)
+    } else {
+        // A run that has not finished: the card comes from the config and the checkpoint.
+        let config = results.join(format!("{run_id}.toml"));
+        if !config.exists() {
+            return Err(ModelError::Missing(format!(
+                "no run {run_id} in {}: neither {} nor {} exists",
+                results.display(),
+                cp.display(),
+                config.display()
+            )));
+        }
+        let spec: Spec = toml::from_str(
+            &std::fs::read_to_string(&config).map_err(|e| unreadable(&config, e.to_string()))?,
+        )
+        .map_err(|e| unreadable(&config, e.to_string()))?;
+        let ck = checkpoint::read(&checkpoint::last_path(results, run_id))
+            .map_err(|e| ModelError::Missing(e.to_string()))?;
+        let def = backbone::find(&spec.backbone.name)
+            .ok_or_else(|| unreadable(&config, "unknown backbone".into()))?;
+        let classes = ck.state.origin.classes.clone();
+        let card = ModelCard {
+            run_id: run_id.to_string(),
+            preprocess: spec.backbone.preprocess.unwrap_or(def.default_preprocess),
+            cut: 0,
+            classes,
+            spec,
+        };
+        (card, Some(ck.model))
+    };
+    let def = backbone::find(&card.spec.backbone.name)
+        .ok_or_else(|| unreadable(&cp, "unknown backbone".into()))?;
+    let (path, bytes) = match (which, bytes) {
+        (Which::Final, Some(b)) => (checkpoint::last_path(results, run_id), b),
+        (Which::Final, None) => {
+            let p = dir.join("model.bpk");
+            (
+                p.clone(),
+                std::fs::read(&p).map_err(|e| unreadable(&p, e.to_string()))?,
+            )
+        }
+        (Which::Best | Which::Last, _) => {
+            let p = if which == Which::Best {
+                checkpoint::best_path(results, run_id)
+            } else {
+                checkpoint::last_path(results, run_id)
+            };
+            let ck = checkpoint::read(&p).map_err(|e| ModelError::Missing(e.to_string()))?;
+            (p, ck.model)
+        }
+    };
+    let model = TransferModel::init(
+        def,
+        &card.spec.head.layers,
+        card.spec.data.image_size,
+        card.cut,
+        device,
+    );
+    let model = train::load_model_bytes(model, &bytes).map_err(|m| unreadable(&path, m))?;
+    Ok((card, model))
+}
+
+/// Image files under `inputs` (files as given, folders searched recursively, sorted).
+pub fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, ModelError> {
+    let mut out = Vec::new();
+    for p in inputs {
+        if p.is_dir() {
+            let mut found = Vec::new();
+            let mut stack = vec![p.clone()];
+            while let Some(d) = stack.pop() {
+                let rd = std::fs::read_dir(&d).map_err(|e| ModelError::Unreadable {
+                    path: d.clone(),
+                    message: e.to_string(),
+                })?;
+                for e in rd.flatten() {
+                    let path = e.path();
+                    if path.is_dir() {
+                        stack.push(path);
+                    } else if path.extension().and_then(|x| x.to_str()).is_some_and(|x| {
+                        folder::IMAGE_EXTENSIONS.contains(&x.to_ascii_lowercase().as_str())
+                    }) {
+                        found.push(path);
+                    }
+                }
+            }
+            found.sort();
+            out.extend(found);
+        } else if p.is_file() {
+            out.push(p.clone());
+        } else {
+            return Err(ModelError::Missing(format!(
+                "{}: no such file or folder",
+                p.display()
+            )));
+        }
+    }
+    Ok(out)
+}
+
+/// Class probabilities of each image; an unreadable image gets its error instead.
+pub fn predict(
+    card: &ModelCard,
+    model: &TransferModel,
+    files: &[PathBuf],
+    device: &Device,
+) -> Vec<(PathBuf, Result<Vec<f32>, String>)> {
+    let spec = &card.spec;
+    let m = model.valid();
+    let plain = device.clone().without_autodiff();
+    let [h, w] = spec.data.image_size;
+    let mut out = Vec::with_capacity(files.len());
+    for chunk in files.chunks(spec.data.batch_size.max(1)) {
+        let decoded: Vec<Result<Vec<u8>, String>> = chunk
+            .iter()
+            .map(|p| folder::decode(p, [h, w], spec.data.interpolation).map(|d| d.pixels))
+            .collect();
+        let good: Vec<u8> = decoded
+            .iter()
+            .filter_map(|d| d.as_ref().ok())
+            .flatten()
+            .copied()
+            .collect();
+        let n = decoded.iter().filter(|d| d.is_ok()).count();
+        let mut probs = if n > 0 {
+            let x = crate::data::pixels_tensor(&good, n, [h, w], card.preprocess, &plain);
+            let logits = m.forward_from_cut(m.frozen_features(x));
+            loss::probabilities(spec.train.loss, logits).into_iter()
+        } else {
+            Vec::new().into_iter()
+        };
+        for (p, d) in chunk.iter().zip(decoded) {
+            out.push((p.clone(), d.map(|_| probs.next().unwrap_or_default())));
+        }
+    }
+    out
+}

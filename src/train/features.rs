@@ -1,0 +1,300 @@
+//! Activations at the freeze cutoff: computed once per split and phase when the layers below
+//! the cutoff are frozen and the split is not augmented, and kept on disk under a content key so
+//! that later runs and sweeps skip the base entirely.
+//!
+//! The key hashes everything the activations depend on: the backbone, the cut layer, the frozen
+//! layers' current weights (not the file name: a layer trained in an earlier phase changes the
+//! key), the preprocessing, the image size and resampling filter, and the bytes and labels of
+//! every image, in order. A cache file holds the activations as safetensors with the key and a
+//! checksum in its metadata; a file that fails any check is logged, removed and rebuilt.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::prelude::*;
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+
+use crate::data::{self, Images};
+use crate::model::TransferModel;
+use crate::plan::Plan;
+
+/// Version of the cache file layout and key; bump to invalidate every entry.
+const CACHE_VERSION: &str = "1";
+
+/// Activations at the cutoff for every image of one split, `[n, c, h, w]` row-major.
+#[derive(Debug, Clone)]
+pub struct Features {
+    /// Values.
+    pub values: Vec<f32>,
+    /// `[c, h, w]` of one example.
+    pub shape: [usize; 3],
+    /// Labels.
+    pub labels: Vec<usize>,
+    /// Source image of each example.
+    pub paths: Vec<PathBuf>,
+}
+
+impl Features {
+    /// A batch of examples as a tensor on `device`.
+    ///
+    /// # Shapes
+    ///
+    /// - output: `[indices.len(), c, h, w]`
+    pub fn batch(&self, indices: &[usize], device: &Device) -> (Tensor<4>, Vec<usize>) {
+        let per: usize = self.shape.iter().product();
+        let mut buf = Vec::with_capacity(indices.len() * per);
+        for &i in indices {
+            buf.extend_from_slice(&self.values[i * per..(i + 1) * per]);
+        }
+        let [c, h, w] = self.shape;
+        let x = Tensor::from_data(TensorData::new(buf, [indices.len(), c, h, w]), device);
+        (x, indices.iter().map(|&i| self.labels[i]).collect())
+    }
+
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether there are no examples.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+}
+
+/// Runs the frozen part of the base once over a split.
+pub fn extract(
+    model: &TransferModel,
+    images: &Images,
+    plan: &Plan,
+    device: &Device,
+    run: &str,
+) -> Features {
+    let frozen = model.valid();
+    let plain = device.clone().without_autodiff();
+    let batch = plan.spec.data.batch_size;
+    let shape = plan
+        .backbone
+        .shape_at(model.cut(), [images.height, images.width]);
+    let mut values = Vec::with_capacity(images.len() * shape.iter().product::<usize>());
+    let started = Instant::now();
+    let n_batches = images.len().div_ceil(batch);
+    let indices: Vec<usize> = (0..images.len()).collect();
+    for (b, chunk) in indices.chunks(batch).enumerate() {
+        let x = data::batch_tensor(images, chunk, plan.preprocess, &plain);
+        let y = frozen.frozen_features(x);
+        values.extend(y.into_data().iter::<f32>());
+        if (b + 1) % 10 == 0 || b + 1 == n_batches {
+            let done = ((b + 1) * batch).min(images.len());
+            let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            info!(run, split = %images.split, cut = model.cut(), done, total = images.len(), images_per_s = format!("{rate:.1}"), "Extracting features.");
+        }
+    }
+    Features {
+        values,
+        shape,
+        labels: images.labels.clone(),
+        paths: images.paths.clone(),
+    }
+}
+
+/// The content key of the activations of `images` at `model`'s cutoff (hex SHA-256).
+pub fn key(model: &TransferModel, images: &Images, plan: &Plan) -> String {
+    let mut h = Sha256::new();
+    let spec = &plan.spec;
+    h.update(
+        format!(
+            "runner-features-v{CACHE_VERSION}\nbackbone={}\ncut={}\npreprocess={}\nsize={}x{}\ninterpolation={:?}\n",
+            plan.backbone.name,
+            model.cut(),
+            plan.preprocess.as_str(),
+            images.height,
+            images.width,
+            spec.data.interpolation,
+        )
+        .as_bytes(),
+    );
+    h.update(model.frozen_digest());
+    for (digest, label) in images.digests.iter().zip(&images.labels) {
+        h.update(digest);
+        h.update((*label as u64).to_le_bytes());
+    }
+    hex(&h.finalize())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The on-disk cache, or none (`train.cache = "off"` or no folder).
+#[derive(Debug, Clone, Default)]
+pub struct FeatureCache {
+    dir: Option<PathBuf>,
+    memo: HashMap<String, Arc<Features>>,
+}
+
+impl FeatureCache {
+    /// A cache in `dir` (created when first written); `None` keeps activations in memory only.
+    pub fn new(dir: Option<PathBuf>) -> Self {
+        Self {
+            dir,
+            memo: HashMap::new(),
+        }
+    }
+
+    /// The file holding `key`.
+    pub fn path(&self, key: &str) -> Option<PathBuf> {
+        self.dir
+            .as_ref()
+            .map(|d| d.join(format!("{key}.safetensors")))
+    }
+
+    /// The activations of `images` at `model`'s cutoff: from memory, from disk, or computed
+    /// (and then stored).
+    pub fn features(
+        &mut self,
+        model: &TransferModel,
+        images: &Images,
+        plan: &Plan,
+        device: &Device,
+        run: &str,
+    ) -> Arc<Features> {
+        let key = key(model, images, plan);
+        if let Some(f) = self.memo.get(&key) {
+            return f.clone();
+        }
+        let short = &key[..16];
+        let loaded = self.path(&key).and_then(|path| {
+            if !path.exists() {
+                return None;
+            }
+            match read(&path, &key, images) {
+                Ok(f) => {
+                    info!(run, split = %images.split, cut = model.cut(), key = short, file = %path.display(), "Feature cache hit.");
+                    Some(f)
+                }
+                Err(reason) => {
+                    warn!(run, split = %images.split, file = %path.display(), reason, "Feature cache file is corrupt; rebuilding it.");
+                    let _ = std::fs::remove_file(&path);
+                    None
+                }
+            }
+        });
+        let f = match loaded {
+            Some(f) => f,
+            None => {
+                if self.dir.is_some() {
+                    info!(run, split = %images.split, cut = model.cut(), key = short, "Feature cache miss.");
+                }
+                let f = extract(model, images, plan, device, run);
+                if let Some(path) = self.path(&key) {
+                    match write(&path, &key, &f) {
+                        Ok(()) => {
+                            info!(run, split = %images.split, file = %path.display(), "Feature cache written.")
+                        }
+                        Err(e) => {
+                            warn!(run, file = %path.display(), error = %e, "Cannot write the feature cache; going on without it.")
+                        }
+                    }
+                }
+                f
+            }
+        };
+        let f = Arc::new(f);
+        self.memo.insert(key, f.clone());
+        f
+    }
+}
+
+fn le_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Writes one cache entry atomically.
+pub fn write(path: &Path, key: &str, f: &Features) -> Result<(), crate::results::ResultsError> {
+    let bytes = le_bytes(&f.values);
+    let labels: Vec<u8> = f
+        .labels
+        .iter()
+        .flat_map(|l| (*l as u32).to_le_bytes())
+        .collect();
+    let [c, h, w] = f.shape;
+    let err = |e: &dyn std::fmt::Display| crate::results::ResultsError::Write {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let meta = HashMap::from([
+        ("runner.key".to_string(), key.to_string()),
+        ("runner.version".to_string(), CACHE_VERSION.to_string()),
+        ("runner.sha256".to_string(), hex(&Sha256::digest(&bytes))),
+    ]);
+    let out = safetensors::serialize(
+        [
+            (
+                "features",
+                TensorView::new(Dtype::F32, vec![f.len(), c, h, w], &bytes).map_err(|e| err(&e))?,
+            ),
+            (
+                "labels",
+                TensorView::new(Dtype::U32, vec![f.len()], &labels).map_err(|e| err(&e))?,
+            ),
+        ],
+        Some(meta),
+    )
+    .map_err(|e| err(&e))?;
+    drop(bytes);
+    crate::results::write_atomic(path, |file| {
+        std::io::Write::write_all(file, &out).map_err(|e| e.to_string())
+    })
+}
+
+/// Reads and checks one cache entry against the key and the images it should describe.
+pub fn read(path: &Path, key: &str, images: &Images) -> Result<Features, String> {
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    let st =
+        SafeTensors::deserialize(&bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| e.to_string())?;
+    let meta = meta.metadata().clone().unwrap_or_default();
+    if meta.get("runner.key").map(String::as_str) != Some(key) {
+        return Err("its key does not match its file name".into());
+    }
+    let feats = st
+        .tensor("features")
+        .map_err(|e| format!("no features tensor: {e}"))?;
+    let labels = st
+        .tensor("labels")
+        .map_err(|e| format!("no labels tensor: {e}"))?;
+    if meta.get("runner.sha256") != Some(&hex(&Sha256::digest(feats.data()))) {
+        return Err("checksum mismatch".into());
+    }
+    let shape = feats.shape();
+    if feats.dtype() != Dtype::F32 || shape.len() != 4 || shape[0] != images.len() {
+        return Err(format!(
+            "expected f32 [{}, c, h, w], found {:?} {shape:?}",
+            images.len(),
+            feats.dtype()
+        ));
+    }
+    let stored: Vec<usize> = labels
+        .data()
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .collect();
+    if stored != images.labels {
+        return Err("labels differ from the images'".into());
+    }
+    Ok(Features {
+        values: feats
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        shape: [shape[1], shape[2], shape[3]],
+        labels: stored,
+        paths: images.paths.clone(),
+    })
+}
