@@ -255,13 +255,19 @@ impl Layer {
     }
 }
 
+// `Param::map` keeps the new tensor's (absent) gradient tracking: ask for it again, or the
+// biases stay at zero for the whole run.
 fn zero_linear_bias(mut l: Linear) -> Linear {
-    l.bias = l.bias.map(|b| b.map(|t| t.zeros_like()));
+    l.bias = l
+        .bias
+        .map(|b| b.map(|t| t.zeros_like()).set_require_grad(true));
     l
 }
 
 fn zero_conv_bias(mut c: Conv2d) -> Conv2d {
-    c.bias = c.bias.map(|b| b.map(|t| t.zeros_like()));
+    c.bias = c
+        .bias
+        .map(|b| b.map(|t| t.zeros_like()).set_require_grad(true));
     c
 }
 

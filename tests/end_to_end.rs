@@ -3,92 +3,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
 use polars::prelude::*;
 
-struct Setup {
-    dir: tempfile::TempDir,
-    spec: PathBuf,
-    results: PathBuf,
-    data: PathBuf,
-}
-
-fn setup(extra_replace: &[(&str, &str)]) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let data = common::make_dataset(&dir.path().join("data"), &["cats", "dogs"], [8, 4, 4], 40);
-    let weights = dir.path().join("w.safetensors");
-    common::write_vgg_weights(&weights, runner::backbone::find("vgg16").unwrap(), 9);
-    let mut text = common::spec_text(&data, &weights, "");
-    for (a, b) in extra_replace {
-        text = text.replace(a, b);
-    }
-    let spec = dir.path().join("tiny.toml");
-    std::fs::write(&spec, text).unwrap();
-    let results = dir.path().join("results");
-    Setup {
-        dir,
-        spec,
-        results,
-        data,
-    }
-}
-
-fn runner(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_runner"))
-        .args(args)
-        .current_dir(cwd)
-        .env_remove("RUNNER_ASSETS")
-        .env("RUNNER_CACHE", cwd.join("cache"))
-        .env("RUNNER_LOG", "info")
-        .output()
-        .unwrap()
-}
-
-fn run(s: &Setup, extra: &[&str]) -> Output {
-    let mut args = vec![
-        s.spec.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--results",
-        s.results.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    runner(&args, s.dir.path())
-}
-
-fn files_with(dir: &Path, suffix: &str) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
-    v.retain(|p| {
-        let name = p.to_string_lossy();
-        // Run tables only: per-image predictions sit beside them.
-        name.ends_with(suffix) && (suffix != ".parquet" || !name.ends_with(".predictions.parquet"))
-    });
-    v.sort();
-    v
-}
-
-fn first_str(df: &DataFrame, col: &str) -> String {
-    df.column(col)
-        .unwrap()
-        .str()
-        .unwrap()
-        .get(0)
-        .unwrap()
-        .to_string()
-}
-
-fn f64s(df: &DataFrame, col: &str) -> Vec<f64> {
-    df.column(col)
-        .unwrap()
-        .f64()
-        .unwrap()
-        .into_no_null_iter()
-        .collect()
-}
+use common::cli::*;
 
 #[test]
 fn a_tiny_run_writes_a_parquet_table_a_config_and_a_json_log() {

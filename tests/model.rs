@@ -167,3 +167,65 @@ fn layers_below_the_cutoff_do_not_change_in_training() {
 fn layers_below_the_cutoff_do_not_change_in_augmented_training() {
     only_block5_changes("\n[augment]\nrotation_degrees = 20\nhorizontal_flip = true\n");
 }
+
+/// Every float parameter of a module, in visiting order.
+struct Values(Vec<Vec<f32>>);
+
+impl burn::module::ModuleVisitor for Values {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+        self.0.push(param.val().into_data().iter::<f32>().collect());
+    }
+}
+
+fn head_values(m: &TransferModel) -> Vec<Vec<f32>> {
+    let mut v = Values(Vec::new());
+    m.head.visit(&mut v);
+    v.0
+}
+
+#[test]
+fn every_head_parameter_trains_and_a_restored_model_and_optimizer_continue_exactly() {
+    use burn::optim::GradientsParams;
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::make_dataset(&dir.path().join("data"), &["cats", "dogs"], [4, 2, 2], 32);
+    let weights = dir.path().join("w.safetensors");
+    common::write_vgg_weights(&weights, vgg16(), 5);
+    let plan = common::plan_for(dir.path(), &common::spec_text(&data, &weights, ""));
+    let device = Device::flex().autodiff();
+    device.seed(1);
+    let mut model = TransferModel::build(&plan, &device).unwrap();
+    let initial = head_values(&model);
+    let mut opt = runner::train::optim::build(&plan.spec.optimizer, None);
+    let x = Tensor::<4>::random([4, 512, 1, 1], burn::tensor::Distribution::Default, &device);
+    let y = vec![0usize, 1, 0, 1];
+    let step = |m: TransferModel, o: &mut burn::optim::ModuleOptimizer| {
+        device.seed(9);
+        let logits = m.forward_from_cut(x.clone());
+        let l = runner::train::loss::loss(plan.spec.train.loss, logits, &y);
+        let g = GradientsParams::from_grads(l.backward(), &m);
+        o.step(1e-3, m, g)
+    };
+    for _ in 0..3 {
+        model = step(model, &mut opt);
+    }
+    // Kernels and biases (which start at zero) all move.
+    let trained = head_values(&model);
+    assert_eq!(trained.len(), 4);
+    for (i, (a, b)) in initial.iter().zip(&trained).enumerate() {
+        assert_ne!(a, b, "head parameter {i} did not train");
+    }
+
+    let model_bytes = runner::train::model_bytes(&model).unwrap();
+    let opt_bytes = opt.into_bytes().unwrap().to_vec();
+    let fresh = TransferModel::build(&plan, &device).unwrap();
+    let mut restored = runner::train::load_model_bytes(fresh, &model_bytes).unwrap();
+    let mut restored_opt = runner::train::optim::build(&plan.spec.optimizer, None)
+        .from_bytes(burn::tensor::Bytes::from_bytes_vec(opt_bytes))
+        .unwrap();
+    assert_eq!(head_values(&restored), trained);
+    for _ in 0..2 {
+        model = step(model, &mut opt);
+        restored = step(restored, &mut restored_opt);
+    }
+    assert_eq!(head_values(&restored), head_values(&model));
+}

@@ -893,6 +893,11 @@ pub fn run(
                 0.0,
             );
             progress.history.push(m);
+            // A Ctrl-C during validation stops here, with this epoch's checkpoint.
+            let interrupted = runner.interrupted();
+            if interrupted {
+                progress.status = Status::Interrupted;
+            }
             let ck = checkpoint_of(
                 &opts,
                 &progress,
@@ -905,9 +910,7 @@ pub fn run(
                 checkpoint::write(&checkpoint::best_path(&opts.results, run), &ck)?;
             }
             on_update(&progress);
-            if runner.interrupted() {
-                progress.status = Status::Interrupted;
-                on_update(&progress);
+            if interrupted {
                 warn!(run, epoch, "Interrupted; checkpoint written.");
                 return Ok(Outcome {
                     progress,

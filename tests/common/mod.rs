@@ -2,6 +2,8 @@
 //! asset mirror.
 #![allow(dead_code)]
 
+pub mod cli;
+
 use std::path::{Path, PathBuf};
 
 use runner::backbone::BackboneDef;

@@ -1,0 +1,95 @@
+//! Running the `runner` binary on a generated dataset, and reading what it wrote.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use polars::prelude::*;
+
+/// A temporary folder with a dataset, a weights file, `tiny.toml` and a results folder.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub spec: PathBuf,
+    pub results: PathBuf,
+    pub data: PathBuf,
+    pub weights: PathBuf,
+}
+
+/// The tiny experiment, with text replacements applied to its spec.
+pub fn setup(extra_replace: &[(&str, &str)]) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let data = super::make_dataset(&dir.path().join("data"), &["cats", "dogs"], [8, 4, 4], 40);
+    let weights = dir.path().join("w.safetensors");
+    super::write_vgg_weights(&weights, runner::backbone::find("vgg16").unwrap(), 9);
+    let mut text = super::spec_text(&data, &weights, "");
+    for (a, b) in extra_replace {
+        text = text.replace(a, b);
+    }
+    let spec = dir.path().join("tiny.toml");
+    std::fs::write(&spec, text).unwrap();
+    let results = dir.path().join("results");
+    Setup {
+        dir,
+        spec,
+        results,
+        data,
+        weights,
+    }
+}
+
+/// Runs the binary in `cwd`, with the feature cache under `cwd/cache`.
+pub fn runner(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("RUNNER_ASSETS")
+        .env("RUNNER_CACHE", cwd.join("cache"))
+        .env("RUNNER_LOG", "info")
+        .output()
+        .unwrap()
+}
+
+/// Runs the tiny experiment with `extra` arguments.
+pub fn run(s: &Setup, extra: &[&str]) -> Output {
+    let mut args = vec![
+        s.spec.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--results",
+        s.results.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    runner(&args, s.dir.path())
+}
+
+pub fn files_with(dir: &Path, suffix: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    v.retain(|p| {
+        let name = p.to_string_lossy();
+        // Run tables only: per-image predictions sit beside them.
+        name.ends_with(suffix) && (suffix != ".parquet" || !name.ends_with(".predictions.parquet"))
+    });
+    v.sort();
+    v
+}
+
+pub fn first_str(df: &DataFrame, col: &str) -> String {
+    df.column(col)
+        .unwrap()
+        .str()
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .to_string()
+}
+
+pub fn f64s(df: &DataFrame, col: &str) -> Vec<f64> {
+    df.column(col)
+        .unwrap()
+        .f64()
+        .unwrap()
+        .into_no_null_iter()
+        .collect()
+}

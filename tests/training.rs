@@ -1,0 +1,604 @@
+//! Phases, early stopping, divergence, the feature cache, checkpoints and resume, Ctrl-C, the
+//! saved model and `runner predict`: the `runner` binary on generated images and random weights.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use polars::prelude::*;
+
+use common::cli::*;
+
+/// The tiny experiment with `extra` appended to its spec (after `[train]`).
+fn with_extra(replace: &[(&str, &str)], extra: &str) -> Setup {
+    let s = setup(replace);
+    let text = std::fs::read_to_string(&s.spec).unwrap();
+    std::fs::write(&s.spec, format!("{text}\n{extra}")).unwrap();
+    s
+}
+
+fn ok(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn strs(df: &DataFrame, col: &str) -> Vec<String> {
+    df.column(col)
+        .unwrap()
+        .str()
+        .unwrap()
+        .iter()
+        .map(|v| v.unwrap_or_default().to_string())
+        .collect()
+}
+
+fn u32s(df: &DataFrame, col: &str) -> Vec<u32> {
+    df.column(col)
+        .unwrap()
+        .u32()
+        .unwrap()
+        .into_no_null_iter()
+        .collect()
+}
+
+/// The only run table in `results`, and its run id.
+fn only_run(results: &Path) -> (String, DataFrame) {
+    let tables = files_with(results, ".parquet");
+    assert_eq!(tables.len(), 1, "{tables:?}");
+    let id = tables[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .trim_end_matches(".parquet")
+        .to_string();
+    (id, runner::results::read_run(&tables[0]).unwrap().0)
+}
+
+fn events(results: &Path, id: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(results.join(format!("{id}.log.jsonl")))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn count(events: &[serde_json::Value], message: &str) -> usize {
+    events.iter().filter(|e| e["message"] == message).count()
+}
+
+/// The tensors of a safetensors file whose names start with `prefix`.
+fn tensors(path: &Path, prefix: &str) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st
+        .names()
+        .into_iter()
+        .filter(|n| n.starts_with(prefix))
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let v = common::f32_tensor(&st, &n);
+            (n, v)
+        })
+        .collect()
+}
+
+const TWO_PHASES: &str = r#"
+[[phase]]
+name = "head"
+epochs = 2
+
+[[phase]]
+name = "fine_tune"
+epochs = 1
+trainable_from = "block5_conv1"
+optimizer = { kind = "rmsprop", lr = 1e-3 }
+"#;
+
+#[test]
+fn phases_number_epochs_across_the_run_and_unfreeze_only_block5() {
+    let s = with_extra(&[], TWO_PHASES);
+    ok(&run(&s, &[]));
+    let (id, df) = only_run(&s.results);
+    assert_eq!(strs(&df, "phase"), ["head", "head", "fine_tune"]);
+    assert_eq!(u32s(&df, "epoch"), [1, 2, 3]);
+    assert_eq!(
+        strs(&df, "trainable_from"),
+        ["none", "none", "block5_conv1"]
+    );
+    assert!(strs(&df, "status").iter().all(|s| s == "completed"));
+    let ev = events(&s.results, &id);
+    let started: Vec<&str> = ev
+        .iter()
+        .filter(|e| e["message"] == "Phase started." && e["trainable_from"].is_string())
+        .map(|e| e["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(started, ["head", "fine_tune"]);
+
+    // The saved model uses the ImageNet files' names: blocks 1-4 are the weights it was given,
+    // block 5 was trained in the second phase.
+    let model = s.results.join(&id).join("model.safetensors");
+    let before = tensors(&s.weights, "block");
+    let after = tensors(&model, "block");
+    assert_eq!(before.len(), 26);
+    assert_eq!(
+        before.iter().map(|t| &t.0).collect::<Vec<_>>(),
+        after.iter().map(|t| &t.0).collect::<Vec<_>>()
+    );
+    for ((name, a), (_, b)) in before.iter().zip(&after) {
+        if name.starts_with("block5") {
+            assert_ne!(a, b, "{name} is trainable in the fine_tune phase");
+        } else {
+            assert_eq!(a, b, "{name} is frozen in every phase");
+        }
+    }
+    assert!(!tensors(&model, "head.").is_empty());
+    assert!(s.results.join(&id).join("model.bpk").is_file());
+}
+
+#[test]
+fn the_second_phase_starts_from_the_first_phases_weights() {
+    // A run of the head phase alone, and the same phase followed by one that cannot move the
+    // weights (SGD at 1e-30): the final heads are identical only if the weights carried over.
+    let alone = with_extra(&[], "[[phase]]\nname = \"head\"\nepochs = 2\n");
+    ok(&run(&alone, &[]));
+    let then_still = with_extra(
+        &[],
+        "[[phase]]\nname = \"head\"\nepochs = 2\n\n[[phase]]\nname = \"still\"\nepochs = 1\noptimizer = { kind = \"sgd\", lr = 1e-30 }\n",
+    );
+    ok(&run(&then_still, &[]));
+    let head = |s: &Setup| {
+        let (id, _) = only_run(&s.results);
+        tensors(&s.results.join(&id).join("model.safetensors"), "head.")
+    };
+    let (a, b) = (head(&alone), head(&then_still));
+    assert!(!a.is_empty());
+    assert_eq!(a, b);
+}
+
+#[test]
+fn early_stopping_stops_the_phase_and_restores_the_best_weights() {
+    let first_epoch = with_extra(&[("epochs = 2", "epochs = 1")], "");
+    ok(&run(&first_epoch, &[]));
+    // min_delta 1000: only the first epoch counts as an improvement; patience 1 stops after
+    // the second.
+    let stopping = "[early_stopping]\npatience = 1\nmin_delta = 1000.0\nrestore_best = true\n";
+    let restored = with_extra(&[("epochs = 2", "epochs = 6")], stopping);
+    ok(&run(&restored, &[]));
+    let kept = with_extra(
+        &[("epochs = 2", "epochs = 6")],
+        &stopping.replace("true", "false"),
+    );
+    ok(&run(&kept, &[]));
+
+    let (id, df) = only_run(&restored.results);
+    assert_eq!(u32s(&df, "epoch"), [1, 2]);
+    let ev = events(&restored.results, &id);
+    let stop: Vec<&serde_json::Value> = ev
+        .iter()
+        .filter(|e| e["message"] == "Early stopping.")
+        .collect();
+    assert_eq!(stop.len(), 1);
+    assert_eq!(stop[0]["epoch"], 2);
+    assert_eq!(stop[0]["best_epoch"], 1);
+    assert_eq!(stop[0]["restored"], true);
+
+    let head = |s: &Setup| {
+        let (id, _) = only_run(&s.results);
+        tensors(&s.results.join(&id).join("model.safetensors"), "head.")
+    };
+    assert_eq!(head(&restored), head(&first_epoch));
+    assert_ne!(head(&kept), head(&first_epoch));
+}
+
+#[test]
+fn a_diverging_run_is_recorded_as_diverged_with_its_epoch() {
+    let s = setup(&[]);
+    let out = run(&s, &["--set", "optimizer.lr=1e30"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("diverged at epoch 1"), "{err}");
+    let (id, df) = only_run(&s.results);
+    assert!(strs(&df, "status").iter().all(|s| s == "diverged"));
+    assert_eq!(u32s(&df, "epoch"), [1]);
+    let val = f64s(&df, "val_loss");
+    assert!(val[0].is_nan());
+    let ev = events(&s.results, &id);
+    let d: Vec<&serde_json::Value> = ev
+        .iter()
+        .filter(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("Training diverged"))
+        })
+        .collect();
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0]["epoch"], 1);
+    assert!(d[0]["step"].as_u64().unwrap() >= 1);
+    // No model is saved from a diverged run.
+    assert!(!s.results.join(&id).join("model.bpk").exists());
+}
+
+#[test]
+fn a_second_run_reads_the_feature_cache_and_a_corrupt_entry_is_rebuilt() {
+    let s = setup(&[]);
+    let cache = s.dir.path().join("cache");
+    for _ in 0..2 {
+        ok(&run(&s, &[]));
+    }
+    let mut tables = files_with(&s.results, ".parquet");
+    tables.sort();
+    let ids: Vec<String> = tables
+        .iter()
+        .map(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .trim_end_matches(".parquet")
+                .to_string()
+        })
+        .collect();
+    let (first, second) = (events(&s.results, &ids[0]), events(&s.results, &ids[1]));
+    // Train, validation and test at the cutoff: three entries.
+    assert_eq!(count(&first, "Feature cache miss."), 3);
+    assert_eq!(count(&first, "Feature cache hit."), 0);
+    assert_eq!(count(&second, "Feature cache hit."), 3);
+    assert_eq!(
+        count(&second, "Extracting features."),
+        0,
+        "the base never ran"
+    );
+    let metrics = |p: &PathBuf| {
+        let df = runner::results::read_run(p).unwrap().0;
+        (
+            f64s(&df, "train_loss"),
+            f64s(&df, "val_loss"),
+            f64s(&df, "test_acc"),
+        )
+    };
+    assert_eq!(metrics(&tables[0]), metrics(&tables[1]));
+
+    // Damage every entry: each is detected, rebuilt, and the numbers do not change.
+    let entries = files_with(&cache, ".safetensors");
+    assert_eq!(entries.len(), 3);
+    for e in &entries {
+        let mut bytes = std::fs::read(e).unwrap();
+        let n = bytes.len();
+        bytes[n - 5] ^= 0xFF;
+        std::fs::write(e, bytes).unwrap();
+    }
+    std::fs::write(&entries[0], b"").unwrap();
+    ok(&run(&s, &[]));
+    let mut tables = files_with(&s.results, ".parquet");
+    tables.sort();
+    let id = tables[2]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .trim_end_matches(".parquet")
+        .to_string();
+    let third = events(&s.results, &id);
+    assert_eq!(
+        count(&third, "Feature cache file is corrupt; rebuilding it."),
+        3
+    );
+    assert_eq!(count(&third, "Feature cache written."), 3);
+    assert_eq!(metrics(&tables[0]), metrics(&tables[2]));
+    ok(&run(&s, &[]));
+
+    // cache = "off" never touches the folder.
+    let off = setup(&[]);
+    ok(&run(&off, &["--set", "train.cache=off"]));
+    assert!(files_with(&off.dir.path().join("cache"), ".safetensors").is_empty());
+}
+
+/// Runs the experiment with its results in `results`.
+fn run_in(s: &Setup, results: &Path) -> std::process::Output {
+    runner(
+        &[
+            s.spec.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--results",
+            results.to_str().unwrap(),
+        ],
+        s.dir.path(),
+    )
+}
+
+/// Starts the experiment in the background.
+fn spawn(s: &Setup, results: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args([
+            s.spec.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--results",
+            results.to_str().unwrap(),
+        ])
+        .current_dir(s.dir.path())
+        .env_remove("RUNNER_ASSETS")
+        .env("RUNNER_CACHE", s.dir.path().join("cache"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until some run in `results` has written its first checkpoint and results table;
+/// returns the run id.
+fn wait_for_checkpoint(results: &Path, child: &mut Child) -> String {
+    let started = Instant::now();
+    loop {
+        if let Ok(rd) = std::fs::read_dir(results) {
+            for e in rd.flatten() {
+                let id = e.file_name().to_string_lossy().into_owned();
+                if e.path().join("last.ckpt").is_file()
+                    && results.join(format!("{id}.parquet")).is_file()
+                {
+                    return id;
+                }
+            }
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before its first checkpoint"
+        );
+        assert!(started.elapsed() < Duration::from_secs(120));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+/// Long enough to interrupt: 8 epochs of 40 steps (ten passes over the 16 images each).
+const LONG: [(&str, &str); 1] = [("epochs = 2", "epochs = 8\nsteps_per_epoch = 40")];
+
+/// Per-epoch metrics of a run table.
+fn curve(df: &DataFrame) -> Vec<Vec<f64>> {
+    ["train_loss", "train_acc", "val_loss", "val_acc", "lr"]
+        .iter()
+        .map(|c| f64s(df, c))
+        .collect()
+}
+
+fn assert_same_run(a: &DataFrame, b: &DataFrame) {
+    assert_eq!(u32s(a, "epoch"), u32s(b, "epoch"));
+    for (x, y) in curve(a).iter().zip(curve(b)) {
+        for (u, v) in x.iter().zip(&y) {
+            assert!((u - v).abs() <= 1e-4, "{x:?} vs {y:?}");
+        }
+    }
+    let t = |df: &DataFrame| f64s(df, "test_acc")[0];
+    assert!((t(a) - t(b)).abs() <= 1e-4);
+}
+
+#[test]
+fn a_killed_run_resumes_to_the_same_results_and_refuses_a_changed_config() {
+    let s = setup(&LONG);
+    let baseline_dir = s.dir.path().join("baseline");
+    ok(&run_in(&s, &baseline_dir));
+    let (_, baseline) = only_run(&baseline_dir);
+
+    let mut child = spawn(&s, &s.results);
+    let id = wait_for_checkpoint(&s.results, &mut child);
+    signal(&child, "-KILL");
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    let (_, partial) = only_run(&s.results);
+    assert!(strs(&partial, "status").iter().all(|s| s == "running"));
+    assert!(partial.height() < 8, "killed before the end");
+
+    // A changed value on the command line or in the file is refused, naming the key.
+    let out = runner(
+        &[
+            "resume",
+            &id,
+            "--results",
+            s.results.to_str().unwrap(),
+            "--set",
+            "optimizer.lr=0.5",
+        ],
+        s.dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("optimizer.lr: 0.001 -> 0.5"), "{err}");
+    let text = std::fs::read_to_string(&s.spec).unwrap();
+    std::fs::write(&s.spec, text.replace("epochs = 8", "epochs = 9")).unwrap();
+    let out = run(&s, &["--resume"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("train.epochs: 8 -> 9"), "{err}");
+    std::fs::write(&s.spec, text).unwrap();
+
+    let out = runner(
+        &["resume", &id, "--results", s.results.to_str().unwrap()],
+        s.dir.path(),
+    );
+    ok(&out);
+    let (_, resumed) = only_run(&s.results);
+    assert!(strs(&resumed, "status").iter().all(|s| s == "completed"));
+    assert_same_run(&resumed, &baseline);
+    let ev = events(&s.results, &id);
+    assert_eq!(count(&ev, "Run resumed."), 1);
+
+    // A finished run is not resumed again.
+    let out = runner(
+        &["resume", &id, "--results", s.results.to_str().unwrap()],
+        s.dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already completed"));
+}
+
+#[test]
+fn ctrl_c_checkpoints_mid_epoch_and_resume_continues_exactly() {
+    let s = setup(&LONG);
+    let baseline_dir = s.dir.path().join("baseline");
+    ok(&run_in(&s, &baseline_dir));
+    let (_, baseline) = only_run(&baseline_dir);
+
+    let mut child = spawn(&s, &s.results);
+    let id = wait_for_checkpoint(&s.results, &mut child);
+    signal(&child, "-INT");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("runner resume {id}")), "{err}");
+    let (_, partial) = only_run(&s.results);
+    assert!(strs(&partial, "status").iter().all(|s| s == "interrupted"));
+    let ck = runner::train::checkpoint::read(&s.results.join(&id).join("last.ckpt")).unwrap();
+    assert_eq!(ck.state.progress.status, runner::train::Status::Interrupted);
+    assert_eq!(ck.state.progress.history.len(), partial.height());
+    assert!(
+        ck.state.progress.step > 0,
+        "the first Ctrl-C finishes the step it is in and checkpoints mid-epoch"
+    );
+
+    let out = run(&s, &["--resume"]);
+    ok(&out);
+    let (_, resumed) = only_run(&s.results);
+    assert_same_run(&resumed, &baseline);
+}
+
+#[test]
+fn a_second_ctrl_c_stops_at_once_and_leaves_no_half_written_file() {
+    let s = setup(&LONG);
+    let mut child = spawn(&s, &s.results);
+    wait_for_checkpoint(&s.results, &mut child);
+    signal(&child, "-INT");
+    signal(&child, "-INT");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    for t in files_with(&s.results, ".parquet") {
+        runner::results::read_run(&t).expect("a complete results table");
+    }
+}
+
+#[test]
+fn a_damaged_checkpoint_is_named_and_not_used() {
+    let s = setup(&LONG);
+    let mut child = spawn(&s, &s.results);
+    let id = wait_for_checkpoint(&s.results, &mut child);
+    signal(&child, "-KILL");
+    child.wait().unwrap();
+    let ck = s.results.join(&id).join("last.ckpt");
+    let mut bytes = std::fs::read(&ck).unwrap();
+    bytes.truncate(bytes.len() / 2);
+    std::fs::write(&ck, bytes).unwrap();
+    let out = runner(
+        &["resume", &id, "--results", s.results.to_str().unwrap()],
+        s.dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("last.ckpt") && err.contains("damaged checkpoint"),
+        "{err}"
+    );
+    let out = runner(
+        &[
+            "resume",
+            "no-such-run",
+            "--results",
+            s.results.to_str().unwrap(),
+        ],
+        s.dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-run"));
+}
+
+#[test]
+fn test_predictions_are_written_and_predict_prints_the_same_probabilities() {
+    let s = setup(&[]);
+    ok(&run(&s, &[]));
+    let (id, df) = only_run(&s.results);
+    let preds = s.results.join(format!("{id}.predictions.parquet"));
+    let p = runner::results::read_run(&preds).unwrap().0;
+    assert_eq!(p.height(), 8);
+    let correct = p
+        .column("correct")
+        .unwrap()
+        .bool()
+        .unwrap()
+        .iter()
+        .filter(|c| *c == Some(true))
+        .count();
+    assert!((correct as f64 / 8.0 - f64s(&df, "test_acc")[0]).abs() < 1e-9);
+    let labels = strs(&p, "label");
+    assert_eq!(labels.iter().filter(|l| *l == "cats").count(), 4);
+    let prob = f64s(&p, "probability");
+    assert!(prob.iter().all(|v| (0.5..=1.0).contains(v)));
+    let dogs = f64s(&p, "p_dogs");
+
+    let out = runner(
+        &[
+            "predict",
+            &id,
+            s.data.join("test").to_str().unwrap(),
+            "--results",
+            s.results.to_str().unwrap(),
+        ],
+        s.dir.path(),
+    );
+    ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines[0].contains("cats") && lines[0].contains("dogs"));
+    assert_eq!(lines.len(), 9, "{stdout}");
+    let paths = strs(&p, "path");
+    for line in &lines[1..] {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let (cat, dog): (f64, f64) = (cols[1].parse().unwrap(), cols[2].parse().unwrap());
+        assert!((cat + dog - 1.0).abs() < 2e-4, "{line}");
+        let i = paths.iter().position(|p| p == cols[0]).unwrap();
+        assert!((dog - dogs[i]).abs() < 1e-4, "{line} vs {}", dogs[i]);
+        assert_eq!(cols[3], if dog > cat { "dogs" } else { "cats" });
+    }
+
+    // Bad input: an unreadable image is named; an unknown run is named.
+    let broken = s.dir.path().join("broken.jpg");
+    std::fs::write(&broken, b"not a jpeg").unwrap();
+    let out = runner(
+        &[
+            "predict",
+            &id,
+            broken.to_str().unwrap(),
+            "--results",
+            s.results.to_str().unwrap(),
+        ],
+        s.dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("broken.jpg"));
+    let out = runner(
+        &[
+            "predict",
+            "nope",
+            broken.to_str().unwrap(),
+            "--results",
+            s.results.to_str().unwrap(),
+        ],
+        s.dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no run nope"));
+}
