@@ -688,3 +688,113 @@ fn the_seed_experiments_validate_against_the_mirror() {
         .unwrap_or_else(|e| panic!("{e}"));
     }
 }
+
+const PHASES: &str = r#"
+[[phase]]
+name = "head"
+epochs = 3
+
+[[phase]]
+name = "fine_tune"
+epochs = 4
+trainable_from = "block5_conv1"
+optimizer = { kind = "rmsprop", lr = 1e-5 }
+schedule = { kind = "cosine", warmup_epochs = 1 }
+augment = {}
+"#;
+
+#[test]
+fn phases_resolve_with_the_experiment_settings_as_defaults() {
+    let f = fixture(&["cats", "dogs"]);
+    let text = format!(
+        "{}\n[schedule]\nkind = \"step\"\nevery_epochs = 2\n\n[augment]\nrotation_degrees = 10\n\n[early_stopping]\npatience = 2\n{PHASES}",
+        f.spec()
+    );
+    let plan = f.plan(&text).unwrap();
+    assert_eq!(plan.phases.len(), 2);
+    let (head, tune) = (&plan.phases[0], &plan.phases[1]);
+    assert_eq!((head.name.as_str(), head.epochs), ("head", 3));
+    assert_eq!(head.cutoff.label, "none");
+    assert_eq!(head.optimizer.lr(), 1e-3);
+    assert_eq!(head.schedule.kind(), "step");
+    assert!(head.augment.is_some());
+    assert!(head.early_stopping.is_some());
+    assert_eq!(tune.cutoff.label, "block5_conv1");
+    assert_eq!(tune.optimizer.lr(), 1e-5);
+    assert_eq!(tune.schedule.kind(), "cosine");
+    assert!(tune.augment.is_none(), "augment = {{}} turns it off");
+    // Without [[phase]]: one phase named train with the top-level settings.
+    let one = f.plan(&f.spec()).unwrap();
+    assert_eq!(one.phases.len(), 1);
+    assert_eq!(
+        (one.phases[0].name.as_str(), one.phases[0].epochs),
+        ("train", 2)
+    );
+    assert_eq!(one.phases[0].schedule.kind(), "constant");
+}
+
+#[test]
+fn every_bad_phase_value_is_named_with_its_phase_index() {
+    let f = fixture(&["cats", "dogs"]);
+    let bad = PHASES
+        .replace("name = \"fine_tune\"", "name = \"head\"\nepoch = 3")
+        .replace("block5_conv1", "block5_conv9")
+        .replace("kind = \"rmsprop\", lr = 1e-5", "kind = \"rmsprop\", lr = -1.0")
+        .replace("kind = \"cosine\"", "kind = \"cosin\"");
+    let e = err(f.plan(&format!("{}{bad}", f.spec())));
+    // Load errors first: the unknown key and the unknown schedule kind.
+    assert!(
+        e.contains("phase[1].epoch: unknown field `epoch`"),
+        "{e}"
+    );
+    assert!(
+        e.contains("phase[1].schedule.kind: unknown schedule kind \"cosin\" (did you mean \"cosine\"?)"),
+        "{e}"
+    );
+    assert!(e.contains(&f.file()), "{e}");
+    let bad = PHASES
+        .replace("name = \"fine_tune\"", "name = \"head\"")
+        .replace("block5_conv1", "block5_conv9")
+        .replace("kind = \"rmsprop\", lr = 1e-5", "kind = \"rmsprop\", lr = -1.0")
+        .replace("epochs = 3", "epochs = 0");
+    let e = err(f.plan(&format!("{}{bad}", f.spec())));
+    for want in [
+        "phase[1].name: \"head\" is already the name of an earlier phase",
+        "phase[1].trainable_from:",
+        "block5_conv9",
+        "phase[1].optimizer.lr: must be a positive number, got -1",
+        "phase[0].epochs: must be at least 1, got 0",
+    ] {
+        assert!(e.contains(want), "missing {want:?} in {e}");
+    }
+}
+
+#[test]
+fn schedule_early_stopping_and_clipping_values_are_checked() {
+    let f = fixture(&["cats", "dogs"]);
+    let text = format!(
+        "{}clip_grad_norm = 0\nmonitor = \"val_accuracy\"\n",
+        f.spec()
+    );
+    let e = err(f.plan(&text));
+    assert!(e.contains("train.monitor: unknown variant `val_accuracy`, expected one of `val_loss`, `val_acc`, `train_loss`, `train_acc`"), "{e}");
+    let text = format!(
+        "{}clip_grad_norm = 0\n\n[schedule]\nkind = \"reduce_on_plateau\"\nfactor = 1.5\n\n[early_stopping]\npatience = 2\nmin_delta = -1\n",
+        f.spec()
+    );
+    let e = err(f.plan(&text));
+    for want in [
+        "train.clip_grad_norm: must be a positive number, got 0",
+        "schedule.factor: must be in (0, 1), got 1.5",
+        "early_stopping.min_delta: must be at least 0, got -1",
+    ] {
+        assert!(e.contains(want), "missing {want:?} in {e}");
+    }
+    let e = err(f.plan(&format!("{}\n[early_stopping]\nmin_delta = 0.1\n", f.spec())));
+    assert!(
+        e.contains("early_stopping.patience: missing field `patience`"),
+        "{e}"
+    );
+    let e = err(f.plan(&format!("{}\n[schedule]\nkind = \"step\"\n", f.spec())));
+    assert!(e.contains("schedule.every_epochs: missing field `every_epochs`"), "{e}");
+}
