@@ -713,6 +713,33 @@ pub fn summary(plan: &Plan) -> String {
         })
         .map(|(n, _)| n)
         .collect();
+    let head_params: usize = plan.head_shapes.iter().map(|(_, p)| p).sum();
+    s += &format!("Phases ({}):\n", plan.phases.len());
+    for (i, ph) in plan.phases.iter().enumerate() {
+        let base_trainable: usize = def.layers()[ph.cutoff.index..]
+            .iter()
+            .map(|l| l.num_params())
+            .sum();
+        s += &format!(
+            "  {}. {}: {} epochs, trainable from {} ({} trainable params), {} lr {}, schedule {}, {}{}\n",
+            i + 1,
+            ph.name,
+            ph.epochs,
+            ph.cutoff.label,
+            thousands(base_trainable + head_params),
+            ph.optimizer.kind(),
+            ph.optimizer.lr(),
+            ph.schedule.kind(),
+            if ph.augment.is_some() {
+                "augmented"
+            } else {
+                "not augmented (activations at the cutoff computed once)"
+            },
+            ph.early_stopping
+                .as_ref()
+                .map_or(String::new(), |e| format!(", early stopping (patience {})", e.patience))
+        );
+    }
     s += &format!(
         "Frozen tensors ({}): {}\n",
         frozen_tensors.len(),

@@ -723,6 +723,12 @@ fn phases_resolve_with_the_experiment_settings_as_defaults() {
     assert_eq!(tune.optimizer.lr(), 1e-5);
     assert_eq!(tune.schedule.kind(), "cosine");
     assert!(tune.augment.is_none(), "augment = {{}} turns it off");
+    let summary = runner::cli::summary(&plan);
+    assert!(
+        summary.contains("2. fine_tune: 4 epochs, trainable from block5_conv1 (7,087,649 trainable params), rmsprop lr 0.00001, schedule cosine, not augmented"),
+        "{summary}"
+    );
+    assert!(summary.contains("1. head: 3 epochs, trainable from none (8,225 trainable params), rmsprop lr 0.001, schedule step, augmented, early stopping (patience 2)"), "{summary}");
     // Without [[phase]]: one phase named train with the top-level settings.
     let one = f.plan(&f.spec()).unwrap();
     assert_eq!(one.phases.len(), 1);
