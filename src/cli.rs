@@ -737,7 +737,10 @@ pub fn summary(plan: &Plan) -> String {
             },
             ph.early_stopping
                 .as_ref()
-                .map_or(String::new(), |e| format!(", early stopping (patience {})", e.patience))
+                .map_or(String::new(), |e| format!(
+                    ", early stopping (patience {})",
+                    e.patience
+                ))
         );
     }
     s += &format!(

@@ -745,23 +745,28 @@ fn every_bad_phase_value_is_named_with_its_phase_index() {
     let bad = PHASES
         .replace("name = \"fine_tune\"", "name = \"head\"\nepoch = 3")
         .replace("block5_conv1", "block5_conv9")
-        .replace("kind = \"rmsprop\", lr = 1e-5", "kind = \"rmsprop\", lr = -1.0")
+        .replace(
+            "kind = \"rmsprop\", lr = 1e-5",
+            "kind = \"rmsprop\", lr = -1.0",
+        )
         .replace("kind = \"cosine\"", "kind = \"cosin\"");
     let e = err(f.plan(&format!("{}{bad}", f.spec())));
     // Load errors first: the unknown key and the unknown schedule kind.
+    assert!(e.contains("phase[1].epoch: unknown field `epoch`"), "{e}");
     assert!(
-        e.contains("phase[1].epoch: unknown field `epoch`"),
-        "{e}"
-    );
-    assert!(
-        e.contains("phase[1].schedule.kind: unknown schedule kind \"cosin\" (did you mean \"cosine\"?)"),
+        e.contains(
+            "phase[1].schedule.kind: unknown schedule kind \"cosin\" (did you mean \"cosine\"?)"
+        ),
         "{e}"
     );
     assert!(e.contains(&f.file()), "{e}");
     let bad = PHASES
         .replace("name = \"fine_tune\"", "name = \"head\"")
         .replace("block5_conv1", "block5_conv9")
-        .replace("kind = \"rmsprop\", lr = 1e-5", "kind = \"rmsprop\", lr = -1.0")
+        .replace(
+            "kind = \"rmsprop\", lr = 1e-5",
+            "kind = \"rmsprop\", lr = -1.0",
+        )
         .replace("epochs = 3", "epochs = 0");
     let e = err(f.plan(&format!("{}{bad}", f.spec())));
     for want in [
@@ -796,11 +801,17 @@ fn schedule_early_stopping_and_clipping_values_are_checked() {
     ] {
         assert!(e.contains(want), "missing {want:?} in {e}");
     }
-    let e = err(f.plan(&format!("{}\n[early_stopping]\nmin_delta = 0.1\n", f.spec())));
+    let e = err(f.plan(&format!(
+        "{}\n[early_stopping]\nmin_delta = 0.1\n",
+        f.spec()
+    )));
     assert!(
         e.contains("early_stopping.patience: missing field `patience`"),
         "{e}"
     );
     let e = err(f.plan(&format!("{}\n[schedule]\nkind = \"step\"\n", f.spec())));
-    assert!(e.contains("schedule.every_epochs: missing field `every_epochs`"), "{e}");
+    assert!(
+        e.contains("schedule.every_epochs: missing field `every_epochs`"),
+        "{e}"
+    );
 }

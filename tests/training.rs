@@ -143,6 +143,14 @@ fn phases_number_epochs_across_the_run_and_unfreeze_only_block5() {
     }
     assert!(!tensors(&model, "head.").is_empty());
     assert!(s.results.join(&id).join("model.bpk").is_file());
+    // The best checkpoint is the epoch with the lowest val_loss (train.monitor's default).
+    let best = runner::train::checkpoint::read(&s.results.join(&id).join("best.ckpt")).unwrap();
+    let val = f64s(&df, "val_loss");
+    let lowest = (0..val.len())
+        .min_by(|&a, &b| val[a].total_cmp(&val[b]))
+        .unwrap();
+    assert_eq!(best.state.progress.history.len(), lowest + 1);
+    assert_eq!(best.state.progress.best.best_epoch, lowest + 1);
 }
 
 #[test]
@@ -601,4 +609,36 @@ fn test_predictions_are_written_and_predict_prints_the_same_probabilities() {
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no run nope"));
+}
+
+#[test]
+fn schedules_set_the_learning_rate_of_each_epoch() {
+    // Step decay: halve every epoch.
+    let s = with_extra(
+        &[("epochs = 2", "epochs = 3")],
+        "[schedule]\nkind = \"step\"\nevery_epochs = 1\ngamma = 0.5\n",
+    );
+    ok(&run(&s, &[]));
+    let (_, df) = only_run(&s.results);
+    assert_eq!(f64s(&df, "lr"), [1e-3, 5e-4, 2.5e-4]);
+    // Reduce on plateau: with min_delta 1000 only the first epoch improves; patience 1 reduces
+    // after each later epoch; the rate never goes below min_lr.
+    let s = with_extra(
+        &[("epochs = 2", "epochs = 4")],
+        "[schedule]\nkind = \"reduce_on_plateau\"\nfactor = 0.1\npatience = 1\nmin_delta = 1000.0\nmin_lr = 2e-6\n",
+    );
+    ok(&run(&s, &[]));
+    let (id, df) = only_run(&s.results);
+    let lr = f64s(&df, "lr");
+    let want = [1e-3, 1e-3, 1e-4, 1e-5];
+    for (a, b) in lr.iter().zip(want) {
+        assert!((a - b).abs() < 1e-12, "{lr:?}");
+    }
+    assert_eq!(
+        count(
+            &events(&s.results, &id),
+            "Learning rate reduced on plateau."
+        ),
+        3
+    );
 }

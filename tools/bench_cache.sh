@@ -19,7 +19,7 @@ for run in miss hit; do
   "$runner" "$exp" --device cpu --cache "$work/cache" --results "$work/results-$run" "$@" \
     > "$work/$run.out" 2> "$work/$run.err"
   end=$(date +%s.%N)
-  secs[$run]=$(echo "$end - $start" | bc)
+  secs[$run]=$(awk "BEGIN { print $end - $start }")
 done
 count() { cat "$work"/results-"$1"/*.log.jsonl | grep -c "\"message\":\"$2\"" || true; }
 printf '%-6s | %9s | %-34s | %-27s | %s\n' run seconds "base batches run (Extracting ...)" "cache hits / misses" result
@@ -27,4 +27,4 @@ for run in miss hit; do
   printf '%-6s | %9.1f | %-34s | %-27s | %s\n' "$run" "${secs[$run]}" "$(count $run 'Extracting features.') progress events" \
     "$(count $run 'Feature cache hit.') / $(count $run 'Feature cache miss.')" "$(tail -1 "$work/$run.out")"
 done
-echo "ratio miss / hit: $(echo "scale=1; ${secs[miss]} / ${secs[hit]}" | bc)x  (cache: $(du -sh "$work/cache" | cut -f1))"
+echo "ratio miss / hit: $(awk "BEGIN { printf \"%.1f\", ${secs[miss]} / ${secs[hit]} }")x  (cache: $(du -sh "$work/cache" | cut -f1))"

@@ -116,6 +116,24 @@ pub fn write(path: &Path, ck: &Checkpoint) -> Result<(), ResultsError> {
     write_atomic(path, |f| f.write_all(&buf).map_err(|e| e.to_string()))
 }
 
+/// Makes `to` a copy of the checkpoint just written at `from`: a hard link renamed into place
+/// (atomic, no second write of a large file), or a fresh write where links are not supported.
+pub fn copy(from: &Path, to: &Path, ck: &Checkpoint) -> Result<(), ResultsError> {
+    let name = to
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = to.with_file_name(format!(".{name}.{}.link", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    match std::fs::hard_link(from, &tmp).and_then(|()| std::fs::rename(&tmp, to)) {
+        Ok(()) => Ok(()),
+        Err(_) => {
+            let _ = std::fs::remove_file(&tmp);
+            write(to, ck)
+        }
+    }
+}
+
 /// Reads and verifies a checkpoint.
 pub fn read(path: &Path) -> Result<Checkpoint, CheckpointError> {
     let bytes = std::fs::read(path).map_err(|source| CheckpointError::Missing {

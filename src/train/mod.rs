@@ -905,9 +905,10 @@ pub fn run(
                 &runner.optimizer,
                 phase_best.as_ref(),
             )?;
-            checkpoint::write(&checkpoint::last_path(&opts.results, run), &ck)?;
+            let last = checkpoint::last_path(&opts.results, run);
+            checkpoint::write(&last, &ck)?;
             if improved {
-                checkpoint::write(&checkpoint::best_path(&opts.results, run), &ck)?;
+                checkpoint::copy(&last, &checkpoint::best_path(&opts.results, run), &ck)?;
             }
             on_update(&progress);
             if interrupted {
