@@ -26,8 +26,24 @@ pub struct Cli {
     /// Continue the latest unfinished run of this experiment from its checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Run every experiment (*.toml) of the folder given, and every point of their [sweep] grids.
+    #[arg(long)]
+    sweep: bool,
+    #[command(flatten)]
+    sweep_options: SweepOptions,
     #[command(flatten)]
     common: Common,
+}
+
+/// Options of a sweep.
+#[derive(Debug, Args, Clone, Default)]
+pub struct SweepOptions {
+    /// Rerun points whose config already completed in the results folder.
+    #[arg(long)]
+    force: bool,
+    /// Run only shard i of n (0-based: points i, i+n, ...), e.g. --shard $SLURM_ARRAY_TASK_ID/8.
+    #[arg(long, value_name = "I/N", value_parser = crate::sweep::parse_shard)]
+    shard: Option<(usize, usize)>,
 }
 
 /// Options shared by every command.
@@ -35,21 +51,21 @@ pub struct Cli {
 pub struct Common {
     /// Compute device.
     #[arg(long, global = true, value_enum, default_value_t = DeviceChoice::Auto)]
-    device: DeviceChoice,
+    pub(crate) device: DeviceChoice,
     /// Override a spec value, e.g. `--set optimizer.lr=1e-4` (repeatable; wins over the file
     /// and RUNNER_* variables).
     #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
-    sets: Vec<String>,
+    pub(crate) sets: Vec<String>,
     /// Folder for run results.
     #[arg(long, global = true, env = "RUNNER_RESULTS", default_value = "results")]
-    results: PathBuf,
+    pub(crate) results: PathBuf,
     /// Local asset mirror with weights/ and data/ (default: $RUNNER_ASSETS).
     #[arg(long, global = true, value_name = "DIR")]
-    assets: Option<PathBuf>,
+    pub(crate) assets: Option<PathBuf>,
     /// Folder of the feature cache (default: $XDG_CACHE_HOME/runner/features or
     /// ~/.cache/runner/features).
     #[arg(long, global = true, env = "RUNNER_CACHE", value_name = "DIR")]
-    cache: Option<PathBuf>,
+    pub(crate) cache: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -61,6 +77,50 @@ enum Command {
         /// Continue the latest unfinished run of this experiment from its checkpoint.
         #[arg(long)]
         resume: bool,
+    },
+    /// Run every experiment of folders (or files), and every point of their [sweep] grids.
+    Sweep {
+        /// Folders of experiments, or experiment files.
+        #[arg(required = true)]
+        targets: Vec<PathBuf>,
+        #[command(flatten)]
+        options: SweepOptions,
+    },
+    /// One row per run (or per epoch) of a results folder, through a polars lazy scan.
+    Results {
+        /// The results folder (default: --results).
+        dir: Option<PathBuf>,
+        /// Keep rows where `COLUMN OP VALUE` holds (OP: = != > >= < <= ~), repeatable.
+        #[arg(long, value_name = "EXPR")]
+        filter: Vec<String>,
+        /// Sort by this column (`-col` for descending).
+        #[arg(long, value_name = "COLUMN")]
+        sort: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = crate::results::query::Format::Table)]
+        format: crate::results::query::Format,
+        /// One row per epoch instead of one per run.
+        #[arg(long)]
+        epochs: bool,
+    },
+    /// Plot training and validation accuracy and loss per epoch (PNG or SVG).
+    Plot {
+        /// Run ids, run tables (.parquet) or results folders (default: --results).
+        runs: Vec<String>,
+        /// The image to write: .png or .svg.
+        #[arg(long, default_value = "curves.png")]
+        out: PathBuf,
+        /// Exponential moving average factor, e.g. 0.8 (the notebook's).
+        #[arg(long, value_name = "FACTOR")]
+        smooth: Option<f64>,
+    },
+    /// Print a run's log readably; --follow keeps printing until the run ends.
+    Logs {
+        /// The run id.
+        run_id: String,
+        /// Keep reading new events until the run finishes.
+        #[arg(long, short)]
+        follow: bool,
     },
     /// Continue an interrupted run from its last checkpoint (refused if the config changed).
     Resume {
@@ -124,14 +184,14 @@ pub struct Failure {
     pub error: anyhow::Error,
 }
 
-fn bad_input(e: impl Into<anyhow::Error>) -> Failure {
+pub(crate) fn bad_input(e: impl Into<anyhow::Error>) -> Failure {
     Failure {
         code: 2,
         error: e.into(),
     }
 }
 
-fn failed(e: impl Into<anyhow::Error>) -> Failure {
+pub(crate) fn failed(e: impl Into<anyhow::Error>) -> Failure {
     Failure {
         code: 1,
         error: e.into(),
@@ -151,7 +211,66 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         (Some(Command::Run { experiment, resume }), _) => {
             run_experiment(&experiment, &common, resume)
         }
-        (None, Some(experiment)) => run_experiment(&experiment, &common, cli.resume),
+        (None, Some(target)) if cli.sweep => crate::sweep::run(
+            &[target],
+            &common,
+            cli.sweep_options.force,
+            cli.sweep_options.shard,
+        ),
+        (None, Some(experiment)) => {
+            // A file with a [sweep] grid runs as a sweep.
+            if load::grid(&experiment).is_ok_and(|g| g.iter().any(|p| !p.is_empty())) {
+                return crate::sweep::run(
+                    &[experiment],
+                    &common,
+                    cli.sweep_options.force,
+                    cli.sweep_options.shard,
+                );
+            }
+            run_experiment(&experiment, &common, cli.resume)
+        }
+        (Some(Command::Sweep { targets, options }), _) => {
+            crate::sweep::run(&targets, &common, options.force, options.shard)
+        }
+        (
+            Some(Command::Results {
+                dir,
+                filter,
+                sort,
+                format,
+                epochs,
+            }),
+            _,
+        ) => {
+            let dir = dir.unwrap_or(common.results.clone());
+            let q = crate::results::query::Query {
+                filters: filter,
+                sort,
+                epochs,
+                format,
+            };
+            match crate::results::query::query(&dir, &q).map_err(bad_input)? {
+                Some(df) => print!(
+                    "{}",
+                    crate::results::query::render(&df, format).map_err(failed)?
+                ),
+                None => eprintln!("no runs in {}", dir.display()),
+            }
+            Ok(())
+        }
+        (Some(Command::Plot { runs, out, smooth }), _) => plot(&runs, &out, smooth, &common),
+        (Some(Command::Logs { run_id, follow }), _) => {
+            let path = common.results.join(format!("{run_id}.log.jsonl"));
+            if !path.is_file() {
+                return Err(bad_input(anyhow::anyhow!(
+                    "{}: no log for run {run_id} in {}",
+                    path.display(),
+                    common.results.display()
+                )));
+            }
+            crate::logs::show(&path, follow, &mut std::io::stdout().lock())
+                .map_err(|e| failed(anyhow::anyhow!("{}: {e}", path.display())))
+        }
         (Some(Command::Resume { run_id }), _) => resume(&run_id, None, &common),
         (
             Some(Command::Predict {
@@ -278,17 +397,48 @@ fn run_experiment(path: &Path, common: &Common, resume_latest: bool) -> Result<(
         let id = latest_unfinished(&common.results, &plan.spec.experiment.name)?;
         return resume(&id, Some(path), common);
     }
+    fresh(&plan, path, Vec::new(), common).1
+}
+
+/// A new run id for `plan`, claimed by creating its folder `results/<run_id>/` (atomic: two
+/// processes starting the same experiment in the same second get different ids).
+fn claim_run_id(results: &Path, id: String) -> String {
+    let _ = std::fs::create_dir_all(results);
+    let mut candidate = unique_run_id(results, id.clone());
+    for n in 2..10_000 {
+        match std::fs::create_dir(results.join(&candidate)) {
+            Ok(()) => return candidate,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                candidate = unique_run_id(results, format!("{id}-{n}"));
+            }
+            Err(_) => return candidate,
+        }
+    }
+    candidate
+}
+
+/// Starts a new run of `plan` (from `path`, with the grid values `point_sets`); returns its id
+/// and how it ended.
+pub(crate) fn fresh(
+    plan: &Plan,
+    path: &Path,
+    point_sets: Vec<String>,
+    common: &Common,
+) -> (String, Result<(), Failure>) {
     let now = chrono::Utc::now();
-    let id = unique_run_id(&common.results, run_id(&plan, now));
+    let id = claim_run_id(&common.results, run_id(plan, now));
+    let mut sets = point_sets;
+    sets.extend(common.sets.iter().cloned());
     let origin = train::Origin {
         file: std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
-        sets: common.sets.clone(),
-        config: crate::results::config_toml(&plan),
+        sets,
+        config: crate::results::config_toml(plan),
         config_hash: plan.config_hash.clone(),
         started_at: now.to_rfc3339(),
         classes: plan.classes.clone(),
     };
-    execute(&plan, &id, origin, None, common)
+    let r = execute(plan, &id, origin, None, common);
+    (id, r)
 }
 
 /// The newest run of `experiment` in `results` that has a checkpoint and did not finish.
@@ -372,7 +522,7 @@ pub fn config_drift(old: &str, new: &str) -> Vec<String> {
 
 /// Continues run `id` from its last checkpoint, after checking that the experiment still
 /// resolves to the same config.
-fn resume(id: &str, file: Option<&Path>, common: &Common) -> Result<(), Failure> {
+pub(crate) fn resume(id: &str, file: Option<&Path>, common: &Common) -> Result<(), Failure> {
     let ck_path = checkpoint::last_path(&common.results, id);
     let ck = checkpoint::read(&ck_path).map_err(bad_input)?;
     if run_status(&common.results, id).as_deref() == Some("completed") {
@@ -414,12 +564,58 @@ fn resume(id: &str, file: Option<&Path>, common: &Common) -> Result<(), Failure>
 /// Installs the Ctrl-C (and SIGTERM) handling: the first signal sets the flag (the run finishes
 /// its step, checkpoints and stops); a second one exits at once.
 fn interrupt_flag() -> Option<Arc<AtomicBool>> {
-    let flag = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone()).ok()?;
-        signal_hook::flag::register(sig, flag.clone()).ok()?;
+    // Once per process: a sweep runs many experiments, and a Ctrl-C stops it as a whole.
+    static FLAG: std::sync::OnceLock<Option<Arc<AtomicBool>>> = std::sync::OnceLock::new();
+    FLAG.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone()).ok()?;
+            signal_hook::flag::register(sig, flag.clone()).ok()?;
+        }
+        Some(flag)
+    })
+    .clone()
+}
+
+fn plot(runs: &[String], out: &Path, smooth: Option<f64>, common: &Common) -> Result<(), Failure> {
+    if let Some(f) = smooth.filter(|f| !(0.0..1.0).contains(f)) {
+        return Err(bad_input(anyhow::anyhow!(
+            "--smooth {f}: the factor must be in [0, 1), e.g. 0.8"
+        )));
     }
-    Some(flag)
+    let targets: Vec<String> = if runs.is_empty() {
+        vec![common.results.display().to_string()]
+    } else {
+        runs.to_vec()
+    };
+    let mut files = Vec::new();
+    for t in &targets {
+        let p = PathBuf::from(t);
+        if p.is_dir() {
+            files.extend(crate::results::query::run_files(&p));
+        } else if p.is_file() {
+            files.push(p);
+        } else {
+            let f = common.results.join(format!("{t}.parquet"));
+            if !f.is_file() {
+                return Err(bad_input(anyhow::anyhow!(
+                    "{t}: not a run id in {}, a run table or a results folder",
+                    common.results.display()
+                )));
+            }
+            files.push(f);
+        }
+    }
+    if files.is_empty() {
+        return Err(bad_input(anyhow::anyhow!(
+            "no runs to plot in {}",
+            targets.join(", ")
+        )));
+    }
+    let curves = crate::plot::load(&files).map_err(bad_input)?;
+    crate::plot::plot(&curves, out, smooth).map_err(failed)?;
+    println!("{}: {} runs", out.display(), curves.len());
+    Ok(())
 }
 
 fn execute(
@@ -504,7 +700,7 @@ fn execute(
                 "{id}: diverged at epoch {epoch}, step {step} (the loss is not finite); results written with status \"diverged\". Try a lower learning rate or train.clip_grad_norm."
             )));
         }
-        train::Status::Running | train::Status::Completed => {}
+        train::Status::Running | train::Status::Completed | train::Status::Failed => {}
     }
     let written = crate::results::write_run(
         results,

@@ -12,6 +12,63 @@ use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::prelude::*;
 
 static RUN_LOG: Mutex<Option<File>> = Mutex::new(None);
+/// The epoch's progress bar, on a terminal only.
+static BAR: Mutex<Option<indicatif::ProgressBar>> = Mutex::new(None);
+
+fn stderr_is_terminal() -> bool {
+    io::IsTerminal::is_terminal(&io::stderr())
+}
+
+/// Shows the training progress of the current epoch: a bar with steps, images/s, running loss
+/// and accuracy and the ETA on a terminal; nothing otherwise (the log has `Training.` events).
+pub fn progress(epoch: usize, step: usize, steps: usize, loss: f64, acc: f64, images_per_s: f64) {
+    if !stderr_is_terminal() {
+        return;
+    }
+    let Ok(mut g) = BAR.lock() else { return };
+    let bar = g.get_or_insert_with(|| {
+        let b = indicatif::ProgressBar::new(steps as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix:>10} [{bar:30}] {pos}/{len} {msg} ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        b
+    });
+    bar.set_length(steps as u64);
+    bar.set_prefix(format!("epoch {epoch}"));
+    bar.set_position(step as u64);
+    bar.set_message(format!(
+        "loss {loss:.4} acc {acc:.4} {images_per_s:.1} img/s"
+    ));
+}
+
+/// Removes the progress bar (the epoch is over).
+pub fn progress_done() {
+    if let Ok(mut g) = BAR.lock()
+        && let Some(b) = g.take()
+    {
+        b.finish_and_clear();
+    }
+}
+
+/// Console output that steps around the progress bar.
+struct Console;
+
+impl Write for Console {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let bar = BAR.lock().ok().and_then(|g| g.clone());
+        match bar {
+            Some(b) => b.suspend(|| io::stderr().write_all(buf)).map(|_| buf.len()),
+            None => io::stderr().write_all(buf).map(|_| buf.len()),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        io::stderr().flush()
+    }
+}
 
 /// Writes to the open run log, or nowhere.
 pub struct RunLogWriter;
@@ -68,14 +125,20 @@ pub fn close_run_log() {
 
 /// Installs the console and run-log layers. `RUNNER_LOG` sets the console filter (default info).
 pub fn init() {
+    // On a terminal the progress bar shows what the `Training.` events say.
+    let mut filter =
+        EnvFilter::try_from_env("RUNNER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    if stderr_is_terminal()
+        && let Ok(d) = "runner::progress=off".parse()
+    {
+        filter = filter.add_directive(d);
+    }
     let console = tracing_subscriber::fmt::layer()
-        .with_writer(io::stderr)
-        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
+        .with_writer(|| Console)
+        .with_ansi(stderr_is_terminal())
         .with_target(false)
         .compact()
-        .with_filter(
-            EnvFilter::try_from_env("RUNNER_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        );
+        .with_filter(filter);
     let json = tracing_subscriber::fmt::layer()
         .json()
         .flatten_event(true)

@@ -49,6 +49,8 @@ pub struct Plan {
     pub config_hash: String,
     /// The training phases, in order (one, named `train`, without `[[phase]]`).
     pub phases: Vec<PhasePlan>,
+    /// The `[sweep]` point, e.g. `optimizer.lr = 1e-5, backbone.trainable_from = "none"`.
+    pub sweep_point: Option<String>,
 }
 
 /// One resolved training phase: every setting filled in from the experiment's defaults.
@@ -426,6 +428,14 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
         head_shapes,
         config_hash: config_hash(spec),
         phases,
+        sweep_point: (!loaded.point.is_empty()).then(|| {
+            loaded
+                .point
+                .iter()
+                .map(|(k, v)| format!("{k} = {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }),
     })
 }
 

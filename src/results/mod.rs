@@ -2,15 +2,20 @@
 //! resolved config in the file's metadata and beside it as `results/<run_id>.toml`.
 //! The only module that imports polars.
 //!
-//! # Schema, version 2
+//! # Schema, version 3
+//!
+//! Version 2 added `phase`; version 3 `sweep_point`, `error` and the `failed` status. Older
+//! files still read: missing columns come back as nulls.
 //!
 //! | column | type | meaning |
 //! | --- | --- | --- |
-//! | `schema_version` | u32 | 2 |
+//! | `schema_version` | u32 | 3 |
 //! | `run_id` | str | `<experiment>-<UTC yyyymmdd-hhmmss>-<config hash>` |
 //! | `experiment` | str | `experiment.name` |
 //! | `config_hash` | str | sha256 prefix of the resolved spec |
-//! | `status` | str | `running` (rewritten after every epoch), `completed`, `interrupted` or `diverged` |
+//! | `status` | str | `running` (rewritten after every epoch), `completed`, `interrupted`, `diverged` or `failed` |
+//! | `sweep_point` | str, null outside a grid | the `[sweep]` values of this run, e.g. `optimizer.lr = 1e-5` |
+//! | `error` | str, null | why a diverged or failed run stopped |
 //! | `started_at` | str | RFC 3339, UTC |
 //! | `backbone`, `weights`, `preprocess` | str | backbone settings; `weights` is the file used |
 //! | `head` | str | the head's layers, e.g. `flatten > dense(256, relu) > dropout(0.5) > dense(1, sigmoid)` |
@@ -21,13 +26,15 @@
 //! | `batch_size` | u32 | |
 //! | `seed` | u64 | |
 //! | `image_size` | str | `HxW` |
-//! | `epoch` | u32 | 1-based, counted across phases |
+//! | `epoch` | u32 | 1-based, counted across phases (null on the single row of a run that failed before its first epoch) |
 //! | `train_loss`, `train_acc`, `val_loss`, `val_acc` | f64 | per-epoch metrics (a diverged epoch: its partial training metrics, NaN validation) |
 //! | `seconds` | f64 | wall time of the epoch |
 //! | `test_loss`, `test_acc` | f64, null without a test split | final test evaluation, same on every row |
 //! | `skipped_images` | u32 | images left out by `data.on_bad_image = "skip"` |
 //!
 //! File metadata: `runner.schema_version` and `runner.config` (the resolved spec as TOML).
+
+pub mod query;
 
 use std::fs::File;
 use std::io::Write;
@@ -39,7 +46,7 @@ use crate::plan::Plan;
 use crate::train::{EpochMetrics, Evaluation, Prediction, Progress};
 
 /// Version of the results schema written by this build.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 /// Parquet metadata key holding the resolved config.
 pub const CONFIG_KEY: &str = "runner.config";
 
@@ -54,6 +61,9 @@ pub enum ResultsError {
         /// What went wrong.
         message: String,
     },
+    /// A results query is malformed.
+    #[error("{0}")]
+    Query(String),
     /// A file could not be read.
     #[error("{path}: cannot read results: {message}")]
     Read {
@@ -109,7 +119,8 @@ pub fn run_frame(
     test: Option<Evaluation>,
 ) -> PolarsResult<DataFrame> {
     let epochs = &progress.history;
-    let n = epochs.len();
+    // A run that failed before its first epoch still gets one row, with null metrics.
+    let n = epochs.len().max(1);
     let phase = |m: &EpochMetrics| &plan.phases[m.phase.min(plan.phases.len() - 1)];
     let spec = &plan.spec;
     let s = |v: &str| vec![v.to_string(); n];
@@ -121,7 +132,17 @@ pub fn run_frame(
         .collect::<Vec<_>>()
         .join(" > ");
     let [h, w] = spec.data.image_size;
-    let col = |f: fn(&EpochMetrics) -> f64| epochs.iter().map(f).collect::<Vec<f64>>();
+    let col = |f: fn(&EpochMetrics) -> f64| {
+        let mut v: Vec<Option<f64>> = epochs.iter().map(|m| Some(f(m))).collect();
+        v.resize(n, None);
+        v
+    };
+    // Per-phase values; the first phase's on the row of a run without epochs.
+    let per = |f: &dyn Fn(&crate::plan::PhasePlan) -> String| {
+        let mut v: Vec<String> = epochs.iter().map(|m| f(phase(m))).collect();
+        v.resize(n, f(&plan.phases[0]));
+        v
+    };
     df! {
         "schema_version" => vec![SCHEMA_VERSION; n],
         "run_id" => s(run_id),
@@ -133,14 +154,15 @@ pub fn run_frame(
         "weights" => s(&plan.weights.display().to_string()),
         "preprocess" => s(plan.preprocess.as_str()),
         "head" => s(&head),
-        "phase" => epochs.iter().map(|m| phase(m).name.clone()).collect::<Vec<String>>(),
-        "trainable_from" => epochs.iter().map(|m| phase(m).cutoff.label.clone()).collect::<Vec<String>>(),
-        "optimizer" => epochs.iter().map(|m| phase(m).optimizer.kind().to_string()).collect::<Vec<String>>(),
+        "sweep_point" => vec![plan.sweep_point.clone(); n],
+        "phase" => per(&|p| p.name.clone()),
+        "trainable_from" => per(&|p| p.cutoff.label.clone()),
+        "optimizer" => per(&|p| p.optimizer.kind().to_string()),
         "lr" => col(|m| m.lr),
         "batch_size" => vec![spec.data.batch_size as u32; n],
         "seed" => vec![spec.experiment.seed; n],
         "image_size" => s(&format!("{h}x{w}")),
-        "epoch" => epochs.iter().map(|m| m.epoch as u32).collect::<Vec<u32>>(),
+        "epoch" => { let mut v: Vec<Option<u32>> = epochs.iter().map(|m| Some(m.epoch as u32)).collect(); v.resize(n, None); v },
         "train_loss" => col(|m| m.train_loss),
         "train_acc" => col(|m| m.train_acc),
         "val_loss" => col(|m| m.val_loss),
@@ -149,6 +171,7 @@ pub fn run_frame(
         "test_loss" => vec![test.map(|t| t.loss); n],
         "test_acc" => vec![test.map(|t| t.acc); n],
         "skipped_images" => vec![progress.skipped_images as u32; n],
+        "error" => vec![progress.error.clone(); n],
     }
 }
 

@@ -92,6 +92,8 @@ pub struct Loaded {
     pub spec: Spec,
     /// The experiment file.
     pub file: PathBuf,
+    /// The `[sweep]` point this spec is (key, value), empty outside a grid.
+    pub point: Vec<(String, toml::Value)>,
     sources: Sources,
 }
 
@@ -117,6 +119,7 @@ struct Sources {
     figment: Figment,
     file: PathBuf,
     sets: Vec<String>,
+    points: Vec<String>,
 }
 
 impl Sources {
@@ -127,6 +130,11 @@ impl Sources {
             bare == **s || bare.starts_with(&format!("{s}.")) || s.starts_with(&format!("{bare}."))
         }) {
             return format!("--set {set}");
+        }
+        if let Some(p) = self.points.iter().find(|p| {
+            bare == **p || bare.starts_with(&format!("{p}.")) || p.starts_with(&format!("{bare}."))
+        }) {
+            return format!("{} [sweep] {p}", self.file.display());
         }
         let mut probe = bare.as_str();
         loop {
@@ -177,6 +185,64 @@ fn parse_set_value(raw: &str) -> toml::Value {
 
 /// Loads `path` with all layers and checks every key against the spec types.
 pub fn load(path: &Path, sets: &[String]) -> Result<Loaded, SpecError> {
+    load_with(path, sets, &[])
+}
+
+/// The points of the file's `[sweep]` grid: the cartesian product of its value lists, in key
+/// order; one empty point without a grid.
+pub fn grid(path: &Path) -> Result<Vec<Vec<(String, toml::Value)>>, SpecError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let table = toml::from_str::<toml::Table>(&text).map_err(|e| SpecError::Syntax {
+        path: path.to_path_buf(),
+        message: e.to_string().trim().replace('\n', " "),
+    })?;
+    let Some(sweep) = table.get("sweep") else {
+        return Ok(vec![Vec::new()]);
+    };
+    let problem = |key: String, message: String| {
+        SpecError::Invalid(Problems(vec![Problem {
+            source: path.display().to_string(),
+            key,
+            message,
+        }]))
+    };
+    let Some(sweep) = sweep.as_table() else {
+        return Err(problem(
+            "sweep".into(),
+            "expected a table of \"key.path\" = [values]".into(),
+        ));
+    };
+    let mut points: Vec<Vec<(String, toml::Value)>> = vec![Vec::new()];
+    for (key, values) in sweep {
+        let values = values.as_array().filter(|a| !a.is_empty()).ok_or_else(|| {
+            problem(
+                format!("sweep.\"{key}\""),
+                format!("expected a non-empty array of values for {key}, e.g. [1e-5, 1e-4]"),
+            )
+        })?;
+        points = points
+            .into_iter()
+            .flat_map(|p| {
+                values.iter().map(move |v| {
+                    let mut q = p.clone();
+                    q.push((key.clone(), v.clone()));
+                    q
+                })
+            })
+            .collect();
+    }
+    Ok(points)
+}
+
+/// Like [`load`], with the values of one `[sweep]` point layered over the file (under `--set`).
+pub fn load_with(
+    path: &Path,
+    sets: &[String],
+    point: &[(String, toml::Value)],
+) -> Result<Loaded, SpecError> {
     let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
         path: path.to_path_buf(),
         source,
@@ -196,6 +262,9 @@ pub fn load(path: &Path, sets: &[String]) -> Result<Loaded, SpecError> {
                 .iter()
                 .any(|s| k == *s || k.starts_with(&format!("{s}.")))
         }));
+    for (key, value) in point {
+        figment = figment.merge(Serialized::default(key, value.clone()));
+    }
     let mut set_keys = Vec::new();
     for s in sets {
         let (key, raw) = s
@@ -210,6 +279,7 @@ pub fn load(path: &Path, sets: &[String]) -> Result<Loaded, SpecError> {
         figment: figment.clone(),
         file: path.to_path_buf(),
         sets: set_keys,
+        points: point.iter().map(|(k, _)| k.clone()).collect(),
     };
 
     let root: Dict = figment.extract().map_err(|e| {
@@ -229,7 +299,8 @@ pub fn load(path: &Path, sets: &[String]) -> Result<Loaded, SpecError> {
         })
     };
     for key in root.keys() {
-        if !SECTIONS.contains(&key.as_str()) {
+        // `[sweep]` is read by `grid`; a point's values are already merged in.
+        if !SECTIONS.contains(&key.as_str()) && key != "sweep" {
             let hint = closest(key, &SECTIONS);
             report(
                 key.clone(),
@@ -302,6 +373,7 @@ pub fn load(path: &Path, sets: &[String]) -> Result<Loaded, SpecError> {
                 phase,
             },
             file: path.to_path_buf(),
+            point: point.to_vec(),
             sources,
         }),
         _ => Err(SpecError::Invalid(Problems(problems))),

@@ -105,6 +105,8 @@ pub enum Status {
     Interrupted,
     /// The training loss became NaN or infinite.
     Diverged,
+    /// The run stopped with an error (recorded by a sweep, which goes on).
+    Failed,
 }
 
 impl Status {
@@ -115,6 +117,7 @@ impl Status {
             Self::Completed => "completed",
             Self::Interrupted => "interrupted",
             Self::Diverged => "diverged",
+            Self::Failed => "failed",
         }
     }
 }
@@ -159,6 +162,9 @@ pub struct Progress {
     pub status: Status,
     /// `(epoch, step)` where the loss stopped being finite.
     pub diverged_at: Option<(usize, usize)>,
+    /// What stopped a diverged or failed run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// One test image's prediction.
@@ -440,10 +446,19 @@ impl<'a> PhaseRunner<'a> {
             let grads = GradientsParams::from_grads(grads, &model);
             model = self.optimizer.step(lr, model, grads);
             self.last_lr = lr;
+            let p = &progress.partial;
+            let rate = p.seen as f64 / (p.seconds + started.elapsed().as_secs_f64()).max(1e-9);
+            crate::logging::progress(
+                epoch,
+                progress.step,
+                self.steps,
+                p.loss_sum / p.seen as f64,
+                p.correct as f64 / p.seen as f64,
+                rate,
+            );
             if progress.step % report_every == 0 && progress.step < self.steps {
-                let p = &progress.partial;
-                let rate = p.seen as f64 / (p.seconds + started.elapsed().as_secs_f64()).max(1e-9);
                 info!(
+                    target: "runner::progress",
                     run = self.run,
                     epoch,
                     step = progress.step,
@@ -521,6 +536,7 @@ impl<'a> PhaseRunner<'a> {
             }
         };
         progress.partial.seconds += started.elapsed().as_secs_f64();
+        crate::logging::progress_done();
         end
     }
 }
@@ -842,6 +858,10 @@ pub fn run(
                     });
                     progress.status = Status::Diverged;
                     progress.diverged_at = Some((epoch, progress.step));
+                    progress.error = Some(format!(
+                        "diverged at epoch {epoch}, step {}: the training loss is not finite",
+                        progress.step
+                    ));
                     tracing::error!(
                         run,
                         epoch,

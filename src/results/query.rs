@@ -1,0 +1,401 @@
+//! `runner results`: every run table of a results folder through one polars lazy scan, one row
+//! per run (or per epoch), filtered, sorted and printed as a table, CSV or JSON.
+
+use std::path::{Path, PathBuf};
+
+use polars::prelude::*;
+
+use super::ResultsError;
+
+/// How to print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Aligned columns.
+    Table,
+    /// Comma-separated values with a header.
+    Csv,
+    /// One JSON object per row, in an array.
+    Json,
+}
+
+/// What to show.
+#[derive(Debug, Clone)]
+pub struct Query {
+    /// Conditions `column OP value` (`=`, `!=`, `>`, `>=`, `<`, `<=`, `~` for "contains"), all of
+    /// which a row must meet.
+    pub filters: Vec<String>,
+    /// Column to sort by; a leading `-` sorts descending.
+    pub sort: Option<String>,
+    /// One row per epoch instead of one per run.
+    pub epochs: bool,
+    /// Output format.
+    pub format: Format,
+}
+
+/// The run tables in `dir` (`<run_id>.parquet`; per-image predictions are left out), sorted.
+pub fn run_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    v.retain(|p| {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default();
+        name.ends_with(".parquet")
+            && !name.ends_with(".predictions.parquet")
+            && !name.starts_with('.')
+    });
+    v.sort();
+    v
+}
+
+/// The schema this build writes; older files are read into it (missing columns are null).
+fn schema() -> Schema {
+    use DataType::*;
+    let mut s = Schema::default();
+    for (name, dt) in [
+        ("schema_version", UInt32),
+        ("run_id", String),
+        ("experiment", String),
+        ("config_hash", String),
+        ("status", String),
+        ("started_at", String),
+        ("backbone", String),
+        ("weights", String),
+        ("preprocess", String),
+        ("head", String),
+        ("sweep_point", String),
+        ("phase", String),
+        ("trainable_from", String),
+        ("optimizer", String),
+        ("lr", Float64),
+        ("batch_size", UInt32),
+        ("seed", UInt64),
+        ("image_size", String),
+        ("epoch", UInt32),
+        ("train_loss", Float64),
+        ("train_acc", Float64),
+        ("val_loss", Float64),
+        ("val_acc", Float64),
+        ("seconds", Float64),
+        ("test_loss", Float64),
+        ("test_acc", Float64),
+        ("skipped_images", UInt32),
+        ("error", String),
+    ] {
+        s.insert(name.into(), dt);
+    }
+    s
+}
+
+/// One lazy scan over every run table in `dir`.
+pub fn scan(dir: &Path) -> Result<Option<LazyFrame>, ResultsError> {
+    let files = run_files(dir);
+    if files.is_empty() {
+        return Ok(None);
+    }
+    let paths: Vec<PlRefPath> = files
+        .iter()
+        .map(|p| PlRefPath::from(p.to_string_lossy().as_ref()))
+        .collect();
+    let args = ScanArgsParquet {
+        schema: Some(Arc::new(schema())),
+        allow_missing_columns: true,
+        ..Default::default()
+    };
+    LazyFrame::scan_parquet_files(paths.into_iter().collect(), args)
+        .map(Some)
+        .map_err(|e| ResultsError::Read {
+            path: dir.to_path_buf(),
+            message: e.to_string(),
+        })
+}
+
+/// One row per run: key config, status, best and final val_acc, test_acc, epochs, wall time.
+pub fn per_run(lf: LazyFrame) -> LazyFrame {
+    lf.sort(["run_id", "epoch"], SortMultipleOptions::default())
+        .group_by_stable([col("run_id")])
+        .agg([
+            col("experiment").first(),
+            col("status").first(),
+            col("sweep_point").first(),
+            col("backbone").first(),
+            col("trainable_from").last(),
+            col("optimizer").first(),
+            col("lr").first(),
+            col("phase").n_unique().alias("phases"),
+            col("epoch").max().alias("epochs"),
+            col("val_acc").max().alias("best_val_acc"),
+            col("val_acc").last().alias("final_val_acc"),
+            col("test_acc").first(),
+            col("seconds").sum().alias("seconds"),
+            col("started_at").first(),
+            col("config_hash").first(),
+            col("error").first(),
+        ])
+        .sort(["started_at", "run_id"], SortMultipleOptions::default())
+}
+
+/// A parsed `--filter`: a polars expression, or a substring test (`~`) applied to the result.
+enum Filter {
+    Expr(Expr),
+    Contains(String, String),
+}
+
+/// Parses `column OP value`.
+fn filter_expr(f: &str, columns: &[String]) -> Result<Filter, String> {
+    const OPS: [&str; 7] = [">=", "<=", "!=", "=", ">", "<", "~"];
+    let (at, op) = OPS
+        .iter()
+        .filter_map(|op| f.find(op).map(|i| (i, *op)))
+        .min_by_key(|(i, op)| (*i, std::cmp::Reverse(op.len())))
+        .ok_or_else(|| {
+            format!("--filter {f}: expected COLUMN OP VALUE with OP one of = != > >= < <= ~")
+        })?;
+    let name = f[..at].trim();
+    let raw = f[at + op.len()..].trim().trim_matches('"');
+    if !columns.iter().any(|c| c == name) {
+        return Err(format!(
+            "--filter {f}: no column \"{name}\"{}; columns: {}",
+            crate::spec::load::closest(
+                name,
+                &columns.iter().map(String::as_str).collect::<Vec<_>>()
+            ),
+            columns.join(", ")
+        ));
+    }
+    if op == "~" {
+        return Ok(Filter::Contains(name.to_string(), raw.to_string()));
+    }
+    let c = col(name);
+    let v = match raw.parse::<f64>() {
+        Ok(x) => lit(x),
+        _ => lit(raw.to_string()),
+    };
+    Ok(Filter::Expr(match op {
+        "=" => c.eq(v),
+        "!=" => c.neq(v),
+        ">" => c.gt(v),
+        ">=" => c.gt_eq(v),
+        "<" => c.lt(v),
+        _ => c.lt_eq(v),
+    }))
+}
+
+/// Keeps the rows whose `column`, as text, contains `needle`.
+fn contains(df: DataFrame, column: &str, needle: &str) -> PolarsResult<DataFrame> {
+    let c = df.column(column)?.cast(&DataType::String)?;
+    let mask: BooleanChunked = c
+        .str()?
+        .iter()
+        .map(|v| Some(v.is_some_and(|v| v.contains(needle))))
+        .collect();
+    df.filter(&mask)
+}
+
+fn fail(dir: &Path, e: impl std::fmt::Display) -> ResultsError {
+    ResultsError::Read {
+        path: dir.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// Runs `q` over `dir`; `None` when there are no run tables.
+pub fn query(dir: &Path, q: &Query) -> Result<Option<DataFrame>, ResultsError> {
+    let Some(lf) = scan(dir)? else {
+        return Ok(None);
+    };
+    let mut lf = if q.epochs { lf } else { per_run(lf) };
+    let columns: Vec<String> = lf
+        .collect_schema()
+        .map_err(|e| fail(dir, e))?
+        .iter_names()
+        .map(|n| n.to_string())
+        .collect();
+    let mut substrings = Vec::new();
+    for f in &q.filters {
+        match filter_expr(f, &columns).map_err(ResultsError::Query)? {
+            Filter::Expr(e) => lf = lf.filter(e),
+            Filter::Contains(c, n) => substrings.push((c, n)),
+        }
+    }
+    if let Some(s) = &q.sort {
+        let (name, desc) = match s.strip_prefix('-') {
+            Some(n) => (n, true),
+            None => (s.as_str(), false),
+        };
+        if !columns.iter().any(|c| c == name) {
+            return Err(ResultsError::Query(format!(
+                "--sort {s}: no column \"{name}\"; columns: {}",
+                columns.join(", ")
+            )));
+        }
+        lf = lf.sort(
+            [name],
+            SortMultipleOptions::default()
+                .with_order_descending(desc)
+                .with_nulls_last(true),
+        );
+    }
+    let mut df = lf.collect().map_err(|e| fail(dir, e))?;
+    for (c, n) in substrings {
+        df = contains(df, &c, &n).map_err(|e| fail(dir, e))?;
+    }
+    Ok(Some(df))
+}
+
+fn cell(v: &AnyValue<'_>) -> String {
+    match v {
+        AnyValue::Null => String::new(),
+        AnyValue::Float64(x) => {
+            if x.fract() == 0.0 && x.abs() < 1e15 {
+                format!("{x:.0}")
+            } else if x.abs() >= 1e-3 {
+                format!("{x:.4}")
+            } else {
+                format!("{x:.2e}")
+            }
+        }
+        AnyValue::String(s) => s.to_string(),
+        AnyValue::StringOwned(s) => s.to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn json(v: &AnyValue<'_>) -> serde_json::Value {
+    match v {
+        AnyValue::Null => serde_json::Value::Null,
+        AnyValue::Boolean(b) => (*b).into(),
+        AnyValue::Float64(x) => {
+            serde_json::Number::from_f64(*x).map_or(serde_json::Value::Null, Into::into)
+        }
+        AnyValue::Float32(x) => {
+            serde_json::Number::from_f64(f64::from(*x)).map_or(serde_json::Value::Null, Into::into)
+        }
+        AnyValue::UInt32(x) => (*x).into(),
+        AnyValue::UInt64(x) => (*x).into(),
+        AnyValue::Int32(x) => (*x).into(),
+        AnyValue::Int64(x) => (*x).into(),
+        other => cell(other).into(),
+    }
+}
+
+/// The frame as text in `format`.
+pub fn render(df: &DataFrame, format: Format) -> Result<String, ResultsError> {
+    let names: Vec<String> = df
+        .get_column_names()
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    let rows: Vec<Vec<AnyValue<'_>>> = (0..df.height())
+        .map(|i| {
+            df.columns()
+                .iter()
+                .map(|c| c.get(i).unwrap_or(AnyValue::Null))
+                .collect()
+        })
+        .collect();
+    Ok(match format {
+        Format::Table => {
+            let cells: Vec<Vec<String>> =
+                rows.iter().map(|r| r.iter().map(cell).collect()).collect();
+            let widths: Vec<usize> = names
+                .iter()
+                .enumerate()
+                .map(|(j, n)| {
+                    cells
+                        .iter()
+                        .map(|r| r[j].chars().count())
+                        .chain([n.len()])
+                        .max()
+                        .unwrap_or(0)
+                })
+                .collect();
+            let line = |r: &[String]| {
+                r.iter()
+                    .zip(&widths)
+                    .map(|(c, w)| format!("{c:<w$}"))
+                    .collect::<Vec<_>>()
+                    .join("  ")
+                    .trim_end()
+                    .to_string()
+            };
+            let mut out = line(&names) + "\n";
+            out += &(widths
+                .iter()
+                .map(|w| "-".repeat(*w))
+                .collect::<Vec<_>>()
+                .join("  ")
+                + "\n");
+            for r in &cells {
+                out += &(line(r) + "\n");
+            }
+            out
+        }
+        Format::Csv => {
+            let mut buf = Vec::new();
+            let mut df = df.clone();
+            CsvWriter::new(&mut buf)
+                .include_header(true)
+                .finish(&mut df)
+                .map_err(|e| ResultsError::Query(e.to_string()))?;
+            String::from_utf8_lossy(&buf).into_owned()
+        }
+        Format::Json => {
+            let objs: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|r| {
+                    serde_json::Value::Object(
+                        names.iter().cloned().zip(r.iter().map(json)).collect(),
+                    )
+                })
+                .collect();
+            serde_json::to_string_pretty(&objs).unwrap_or_default() + "\n"
+        }
+    })
+}
+
+/// The runs recorded in `dir` by config hash: `(run_id, status, started_at)`, oldest first.
+pub fn runs_by_hash(
+    dir: &Path,
+) -> Result<std::collections::HashMap<String, Vec<(String, String, String)>>, ResultsError> {
+    let mut out: std::collections::HashMap<String, Vec<(String, String, String)>> =
+        Default::default();
+    let Some(lf) = scan(dir)? else {
+        return Ok(out);
+    };
+    let df = lf
+        .select([
+            col("run_id"),
+            col("config_hash"),
+            col("status"),
+            col("started_at"),
+        ])
+        .unique_stable(None, UniqueKeepStrategy::First)
+        .sort(["started_at"], SortMultipleOptions::default())
+        .collect()
+        .map_err(|e| fail(dir, e))?;
+    let s = |name: &str| -> Vec<String> {
+        df.column(name)
+            .ok()
+            .and_then(|c| {
+                c.str().ok().map(|c| {
+                    c.iter()
+                        .map(|v| v.unwrap_or_default().to_string())
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    };
+    let (ids, hashes, statuses, started) =
+        (s("run_id"), s("config_hash"), s("status"), s("started_at"));
+    for i in 0..ids.len() {
+        out.entry(hashes[i].clone()).or_default().push((
+            ids[i].clone(),
+            statuses[i].clone(),
+            started[i].clone(),
+        ));
+    }
+    Ok(out)
+}

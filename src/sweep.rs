@@ -1,0 +1,363 @@
+//! Sweeps: every experiment of a folder, and every point of a file's `[sweep]` grid, in a stable
+//! order (files by name, grid points in key order), each a run with its own config hash.
+//!
+//! Every point is loaded and checked before the first one starts. A point whose config hash
+//! already completed in the results folder is skipped (`--force` reruns it); one that was
+//! interrupted resumes from its checkpoint. A failed or diverged run is recorded (status and
+//! error) and the sweep goes on. `--shard i/n` runs points `i, i + n, i + 2n, ...` (0-based) of
+//! the expanded list, so that n machines sharing one results folder split a sweep; each point is
+//! claimed with a lock on `results/.locks/<config_hash>.lock` while it runs, so concurrent sweeps
+//! never run the same point twice at the same time, and per-run files with atomic renames mean
+//! they never overwrite each other.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::cli::{self, Common, Failure};
+use crate::plan::{self, Plan};
+use crate::results::{self, query};
+use crate::spec::load;
+use crate::train::{self, checkpoint};
+
+/// One run of a sweep.
+#[derive(Debug, Clone)]
+pub struct Point {
+    /// The experiment file.
+    pub file: PathBuf,
+    /// The grid values of this point, as `--set` arguments (`key=value`).
+    pub sets: Vec<String>,
+    /// The checked plan.
+    pub plan: Plan,
+}
+
+/// The experiment files of `targets`: a folder's `*.toml` (sorted by name), or the files given.
+pub fn files_of(targets: &[PathBuf]) -> Result<Vec<PathBuf>, Failure> {
+    let mut out = Vec::new();
+    for t in targets {
+        if t.is_dir() {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(t)
+                .map_err(|e| cli::bad_input(anyhow::anyhow!("{}: {e}", t.display())))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "toml") && p.is_file())
+                .collect();
+            v.sort();
+            if v.is_empty() {
+                return Err(cli::bad_input(anyhow::anyhow!(
+                    "{}: no experiment files (*.toml) in this folder",
+                    t.display()
+                )));
+            }
+            out.extend(v);
+        } else if t.is_file() {
+            out.push(t.clone());
+        } else {
+            return Err(cli::bad_input(anyhow::anyhow!(
+                "{}: no such file or folder",
+                t.display()
+            )));
+        }
+    }
+    Ok(out)
+}
+
+/// Every point of every file, each loaded and checked; all problems of all points at once.
+pub fn expand(files: &[PathBuf], common: &Common) -> Result<Vec<Point>, Failure> {
+    let mut points = Vec::new();
+    let mut problems = Vec::new();
+    let locations = crate::assets::Locations::new(common.assets.clone());
+    for f in files {
+        let grid = match load::grid(f) {
+            Ok(g) => g,
+            Err(e) => {
+                problems.push(e.to_string());
+                continue;
+            }
+        };
+        for values in grid {
+            let label = values
+                .iter()
+                .map(|(k, v)| format!("{k} = {v}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let checked = load::load_with(f, &common.sets, &values)
+                .map_err(|e| e.to_string())
+                .and_then(|l| plan::build(&l, &locations).map_err(|e| e.to_string()));
+            match checked {
+                Ok(plan) => points.push(Point {
+                    file: f.clone(),
+                    sets: values.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+                    plan,
+                }),
+                Err(e) if label.is_empty() => problems.push(e),
+                Err(e) => problems.push(format!("[sweep] point {label}:\n{e}")),
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(points)
+    } else {
+        Err(cli::bad_input(anyhow::anyhow!(
+            "nothing was run: {} of the sweep's experiments or points have problems\n{}",
+            problems.len(),
+            problems.join("\n")
+        )))
+    }
+}
+
+/// The indices of shard `i` of `n` (0-based) out of `len` points: `i, i + n, ...`.
+pub fn shard_indices(len: usize, i: usize, n: usize) -> Vec<usize> {
+    (0..len).filter(|k| k % n.max(1) == i).collect()
+}
+
+/// Parses `i/n` with `0 <= i < n`.
+pub fn parse_shard(s: &str) -> Result<(usize, usize), String> {
+    let (i, n) = s
+        .split_once('/')
+        .ok_or_else(|| format!("expected i/n, e.g. 0/4, got \"{s}\""))?;
+    let (i, n): (usize, usize) = (
+        i.trim()
+            .parse()
+            .map_err(|_| format!("\"{i}\" is not a number"))?,
+        n.trim()
+            .parse()
+            .map_err(|_| format!("\"{n}\" is not a number"))?,
+    );
+    if n == 0 || i >= n {
+        return Err(format!(
+            "shard {i}/{n}: i counts from 0 and must be below n (e.g. 0/4 .. 3/4)"
+        ));
+    }
+    Ok((i, n))
+}
+
+/// A lock held while a point runs, or `None` when another process holds it.
+fn claim(results: &Path, hash: &str) -> std::io::Result<Option<std::fs::File>> {
+    let dir = results.join(".locks");
+    std::fs::create_dir_all(&dir)?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(format!("{hash}.lock")))?;
+    match f.try_lock() {
+        Ok(()) => Ok(Some(f)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// One line of the summary.
+#[derive(Debug, Clone)]
+struct Row {
+    run: String,
+    status: String,
+    best: Option<f64>,
+    test: Option<f64>,
+    seconds: f64,
+    note: String,
+}
+
+/// Status, best val_acc and test_acc from a run's table.
+fn read_row(results: &Path, id: &str) -> Option<(String, Option<f64>, Option<f64>)> {
+    let (df, _) = results::read_run(&results.join(format!("{id}.parquet"))).ok()?;
+    let status = df.column("status").ok()?.str().ok()?.get(0)?.to_string();
+    let f = |name: &str| -> Vec<f64> {
+        df.column(name)
+            .ok()
+            .and_then(|c| c.f64().ok().map(|c| c.iter().flatten().collect()))
+            .unwrap_or_default()
+    };
+    let best = f("val_acc")
+        .into_iter()
+        .filter(|v| v.is_finite())
+        .fold(None, |b: Option<f64>, v| Some(b.map_or(v, |b| b.max(v))));
+    Some((status, best, f("test_acc").first().copied()))
+}
+
+/// Records a run that stopped with an error: its progress so far (from the last checkpoint, if
+/// any) with status `failed` and the message.
+fn record_failure(point: &Point, common: &Common, id: &str, message: &str) {
+    let results = &common.results;
+    let ck = checkpoint::read(&checkpoint::last_path(results, id)).ok();
+    let started_at = ck
+        .as_ref()
+        .map(|c| c.state.origin.started_at.clone())
+        .unwrap_or_else(|| chrono::Utc::now().to_rfc3339());
+    let mut progress = ck.map(|c| c.state.progress).unwrap_or_default();
+    if progress.status != train::Status::Diverged {
+        progress.status = train::Status::Failed;
+        progress.error = Some(message.to_string());
+    }
+    if let Err(e) = results::write_run(results, &point.plan, id, &started_at, &progress, None) {
+        tracing::warn!(run = id, error = %e, "Cannot record the failed run.");
+    }
+}
+
+fn summary(rows: &[Row]) -> String {
+    let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+    let width = rows.iter().map(|r| r.run.len()).max().unwrap_or(3).max(3);
+    let mut s = format!(
+        "{:<width$}  {:<11}  {:>12}  {:>8}  {:>9}  note\n",
+        "run", "status", "best val_acc", "test_acc", "seconds"
+    );
+    for r in rows {
+        s += &format!(
+            "{:<width$}  {:<11}  {:>12}  {:>8}  {:>9.1}  {}\n",
+            r.run,
+            r.status,
+            fmt(r.best),
+            fmt(r.test),
+            r.seconds,
+            r.note
+        );
+    }
+    s
+}
+
+/// Runs the sweep over `targets` (folders or files).
+pub fn run(
+    targets: &[PathBuf],
+    common: &Common,
+    force: bool,
+    shard: Option<(usize, usize)>,
+) -> Result<(), Failure> {
+    let files = files_of(targets)?;
+    let all = expand(&files, common)?;
+    let total = all.len();
+    let picked = match shard {
+        Some((i, n)) => shard_indices(total, i, n),
+        None => (0..total).collect(),
+    };
+    println!(
+        "sweep: {} experiment files, {total} runs{}",
+        files.len(),
+        shard.map_or(String::new(), |(i, n)| format!(
+            ", shard {i}/{n}: {} of them",
+            picked.len()
+        ))
+    );
+    let results_dir = &common.results;
+    std::fs::create_dir_all(results_dir)
+        .map_err(|e| cli::failed(anyhow::anyhow!("{}: {e}", results_dir.display())))?;
+    let mut rows = Vec::new();
+    let mut bad = 0;
+    for (n, &k) in picked.iter().enumerate() {
+        let point = &all[k];
+        let hash = point.plan.config_hash.clone();
+        let name = &point.plan.spec.experiment.name;
+        let label = point.plan.sweep_point.clone().unwrap_or_default();
+        println!(
+            "[{}/{}] {name} {label} (config {})",
+            n + 1,
+            picked.len(),
+            &hash[..8]
+        );
+        let started = Instant::now();
+        let skip = |rows: &mut Vec<Row>, run: String, note: String| {
+            println!("  skipped: {note}");
+            rows.push(Row {
+                run,
+                status: "skipped".into(),
+                best: None,
+                test: None,
+                seconds: 0.0,
+                note,
+            });
+        };
+        let lock = claim(results_dir, &hash)
+            .map_err(|e| cli::failed(anyhow::anyhow!("{}: {e}", results_dir.display())))?;
+        let Some(_lock) = lock else {
+            skip(
+                &mut rows,
+                format!("{name}-{}", &hash[..8]),
+                "running in another process".into(),
+            );
+            continue;
+        };
+        let known = query::runs_by_hash(results_dir)
+            .map_err(cli::failed)?
+            .remove(&hash)
+            .unwrap_or_default();
+        if !force && let Some((id, _, _)) = known.iter().rev().find(|r| r.1 == "completed") {
+            let (_, best, test) = read_row(results_dir, id).unwrap_or_default();
+            println!("  skipped: already completed as {id} (--force reruns it)");
+            rows.push(Row {
+                run: id.clone(),
+                status: "skipped".into(),
+                best,
+                test,
+                seconds: 0.0,
+                note: "already completed (--force reruns it)".into(),
+            });
+            continue;
+        }
+        let resumable = known.iter().rev().find(|r| {
+            (r.1 == "running" || r.1 == "interrupted")
+                && checkpoint::last_path(results_dir, &r.0).is_file()
+        });
+        let (id, result, note) = match resumable {
+            Some((id, _, _)) if !force => {
+                println!("  resuming {id} from its checkpoint");
+                (
+                    id.clone(),
+                    cli::resume(id, Some(&point.file), common),
+                    "resumed".to_string(),
+                )
+            }
+            _ => {
+                let (id, r) = cli::fresh(&point.plan, &point.file, point.sets.clone(), common);
+                (id, r, String::new())
+            }
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        match &result {
+            Err(f) if f.code == 130 => {
+                rows.push(Row {
+                    run: id,
+                    status: "interrupted".into(),
+                    best: None,
+                    test: None,
+                    seconds,
+                    note: "Ctrl-C: the sweep stops; run it again to resume".into(),
+                });
+                print!("{}", summary(&rows));
+                return result;
+            }
+            Err(f) => {
+                bad += 1;
+                eprintln!("  {}", f.error);
+                record_failure(point, common, &id, &format!("{:#}", f.error));
+            }
+            Ok(()) => {}
+        }
+        let (status, best, test) =
+            read_row(results_dir, &id).unwrap_or(("failed".into(), None, None));
+        rows.push(Row {
+            run: id,
+            status,
+            best,
+            test,
+            seconds,
+            note: match &result {
+                Err(f) => format!("{:#}", f.error)
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .chars()
+                    .take(120)
+                    .collect(),
+                Ok(()) => note,
+            },
+        });
+    }
+    print!("{}", summary(&rows));
+    if bad > 0 {
+        return Err(cli::failed(anyhow::anyhow!(
+            "{bad} of {} runs failed or diverged (recorded in {})",
+            picked.len(),
+            results_dir.display()
+        )));
+    }
+    Ok(())
+}
