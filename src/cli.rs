@@ -94,7 +94,7 @@ enum Command {
         #[arg(long, value_name = "EXPR")]
         filter: Vec<String>,
         /// Sort by this column (`-col` for descending).
-        #[arg(long, value_name = "COLUMN")]
+        #[arg(long, value_name = "COLUMN", allow_hyphen_values = true)]
         sort: Option<String>,
         /// Output format.
         #[arg(long, value_enum, default_value_t = crate::results::query::Format::Table)]
@@ -219,7 +219,10 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         ),
         (None, Some(experiment)) => {
             // A file with a [sweep] grid runs as a sweep.
-            if load::grid(&experiment).is_ok_and(|g| g.iter().any(|p| !p.is_empty())) {
+            let grid = load::grid(&experiment);
+            if matches!(&grid, Err(load::SpecError::Invalid(_)))
+                || grid.is_ok_and(|g| g.iter().any(|p| !p.is_empty()))
+            {
                 return crate::sweep::run(
                     &[experiment],
                     &common,

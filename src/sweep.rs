@@ -327,7 +327,11 @@ pub fn run(
             Err(f) => {
                 bad += 1;
                 eprintln!("  {}", f.error);
-                record_failure(point, common, &id, &format!("{:#}", f.error));
+                // A diverged run has recorded itself; anything else is recorded as failed.
+                let recorded = read_row(results_dir, &id).map(|r| r.0);
+                if matches!(recorded.as_deref(), None | Some("running")) {
+                    record_failure(point, common, &id, &format!("{:#}", f.error));
+                }
             }
             Ok(()) => {}
         }
