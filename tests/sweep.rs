@@ -4,33 +4,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use polars::prelude::*;
 
 use common::cli::*;
 
 const GRID: &str = "\n[sweep]\n\"optimizer.lr\" = [1e-3, 1e-4]\n\"train.epochs\" = [1, 2]\n";
-
-fn ok(out: &std::process::Output) {
-    assert!(
-        out.status.success(),
-        "exit {:?}\n{}\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn strs(df: &DataFrame, col: &str) -> Vec<String> {
-    df.column(col)
-        .unwrap()
-        .str()
-        .unwrap()
-        .iter()
-        .map(|v| v.unwrap_or_default().to_string())
-        .collect()
-}
 
 /// `(config_hash, status, sweep_point)` of every run table in `results`.
 fn runs(results: &Path) -> Vec<(String, String, String)> {
@@ -156,24 +135,15 @@ fn shards_partition_the_points_exactly() {
 #[test]
 fn two_sweeps_writing_to_one_folder_at_once_lose_nothing() {
     let s = grid_setup();
-    let spawn = || {
-        Command::new(env!("CARGO_BIN_EXE_runner"))
-            .args([
-                "sweep",
-                s.spec.to_str().unwrap(),
-                "--device",
-                "cpu",
-                "--results",
-                s.results.to_str().unwrap(),
-            ])
-            .current_dir(s.dir.path())
-            .env_remove("RUNNER_ASSETS")
-            .env("RUNNER_CACHE", s.dir.path().join("cache"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    let args = [
+        "sweep",
+        s.spec.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--results",
+        s.results.to_str().unwrap(),
+    ];
+    let spawn = || common::cli::spawn(&s, &args);
     let (a, b) = (spawn(), spawn());
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
     ok(&a);
@@ -434,4 +404,54 @@ fn smoothing_is_the_notebooks_exponential_moving_average() {
     for (a, b) in s.iter().zip(want) {
         assert!((a - b).abs() < 1e-12, "{s:?}");
     }
+}
+
+#[test]
+fn logs_follow_a_live_run_until_it_ends() {
+    let s = setup(&[("epochs = 2", "epochs = 6\nsteps_per_epoch = 40")]);
+    let mut child = common::cli::spawn(
+        &s,
+        &[
+            s.spec.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--results",
+            s.results.to_str().unwrap(),
+        ],
+    );
+    // Start following as soon as the log exists, long before the run ends.
+    let log = loop {
+        if let Some(l) = files_with(&s.results, ".log.jsonl").pop() {
+            break l;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended too soon"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let id = log
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .trim_end_matches(".log.jsonl")
+        .to_string();
+    let out = runner(
+        &[
+            "logs",
+            &id,
+            "--follow",
+            "--results",
+            s.results.to_str().unwrap(),
+        ],
+        s.dir.path(),
+    );
+    ok(&out);
+    assert!(child.wait().unwrap().success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("Epoch finished.").count(), 6, "{text}");
+    assert!(
+        text.lines().last().unwrap().contains("Run finished."),
+        "{text}"
+    );
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use polars::prelude::*;
@@ -17,25 +17,6 @@ fn with_extra(replace: &[(&str, &str)], extra: &str) -> Setup {
     let text = std::fs::read_to_string(&s.spec).unwrap();
     std::fs::write(&s.spec, format!("{text}\n{extra}")).unwrap();
     s
-}
-
-fn ok(out: &std::process::Output) {
-    assert!(
-        out.status.success(),
-        "exit {:?}\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn strs(df: &DataFrame, col: &str) -> Vec<String> {
-    df.column(col)
-        .unwrap()
-        .str()
-        .unwrap()
-        .iter()
-        .map(|v| v.unwrap_or_default().to_string())
-        .collect()
 }
 
 fn u32s(df: &DataFrame, col: &str) -> Vec<u32> {
@@ -325,21 +306,16 @@ fn run_in(s: &Setup, results: &Path) -> std::process::Output {
 
 /// Starts the experiment in the background.
 fn spawn(s: &Setup, results: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_runner"))
-        .args([
+    common::cli::spawn(
+        s,
+        &[
             s.spec.to_str().unwrap(),
             "--device",
             "cpu",
             "--results",
             results.to_str().unwrap(),
-        ])
-        .current_dir(s.dir.path())
-        .env_remove("RUNNER_ASSETS")
-        .env("RUNNER_CACHE", s.dir.path().join("cache"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+        ],
+    )
 }
 
 /// Waits until some run in `results` has written its first checkpoint and results table;

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 use polars::prelude::*;
 
@@ -91,5 +91,40 @@ pub fn f64s(df: &DataFrame, col: &str) -> Vec<f64> {
         .f64()
         .unwrap()
         .into_no_null_iter()
+        .collect()
+}
+
+/// Starts the binary in the background in the setup's folder (feature cache under it).
+pub fn spawn(s: &Setup, args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args(args)
+        .current_dir(s.dir.path())
+        .env_remove("RUNNER_ASSETS")
+        .env("RUNNER_CACHE", s.dir.path().join("cache"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Asserts a zero exit, showing the output otherwise.
+pub fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{}\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A string column, nulls as empty strings.
+pub fn strs(df: &DataFrame, col: &str) -> Vec<String> {
+    df.column(col)
+        .unwrap()
+        .str()
+        .unwrap()
+        .iter()
+        .map(|v| v.unwrap_or_default().to_string())
         .collect()
 }
