@@ -4,6 +4,7 @@
 mod common;
 
 use std::path::Path;
+use std::process::Command;
 
 use polars::prelude::*;
 
@@ -454,4 +455,53 @@ fn logs_follow_a_live_run_until_it_ends() {
         text.lines().last().unwrap().contains("Run finished."),
         "{text}"
     );
+}
+
+#[test]
+fn an_interrupted_sweep_resumes_where_it_stopped() {
+    let s = setup(&[("epochs = 2", "epochs = 6\nsteps_per_epoch = 40")]);
+    let text = std::fs::read_to_string(&s.spec).unwrap();
+    std::fs::write(
+        &s.spec,
+        format!("{text}\n[sweep]\n\"optimizer.lr\" = [1e-3, 1e-4]\n"),
+    )
+    .unwrap();
+    let args = [
+        s.spec.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--results",
+        s.results.to_str().unwrap(),
+    ];
+    let mut child = common::cli::spawn(&s, &args);
+    // Ctrl-C once the first point has a checkpoint.
+    loop {
+        let started = std::fs::read_dir(&s.results)
+            .map(|rd| rd.flatten().any(|e| e.path().join("last.ckpt").is_file()))
+            .unwrap_or(false);
+        if started {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the sweep ended too soon");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("interrupted"));
+    let first = runs(&s.results);
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].1, "interrupted");
+
+    let out = runner(&args, s.dir.path());
+    ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("resuming"), "{stdout}");
+    let r = runs(&s.results);
+    assert_eq!(r.len(), 2, "the interrupted run was continued, not restarted: {r:?}");
+    assert!(r.iter().all(|x| x.1 == "completed"), "{r:?}");
 }
