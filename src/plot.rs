@@ -135,6 +135,7 @@ fn panel<DB: DrawingBackend>(
     y_desc: &str,
     pick: fn(&Curves) -> (&Vec<f64>, &Vec<f64>),
     smoothing: Option<f64>,
+    legend_at: SeriesLabelPosition,
 ) -> DrawResult<()> {
     let e = |x: &dyn std::fmt::Display| x.to_string();
     let series = |c: &Curves| {
@@ -174,6 +175,15 @@ fn panel<DB: DrawingBackend>(
         .configure_mesh()
         .x_desc("epoch")
         .y_desc(y_desc)
+        .x_labels((max_epoch as usize).clamp(2, 12))
+        .x_label_formatter(&|x| {
+            // Epochs are whole numbers: no tick label between them.
+            if (x - x.round()).abs() < 1e-6 {
+                format!("{}", x.round() as i64)
+            } else {
+                String::new()
+            }
+        })
         .light_line_style(WHITE.mix(0.0))
         .bold_line_style(BLACK.mix(0.08))
         .label_style(("sans-serif", 14))
@@ -237,7 +247,7 @@ fn panel<DB: DrawingBackend>(
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(legend_at)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK.mix(0.3))
         .label_font(("sans-serif", 13))
@@ -264,6 +274,8 @@ fn draw<DB: DrawingBackend>(
         "accuracy",
         |c| (&c.train_acc, &c.val_acc),
         smoothing,
+        // Accuracy rises and loss falls: the legend goes where the curves usually are not.
+        SeriesLabelPosition::LowerRight,
     )?;
     panel(
         &right,
@@ -272,6 +284,7 @@ fn draw<DB: DrawingBackend>(
         "loss",
         |c| (&c.train_loss, &c.val_loss),
         smoothing,
+        SeriesLabelPosition::UpperRight,
     )?;
     root.present().map_err(|x| x.to_string())
 }

@@ -482,7 +482,10 @@ fn an_interrupted_sweep_resumes_where_it_stopped() {
         if started {
             break;
         }
-        assert!(child.try_wait().unwrap().is_none(), "the sweep ended too soon");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the sweep ended too soon"
+        );
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
     let kill = Command::new("kill")
@@ -502,6 +505,10 @@ fn an_interrupted_sweep_resumes_where_it_stopped() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("resuming"), "{stdout}");
     let r = runs(&s.results);
-    assert_eq!(r.len(), 2, "the interrupted run was continued, not restarted: {r:?}");
+    assert_eq!(
+        r.len(),
+        2,
+        "the interrupted run was continued, not restarted: {r:?}"
+    );
     assert!(r.iter().all(|x| x.1 == "completed"), "{r:?}");
 }
