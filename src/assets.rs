@@ -86,3 +86,90 @@ impl Locations {
             })
     }
 }
+
+/// The files of a named asset, relative to the project folder (and to a mirror).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AssetFiles {
+    /// One file with its SHA-256.
+    One {
+        /// e.g. `weights/vgg16_imagenet_notop.safetensors`.
+        path: &'static str,
+        /// Lowercase hex SHA-256.
+        sha256: &'static str,
+    },
+    /// A folder whose files are listed, with their SHA-256, in a `sha256sum` file.
+    Listed {
+        /// The list, e.g. `data/cats_and_dogs_small.SHA256SUMS`.
+        sums: &'static str,
+        /// SHA-256 of the list itself.
+        sums_sha256: &'static str,
+        /// The folder the listed paths are relative to.
+        dir: &'static str,
+    },
+}
+
+/// A named asset of the catalogue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Asset {
+    /// e.g. `vgg16/imagenet`.
+    pub name: &'static str,
+    /// What it is.
+    pub description: &'static str,
+    /// Its files.
+    pub files: AssetFiles,
+    /// The original download, and what runner still needs to use it directly.
+    pub upstream: &'static str,
+}
+
+/// Every named asset.
+pub const CATALOGUE: [Asset; 3] = [
+    Asset {
+        name: "vgg16/imagenet",
+        description: "VGG16 convolutional base, ImageNet weights (Keras' Oxford weights), safetensors, Keras layer names",
+        files: AssetFiles::One {
+            path: "weights/vgg16_imagenet_notop.safetensors",
+            sha256: "3d289c1da829286cc29ca5760fca9bd62782a1ff1f86d2ee91d1485ba1431081",
+        },
+        upstream: "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 (Keras .h5; runner cannot convert .h5 yet)",
+    },
+    Asset {
+        name: "mobilenet_v2/imagenet",
+        description: "MobileNetV2, torchvision IMAGENET1K_V1 weights, safetensors, torchvision names",
+        files: AssetFiles::One {
+            path: "weights/mobilenet_v2_imagenet.safetensors",
+            sha256: "750b96807fca6d8060ba5963e0a6c9c42bd05c8914443ce5730c25a2bf7be88f",
+        },
+        upstream: "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth (PyTorch .pth; runner cannot convert .pth yet)",
+    },
+    Asset {
+        name: "cats_and_dogs_small",
+        description: "Dogs-vs-Cats, the book's 2000/1000/1000 split: train/validation/test, cats/ and dogs/",
+        files: AssetFiles::Listed {
+            sums: "data/cats_and_dogs_small.SHA256SUMS",
+            sums_sha256: "9f61d85a75b5423d82b34d421456aaea565d41a55bb7309bd34846e84f2b8369",
+            dir: "data/cats_and_dogs_small",
+        },
+        upstream: "https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/kagglecatsanddogs_5340.zip (the full Kaggle set; runner cannot build the split from it yet)",
+    },
+];
+
+/// The asset named `name`.
+pub fn find_asset(name: &str) -> Option<&'static Asset> {
+    CATALOGUE.iter().find(|a| a.name == name)
+}
+
+impl Locations {
+    /// What to do without a network or a mirror: where the files go and where they come from.
+    pub fn offline_help(asset: &Asset) -> String {
+        let place = match &asset.files {
+            AssetFiles::One { path, .. } => (*path).to_string(),
+            AssetFiles::Listed { sums, dir, .. } => format!("{dir}/ (and the list {sums})"),
+        };
+        format!(
+            "{}: no source has it. Put the file(s) at {place} in the project folder, or point \
+             {ASSETS_ENV} (--assets) at a folder that has them there, or an HTTP mirror of such a \
+             folder with --assets-url / RUNNER_ASSETS_URL. Original source: {}",
+            asset.name, asset.upstream
+        )
+    }
+}

@@ -122,6 +122,21 @@ enum Command {
         #[arg(long, short)]
         follow: bool,
     },
+    /// Put named assets (weights, datasets) into weights/ and data/, verified by SHA-256, from the
+    /// local mirror or an HTTP mirror; `--list` shows the catalogue.
+    Fetch {
+        /// Asset names, e.g. vgg16/imagenet cats_and_dogs_small.
+        assets: Vec<String>,
+        /// List the catalogue.
+        #[arg(long)]
+        list: bool,
+        /// Base URL of an HTTP mirror laid out like the asset folder.
+        #[arg(long, env = "RUNNER_ASSETS_URL", value_name = "URL")]
+        assets_url: Option<String>,
+        /// The project folder the files go into (under weights/ and data/).
+        #[arg(long, default_value = ".", value_name = "DIR")]
+        into: PathBuf,
+    },
     /// Continue an interrupted run from its last checkpoint (refused if the config changed).
     Resume {
         /// The run id (the name of its results/<run_id>.parquet).
@@ -275,6 +290,15 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 .map_err(|e| failed(anyhow::anyhow!("{}: {e}", path.display())))
         }
         (Some(Command::Resume { run_id }), _) => resume(&run_id, None, &common),
+        (
+            Some(Command::Fetch {
+                assets,
+                list,
+                assets_url,
+                into,
+            }),
+            _,
+        ) => fetch(&assets, list, assets_url, &into, &common),
         (
             Some(Command::Predict {
                 run_id,
@@ -578,6 +602,50 @@ fn interrupt_flag() -> Option<Arc<AtomicBool>> {
         Some(flag)
     })
     .clone()
+}
+
+fn fetch(
+    names: &[String],
+    list: bool,
+    url: Option<String>,
+    into: &Path,
+    common: &Common,
+) -> Result<(), Failure> {
+    use crate::assets::{CATALOGUE, find_asset};
+    if list || names.is_empty() {
+        for a in &CATALOGUE {
+            println!("{:<22} {}\n{:<22} upstream: {}", a.name, a.description, "", a.upstream);
+        }
+        return Ok(());
+    }
+    let mut assets = Vec::new();
+    for n in names {
+        let known: Vec<&str> = CATALOGUE.iter().map(|a| a.name).collect();
+        assets.push(find_asset(n).ok_or_else(|| {
+            bad_input(anyhow::anyhow!(
+                "unknown asset \"{n}\"{}; known assets: {}",
+                load::closest(n, &known),
+                known.join(", ")
+            ))
+        })?);
+    }
+    let sources = crate::fetch::Sources {
+        mirror: Locations::new(common.assets.clone()).mirror,
+        url,
+    };
+    for a in assets {
+        let [present, copied, downloaded] = crate::fetch::fetch(a, into, &sources).map_err(|e| {
+            match e {
+                crate::fetch::FetchError::Unavailable(_) => bad_input(e),
+                _ => failed(e),
+            }
+        })?;
+        println!(
+            "{}: {present} already present, {copied} copied from the mirror, {downloaded} downloaded (all verified)",
+            a.name
+        );
+    }
+    Ok(())
 }
 
 fn plot(runs: &[String], out: &Path, smooth: Option<f64>, common: &Common) -> Result<(), Failure> {
