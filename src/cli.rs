@@ -126,7 +126,8 @@ enum Command {
     /// local mirror or an HTTP mirror; `--list` shows the catalogue.
     Fetch {
         /// Asset names, e.g. vgg16/imagenet cats_and_dogs_small.
-        assets: Vec<String>,
+        #[arg(value_name = "ASSETS")]
+        names: Vec<String>,
         /// List the catalogue.
         #[arg(long)]
         list: bool,
@@ -292,13 +293,13 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         (Some(Command::Resume { run_id }), _) => resume(&run_id, None, &common),
         (
             Some(Command::Fetch {
-                assets,
+                names,
                 list,
                 assets_url,
                 into,
             }),
             _,
-        ) => fetch(&assets, list, assets_url, &into, &common),
+        ) => fetch(&names, list, assets_url, &into, &common),
         (
             Some(Command::Predict {
                 run_id,
@@ -614,7 +615,10 @@ fn fetch(
     use crate::assets::{CATALOGUE, find_asset};
     if list || names.is_empty() {
         for a in &CATALOGUE {
-            println!("{:<22} {}\n{:<22} upstream: {}", a.name, a.description, "", a.upstream);
+            println!(
+                "{:<22} {}\n{:<22} upstream: {}",
+                a.name, a.description, "", a.upstream
+            );
         }
         return Ok(());
     }
@@ -634,12 +638,11 @@ fn fetch(
         url,
     };
     for a in assets {
-        let [present, copied, downloaded] = crate::fetch::fetch(a, into, &sources).map_err(|e| {
-            match e {
+        let [present, copied, downloaded] =
+            crate::fetch::fetch(a, into, &sources).map_err(|e| match e {
                 crate::fetch::FetchError::Unavailable(_) => bad_input(e),
                 _ => failed(e),
-            }
-        })?;
+            })?;
         println!(
             "{}: {present} already present, {copied} copied from the mirror, {downloaded} downloaded (all verified)",
             a.name

@@ -16,7 +16,9 @@ use crate::assets::{Asset, AssetFiles, Locations};
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     /// The bytes do not match the catalogue.
-    #[error("{what}: checksum mismatch: expected sha256 {expected}, found {found}; the file was not kept")]
+    #[error(
+        "{what}: checksum mismatch: expected sha256 {expected}, found {found}; the file was not kept"
+    )]
     Checksum {
         /// The URL or path read.
         what: String,
@@ -165,7 +167,10 @@ pub fn download(url: &str, dest: &Path, sha256: &str) -> Result<(), FetchError> 
             .truncate(!append)
             .open(&part)
             .map_err(io(&part))?;
-        let progress = bar(total, dest.file_name().map_or("", |n| n.to_str().unwrap_or("")));
+        let progress = bar(
+            total,
+            dest.file_name().map_or("", |n| n.to_str().unwrap_or("")),
+        );
         progress.set_position(if append { have } else { 0 });
         let mut body = resp.into_body().into_reader();
         let mut buf = vec![0u8; 1 << 16];
@@ -288,7 +293,10 @@ pub fn fetch(asset: &Asset, root: &Path, sources: &Sources) -> Result<[usize; 3]
                 .collect();
             let dir = dir.trim_end_matches('/');
             for (hash, rel) in entries {
-                tally(fetch_file(root, &format!("{dir}/{rel}"), &hash, sources).map_err(unavailable)?);
+                tally(
+                    fetch_file(root, &format!("{dir}/{rel}"), &hash, sources)
+                        .map_err(unavailable)?,
+                );
             }
         }
     }

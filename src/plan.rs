@@ -130,8 +130,15 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
         } else {
             locations.path(w, "weights file", false)
         };
+        let asset = format!("{}/imagenet", def.name);
         found
-            .map_err(|e| bad("backbone.weights", e.to_string().trim_end().to_string()))
+            .map_err(|e| {
+                let mut m = e.to_string().trim_end().to_string();
+                if w == "imagenet" && crate::assets::find_asset(&asset).is_some() {
+                    m += &format!("\n  or get it with: runner fetch {asset}");
+                }
+                bad("backbone.weights", m)
+            })
             .ok()
     });
     let cutoff = def.and_then(|def| {

@@ -339,6 +339,7 @@ fn imagenet_weights_are_found_in_the_mirror() {
         e.contains("weights/vgg16_imagenet_notop.safetensors") && e.contains("RUNNER_ASSETS"),
         "{e}"
     );
+    assert!(e.contains("runner fetch vgg16/imagenet"), "{e}");
 }
 
 #[test]
