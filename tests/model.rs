@@ -229,3 +229,36 @@ fn every_head_parameter_trains_and_a_restored_model_and_optimizer_continue_exact
     }
     assert_eq!(head_values(&restored), head_values(&model));
 }
+
+#[test]
+fn vgg19_forward_matches_the_numpy_reference() {
+    // tools/vgg19_reference.py draws the same weights (seed 21) and input (seed 22).
+    let def = backbone::find("vgg19").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vgg19.safetensors");
+    common::write_vgg_weights_with(&path, def, 21, 0.1);
+    let device = Device::flex();
+    let vgg = weights::load_vgg(def, Vgg::init(def, &device), &path).unwrap();
+    let bytes = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/vgg19_reference.safetensors"),
+    )
+    .unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let input = common::f32_tensor(&st, "input");
+    let mut rng = common::Rng::new(22);
+    let drawn: Vec<f32> = (0..3 * 64 * 64).map(|_| rng.uniform()).collect();
+    assert_eq!(input, drawn, "the fixture's input is the tests' stream");
+    let x = Tensor::<4>::from_data(TensorData::new(input, [1, 3, 64, 64]), &device);
+    let got = values(vgg.forward_range(x, 0, vgg.num_layers()));
+    let want = common::f32_tensor(&st, "output");
+    assert_eq!(got.len(), 512 * 2 * 2);
+    let num: f64 = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| f64::from(a - b).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|b| f64::from(*b).powi(2)).sum();
+    let rel = (num / den).sqrt();
+    assert!(rel < 1e-5, "relative error {rel}");
+}

@@ -63,6 +63,12 @@ pub fn make_dataset(root: &Path, classes: &[&str], n: [usize; 3], size: u32) -> 
 
 /// Writes a VGG weight file in Keras naming with He-scaled random values (biases zero).
 pub fn write_vgg_weights(path: &Path, def: &BackboneDef, seed: u64) {
+    write_vgg_weights_with(path, def, seed, 0.0);
+}
+
+/// Like [`write_vgg_weights`] with biases drawn from `[-bias, bias)`; the stream is the one
+/// tools/vgg19_reference.py reimplements (per conv: the kernel, then the bias).
+pub fn write_vgg_weights_with(path: &Path, def: &BackboneDef, seed: u64, bias: f32) {
     let mut rng = Rng::new(seed);
     let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = def
         .expected_tensors()
@@ -73,6 +79,8 @@ pub fn write_vgg_weights(path: &Path, def: &BackboneDef, seed: u64) {
                 let fan_in = (shape[1] * 9) as f32;
                 let a = (6.0 / fan_in).sqrt();
                 (0..n).map(|_| rng.uniform() * a).collect()
+            } else if bias != 0.0 {
+                (0..n).map(|_| rng.uniform() * bias).collect()
             } else {
                 vec![0.0; n]
             };
