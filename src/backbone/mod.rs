@@ -1,5 +1,6 @@
 //! Pretrained convolutional bases: their layer names, shapes, preprocessing and weights.
 
+pub mod mobilenet;
 pub mod vgg;
 pub mod weights;
 

@@ -1,0 +1,248 @@
+//! MobileNetV2 (torchvision's layout): a stem convolution, 17 inverted residual blocks with
+//! depthwise convolutions, a 1x1 convolution to 1280 channels, and the ImageNet classifier; every
+//! convolution is followed by BatchNorm (and ReLU6 except the projections).
+//!
+//! Weights load from torchvision's state dict (as the mirror's safetensors file holds it) through
+//! an explicit key map and burn-store's PyTorch adapter (BatchNorm `weight`/`bias` to
+//! `gamma`/`beta`, Linear transposed); the load result is checked tensor by tensor. On a device
+//! without autodiff BatchNorm uses its running statistics and never updates them.
+//!
+//! Not yet a backbone of the spec: `backbone.name = "mobilenet_v2"` needs the generalised
+//! backbone interface (layer names, cutoffs, shapes), which is the rest of issue 6.
+
+use std::path::Path;
+
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::prelude::*;
+use burn::store::{KeyRemapper, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
+
+use super::weights::WeightsError;
+
+/// `(expansion, output channels, repeats, first stride)` of each stage (torchvision).
+const SETTINGS: [(usize, usize, usize, usize); 7] = [
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+];
+
+/// A convolution without bias, then BatchNorm.
+#[derive(Module, Debug)]
+pub struct ConvBn {
+    conv: Conv2d,
+    bn: BatchNorm,
+}
+
+impl ConvBn {
+    fn new(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        groups: usize,
+        device: &Device,
+    ) -> Self {
+        Self {
+            conv: Conv2dConfig::new([cin, cout], [k, k])
+                .with_stride([stride, stride])
+                .with_padding(PaddingConfig2d::Explicit(k / 2, k / 2, k / 2, k / 2))
+                .with_groups(groups)
+                .with_bias(false)
+                .init(device),
+            bn: BatchNormConfig::new(cout).with_epsilon(1e-5).init(device),
+        }
+    }
+
+    /// BatchNorm running mean and variance values (burn counts them in `num_params`).
+    fn running_stats(&self) -> usize {
+        2 * self.bn.gamma.dims()[0]
+    }
+
+    fn forward(&self, x: Tensor<4>, relu6: bool) -> Tensor<4> {
+        let y = self.bn.forward(self.conv.forward(x));
+        if relu6 { y.clamp(0.0, 6.0) } else { y }
+    }
+}
+
+/// An inverted residual block: 1x1 expansion (absent when the expansion is 1), 3x3 depthwise,
+/// 1x1 linear projection, and the skip connection when shapes allow.
+#[derive(Module, Debug)]
+pub struct InvertedResidual {
+    expand: Option<ConvBn>,
+    depthwise: ConvBn,
+    project: ConvBn,
+    #[module(skip)]
+    residual: bool,
+}
+
+impl InvertedResidual {
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let mut y = x.clone();
+        if let Some(e) = &self.expand {
+            y = e.forward(y, true);
+        }
+        y = self.project.forward(self.depthwise.forward(y, true), false);
+        if self.residual { y + x } else { y }
+    }
+}
+
+/// MobileNetV2 with its ImageNet classifier.
+#[derive(Module, Debug)]
+pub struct MobileNetV2 {
+    stem: ConvBn,
+    blocks: Vec<InvertedResidual>,
+    last: ConvBn,
+    classifier: Linear,
+}
+
+impl MobileNetV2 {
+    /// Fresh weights (load real ones with [`MobileNetV2::load`]).
+    pub fn init(classes: usize, device: &Device) -> Self {
+        let mut blocks = Vec::new();
+        let mut cin = 32;
+        for (t, c, n, s) in SETTINGS {
+            for i in 0..n {
+                let stride = if i == 0 { s } else { 1 };
+                let hidden = cin * t;
+                blocks.push(InvertedResidual {
+                    expand: (t != 1).then(|| ConvBn::new(cin, hidden, 1, 1, 1, device)),
+                    depthwise: ConvBn::new(hidden, hidden, 3, stride, hidden, device),
+                    project: ConvBn::new(hidden, c, 1, 1, 1, device),
+                    residual: stride == 1 && cin == c,
+                });
+                cin = c;
+            }
+        }
+        Self {
+            stem: ConvBn::new(3, 32, 3, 2, 1, device),
+            blocks,
+            last: ConvBn::new(320, 1280, 1, 1, 1, device),
+            classifier: LinearConfig::new(1280, classes).init(device),
+        }
+    }
+
+    /// The torchvision key -> module path map.
+    fn remapper() -> Result<KeyRemapper, String> {
+        let mut pairs: Vec<(String, String)> = vec![
+            (r"^features\.0\.0\.(.+)$".into(), "stem.conv.$1".into()),
+            (r"^features\.0\.1\.(.+)$".into(), "stem.bn.$1".into()),
+            (r"^features\.18\.0\.(.+)$".into(), "last.conv.$1".into()),
+            (r"^features\.18\.1\.(.+)$".into(), "last.bn.$1".into()),
+            (r"^classifier\.1\.(.+)$".into(), "classifier.$1".into()),
+            // The first block has no expansion: its depthwise convolution comes first.
+            (
+                r"^features\.1\.conv\.0\.0\.(.+)$".into(),
+                "blocks.0.depthwise.conv.$1".into(),
+            ),
+            (
+                r"^features\.1\.conv\.0\.1\.(.+)$".into(),
+                "blocks.0.depthwise.bn.$1".into(),
+            ),
+            (
+                r"^features\.1\.conv\.1\.(.+)$".into(),
+                "blocks.0.project.conv.$1".into(),
+            ),
+            (
+                r"^features\.1\.conv\.2\.(.+)$".into(),
+                "blocks.0.project.bn.$1".into(),
+            ),
+        ];
+        for i in 2..=17 {
+            let b = i - 1;
+            for (from, to) in [
+                ("conv.0.0", "expand.conv"),
+                ("conv.0.1", "expand.bn"),
+                ("conv.1.0", "depthwise.conv"),
+                ("conv.1.1", "depthwise.bn"),
+                ("conv.2", "project.conv"),
+                ("conv.3", "project.bn"),
+            ] {
+                pairs.push((
+                    format!(r"^features\.{i}\.{}\.(.+)$", from.replace('.', r"\.")),
+                    format!("blocks.{b}.{to}.$1"),
+                ));
+            }
+        }
+        KeyRemapper::from_patterns(pairs).map_err(|e| e.to_string())
+    }
+
+    /// Loads torchvision's MobileNetV2 state dict from a safetensors file; every tensor of the
+    /// model must be found with its shape (BatchNorm's `num_batches_tracked` is ignored).
+    pub fn load(mut self, path: &Path) -> Result<Self, WeightsError> {
+        let unreadable = |message: String| WeightsError::Unreadable {
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut store = SafetensorsStore::from_file(path)
+            .remap(Self::remapper().map_err(unreadable)?)
+            .with_from_adapter(PyTorchToBurnAdapter)
+            .validate(false)
+            .allow_partial(true);
+        let result = self
+            .load_from(&mut store)
+            .map_err(|e| unreadable(e.to_string()))?;
+        let mut problems: Vec<String> = result.errors.iter().map(|e| format!("{e:?}")).collect();
+        problems.extend(
+            result
+                .missing
+                .iter()
+                .map(|m| format!("missing tensor {m:?}")),
+        );
+        problems.extend(
+            result
+                .unused
+                .iter()
+                .filter(|u| !u.ends_with("num_batches_tracked"))
+                .map(|u| format!("unexpected tensor {u}")),
+        );
+        if problems.is_empty() {
+            Ok(self)
+        } else {
+            Err(unreadable(problems.join("; ")))
+        }
+    }
+
+    /// The 1280-channel feature map.
+    ///
+    /// # Shapes
+    ///
+    /// - input: `[batch, 3, height, width]`, torch-preprocessed
+    /// - output: `[batch, 1280, height / 32, width / 32]` (rounded up)
+    pub fn features(&self, x: Tensor<4>) -> Tensor<4> {
+        let mut x = self.stem.forward(x, true);
+        for b in &self.blocks {
+            x = b.forward(x);
+        }
+        self.last.forward(x, true)
+    }
+
+    /// ImageNet logits: features, global average pooling, the classifier.
+    ///
+    /// # Shapes
+    ///
+    /// - output: `[batch, classes]`
+    pub fn logits(&self, x: Tensor<4>) -> Tensor<2> {
+        let f = self.features(x);
+        let [n, c, _, _] = f.dims();
+        let pooled = f.mean_dim(3).mean_dim(2).reshape([n, c]);
+        self.classifier.forward(pooled)
+    }
+
+    /// Parameters of the feature extractor (no classifier, no BatchNorm running statistics).
+    pub fn feature_params(&self) -> usize {
+        let stats: usize = [&self.stem, &self.last]
+            .into_iter()
+            .chain(
+                self.blocks
+                    .iter()
+                    .flat_map(|b| b.expand.iter().chain([&b.depthwise, &b.project])),
+            )
+            .map(ConvBn::running_stats)
+            .sum();
+        self.num_params() - self.classifier.num_params() - stats
+    }
+}

@@ -1,0 +1,66 @@
+//! MobileNetV2 from the mirror's torchvision weights: parameter count, and a real check that its
+//! ImageNet classifier puts real cat photos in a cat class and dog photos in a dog class.
+
+mod common;
+
+use burn::prelude::*;
+use runner::backbone::mobilenet::MobileNetV2;
+use runner::spec::Preprocess;
+
+#[test]
+fn mobilenet_v2_features_have_torchvisions_parameter_count() {
+    let m = MobileNetV2::init(1000, &Device::flex());
+    // Convolutions and BatchNorm scale/shift; running statistics are not parameters.
+    assert_eq!(m.feature_params(), 2_223_872);
+}
+
+/// torchvision's eval transform: resize the short side to 256, centre-crop 224.
+fn load(path: &std::path::Path) -> Vec<u8> {
+    let img = image::open(path).unwrap().to_rgb8();
+    let (w, h) = img.dimensions();
+    let s = 256.0 / w.min(h) as f32;
+    let (nw, nh) = ((w as f32 * s).round() as u32, (h as f32 * s).round() as u32);
+    let r = image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Triangle);
+    image::imageops::crop_imm(&r, (nw - 224) / 2, (nh - 224) / 2, 224, 224)
+        .to_image()
+        .into_raw()
+}
+
+#[test]
+fn its_imagenet_classifier_recognises_real_cats_and_dogs() {
+    let Some(mirror) = common::mirror() else {
+        eprintln!("skipped: no asset mirror (set RUNNER_ASSETS) for the MobileNetV2 weights");
+        return;
+    };
+    let device = Device::flex();
+    let m = MobileNetV2::init(1000, &device)
+        .load(&mirror.join("weights/mobilenet_v2_imagenet.safetensors"))
+        .unwrap();
+    let test = mirror.join("data/cats_and_dogs_small/test");
+    let mut counts = Vec::new();
+    for (class, range) in [("cats", 281..=285usize), ("dogs", 151..=268usize)] {
+        let files: Vec<_> = (0..50)
+            .map(|i| {
+                test.join(class)
+                    .join(format!("{}.{}.jpg", &class[..3], 1500 + i))
+            })
+            .collect();
+        let mut hits = 0;
+        for chunk in files.chunks(10) {
+            let mut buf = vec![0f32; chunk.len() * 3 * 224 * 224];
+            for (out, f) in buf.chunks_exact_mut(3 * 224 * 224).zip(chunk) {
+                runner::data::preprocess_into(&load(f), 224 * 224, Preprocess::Torch, out);
+            }
+            let x =
+                Tensor::<4>::from_data(TensorData::new(buf, [chunk.len(), 3, 224, 224]), &device);
+            let top: Vec<i64> = m.logits(x).argmax(1).into_data().iter::<i64>().collect();
+            hits += top
+                .iter()
+                .filter(|&&c| range.contains(&(c as usize)))
+                .count();
+        }
+        eprintln!("{class}: {hits} of 50 in ImageNet classes {range:?}");
+        counts.push(hits);
+    }
+    assert!(counts[0] > 25 && counts[1] > 25, "{counts:?}");
+}
