@@ -912,11 +912,7 @@ pub fn summary(plan: &Plan) -> String {
             (_, false) => "trainable",
         };
         rows.push((
-            format!(
-                "{} ({})",
-                l.name,
-                if p > 0 { "Conv2D" } else { "MaxPooling2D" }
-            ),
+            format!("{} ({})", l.name, l.kind()),
             Shape::Map(shape).keras(),
             p,
             state,
@@ -972,17 +968,24 @@ pub fn summary(plan: &Plan) -> String {
         Shape::Map(plan.base_output).keras(),
         thousands(plan.head_shapes.iter().map(|(_, p)| p).sum())
     );
-    let frozen_tensors: Vec<String> = def
-        .expected_tensors()
-        .into_iter()
-        .filter(|(name, _)| {
-            def.layers()
-                .iter()
-                .position(|l| name.starts_with(&format!("{}.", l.name)))
-                .is_some_and(|i| i < plan.cutoff.index)
-        })
-        .map(|(n, _)| n)
-        .collect();
+    let frozen_tensors: Vec<String> = if def.family == crate::backbone::Family::MobileNetV2 {
+        // Every tensor of each frozen layer (BatchNorm statistics included).
+        def.layers()[..plan.cutoff.index]
+            .iter()
+            .map(|l| format!("{}.*", l.name))
+            .collect()
+    } else {
+        def.expected_tensors()
+            .into_iter()
+            .filter(|(name, _)| {
+                def.layers()
+                    .iter()
+                    .position(|l| name.starts_with(&format!("{}.", l.name)))
+                    .is_some_and(|i| i < plan.cutoff.index)
+            })
+            .map(|(n, _)| n)
+            .collect()
+    };
     let head_params: usize = plan.head_shapes.iter().map(|(_, p)| p).sum();
     s += &format!("Phases ({}):\n", plan.phases.len());
     for (i, ph) in plan.phases.iter().enumerate() {

@@ -2,9 +2,10 @@
 
 use burn::prelude::*;
 
-use crate::backbone::BackboneDef;
+use crate::backbone::mobilenet::MobileNetV2;
 use crate::backbone::vgg::Vgg;
 use crate::backbone::weights::{self, WeightsError};
+use crate::backbone::{BackboneDef, Family};
 use crate::head::{Head, Shape};
 use crate::plan::Plan;
 use crate::spec::LayerSpec;
@@ -18,11 +19,99 @@ impl burn::module::ModuleVisitor for Materialize {
     }
 }
 
+/// Hashes every parameter value it visits.
+struct Digest(sha2::Sha256);
+
+impl burn::module::ModuleVisitor for Digest {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+        use sha2::Digest as _;
+        self.0.update(param.val().into_data().as_bytes());
+    }
+}
+
+/// A pretrained base of one of the known families.
+#[derive(Module, Debug)]
+pub enum Backbone {
+    /// VGG16 / VGG19.
+    Vgg(Vgg),
+    /// MobileNetV2 without its classifier.
+    MobileNetV2(MobileNetV2),
+}
+
+impl Backbone {
+    /// A base with fresh weights.
+    pub fn init(def: &BackboneDef, device: &Device) -> Self {
+        match def.family {
+            Family::Vgg => Self::Vgg(Vgg::init(def, device)),
+            Family::MobileNetV2 => Self::MobileNetV2(MobileNetV2::init(0, device)),
+        }
+    }
+
+    /// Loads the weights file at `path`, checking every tensor.
+    pub fn load(self, def: &BackboneDef, path: &std::path::Path) -> Result<Self, WeightsError> {
+        Ok(match self {
+            Self::Vgg(v) => Self::Vgg(weights::load_vgg(def, v, path)?),
+            Self::MobileNetV2(m) => Self::MobileNetV2(m.load(path)?),
+        })
+    }
+
+    /// Number of layers.
+    pub fn num_layers(&self) -> usize {
+        match self {
+            Self::Vgg(v) => v.num_layers(),
+            Self::MobileNetV2(m) => m.num_layers(),
+        }
+    }
+
+    /// Runs layers `from..to`.
+    ///
+    /// # Shapes
+    ///
+    /// - input: the input of layer `from`; output: the output of layer `to - 1`
+    pub fn forward_range(&self, x: Tensor<4>, from: usize, to: usize) -> Tensor<4> {
+        match self {
+            Self::Vgg(v) => v.forward_range(x, from, to),
+            Self::MobileNetV2(m) => m.forward_range(x, from, to),
+        }
+    }
+
+    /// Layers before `cut` get no gradients, the others do.
+    pub fn freeze_before(self, cut: usize) -> Self {
+        match self {
+            Self::Vgg(v) => Self::Vgg(v.freeze_before(cut)),
+            Self::MobileNetV2(m) => Self::MobileNetV2(m.freeze_before(cut)),
+        }
+    }
+
+    /// SHA-256 of the current values of the layers before `cut`.
+    pub fn digest_before(&self, cut: usize) -> [u8; 32] {
+        use sha2::Digest as _;
+        let mut d = Digest(sha2::Sha256::new());
+        match self {
+            Self::Vgg(v) => {
+                for i in v.convs_before(cut) {
+                    v.convs[i].visit(&mut d);
+                }
+            }
+            Self::MobileNetV2(m) => m.visit_before(cut, &mut d),
+        }
+        d.0.finalize().into()
+    }
+
+    /// The VGG base, if it is one.
+    pub fn vgg(&self) -> Option<&Vgg> {
+        match self {
+            Self::Vgg(v) => Some(v),
+            Self::MobileNetV2(_) => None,
+        }
+    }
+}
+
 /// Backbone plus head. Layers of the backbone before `cut` are frozen.
 #[derive(Module, Debug)]
 pub struct TransferModel {
     /// The convolutional base.
-    pub backbone: Vgg,
+    pub backbone: Backbone,
     /// The layers on top.
     pub head: Head,
     #[module(skip)]
@@ -32,13 +121,12 @@ pub struct TransferModel {
 impl TransferModel {
     /// Builds the model of `plan` on `device` and loads the backbone's pretrained weights.
     pub fn build(plan: &Plan, device: &Device) -> Result<Self, WeightsError> {
-        let backbone = Vgg::init(plan.backbone, device);
-        let backbone = weights::load_vgg(plan.backbone, backbone, &plan.weights)?;
+        let backbone = Backbone::init(plan.backbone, device).load(plan.backbone, &plan.weights)?;
         Ok(Self::from_parts(plan, backbone, device))
     }
 
     /// Assembles the model around an already loaded backbone.
-    pub fn from_parts(plan: &Plan, backbone: Vgg, device: &Device) -> Self {
+    pub fn from_parts(plan: &Plan, backbone: Backbone, device: &Device) -> Self {
         let cut = plan
             .phases
             .first()
@@ -64,7 +152,7 @@ impl TransferModel {
     ) -> Self {
         let base_output = def.shape_at(def.layers().len(), image_size);
         Self {
-            backbone: Vgg::init(def, device).freeze_before(cut),
+            backbone: Backbone::init(def, device).freeze_before(cut),
             head: Head::init(layers, Shape::Map(base_output), device),
             cut,
         }
@@ -86,16 +174,7 @@ impl TransferModel {
 
     /// SHA-256 of the current weights of the frozen convolutions (part of the feature cache key).
     pub fn frozen_digest(&self) -> [u8; 32] {
-        use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
-        for i in self.backbone.convs_before(self.cut) {
-            let c = &self.backbone.convs[i];
-            h.update(c.weight.val().into_data().as_bytes());
-            if let Some(b) = &c.bias {
-                h.update(b.val().into_data().as_bytes());
-            }
-        }
-        h.finalize().into()
+        self.backbone.digest_before(self.cut)
     }
 
     /// The frozen part of the base: activations at the cutoff. Run it on a `valid()` copy, so that

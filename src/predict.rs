@@ -98,10 +98,10 @@ pub fn save(
             .iter()
             .filter_map(|l| match l.op {
                 LayerOp::Conv { index, .. } => Some((
-                    format!(r"^backbone\.convs\.{index}\.(weight|bias)$"),
+                    format!(r"^backbone\.Vgg\.convs\.{index}\.(weight|bias)$"),
                     format!("{}.$1", l.name),
                 )),
-                LayerOp::MaxPool => None,
+                _ => None,
             })
             .collect(),
     )

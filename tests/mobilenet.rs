@@ -64,3 +64,56 @@ fn its_imagenet_classifier_recognises_real_cats_and_dogs() {
     }
     assert!(counts[0] > 25 && counts[1] > 25, "{counts:?}");
 }
+
+#[test]
+fn mobilenet_v2_is_a_backbone_of_the_spec_and_fine_tunes_only_above_its_cutoff() {
+    let Some(mirror) = common::mirror() else {
+        eprintln!("skipped: no asset mirror (set RUNNER_ASSETS) for the MobileNetV2 weights");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::make_dataset(&dir.path().join("data"), &["cats", "dogs"], [4, 2, 2], 64);
+    let weights = mirror.join("weights/mobilenet_v2_imagenet.safetensors");
+    let text = common::spec_text(&data, &weights, "")
+        .replace("name = \"vgg16\"", "name = \"mobilenet_v2\"")
+        .replace("preprocess = \"caffe\"", "preprocess = \"torch\"")
+        .replace("image_size = [32, 32]", "image_size = [64, 64]")
+        .replace(
+            "trainable_from = \"none\"",
+            "trainable_from = \"features.17\"",
+        );
+    let plan = common::plan_for(dir.path(), &text);
+    assert_eq!(plan.backbone.num_params(), 2_223_872);
+    assert_eq!(plan.base_output, [1280, 2, 2]);
+    assert_eq!(plan.cutoff.index, 17);
+    let summary = runner::cli::summary(&plan);
+    assert!(
+        summary.contains("features.17 (InvertedResidual)"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("features.16.*") && !summary.contains("features.17.*"),
+        "{summary}"
+    );
+    let e = runner::backbone::Cutoff::resolve(plan.backbone, "features.19").unwrap_err();
+    assert!(
+        e.contains("not a layer of mobilenet_v2") && e.contains("features.1"),
+        "{e}"
+    );
+
+    let device = Device::flex().autodiff();
+    let before = runner::model::TransferModel::build(&plan, &device).unwrap();
+    let outcome = common::train(&plan, &device, &dir.path().join("results"));
+    assert_eq!(outcome.progress.history.len(), 2);
+    assert!(outcome.test.is_some());
+    // Layers 0-16 frozen (their digest is unchanged), 17-18 trained.
+    let after = outcome.model;
+    assert_eq!(
+        before.backbone.digest_before(17),
+        after.backbone.digest_before(17)
+    );
+    assert_ne!(
+        before.backbone.digest_before(19),
+        after.backbone.digest_before(19)
+    );
+}

@@ -18,6 +18,49 @@ use burn::prelude::*;
 use burn::store::{KeyRemapper, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
 
 use super::weights::WeightsError;
+use super::{LayerInfo, LayerOp};
+
+/// The 19 layers with torchvision's names (`features.0` ... `features.18`): what the plan, the
+/// summary and the freeze cutoff see.
+pub fn layers() -> Vec<LayerInfo> {
+    let bn = |c: usize| 2 * c;
+    let mut out = vec![LayerInfo {
+        name: "features.0".into(),
+        op: LayerOp::Block {
+            kind: "Conv2dNormActivation",
+            out_channels: 32,
+            stride: 2,
+            params: 3 * 32 * 9 + bn(32),
+        },
+    }];
+    let mut cin = 32;
+    for (t, c, n, s) in SETTINGS {
+        for i in 0..n {
+            let hidden = cin * t;
+            let expand = if t == 1 { 0 } else { cin * hidden + bn(hidden) };
+            out.push(LayerInfo {
+                name: format!("features.{}", out.len()),
+                op: LayerOp::Block {
+                    kind: "InvertedResidual",
+                    out_channels: c,
+                    stride: if i == 0 { s } else { 1 },
+                    params: expand + hidden * 9 + bn(hidden) + hidden * c + bn(c),
+                },
+            });
+            cin = c;
+        }
+    }
+    out.push(LayerInfo {
+        name: "features.18".into(),
+        op: LayerOp::Block {
+            kind: "Conv2dNormActivation",
+            out_channels: 1280,
+            stride: 1,
+            params: 320 * 1280 + bn(1280),
+        },
+    });
+    out
+}
 
 /// `(expansion, output channels, repeats, first stride)` of each stage (torchvision).
 const SETTINGS: [(usize, usize, usize, usize); 7] = [
@@ -38,6 +81,13 @@ pub struct ConvBn {
 }
 
 impl ConvBn {
+    fn trainable(mut self, t: bool) -> Self {
+        self.conv.weight = self.conv.weight.set_require_grad(t);
+        self.bn.gamma = self.bn.gamma.set_require_grad(t);
+        self.bn.beta = self.bn.beta.set_require_grad(t);
+        self
+    }
+
     fn new(
         cin: usize,
         cout: usize,
@@ -90,17 +140,18 @@ impl InvertedResidual {
     }
 }
 
-/// MobileNetV2 with its ImageNet classifier.
+/// MobileNetV2, with its ImageNet classifier or without (as a backbone).
 #[derive(Module, Debug)]
 pub struct MobileNetV2 {
     stem: ConvBn,
     blocks: Vec<InvertedResidual>,
     last: ConvBn,
-    classifier: Linear,
+    classifier: Option<Linear>,
 }
 
 impl MobileNetV2 {
-    /// Fresh weights (load real ones with [`MobileNetV2::load`]).
+    /// Fresh weights (load real ones with [`MobileNetV2::load`]); `classes = 0` leaves the
+    /// classifier out (the backbone of a transfer model).
     pub fn init(classes: usize, device: &Device) -> Self {
         let mut blocks = Vec::new();
         let mut cin = 32;
@@ -121,7 +172,68 @@ impl MobileNetV2 {
             stem: ConvBn::new(3, 32, 3, 2, 1, device),
             blocks,
             last: ConvBn::new(320, 1280, 1, 1, 1, device),
-            classifier: LinearConfig::new(1280, classes).init(device),
+            classifier: (classes > 0).then(|| LinearConfig::new(1280, classes).init(device)),
+        }
+    }
+
+    /// Number of layers (19).
+    pub fn num_layers(&self) -> usize {
+        self.blocks.len() + 2
+    }
+
+    /// Runs layers `from..to` (0 the stem, 1-17 the blocks, 18 the last convolution).
+    ///
+    /// # Shapes
+    ///
+    /// - input: the input of layer `from`
+    /// - output: the output of layer `to - 1`
+    pub fn forward_range(&self, mut x: Tensor<4>, from: usize, to: usize) -> Tensor<4> {
+        let last = self.num_layers() - 1;
+        for i in from..to {
+            x = match i {
+                0 => self.stem.forward(x, true),
+                i if i == last => self.last.forward(x, true),
+                i => self.blocks[i - 1].forward(x),
+            };
+        }
+        x
+    }
+
+    /// Layers before `cut` get no gradients, the others do.
+    pub fn freeze_before(self, cut: usize) -> Self {
+        let last = self.num_layers() - 1;
+        let blocks = self
+            .blocks
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let t = i + 1 >= cut;
+                InvertedResidual {
+                    expand: b.expand.map(|e| e.trainable(t)),
+                    depthwise: b.depthwise.trainable(t),
+                    project: b.project.trainable(t),
+                    residual: b.residual,
+                }
+            })
+            .collect();
+        Self {
+            stem: self.stem.trainable(cut == 0),
+            blocks,
+            last: self.last.trainable(last >= cut),
+            classifier: self.classifier,
+        }
+    }
+
+    /// Feeds every parameter and running statistic of layers before `cut` to `v`.
+    pub fn visit_before<V: burn::module::ModuleVisitor>(&self, cut: usize, v: &mut V) {
+        if cut > 0 {
+            self.stem.visit(v);
+        }
+        for b in self.blocks.iter().take(cut.saturating_sub(1)) {
+            b.visit(v);
+        }
+        if cut >= self.num_layers() {
+            self.last.visit(v);
         }
     }
 
@@ -192,11 +304,14 @@ impl MobileNetV2 {
                 .iter()
                 .map(|m| format!("missing tensor {m:?}")),
         );
+        let top = self.classifier.is_some();
         problems.extend(
             result
                 .unused
                 .iter()
                 .filter(|u| !u.ends_with("num_batches_tracked"))
+                // A backbone without its top leaves the ImageNet classifier unused.
+                .filter(|u| top || !u.starts_with("classifier"))
                 .map(|u| format!("unexpected tensor {u}")),
         );
         if problems.is_empty() {
@@ -229,7 +344,10 @@ impl MobileNetV2 {
         let f = self.features(x);
         let [n, c, _, _] = f.dims();
         let pooled = f.mean_dim(3).mean_dim(2).reshape([n, c]);
-        self.classifier.forward(pooled)
+        match &self.classifier {
+            Some(l) => l.forward(pooled),
+            None => pooled,
+        }
     }
 
     /// Parameters of the feature extractor (no classifier, no BatchNorm running statistics).
@@ -243,6 +361,6 @@ impl MobileNetV2 {
             )
             .map(ConvBn::running_stats)
             .sum();
-        self.num_params() - self.classifier.num_params() - stats
+        self.num_params() - self.classifier.as_ref().map_or(0, |c| c.num_params()) - stats
     }
 }

@@ -20,6 +20,27 @@ pub enum LayerOp {
     },
     /// 2x2 max pooling, stride 2.
     MaxPool,
+    /// A MobileNetV2 stage layer (stem, inverted residual block or last 1x1 convolution): `kind`
+    /// for the summary, its output channels, stride and parameter count.
+    Block {
+        /// `Conv2dNormActivation` or `InvertedResidual`.
+        kind: &'static str,
+        /// Output channels.
+        out_channels: usize,
+        /// Stride (1 or 2, `same`-style padding: the output is `ceil(input / stride)`).
+        stride: usize,
+        /// Parameters (BatchNorm running statistics excluded).
+        params: usize,
+    },
+}
+
+/// The network family of a backbone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// VGG: blocks of 3x3 convolutions and max pooling.
+    Vgg,
+    /// MobileNetV2 (torchvision's layout).
+    MobileNetV2,
 }
 
 /// One named backbone layer.
@@ -41,6 +62,16 @@ impl LayerInfo {
                 ..
             } => out_channels * in_channels * 9 + out_channels,
             LayerOp::MaxPool => 0,
+            LayerOp::Block { params, .. } => params,
+        }
+    }
+
+    /// The layer's type, as a Keras summary names it.
+    pub fn kind(&self) -> &'static str {
+        match self.op {
+            LayerOp::Conv { .. } => "Conv2D",
+            LayerOp::MaxPool => "MaxPooling2D",
+            LayerOp::Block { kind, .. } => kind,
         }
     }
 
@@ -49,6 +80,11 @@ impl LayerInfo {
         match self.op {
             LayerOp::Conv { out_channels, .. } => [out_channels, h, w],
             LayerOp::MaxPool => [c, h / 2, w / 2],
+            LayerOp::Block {
+                out_channels,
+                stride,
+                ..
+            } => [out_channels, h.div_ceil(stride), w.div_ceil(stride)],
         }
     }
 }
@@ -58,6 +94,8 @@ impl LayerInfo {
 pub struct BackboneDef {
     /// Name used in specs.
     pub name: &'static str,
+    /// The network family.
+    pub family: Family,
     /// Convolutions per block.
     pub blocks: &'static [usize],
     /// Channels of each block.
@@ -71,9 +109,10 @@ pub struct BackboneDef {
 }
 
 /// Every backbone runner can build.
-pub const BACKBONES: [BackboneDef; 2] = [
+pub const BACKBONES: [BackboneDef; 3] = [
     BackboneDef {
         name: "vgg16",
+        family: Family::Vgg,
         blocks: &[2, 2, 3, 3, 3],
         widths: &[64, 128, 256, 512, 512],
         default_preprocess: Preprocess::Caffe,
@@ -82,10 +121,20 @@ pub const BACKBONES: [BackboneDef; 2] = [
     },
     BackboneDef {
         name: "vgg19",
+        family: Family::Vgg,
         blocks: &[2, 2, 4, 4, 4],
         widths: &[64, 128, 256, 512, 512],
         default_preprocess: Preprocess::Caffe,
         imagenet_file: "vgg19_imagenet_notop.safetensors",
+        min_input: 32,
+    },
+    BackboneDef {
+        name: "mobilenet_v2",
+        family: Family::MobileNetV2,
+        blocks: &[],
+        widths: &[],
+        default_preprocess: Preprocess::Torch,
+        imagenet_file: "mobilenet_v2_imagenet.safetensors",
         min_input: 32,
     },
 ];
@@ -101,8 +150,12 @@ pub fn find(name: &str) -> Option<&'static BackboneDef> {
 }
 
 impl BackboneDef {
-    /// The layers in order, with Keras names (`block1_conv1` ... `block5_pool`).
+    /// The layers in order: Keras names for VGG (`block1_conv1` ... `block5_pool`), torchvision
+    /// names for MobileNetV2 (`features.0` ... `features.18`).
     pub fn layers(&self) -> Vec<LayerInfo> {
+        if self.family == Family::MobileNetV2 {
+            return mobilenet::layers();
+        }
         let mut out = Vec::new();
         let mut in_channels = 3;
         let mut index = 0;
@@ -156,7 +209,7 @@ impl BackboneDef {
                     ),
                     (format!("{}.bias", l.name), vec![out_channels]),
                 ]),
-                LayerOp::MaxPool => None,
+                LayerOp::MaxPool | LayerOp::Block { .. } => None,
             })
             .flatten()
             .collect()

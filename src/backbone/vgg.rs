@@ -34,7 +34,7 @@ impl Vgg {
                         .with_padding(PaddingConfig2d::Same)
                         .init(device),
                 ),
-                LayerOp::MaxPool => None,
+                _ => None,
             })
             .collect();
         Self {
@@ -59,7 +59,7 @@ impl Vgg {
         for op in &self.ops[from..to] {
             x = match *op {
                 LayerOp::Conv { index, .. } => relu(self.convs[index].forward(x)),
-                LayerOp::MaxPool => self.pool.forward(x),
+                LayerOp::MaxPool | LayerOp::Block { .. } => self.pool.forward(x),
             };
         }
         x
@@ -71,7 +71,7 @@ impl Vgg {
             .iter()
             .filter_map(|op| match op {
                 LayerOp::Conv { index, .. } => Some(*index),
-                LayerOp::MaxPool => None,
+                _ => None,
             })
             .collect()
     }

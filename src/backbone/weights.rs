@@ -38,7 +38,7 @@ fn name_pairs(def: &BackboneDef) -> Vec<(String, String)> {
         .iter()
         .filter_map(|l| match l.op {
             LayerOp::Conv { index, .. } => Some((index, l.name.clone())),
-            LayerOp::MaxPool => None,
+            _ => None,
         })
         .flat_map(|(i, name)| {
             ["weight", "bias"].map(|t| (format!("convs.{i}.{t}"), format!("{name}.{t}")))
@@ -65,7 +65,7 @@ pub fn load_vgg(def: &BackboneDef, mut model: Vgg, path: &Path) -> Result<Vgg, W
                     format!(r"^{}\.(weight|bias)$", l.name),
                     format!("convs.{index}.$1"),
                 )),
-                LayerOp::MaxPool => None,
+                _ => None,
             })
             .collect(),
     )
