@@ -121,7 +121,13 @@ pub struct TransferModel {
 impl TransferModel {
     /// Builds the model of `plan` on `device` and loads the backbone's pretrained weights.
     pub fn build(plan: &Plan, device: &Device) -> Result<Self, WeightsError> {
-        let backbone = Backbone::init(plan.backbone, device).load(plan.backbone, &plan.weights)?;
+        let backbone = match Backbone::init(plan.backbone, device) {
+            Backbone::MobileNetV2(m) => Backbone::MobileNetV2(m.with_batchnorm_frozen(
+                plan.spec.backbone.batchnorm == crate::spec::BatchNormMode::Frozen,
+            )),
+            other => other,
+        };
+        let backbone = backbone.load(plan.backbone, &plan.weights)?;
         Ok(Self::from_parts(plan, backbone, device))
     }
 

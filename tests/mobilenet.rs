@@ -117,3 +117,47 @@ fn mobilenet_v2_is_a_backbone_of_the_spec_and_fine_tunes_only_above_its_cutoff()
         after.backbone.digest_before(19)
     );
 }
+
+#[test]
+fn batchnorm_above_the_cutoff_updates_its_statistics_unless_frozen() {
+    let Some(mirror) = common::mirror() else {
+        eprintln!("skipped: no asset mirror (set RUNNER_ASSETS) for the MobileNetV2 weights");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::make_dataset(&dir.path().join("data"), &["cats", "dogs"], [4, 2, 2], 64);
+    let weights = mirror.join("weights/mobilenet_v2_imagenet.safetensors");
+    let text = common::spec_text(&data, &weights, "")
+        .replace("name = \"vgg16\"", "name = \"mobilenet_v2\"")
+        .replace("preprocess = \"caffe\"", "preprocess = \"torch\"")
+        .replace("image_size = [32, 32]", "image_size = [64, 64]")
+        .replace(
+            "trainable_from = \"none\"",
+            "trainable_from = \"features.17\"",
+        );
+    let stats = |m: &runner::model::TransferModel| match &m.backbone {
+        runner::model::Backbone::MobileNetV2(n) => n.batchnorm_stats(),
+        runner::model::Backbone::Vgg(_) => unreachable!(),
+    };
+    for (mode, moves) in [("train", true), ("frozen", false)] {
+        let plan = common::plan_for(
+            dir.path(),
+            &text.replace(
+                "trainable_from = \"features.17\"",
+                &format!("trainable_from = \"features.17\"\nbatchnorm = \"{mode}\""),
+            ),
+        );
+        let device = Device::flex().autodiff();
+        let before = stats(&runner::model::TransferModel::build(&plan, &device).unwrap());
+        let after = stats(&common::train(&plan, &device, &dir.path().join(mode)).model);
+        assert_eq!(before.len(), after.len());
+        // The statistics of the layers below the cutoff never move; the last layer's move only
+        // when BatchNorm trains.
+        // mean and variance per channel: features.18 (1280) and features.17 (960 + 960 + 320).
+        let tail = 2 * 1280;
+        let n = before.len();
+        let below = n - tail - 2 * (960 + 960 + 320);
+        assert_eq!(before[..below], after[..below]);
+        assert_eq!(before[n - tail..] != after[n - tail..], moves, "{mode}");
+    }
+}

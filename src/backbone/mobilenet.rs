@@ -81,11 +81,19 @@ pub struct ConvBn {
 }
 
 impl ConvBn {
-    fn trainable(mut self, t: bool) -> Self {
+    /// Gradients on or off; BatchNorm uses batch statistics only when trainable and not
+    /// `bn_frozen`.
+    fn trainable(mut self, t: bool, bn_frozen: bool) -> Self {
         self.conv.weight = self.conv.weight.set_require_grad(t);
         self.bn.gamma = self.bn.gamma.set_require_grad(t);
         self.bn.beta = self.bn.beta.set_require_grad(t);
+        self.bn.training = burn::module::Param::from_bool(t && !bn_frozen);
         self
+    }
+
+    fn stats(&self, out: &mut Vec<f32>) {
+        out.extend(self.bn.running_mean.value().into_data().iter::<f32>());
+        out.extend(self.bn.running_var.value().into_data().iter::<f32>());
     }
 
     fn new(
@@ -147,6 +155,9 @@ pub struct MobileNetV2 {
     blocks: Vec<InvertedResidual>,
     last: ConvBn,
     classifier: Option<Linear>,
+    /// Trainable BatchNorm layers keep their running statistics too.
+    #[module(skip)]
+    bn_frozen: bool,
 }
 
 impl MobileNetV2 {
@@ -173,7 +184,27 @@ impl MobileNetV2 {
             blocks,
             last: ConvBn::new(320, 1280, 1, 1, 1, device),
             classifier: (classes > 0).then(|| LinearConfig::new(1280, classes).init(device)),
+            bn_frozen: false,
         }
+    }
+
+    /// Keeps BatchNorm on its running statistics even where the layers train.
+    pub fn with_batchnorm_frozen(mut self, frozen: bool) -> Self {
+        self.bn_frozen = frozen;
+        self
+    }
+
+    /// Every BatchNorm running mean and variance, in layer order.
+    pub fn batchnorm_stats(&self) -> Vec<f32> {
+        let mut out = Vec::new();
+        self.stem.stats(&mut out);
+        for b in &self.blocks {
+            for c in b.expand.iter().chain([&b.depthwise, &b.project]) {
+                c.stats(&mut out);
+            }
+        }
+        self.last.stats(&mut out);
+        out
     }
 
     /// Number of layers (19).
@@ -202,6 +233,7 @@ impl MobileNetV2 {
     /// Layers before `cut` get no gradients, the others do.
     pub fn freeze_before(self, cut: usize) -> Self {
         let last = self.num_layers() - 1;
+        let f = self.bn_frozen;
         let blocks = self
             .blocks
             .into_iter()
@@ -209,18 +241,19 @@ impl MobileNetV2 {
             .map(|(i, b)| {
                 let t = i + 1 >= cut;
                 InvertedResidual {
-                    expand: b.expand.map(|e| e.trainable(t)),
-                    depthwise: b.depthwise.trainable(t),
-                    project: b.project.trainable(t),
+                    expand: b.expand.map(|e| e.trainable(t, f)),
+                    depthwise: b.depthwise.trainable(t, f),
+                    project: b.project.trainable(t, f),
                     residual: b.residual,
                 }
             })
             .collect();
         Self {
-            stem: self.stem.trainable(cut == 0),
+            stem: self.stem.trainable(cut == 0, f),
             blocks,
-            last: self.last.trainable(last >= cut),
+            last: self.last.trainable(last >= cut, f),
             classifier: self.classifier,
+            bn_frozen: f,
         }
     }
 

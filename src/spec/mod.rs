@@ -405,6 +405,23 @@ pub struct BackboneSpec {
     pub preprocess: Option<Preprocess>,
     /// Freeze cutoff: the first trainable backbone layer, `none` (all frozen) or `all`.
     pub trainable_from: String,
+    /// BatchNorm layers above the cutoff (MobileNetV2): `train` normalises with batch statistics
+    /// and updates the running ones (Keras' default); `frozen` keeps using and never updates the
+    /// running statistics while gamma and beta still train (Keras' advice for fine-tuning).
+    /// Below the cutoff BatchNorm is always frozen.
+    #[serde(default)]
+    pub batchnorm: BatchNormMode,
+}
+
+/// How trainable BatchNorm layers behave.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchNormMode {
+    /// Batch statistics in training, running statistics updated.
+    #[default]
+    Train,
+    /// Running statistics always, never updated.
+    Frozen,
 }
 
 /// How pixel values (RGB, 0-255) become network input.
