@@ -92,22 +92,32 @@ pub fn save(
         path: st.clone(),
         message,
     };
-    let remap = KeyRemapper::from_patterns(
-        plan.backbone
-            .layers()
-            .iter()
-            .filter_map(|l| match l.op {
-                LayerOp::Conv { index, .. } => Some((
-                    format!(r"^backbone\.Vgg\.convs\.{index}\.(weight|bias)$"),
-                    format!("{}.$1", l.name),
-                )),
-                _ => None,
-            })
-            .collect(),
-    )
-    .map_err(|e| fail(e.to_string()))?;
-    let mut store = SafetensorsStore::from_bytes(None)
-        .remap(remap)
+    let store = match plan.backbone.family {
+        // torchvision's names and conventions (BatchNorm weight/bias, Linear [out, in]).
+        backbone::Family::MobileNetV2 => SafetensorsStore::from_bytes(None)
+            .remap(
+                crate::backbone::mobilenet::MobileNetV2::export_remapper("backbone.MobileNetV2")
+                    .map_err(|e| fail(e.to_string()))?,
+            )
+            .with_to_adapter(burn::store::BurnToPyTorchAdapter),
+        backbone::Family::Vgg => SafetensorsStore::from_bytes(None).remap(
+            KeyRemapper::from_patterns(
+                plan.backbone
+                    .layers()
+                    .iter()
+                    .filter_map(|l| match l.op {
+                        LayerOp::Conv { index, .. } => Some((
+                            format!(r"^backbone\.Vgg\.convs\.{index}\.(weight|bias)$"),
+                            format!("{}.$1", l.name),
+                        )),
+                        _ => None,
+                    })
+                    .collect(),
+            )
+            .map_err(|e| fail(e.to_string()))?,
+        ),
+    };
+    let mut store = store
         .metadata("runner.run_id", run_id)
         .metadata("runner.classes", plan.classes.join(","))
         .metadata("runner.config", crate::results::config_toml(plan));

@@ -161,3 +161,52 @@ fn batchnorm_above_the_cutoff_updates_its_statistics_unless_frozen() {
         assert_eq!(before[n - tail..] != after[n - tail..], moves, "{mode}");
     }
 }
+
+#[test]
+fn a_saved_mobilenet_model_exports_torchvision_names_and_reloads_as_backbone_weights() {
+    let Some(mirror) = common::mirror() else {
+        eprintln!("skipped: no asset mirror (set RUNNER_ASSETS) for the MobileNetV2 weights");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::make_dataset(&dir.path().join("data"), &["cats", "dogs"], [4, 2, 2], 64);
+    let weights = mirror.join("weights/mobilenet_v2_imagenet.safetensors");
+    let text = common::spec_text(&data, &weights, "")
+        .replace("name = \"vgg16\"", "name = \"mobilenet_v2\"")
+        .replace("preprocess = \"caffe\"", "preprocess = \"torch\"")
+        .replace("image_size = [32, 32]", "image_size = [64, 64]")
+        .replace(
+            "trainable_from = \"none\"",
+            "trainable_from = \"features.17\"",
+        );
+    let plan = common::plan_for(dir.path(), &text);
+    let device = Device::flex().autodiff();
+    let results = dir.path().join("results");
+    let trained = common::train(&plan, &device, &results).model;
+    let saved = runner::predict::save(&results, "test", &plan, &trained).unwrap();
+    let file = saved.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    for want in [
+        "features.0.0.weight",
+        "features.0.1.weight",
+        "features.17.conv.3.running_var",
+        "features.18.1.bias",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
+    // The export is a valid weights file for another experiment: the same base, bit for bit.
+    let again = common::plan_for(
+        dir.path(),
+        &text.replace(weights.to_str().unwrap(), file.to_str().unwrap()),
+    );
+    let reloaded = runner::model::TransferModel::build(&again, &device).unwrap();
+    assert_eq!(
+        reloaded.backbone.digest_before(19),
+        trained.backbone.digest_before(19)
+    );
+}

@@ -124,6 +124,28 @@ fn phases_number_epochs_across_the_run_and_unfreeze_only_block5() {
     }
     assert!(!tensors(&model, "head.").is_empty());
     assert!(s.results.join(&id).join("model.bpk").is_file());
+    // The export is a valid backbone weights file for another experiment (its head is ignored).
+    let text = std::fs::read_to_string(&s.spec)
+        .unwrap()
+        .replace(s.weights.to_str().unwrap(), model.to_str().unwrap());
+    let plan = common::plan_for(s.dir.path(), &text);
+    let device = burn::prelude::Device::flex();
+    let base = runner::model::TransferModel::build(&plan, &device).unwrap();
+    let vgg = base.backbone.vgg().unwrap();
+    let block5: Vec<f32> = vgg.convs[10]
+        .weight
+        .val()
+        .into_data()
+        .iter::<f32>()
+        .collect();
+    assert_eq!(
+        block5,
+        after
+            .iter()
+            .find(|t| t.0 == "block5_conv1.weight")
+            .unwrap()
+            .1
+    );
     // The best checkpoint is the epoch with the lowest val_loss (train.monitor's default).
     let best = runner::train::checkpoint::read(&s.results.join(&id).join("best.ckpt")).unwrap();
     let val = f64s(&df, "val_loss");

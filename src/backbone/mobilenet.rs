@@ -270,34 +270,24 @@ impl MobileNetV2 {
         }
     }
 
-    /// The torchvision key -> module path map.
-    fn remapper() -> Result<KeyRemapper, String> {
-        let mut pairs: Vec<(String, String)> = vec![
-            (r"^features\.0\.0\.(.+)$".into(), "stem.conv.$1".into()),
-            (r"^features\.0\.1\.(.+)$".into(), "stem.bn.$1".into()),
-            (r"^features\.18\.0\.(.+)$".into(), "last.conv.$1".into()),
-            (r"^features\.18\.1\.(.+)$".into(), "last.bn.$1".into()),
-            (r"^classifier\.1\.(.+)$".into(), "classifier.$1".into()),
+    /// `(torchvision prefix, module path prefix)` of every layer.
+    fn key_pairs() -> Vec<(String, String)> {
+        let mut pairs: Vec<(String, String)> = [
+            ("features.0.0", "stem.conv"),
+            ("features.0.1", "stem.bn"),
+            ("features.18.0", "last.conv"),
+            ("features.18.1", "last.bn"),
+            ("classifier.1", "classifier"),
             // The first block has no expansion: its depthwise convolution comes first.
-            (
-                r"^features\.1\.conv\.0\.0\.(.+)$".into(),
-                "blocks.0.depthwise.conv.$1".into(),
-            ),
-            (
-                r"^features\.1\.conv\.0\.1\.(.+)$".into(),
-                "blocks.0.depthwise.bn.$1".into(),
-            ),
-            (
-                r"^features\.1\.conv\.1\.(.+)$".into(),
-                "blocks.0.project.conv.$1".into(),
-            ),
-            (
-                r"^features\.1\.conv\.2\.(.+)$".into(),
-                "blocks.0.project.bn.$1".into(),
-            ),
-        ];
+            ("features.1.conv.0.0", "blocks.0.depthwise.conv"),
+            ("features.1.conv.0.1", "blocks.0.depthwise.bn"),
+            ("features.1.conv.1", "blocks.0.project.conv"),
+            ("features.1.conv.2", "blocks.0.project.bn"),
+        ]
+        .into_iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
         for i in 2..=17 {
-            let b = i - 1;
             for (from, to) in [
                 ("conv.0.0", "expand.conv"),
                 ("conv.0.1", "expand.bn"),
@@ -307,11 +297,41 @@ impl MobileNetV2 {
                 ("conv.3", "project.bn"),
             ] {
                 pairs.push((
-                    format!(r"^features\.{i}\.{}\.(.+)$", from.replace('.', r"\.")),
-                    format!("blocks.{b}.{to}.$1"),
+                    format!("features.{i}.{from}"),
+                    format!("blocks.{}.{to}", i - 1),
                 ));
             }
         }
+        pairs
+    }
+
+    /// The torchvision key -> module path map.
+    fn remapper() -> Result<KeyRemapper, String> {
+        let pairs = Self::key_pairs()
+            .into_iter()
+            .map(|(t, m)| {
+                (
+                    format!(r"^{}\.(.+)$", t.replace('.', r"\.")),
+                    format!("{m}.$1"),
+                )
+            })
+            .collect();
+        KeyRemapper::from_patterns(pairs).map_err(|e| e.to_string())
+    }
+
+    /// The module path -> torchvision key map for a MobileNetV2 at `root` (e.g.
+    /// `backbone.MobileNetV2`), to export under torchvision's names.
+    pub fn export_remapper(root: &str) -> Result<KeyRemapper, String> {
+        let root = root.replace('.', r"\.");
+        let pairs = Self::key_pairs()
+            .into_iter()
+            .map(|(t, m)| {
+                (
+                    format!(r"^{root}\.{}\.(.+)$", m.replace('.', r"\.")),
+                    format!("{t}.$1"),
+                )
+            })
+            .collect();
         KeyRemapper::from_patterns(pairs).map_err(|e| e.to_string())
     }
 
@@ -343,6 +363,8 @@ impl MobileNetV2 {
                 .unused
                 .iter()
                 .filter(|u| !u.ends_with("num_batches_tracked"))
+                // A runner model's export also holds its head: not part of the base.
+                .filter(|u| !u.starts_with("head."))
                 // A backbone without its top leaves the ImageNet classifier unused.
                 .filter(|u| top || !u.starts_with("classifier"))
                 .map(|u| format!("unexpected tensor {u}")),

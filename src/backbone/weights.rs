@@ -114,7 +114,8 @@ pub fn load_vgg(def: &BackboneDef, mut model: Vgg, path: &Path) -> Result<Vgg, W
     for (path, _) in &result.missing {
         problems.push(format!("missing tensor {}", keras_name(&pairs, path)));
     }
-    for path in &result.unused {
+    // A runner model's export also holds its head: not part of the base.
+    for path in result.unused.iter().filter(|p| !p.starts_with("head.")) {
         problems.push(format!(
             "unexpected tensor {path} (not a layer of {})",
             def.name
