@@ -935,15 +935,26 @@ pub fn summary(plan: &Plan) -> String {
         ));
     }
     let mut s = format!(
-        "Experiment: {} ({})\nBackbone: {} weights {} preprocess {}, trainable from {}\nInput: ({h}, {w}, 3), {} classes: {}\n\n",
+        "Experiment: {} ({})\nBackbone: {} weights {} preprocess {} (its weights' own: {}), trainable from {}\nInput: ({h}, {w}, 3), at least {m}x{m} for {}; {} classes: {}\nLayer names (cutoffs): {} ... {}\n\n",
         plan.spec.experiment.name,
         plan.file.display(),
         def.name,
         plan.weights.display(),
         plan.preprocess.as_str(),
+        def.default_preprocess.as_str(),
         plan.cutoff.label,
+        def.name,
         plan.classes.len(),
-        plan.classes.join(", ")
+        plan.classes.join(", "),
+        def.layers()
+            .first()
+            .map_or("", |l| l.name.as_str())
+            .to_string(),
+        def.layers()
+            .last()
+            .map_or("", |l| l.name.as_str())
+            .to_string(),
+        m = def.min_input,
     );
     let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(20).max(20);
     s += &format!(

@@ -88,6 +88,12 @@ fn mobilenet_v2_is_a_backbone_of_the_spec_and_fine_tunes_only_above_its_cutoff()
     assert_eq!(plan.cutoff.index, 17);
     let summary = runner::cli::summary(&plan);
     assert!(
+        summary.contains("preprocess torch (its weights' own: torch)")
+            && summary.contains("at least 32x32 for mobilenet_v2")
+            && summary.contains("Layer names (cutoffs): features.0 ... features.18"),
+        "{summary}"
+    );
+    assert!(
         summary.contains("features.17 (InvertedResidual)"),
         "{summary}"
     );
