@@ -67,18 +67,8 @@ pub fn load(files: &[PathBuf]) -> Result<Vec<Curves>, ResultsError> {
                 .map(|v| v.unwrap_or(f64::NAN))
                 .collect())
         };
-        let text = |name: &str| -> Vec<String> {
-            df.column(name)
-                .ok()
-                .and_then(|c| {
-                    c.str().ok().map(|c| {
-                        c.iter()
-                            .map(|v| v.unwrap_or_default().to_string())
-                            .collect()
-                    })
-                })
-                .unwrap_or_default()
-        };
+        let text = |name: &str| results::strings(&df, name);
+
         let epoch = num("epoch")?;
         let phases = text("phase");
         let mut boundaries = Vec::new();

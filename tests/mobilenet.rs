@@ -65,12 +65,9 @@ fn its_imagenet_classifier_recognises_real_cats_and_dogs() {
     assert!(counts[0] > 25 && counts[1] > 25, "{counts:?}");
 }
 
-#[test]
-fn mobilenet_v2_is_a_backbone_of_the_spec_and_fine_tunes_only_above_its_cutoff() {
-    let Some(mirror) = common::mirror() else {
-        eprintln!("skipped: no asset mirror (set RUNNER_ASSETS) for the MobileNetV2 weights");
-        return;
-    };
+/// A tiny generated dataset and a spec fine-tuning the mirror's MobileNetV2 from features.17:
+/// the folder, the weights file and the spec text.
+fn tiny_mobilenet(mirror: &std::path::Path) -> (tempfile::TempDir, std::path::PathBuf, String) {
     let dir = tempfile::tempdir().unwrap();
     let data = common::make_dataset(&dir.path().join("data"), &["cats", "dogs"], [4, 2, 2], 64);
     let weights = mirror.join("weights/mobilenet_v2_imagenet.safetensors");
@@ -82,6 +79,16 @@ fn mobilenet_v2_is_a_backbone_of_the_spec_and_fine_tunes_only_above_its_cutoff()
             "trainable_from = \"none\"",
             "trainable_from = \"features.17\"",
         );
+    (dir, weights, text)
+}
+
+#[test]
+fn mobilenet_v2_is_a_backbone_of_the_spec_and_fine_tunes_only_above_its_cutoff() {
+    let Some(mirror) = common::mirror() else {
+        eprintln!("skipped: no asset mirror (set RUNNER_ASSETS) for the MobileNetV2 weights");
+        return;
+    };
+    let (dir, weights, text) = tiny_mobilenet(&mirror);
     let plan = common::plan_for(dir.path(), &text);
     assert_eq!(plan.backbone.num_params(), 2_223_872);
     assert_eq!(plan.base_output, [1280, 2, 2]);
@@ -130,17 +137,7 @@ fn batchnorm_above_the_cutoff_updates_its_statistics_unless_frozen() {
         eprintln!("skipped: no asset mirror (set RUNNER_ASSETS) for the MobileNetV2 weights");
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let data = common::make_dataset(&dir.path().join("data"), &["cats", "dogs"], [4, 2, 2], 64);
-    let weights = mirror.join("weights/mobilenet_v2_imagenet.safetensors");
-    let text = common::spec_text(&data, &weights, "")
-        .replace("name = \"vgg16\"", "name = \"mobilenet_v2\"")
-        .replace("preprocess = \"caffe\"", "preprocess = \"torch\"")
-        .replace("image_size = [32, 32]", "image_size = [64, 64]")
-        .replace(
-            "trainable_from = \"none\"",
-            "trainable_from = \"features.17\"",
-        );
+    let (dir, weights, text) = tiny_mobilenet(&mirror);
     let stats = |m: &runner::model::TransferModel| match &m.backbone {
         runner::model::Backbone::MobileNetV2(n) => n.batchnorm_stats(),
         runner::model::Backbone::Vgg(_) => unreachable!(),
@@ -174,17 +171,7 @@ fn a_saved_mobilenet_model_exports_torchvision_names_and_reloads_as_backbone_wei
         eprintln!("skipped: no asset mirror (set RUNNER_ASSETS) for the MobileNetV2 weights");
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let data = common::make_dataset(&dir.path().join("data"), &["cats", "dogs"], [4, 2, 2], 64);
-    let weights = mirror.join("weights/mobilenet_v2_imagenet.safetensors");
-    let text = common::spec_text(&data, &weights, "")
-        .replace("name = \"vgg16\"", "name = \"mobilenet_v2\"")
-        .replace("preprocess = \"caffe\"", "preprocess = \"torch\"")
-        .replace("image_size = [32, 32]", "image_size = [64, 64]")
-        .replace(
-            "trainable_from = \"none\"",
-            "trainable_from = \"features.17\"",
-        );
+    let (dir, weights, text) = tiny_mobilenet(&mirror);
     let plan = common::plan_for(dir.path(), &text);
     let device = Device::flex().autodiff();
     let results = dir.path().join("results");

@@ -121,13 +121,7 @@ fn forward_matches_the_numpy_reference_on_a_real_image() {
         let got = values(vgg.forward_range(x, 0, vgg.num_layers()));
         let want = common::f32_tensor(&st, name);
         assert_eq!(got.len(), 512 * 4 * 4);
-        let num: f64 = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| f64::from(a - b).powi(2))
-            .sum();
-        let den: f64 = want.iter().map(|b| f64::from(*b).powi(2)).sum();
-        let rel = (num / den).sqrt();
+        let rel = relative_error(&got, &want);
         assert!(rel < 1e-4, "{name}: relative error {rel}");
     }
 }
@@ -166,6 +160,17 @@ fn layers_below_the_cutoff_do_not_change_in_training() {
 #[test]
 fn layers_below_the_cutoff_do_not_change_in_augmented_training() {
     only_block5_changes("\n[augment]\nrotation_degrees = 20\nhorizontal_flip = true\n");
+}
+
+/// `|got - want| / |want|` in the L2 norm.
+fn relative_error(got: &[f32], want: &[f32]) -> f64 {
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| f64::from(a - b).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|b| f64::from(*b).powi(2)).sum();
+    (num / den).sqrt()
 }
 
 /// Every float parameter of a module, in visiting order.
@@ -253,12 +258,6 @@ fn vgg19_forward_matches_the_numpy_reference() {
     let got = values(vgg.forward_range(x, 0, vgg.num_layers()));
     let want = common::f32_tensor(&st, "output");
     assert_eq!(got.len(), 512 * 2 * 2);
-    let num: f64 = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| f64::from(a - b).powi(2))
-        .sum();
-    let den: f64 = want.iter().map(|b| f64::from(*b).powi(2)).sum();
-    let rel = (num / den).sqrt();
+    let rel = relative_error(&got, &want);
     assert!(rel < 1e-5, "relative error {rel}");
 }

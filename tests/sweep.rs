@@ -369,6 +369,28 @@ fn plot_draws_png_and_svg_and_logs_render_the_run() {
         s.dir.path(),
     );
     assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope: not a run id"));
+    let out = runner(
+        &[
+            "plot",
+            &id,
+            "--smooth",
+            "1.5",
+            "--results",
+            s.results.to_str().unwrap(),
+        ],
+        s.dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--smooth 1.5: the factor must be in [0, 1)")
+    );
+    let out = runner(
+        &["logs", "nope", "--results", s.results.to_str().unwrap()],
+        s.dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no log for run nope"));
 
     // logs: readable lines; --follow returns once the run has ended.
     for follow in [false, true] {

@@ -395,12 +395,17 @@ fn assert_same_run(a: &DataFrame, b: &DataFrame) {
     assert!((t(a) - t(b)).abs() <= 1e-4);
 }
 
+/// The run's table when nothing interrupts it (in its own results folder).
+fn uninterrupted(s: &Setup) -> DataFrame {
+    let dir = s.dir.path().join("baseline");
+    ok(&run_in(s, &dir));
+    only_run(&dir).1
+}
+
 #[test]
 fn a_killed_run_resumes_to_the_same_results_and_refuses_a_changed_config() {
     let s = setup(&LONG);
-    let baseline_dir = s.dir.path().join("baseline");
-    ok(&run_in(&s, &baseline_dir));
-    let (_, baseline) = only_run(&baseline_dir);
+    let baseline = uninterrupted(&s);
 
     let mut child = spawn(&s, &s.results);
     let id = wait_for_checkpoint(&s.results, &mut child);
@@ -457,9 +462,7 @@ fn a_killed_run_resumes_to_the_same_results_and_refuses_a_changed_config() {
 #[test]
 fn ctrl_c_checkpoints_mid_epoch_and_resume_continues_exactly() {
     let s = setup(&LONG);
-    let baseline_dir = s.dir.path().join("baseline");
-    ok(&run_in(&s, &baseline_dir));
-    let (_, baseline) = only_run(&baseline_dir);
+    let baseline = uninterrupted(&s);
 
     let mut child = spawn(&s, &s.results);
     let id = wait_for_checkpoint(&s.results, &mut child);

@@ -287,6 +287,20 @@ pub fn write_predictions(
     Ok(path)
 }
 
+/// A string column as strings (nulls, or a missing column, as empty).
+pub fn strings(df: &DataFrame, name: &str) -> Vec<String> {
+    df.column(name)
+        .ok()
+        .and_then(|c| {
+            c.str().ok().map(|c| {
+                c.iter()
+                    .map(|v| v.unwrap_or_default().to_string())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
 /// Reads a run's table and its file metadata.
 pub fn read_run(path: &Path) -> Result<(DataFrame, Vec<(String, String)>), ResultsError> {
     let err = |e: &dyn std::fmt::Display| ResultsError::Read {

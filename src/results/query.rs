@@ -376,18 +376,7 @@ pub fn runs_by_hash(
         .sort(["started_at"], SortMultipleOptions::default())
         .collect()
         .map_err(|e| fail(dir, e))?;
-    let s = |name: &str| -> Vec<String> {
-        df.column(name)
-            .ok()
-            .and_then(|c| {
-                c.str().ok().map(|c| {
-                    c.iter()
-                        .map(|v| v.unwrap_or_default().to_string())
-                        .collect()
-                })
-            })
-            .unwrap_or_default()
-    };
+    let s = |name: &str| super::strings(&df, name);
     let (ids, hashes, statuses, started) =
         (s("run_id"), s("config_hash"), s("status"), s("started_at"));
     for i in 0..ids.len() {

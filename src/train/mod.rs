@@ -191,6 +191,18 @@ pub struct Outcome {
     pub model: TransferModel,
 }
 
+impl Outcome {
+    /// A run that stopped before the test split (interrupted or diverged).
+    fn stopped(progress: Progress, model: TransferModel) -> Self {
+        Self {
+            progress,
+            test: None,
+            predictions: Vec::new(),
+            model,
+        }
+    }
+}
+
 /// How to run: identity, where results go, the cache, a checkpoint to resume and the Ctrl-C flag.
 pub struct RunOptions {
     /// The run id.
@@ -657,6 +669,19 @@ fn load_images(plan: &Plan, run: &str) -> Result<(Vec<Images>, usize), TrainErro
     Ok((images, bad.len()))
 }
 
+/// Builds the checkpoint of the current state and writes it as `last.ckpt`.
+fn write_last(
+    opts: &RunOptions,
+    progress: &Progress,
+    model: &TransferModel,
+    optimizer: &ModuleOptimizer,
+    phase_best: Option<&TransferModel>,
+) -> Result<Checkpoint, TrainError> {
+    let ck = checkpoint_of(opts, progress, model, optimizer, phase_best)?;
+    checkpoint::write(&checkpoint::last_path(&opts.results, &opts.run_id), &ck)?;
+    Ok(ck)
+}
+
 /// The checkpoint of the current state.
 fn checkpoint_of(
     opts: &RunOptions,
@@ -820,14 +845,13 @@ pub fn run(
                 StepsEnd::Interrupted(m) => {
                     model = m;
                     progress.status = Status::Interrupted;
-                    let ck = checkpoint_of(
+                    write_last(
                         &opts,
                         &progress,
                         &model,
                         &runner.optimizer,
                         phase_best.as_ref(),
                     )?;
-                    checkpoint::write(&checkpoint::last_path(&opts.results, run), &ck)?;
                     on_update(&progress);
                     warn!(
                         run,
@@ -835,12 +859,7 @@ pub fn run(
                         step = progress.step,
                         "Interrupted; checkpoint written."
                     );
-                    return Ok(Outcome {
-                        progress,
-                        test: None,
-                        predictions: Vec::new(),
-                        model,
-                    });
+                    return Ok(Outcome::stopped(progress, model));
                 }
                 StepsEnd::Diverged(m) => {
                     model = m;
@@ -871,12 +890,7 @@ pub fn run(
                         "Training diverged: the loss is not finite. The last good checkpoint is kept; try a lower learning rate or train.clip_grad_norm."
                     );
                     on_update(&progress);
-                    return Ok(Outcome {
-                        progress,
-                        test: None,
-                        predictions: Vec::new(),
-                        model,
-                    });
+                    return Ok(Outcome::stopped(progress, model));
                 }
             }
             let m = finish_epoch(&mut progress, &runner, &model, &val_feats, epoch, run);
@@ -918,27 +932,21 @@ pub fn run(
             if interrupted {
                 progress.status = Status::Interrupted;
             }
-            let ck = checkpoint_of(
+            let ck = write_last(
                 &opts,
                 &progress,
                 &model,
                 &runner.optimizer,
                 phase_best.as_ref(),
             )?;
-            let last = checkpoint::last_path(&opts.results, run);
-            checkpoint::write(&last, &ck)?;
             if improved {
+                let last = checkpoint::last_path(&opts.results, run);
                 checkpoint::copy(&last, &checkpoint::best_path(&opts.results, run), &ck)?;
             }
             on_update(&progress);
             if interrupted {
                 warn!(run, epoch, "Interrupted; checkpoint written.");
-                return Ok(Outcome {
-                    progress,
-                    test: None,
-                    predictions: Vec::new(),
-                    model,
-                });
+                return Ok(Outcome::stopped(progress, model));
             }
         }
         drop(source);
