@@ -979,7 +979,7 @@ pub fn summary(plan: &Plan) -> String {
         Shape::Map(plan.base_output).keras(),
         thousands(plan.head_shapes.iter().map(|(_, p)| p).sum())
     );
-    let frozen_tensors: Vec<String> = if def.family == crate::backbone::Family::MobileNetV2 {
+    let frozen_tensors: Vec<String> = if def.family != crate::backbone::Family::Vgg {
         // Every tensor of each frozen layer (BatchNorm statistics included).
         def.layers()[..plan.cutoff.index]
             .iter()

@@ -3,8 +3,9 @@
 use burn::prelude::*;
 
 use crate::backbone::mobilenet::MobileNetV2;
-use crate::backbone::vgg::Vgg;
-use crate::backbone::weights::{self, WeightsError};
+use crate::backbone::resnet::ResNet50;
+use crate::backbone::vgg::{self, Vgg};
+use crate::backbone::weights::{self, KeyMap, WeightsError};
 use crate::backbone::{BackboneDef, Family};
 use crate::head::{Head, Shape};
 use crate::plan::Plan;
@@ -36,6 +37,8 @@ pub enum Backbone {
     Vgg(Vgg),
     /// MobileNetV2 without its classifier.
     MobileNetV2(MobileNetV2),
+    /// ResNet50 without its classifier.
+    ResNet50(ResNet50),
 }
 
 impl Backbone {
@@ -44,14 +47,51 @@ impl Backbone {
         match def.family {
             Family::Vgg => Self::Vgg(Vgg::init(def, device)),
             Family::MobileNetV2 => Self::MobileNetV2(MobileNetV2::init(0, device)),
+            Family::ResNet50 => Self::ResNet50(ResNet50::init(0, device)),
         }
     }
 
-    /// Loads the weights file at `path`, checking every tensor.
+    /// BatchNorm on its running statistics even where layers train (no effect on VGG).
+    pub fn with_batchnorm_frozen(self, frozen: bool) -> Self {
+        match self {
+            Self::MobileNetV2(m) => Self::MobileNetV2(m.with_batchnorm_frozen(frozen)),
+            Self::ResNet50(r) => Self::ResNet50(r.with_batchnorm_frozen(frozen)),
+            vgg @ Self::Vgg(_) => vgg,
+        }
+    }
+
+    /// How published weights name this base's tensors.
+    pub fn key_map(&self, def: &BackboneDef) -> KeyMap {
+        match self {
+            Self::Vgg(_) => vgg::key_map(def),
+            Self::MobileNetV2(m) => m.key_map(),
+            Self::ResNet50(r) => r.key_map(),
+        }
+    }
+
+    /// The variant's segment in module paths (`backbone.<variant>.…`).
+    pub fn variant(&self) -> &'static str {
+        match self {
+            Self::Vgg(_) => "Vgg",
+            Self::MobileNetV2(_) => "MobileNetV2",
+            Self::ResNet50(_) => "ResNet50",
+        }
+    }
+
+    /// The base's tensors as safetensors bytes under the names its published weights use (Keras'
+    /// for VGG, torchvision's with its conventions otherwise).
+    pub fn to_published_safetensors(&self, def: &BackboneDef) -> Result<Vec<u8>, String> {
+        let torch = def.family != Family::Vgg;
+        weights::to_safetensors(self, self.variant(), &self.key_map(def), torch, &[])
+    }
+
+    /// Loads the weights file at `path` (safetensors, `.pth` or `.h5`), checking every tensor.
     pub fn load(self, def: &BackboneDef, path: &std::path::Path) -> Result<Self, WeightsError> {
+        let map = self.key_map(def);
         Ok(match self {
-            Self::Vgg(v) => Self::Vgg(weights::load_vgg(def, v, path)?),
-            Self::MobileNetV2(m) => Self::MobileNetV2(m.load(path)?),
+            Self::Vgg(v) => Self::Vgg(weights::load(v, &map, path, def.name)?),
+            Self::MobileNetV2(m) => Self::MobileNetV2(weights::load(m, &map, path, def.name)?),
+            Self::ResNet50(r) => Self::ResNet50(weights::load(r, &map, path, def.name)?),
         })
     }
 
@@ -60,6 +100,7 @@ impl Backbone {
         match self {
             Self::Vgg(v) => v.num_layers(),
             Self::MobileNetV2(m) => m.num_layers(),
+            Self::ResNet50(r) => r.num_layers(),
         }
     }
 
@@ -72,6 +113,7 @@ impl Backbone {
         match self {
             Self::Vgg(v) => v.forward_range(x, from, to),
             Self::MobileNetV2(m) => m.forward_range(x, from, to),
+            Self::ResNet50(r) => r.forward_range(x, from, to),
         }
     }
 
@@ -80,6 +122,7 @@ impl Backbone {
         match self {
             Self::Vgg(v) => Self::Vgg(v.freeze_before(cut)),
             Self::MobileNetV2(m) => Self::MobileNetV2(m.freeze_before(cut)),
+            Self::ResNet50(r) => Self::ResNet50(r.freeze_before(cut)),
         }
     }
 
@@ -94,6 +137,7 @@ impl Backbone {
                 }
             }
             Self::MobileNetV2(m) => m.visit_before(cut, &mut d),
+            Self::ResNet50(r) => r.visit_before(cut, &mut d),
         }
         d.0.finalize().into()
     }
@@ -102,7 +146,7 @@ impl Backbone {
     pub fn vgg(&self) -> Option<&Vgg> {
         match self {
             Self::Vgg(v) => Some(v),
-            Self::MobileNetV2(_) => None,
+            Self::MobileNetV2(_) | Self::ResNet50(_) => None,
         }
     }
 }
@@ -121,12 +165,9 @@ pub struct TransferModel {
 impl TransferModel {
     /// Builds the model of `plan` on `device` and loads the backbone's pretrained weights.
     pub fn build(plan: &Plan, device: &Device) -> Result<Self, WeightsError> {
-        let backbone = match Backbone::init(plan.backbone, device) {
-            Backbone::MobileNetV2(m) => Backbone::MobileNetV2(m.with_batchnorm_frozen(
-                plan.spec.backbone.batchnorm == crate::spec::BatchNormMode::Frozen,
-            )),
-            other => other,
-        };
+        let backbone = Backbone::init(plan.backbone, device).with_batchnorm_frozen(
+            plan.spec.backbone.batchnorm == crate::spec::BatchNormMode::Frozen,
+        );
         let backbone = backbone.load(plan.backbone, &plan.weights)?;
         Ok(Self::from_parts(plan, backbone, device))
     }

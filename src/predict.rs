@@ -9,10 +9,9 @@
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
-use burn::store::{KeyRemapper, ModuleSnapshot, SafetensorsStore};
 use serde::{Deserialize, Serialize};
 
-use crate::backbone::{self, LayerOp};
+use crate::backbone;
 use crate::data::folder;
 use crate::model::TransferModel;
 use crate::plan::Plan;
@@ -92,39 +91,20 @@ pub fn save(
         path: st.clone(),
         message,
     };
-    let store = match plan.backbone.family {
-        // torchvision's names and conventions (BatchNorm weight/bias, Linear [out, in]).
-        backbone::Family::MobileNetV2 => SafetensorsStore::from_bytes(None)
-            .remap(
-                crate::backbone::mobilenet::MobileNetV2::export_remapper("backbone.MobileNetV2")
-                    .map_err(|e| fail(e.to_string()))?,
-            )
-            .with_to_adapter(burn::store::BurnToPyTorchAdapter),
-        backbone::Family::Vgg => SafetensorsStore::from_bytes(None).remap(
-            KeyRemapper::from_patterns(
-                plan.backbone
-                    .layers()
-                    .iter()
-                    .filter_map(|l| match l.op {
-                        LayerOp::Conv { index, .. } => Some((
-                            format!(r"^backbone\.Vgg\.convs\.{index}\.(weight|bias)$"),
-                            format!("{}.$1", l.name),
-                        )),
-                        _ => None,
-                    })
-                    .collect(),
-            )
-            .map_err(|e| fail(e.to_string()))?,
-        ),
-    };
-    let mut store = store
-        .metadata("runner.run_id", run_id)
-        .metadata("runner.classes", plan.classes.join(","))
-        .metadata("runner.config", crate::results::config_toml(plan));
-    model
-        .save_into(&mut store)
-        .map_err(|e| fail(e.to_string()))?;
-    let bytes = store.get_bytes().map_err(|e| fail(e.to_string()))?;
+    let root = format!("backbone.{}", model.backbone.variant());
+    let bytes = crate::backbone::weights::to_safetensors(
+        model,
+        &root,
+        &model.backbone.key_map(plan.backbone),
+        // VGG's base holds convolutions only; the others follow torchvision's conventions.
+        plan.backbone.family != backbone::Family::Vgg,
+        &[
+            ("runner.run_id", run_id.to_string()),
+            ("runner.classes", plan.classes.join(",")),
+            ("runner.config", crate::results::config_toml(plan)),
+        ],
+    )
+    .map_err(fail)?;
     write_atomic(&st, |f| {
         std::io::Write::write_all(f, &bytes).map_err(|e| e.to_string())
     })?;

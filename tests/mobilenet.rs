@@ -88,7 +88,7 @@ fn mobilenet_v2_is_a_backbone_of_the_spec_and_fine_tunes_only_above_its_cutoff()
         eprintln!("skipped: no asset mirror (set RUNNER_ASSETS) for the MobileNetV2 weights");
         return;
     };
-    let (dir, weights, text) = tiny_mobilenet(&mirror);
+    let (dir, _, text) = tiny_mobilenet(&mirror);
     let plan = common::plan_for(dir.path(), &text);
     assert_eq!(plan.backbone.num_params(), 2_223_872);
     assert_eq!(plan.base_output, [1280, 2, 2]);
@@ -137,10 +137,10 @@ fn batchnorm_above_the_cutoff_updates_its_statistics_unless_frozen() {
         eprintln!("skipped: no asset mirror (set RUNNER_ASSETS) for the MobileNetV2 weights");
         return;
     };
-    let (dir, weights, text) = tiny_mobilenet(&mirror);
+    let (dir, _, text) = tiny_mobilenet(&mirror);
     let stats = |m: &runner::model::TransferModel| match &m.backbone {
         runner::model::Backbone::MobileNetV2(n) => n.batchnorm_stats(),
-        runner::model::Backbone::Vgg(_) => unreachable!(),
+        _ => unreachable!(),
     };
     for (mode, moves) in [("train", true), ("frozen", false)] {
         let plan = common::plan_for(

@@ -2,22 +2,19 @@
 //! depthwise convolutions, a 1x1 convolution to 1280 channels, and the ImageNet classifier; every
 //! convolution is followed by BatchNorm (and ReLU6 except the projections).
 //!
-//! Weights load from torchvision's state dict (as the mirror's safetensors file holds it) through
+//! Weights load from torchvision's state dict (the mirror's safetensors file, or a `.pth`) through
 //! an explicit key map and burn-store's PyTorch adapter (BatchNorm `weight`/`bias` to
 //! `gamma`/`beta`, Linear transposed); the load result is checked tensor by tensor. On a device
 //! without autodiff BatchNorm uses its running statistics and never updates them.
-//!
-//! Not yet a backbone of the spec: `backbone.name = "mobilenet_v2"` needs the generalised
-//! backbone interface (layer names, cutoffs, shapes), which is the rest of issue 6.
 
 use std::path::Path;
 
-use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
-use burn::store::{KeyRemapper, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
+use burn::store::KeyRemapper;
 
-use super::weights::WeightsError;
+use super::conv_bn::{Act, ConvBn};
+use super::weights::{KeyMap, WeightsError};
 use super::{LayerInfo, LayerOp};
 
 /// The 19 layers with torchvision's names (`features.0` ... `features.18`): what the plan, the
@@ -73,59 +70,6 @@ const SETTINGS: [(usize, usize, usize, usize); 7] = [
     (6, 320, 1, 1),
 ];
 
-/// A convolution without bias, then BatchNorm.
-#[derive(Module, Debug)]
-pub struct ConvBn {
-    conv: Conv2d,
-    bn: BatchNorm,
-}
-
-impl ConvBn {
-    /// Gradients on or off; BatchNorm uses batch statistics only when trainable and not
-    /// `bn_frozen`.
-    fn trainable(mut self, t: bool, bn_frozen: bool) -> Self {
-        self.conv.weight = self.conv.weight.set_require_grad(t);
-        self.bn.gamma = self.bn.gamma.set_require_grad(t);
-        self.bn.beta = self.bn.beta.set_require_grad(t);
-        self.bn.training = burn::module::Param::from_bool(t && !bn_frozen);
-        self
-    }
-
-    fn stats(&self, out: &mut Vec<f32>) {
-        out.extend(self.bn.running_mean.value().into_data().iter::<f32>());
-        out.extend(self.bn.running_var.value().into_data().iter::<f32>());
-    }
-
-    fn new(
-        cin: usize,
-        cout: usize,
-        k: usize,
-        stride: usize,
-        groups: usize,
-        device: &Device,
-    ) -> Self {
-        Self {
-            conv: Conv2dConfig::new([cin, cout], [k, k])
-                .with_stride([stride, stride])
-                .with_padding(PaddingConfig2d::Explicit(k / 2, k / 2, k / 2, k / 2))
-                .with_groups(groups)
-                .with_bias(false)
-                .init(device),
-            bn: BatchNormConfig::new(cout).with_epsilon(1e-5).init(device),
-        }
-    }
-
-    /// BatchNorm running mean and variance values (burn counts them in `num_params`).
-    fn running_stats(&self) -> usize {
-        2 * self.bn.gamma.dims()[0]
-    }
-
-    fn forward(&self, x: Tensor<4>, relu6: bool) -> Tensor<4> {
-        let y = self.bn.forward(self.conv.forward(x));
-        if relu6 { y.clamp(0.0, 6.0) } else { y }
-    }
-}
-
 /// An inverted residual block: 1x1 expansion (absent when the expansion is 1), 3x3 depthwise,
 /// 1x1 linear projection, and the skip connection when shapes allow.
 #[derive(Module, Debug)]
@@ -141,9 +85,11 @@ impl InvertedResidual {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let mut y = x.clone();
         if let Some(e) = &self.expand {
-            y = e.forward(y, true);
+            y = e.forward(y, Act::Relu6);
         }
-        y = self.project.forward(self.depthwise.forward(y, true), false);
+        y = self
+            .project
+            .forward(self.depthwise.forward(y, Act::Relu6), Act::None);
         if self.residual { y + x } else { y }
     }
 }
@@ -222,8 +168,8 @@ impl MobileNetV2 {
         let last = self.num_layers() - 1;
         for i in from..to {
             x = match i {
-                0 => self.stem.forward(x, true),
-                i if i == last => self.last.forward(x, true),
+                0 => self.stem.forward(x, Act::Relu6),
+                i if i == last => self.last.forward(x, Act::Relu6),
                 i => self.blocks[i - 1].forward(x),
             };
         }
@@ -305,75 +251,31 @@ impl MobileNetV2 {
         pairs
     }
 
-    /// The torchvision key -> module path map.
-    fn remapper() -> Result<KeyRemapper, String> {
-        let pairs = Self::key_pairs()
-            .into_iter()
-            .map(|(t, m)| {
-                (
-                    format!(r"^{}\.(.+)$", t.replace('.', r"\.")),
-                    format!("{m}.$1"),
-                )
-            })
-            .collect();
-        KeyRemapper::from_patterns(pairs).map_err(|e| e.to_string())
+    /// How torchvision's state dict names this model's tensors (`classifier.*` ignored without
+    /// the classifier).
+    pub fn key_map(&self) -> KeyMap {
+        KeyMap {
+            pairs: Self::key_pairs(),
+            extra: if self.classifier.is_some() {
+                vec![]
+            } else {
+                vec!["classifier.".into()]
+            },
+            keras: false,
+        }
     }
 
     /// The module path -> torchvision key map for a MobileNetV2 at `root` (e.g.
     /// `backbone.MobileNetV2`), to export under torchvision's names.
     pub fn export_remapper(root: &str) -> Result<KeyRemapper, String> {
-        let root = root.replace('.', r"\.");
-        let pairs = Self::key_pairs()
-            .into_iter()
-            .map(|(t, m)| {
-                (
-                    format!(r"^{root}\.{}\.(.+)$", m.replace('.', r"\.")),
-                    format!("{t}.$1"),
-                )
-            })
-            .collect();
-        KeyRemapper::from_patterns(pairs).map_err(|e| e.to_string())
+        super::weights::export_remapper(root, &Self::key_pairs())
     }
 
-    /// Loads torchvision's MobileNetV2 state dict from a safetensors file; every tensor of the
+    /// Loads torchvision's MobileNetV2 state dict (safetensors or `.pth`); every tensor of the
     /// model must be found with its shape (BatchNorm's `num_batches_tracked` is ignored).
-    pub fn load(mut self, path: &Path) -> Result<Self, WeightsError> {
-        let unreadable = |message: String| WeightsError::Unreadable {
-            path: path.to_path_buf(),
-            message,
-        };
-        let mut store = SafetensorsStore::from_file(path)
-            .remap(Self::remapper().map_err(unreadable)?)
-            .with_from_adapter(PyTorchToBurnAdapter)
-            .validate(false)
-            .allow_partial(true);
-        let result = self
-            .load_from(&mut store)
-            .map_err(|e| unreadable(e.to_string()))?;
-        let mut problems: Vec<String> = result.errors.iter().map(|e| format!("{e:?}")).collect();
-        problems.extend(
-            result
-                .missing
-                .iter()
-                .map(|m| format!("missing tensor {m:?}")),
-        );
-        let top = self.classifier.is_some();
-        problems.extend(
-            result
-                .unused
-                .iter()
-                .filter(|u| !u.ends_with("num_batches_tracked"))
-                // A runner model's export also holds its head: not part of the base.
-                .filter(|u| !u.starts_with("head."))
-                // A backbone without its top leaves the ImageNet classifier unused.
-                .filter(|u| top || !u.starts_with("classifier"))
-                .map(|u| format!("unexpected tensor {u}")),
-        );
-        if problems.is_empty() {
-            Ok(self)
-        } else {
-            Err(unreadable(problems.join("; ")))
-        }
+    pub fn load(self, path: &Path) -> Result<Self, WeightsError> {
+        let map = self.key_map();
+        super::weights::load(self, &map, path, "mobilenet_v2")
     }
 
     /// The 1280-channel feature map.
@@ -383,11 +285,11 @@ impl MobileNetV2 {
     /// - input: `[batch, 3, height, width]`, torch-preprocessed
     /// - output: `[batch, 1280, height / 32, width / 32]` (rounded up)
     pub fn features(&self, x: Tensor<4>) -> Tensor<4> {
-        let mut x = self.stem.forward(x, true);
+        let mut x = self.stem.forward(x, Act::Relu6);
         for b in &self.blocks {
             x = b.forward(x);
         }
-        self.last.forward(x, true)
+        self.last.forward(x, Act::Relu6)
     }
 
     /// ImageNet logits: features, global average pooling, the classifier.

@@ -1,6 +1,8 @@
 //! Pretrained convolutional bases: their layer names, shapes, preprocessing and weights.
 
+pub mod conv_bn;
 pub mod mobilenet;
+pub mod resnet;
 pub mod vgg;
 pub mod weights;
 
@@ -41,6 +43,8 @@ pub enum Family {
     Vgg,
     /// MobileNetV2 (torchvision's layout).
     MobileNetV2,
+    /// ResNet50 (torchvision's layout).
+    ResNet50,
 }
 
 /// One named backbone layer.
@@ -109,7 +113,7 @@ pub struct BackboneDef {
 }
 
 /// Every backbone runner can build.
-pub const BACKBONES: [BackboneDef; 3] = [
+pub const BACKBONES: [BackboneDef; 4] = [
     BackboneDef {
         name: "vgg16",
         family: Family::Vgg,
@@ -137,6 +141,15 @@ pub const BACKBONES: [BackboneDef; 3] = [
         imagenet_file: "mobilenet_v2_imagenet.safetensors",
         min_input: 32,
     },
+    BackboneDef {
+        name: "resnet50",
+        family: Family::ResNet50,
+        blocks: &[],
+        widths: &[],
+        default_preprocess: Preprocess::Torch,
+        imagenet_file: "resnet50_imagenet.safetensors",
+        min_input: 32,
+    },
 ];
 
 /// The names of every known backbone.
@@ -151,10 +164,13 @@ pub fn find(name: &str) -> Option<&'static BackboneDef> {
 
 impl BackboneDef {
     /// The layers in order: Keras names for VGG (`block1_conv1` ... `block5_pool`), torchvision
-    /// names for MobileNetV2 (`features.0` ... `features.18`).
+    /// names for MobileNetV2 (`features.0` ... `features.18`) and ResNet50 (`conv1`, `layer1.0`
+    /// ... `layer4.2`).
     pub fn layers(&self) -> Vec<LayerInfo> {
-        if self.family == Family::MobileNetV2 {
-            return mobilenet::layers();
+        match self.family {
+            Family::MobileNetV2 => return mobilenet::layers(),
+            Family::ResNet50 => return resnet::layers(),
+            Family::Vgg => {}
         }
         let mut out = Vec::new();
         let mut in_channels = 3;
@@ -232,7 +248,14 @@ impl Cutoff {
         let index = match trainable_from {
             "none" => layers.len(),
             "all" => 0,
-            name => match layers.iter().position(|l| l.name == name) {
+            // A stage name (`layer4`) stands for its first block (`layer4.0`).
+            name => match layers.iter().position(|l| l.name == name).or_else(|| {
+                layers.iter().position(|l| {
+                    l.name
+                        .strip_prefix(name)
+                        .is_some_and(|r| r.starts_with('.'))
+                })
+            }) {
                 Some(i) => i,
                 None => {
                     let mut names: Vec<(usize, &str)> = layers

@@ -6,6 +6,7 @@ use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 
+use super::weights::KeyMap;
 use super::{BackboneDef, LayerOp};
 
 /// A VGG base: 3x3 same convolutions with ReLU, 2x2 max pooling after each block.
@@ -92,5 +93,30 @@ impl Vgg {
             })
             .collect();
         self
+    }
+}
+
+/// How published VGG weights name the convolutions: Keras' `block1_conv1` (the asset mirror, `.h5`
+/// files; the name messages use) and torchvision's `features.0` (`.pth` files). The classifiers of
+/// either (`fc1`, `fc2`, `predictions`; `classifier.*`) are ignored.
+pub fn key_map(def: &BackboneDef) -> KeyMap {
+    let (mut keras, mut torchvision) = (Vec::new(), Vec::new());
+    // torchvision's `features` is a Sequential of convolutions, ReLUs and pools.
+    let mut feature = 0;
+    for l in def.layers() {
+        if let LayerOp::Conv { index, .. } = l.op {
+            keras.push((l.name.clone(), format!("convs.{index}")));
+            torchvision.push((format!("features.{feature}"), format!("convs.{index}")));
+            feature += 2;
+        } else {
+            feature += 1;
+        }
+    }
+    KeyMap {
+        pairs: keras.into_iter().chain(torchvision).collect(),
+        extra: ["fc1.", "fc2.", "predictions.", "classifier."]
+            .map(String::from)
+            .to_vec(),
+        keras: true,
     }
 }

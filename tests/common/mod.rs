@@ -209,3 +209,68 @@ pub fn train(
     };
     runner::train::run(plan, device, opts, |_| {}).unwrap()
 }
+
+/// `|got - want| / |want|` in the L2 norm.
+pub fn relative_error(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "tensor sizes differ");
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| f64::from(a - b).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|b| f64::from(*b).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// A file of tests/fixtures.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// torchvision's state-dict keys and shapes of `model` (`resnet50`, `mobilenet_v2`, `vgg16`), in
+/// order, as tools/weights_fixtures.py recorded them from torchvision.
+pub fn torchvision_keys(model: &str) -> Vec<(String, Vec<usize>)> {
+    let text = std::fs::read_to_string(fixture("torchvision_keys.json")).unwrap();
+    let all: std::collections::HashMap<String, Vec<(String, Vec<usize>)>> =
+        serde_json::from_str(&text).unwrap();
+    all[model].clone()
+}
+
+/// Writes torchvision-named weights drawn from the SplitMix stream exactly as
+/// tools/weights_fixtures.py `splitmix_state` does: per float tensor in state-dict order, He
+/// uniform kernels, BatchNorm scale `1 + 0.1u`, biases and running means `0.1u`, running
+/// variances `1 + 0.5u`. `num_batches_tracked` (an integer) is left out, as safetensors exports
+/// often do.
+pub fn write_torchvision_weights(path: &Path, keys: &[(String, Vec<usize>)], seed: u64) {
+    let mut rng = Rng::new(seed);
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = keys
+        .iter()
+        .filter(|(name, _)| !name.ends_with("num_batches_tracked"))
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let u: Vec<f32> = (0..n).map(|_| rng.uniform()).collect();
+            let values: Vec<f32> = if name.ends_with("running_var") {
+                u.iter().map(|u| 1.0 + 0.5 * u).collect()
+            } else if name.ends_with("running_mean") || name.ends_with("bias") {
+                u.iter().map(|u| 0.1 * u).collect()
+            } else if shape.len() == 1 {
+                u.iter().map(|u| 1.0 + 0.1 * u).collect()
+            } else {
+                let fan_in: usize = shape[1..].iter().product();
+                let a = (6.0 / fan_in as f32).sqrt();
+                u.iter().map(|u| u * a).collect()
+            };
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (name.clone(), shape.clone(), bytes)
+        })
+        .collect();
+    write_safetensors(path, &tensors);
+}
+
+/// The fixtures' pattern value of element `j` of the tensor at position `k`:
+/// `k + (j % 97) / 1000` (tools/weights_fixtures.py).
+pub fn pattern(k: usize, j: usize) -> f32 {
+    (k as f64 + (j % 97) as f64 / 1000.0) as f32
+}
