@@ -108,6 +108,46 @@ pub enum AssetFiles {
     },
 }
 
+/// How an upstream download is verified: the way its publisher's own tools do it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check<'a> {
+    /// A full SHA-256 (lowercase hex).
+    Sha256(&'a str),
+    /// The SHA-256 prefix torchvision puts in its file names (what `torch.hub` checks).
+    Sha256Prefix(&'a str),
+    /// The MD5 Keras' `get_file` checks (`file_hash` in keras.applications).
+    Md5(&'a str),
+    /// Nothing published: the archive's own CRC-32s are checked as it is read, and its SHA-256
+    /// is logged and recorded beside what is built from it.
+    Unpublished,
+}
+
+/// What becomes of an upstream download.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Build {
+    /// The file is used as it is (weights runner reads in their published format).
+    AsIs,
+    /// The Dogs-vs-Cats archive: the book's 2000/1000/1000 split is built from it into `dir`.
+    DogsVsCatsSplit {
+        /// e.g. `data/cats_and_dogs_small`.
+        dir: &'static str,
+    },
+}
+
+/// The original download of an asset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Upstream {
+    /// Where it is published.
+    pub url: &'static str,
+    /// Where the download lands, relative to the project folder (and to a mirror folder, which
+    /// may hold it too).
+    pub path: &'static str,
+    /// How it is verified.
+    pub check: Check<'static>,
+    /// What is done with it.
+    pub then: Build,
+}
+
 /// A named asset of the catalogue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Asset {
@@ -115,41 +155,80 @@ pub struct Asset {
     pub name: &'static str,
     /// What it is.
     pub description: &'static str,
-    /// Its files.
-    pub files: AssetFiles,
-    /// The original download, and what runner still needs to use it directly.
-    pub upstream: &'static str,
+    /// Its files as an asset mirror holds them (pinned by SHA-256), when a mirror has them.
+    pub files: Option<AssetFiles>,
+    /// The original download, used when no mirror has the asset.
+    pub upstream: Upstream,
 }
 
 /// Every named asset.
-pub const CATALOGUE: [Asset; 3] = [
+pub const CATALOGUE: [Asset; 5] = [
     Asset {
         name: "vgg16/imagenet",
-        description: "VGG16 convolutional base, ImageNet weights (Keras' Oxford weights), safetensors, Keras layer names",
-        files: AssetFiles::One {
+        description: "VGG16 convolutional base, ImageNet weights (Keras' Oxford weights), Keras layer names",
+        files: Some(AssetFiles::One {
             path: "weights/vgg16_imagenet_notop.safetensors",
             sha256: "3d289c1da829286cc29ca5760fca9bd62782a1ff1f86d2ee91d1485ba1431081",
+        }),
+        upstream: Upstream {
+            url: "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            path: "weights/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            check: Check::Md5("6d6bbae143d832006294945121d1f1fc"),
+            then: Build::AsIs,
         },
-        upstream: "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 (Keras .h5; runner cannot convert .h5 yet)",
+    },
+    Asset {
+        name: "vgg19/imagenet",
+        description: "VGG19 convolutional base, ImageNet weights (Keras' Oxford weights), Keras layer names",
+        files: None,
+        upstream: Upstream {
+            url: "https://storage.googleapis.com/tensorflow/keras-applications/vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            path: "weights/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            check: Check::Md5("253f8cb515780f3b799900260a226db6"),
+            then: Build::AsIs,
+        },
     },
     Asset {
         name: "mobilenet_v2/imagenet",
-        description: "MobileNetV2, torchvision IMAGENET1K_V1 weights, safetensors, torchvision names",
-        files: AssetFiles::One {
+        description: "MobileNetV2, torchvision IMAGENET1K_V1 weights, torchvision names",
+        files: Some(AssetFiles::One {
             path: "weights/mobilenet_v2_imagenet.safetensors",
             sha256: "750b96807fca6d8060ba5963e0a6c9c42bd05c8914443ce5730c25a2bf7be88f",
+        }),
+        upstream: Upstream {
+            url: "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
+            path: "weights/mobilenet_v2-b0353104.pth",
+            check: Check::Sha256Prefix("b0353104"),
+            then: Build::AsIs,
         },
-        upstream: "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth (PyTorch .pth; runner cannot convert .pth yet)",
+    },
+    Asset {
+        name: "resnet50/imagenet",
+        description: "ResNet50, torchvision IMAGENET1K_V1 weights, torchvision names",
+        files: None,
+        upstream: Upstream {
+            url: "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+            path: "weights/resnet50-0676ba61.pth",
+            check: Check::Sha256Prefix("0676ba61"),
+            then: Build::AsIs,
+        },
     },
     Asset {
         name: "cats_and_dogs_small",
         description: "Dogs-vs-Cats, the book's 2000/1000/1000 split: train/validation/test, cats/ and dogs/",
-        files: AssetFiles::Listed {
+        files: Some(AssetFiles::Listed {
             sums: "data/cats_and_dogs_small.SHA256SUMS",
             sums_sha256: "9f61d85a75b5423d82b34d421456aaea565d41a55bb7309bd34846e84f2b8369",
             dir: "data/cats_and_dogs_small",
+        }),
+        upstream: Upstream {
+            url: "https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/kagglecatsanddogs_5340.zip",
+            path: "data/kagglecatsanddogs_5340.zip",
+            check: Check::Unpublished,
+            then: Build::DogsVsCatsSplit {
+                dir: "data/cats_and_dogs_small",
+            },
         },
-        upstream: "https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/kagglecatsanddogs_5340.zip (the full Kaggle set; runner cannot build the split from it yet)",
     },
 ];
 
@@ -161,15 +240,22 @@ pub fn find_asset(name: &str) -> Option<&'static Asset> {
 impl Locations {
     /// What to do without a network or a mirror: where the files go and where they come from.
     pub fn offline_help(asset: &Asset) -> String {
-        let place = match &asset.files {
-            AssetFiles::One { path, .. } => (*path).to_string(),
-            AssetFiles::Listed { sums, dir, .. } => format!("{dir}/ (and the list {sums})"),
+        let mut places: Vec<String> = match &asset.files {
+            Some(AssetFiles::One { path, .. }) => vec![(*path).to_string()],
+            Some(AssetFiles::Listed { sums, dir, .. }) => {
+                vec![format!("{dir}/ (and the list {sums})")]
+            }
+            None => vec![],
         };
+        places.push(asset.upstream.path.to_string());
         format!(
-            "{}: no source has it. Put the file(s) at {place} in the project folder, or point \
-             {ASSETS_ENV} (--assets) at a folder that has them there, or an HTTP mirror of such a \
-             folder with --assets-url / RUNNER_ASSETS_URL. Original source: {}",
-            asset.name, asset.upstream
+            "{}: no source has it. Put {} in the project folder, or point {ASSETS_ENV} \
+             (--assets) at a folder that has it there, or an HTTP mirror of such a folder with \
+             --assets-url / RUNNER_ASSETS_URL. Its original is {} (download it where there is \
+             a network and copy it over).",
+            asset.name,
+            places.join(" or "),
+            asset.upstream.url
         )
     }
 }

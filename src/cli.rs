@@ -122,8 +122,8 @@ enum Command {
         #[arg(long, short)]
         follow: bool,
     },
-    /// Put named assets (weights, datasets) into weights/ and data/, verified by SHA-256, from the
-    /// local mirror or an HTTP mirror; `--list` shows the catalogue.
+    /// Put named assets (weights, datasets) into weights/ and data/, verified, from the local
+    /// mirror, an HTTP mirror or the original publisher; `--list` shows the catalogue.
     Fetch {
         /// Asset names, e.g. vgg16/imagenet cats_and_dogs_small.
         #[arg(value_name = "ASSETS")]
@@ -134,6 +134,10 @@ enum Command {
         /// Base URL of an HTTP mirror laid out like the asset folder.
         #[arg(long, env = "RUNNER_ASSETS_URL", value_name = "URL")]
         assets_url: Option<String>,
+        /// Fetch the originals (Keras', torchvision's, Microsoft's files) through this base URL
+        /// instead of their own hosts: a caching proxy that keeps their paths.
+        #[arg(long, env = "RUNNER_UPSTREAM_BASE", value_name = "URL")]
+        upstream_base: Option<String>,
         /// The project folder the files go into (under weights/ and data/).
         #[arg(long, default_value = ".", value_name = "DIR")]
         into: PathBuf,
@@ -296,10 +300,11 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 names,
                 list,
                 assets_url,
+                upstream_base,
                 into,
             }),
             _,
-        ) => fetch(&names, list, assets_url, &into, &common),
+        ) => fetch(&names, list, [assets_url, upstream_base], &into, &common),
         (
             Some(Command::Predict {
                 run_id,
@@ -608,16 +613,21 @@ fn interrupt_flag() -> Option<Arc<AtomicBool>> {
 fn fetch(
     names: &[String],
     list: bool,
-    url: Option<String>,
+    [url, upstream_base]: [Option<String>; 2],
     into: &Path,
     common: &Common,
 ) -> Result<(), Failure> {
     use crate::assets::{CATALOGUE, find_asset};
     if list || names.is_empty() {
         for a in &CATALOGUE {
+            let mirror = match &a.files {
+                Some(crate::assets::AssetFiles::One { path, .. }) => path.to_string(),
+                Some(crate::assets::AssetFiles::Listed { dir, .. }) => format!("{dir}/"),
+                None => "-".into(),
+            };
             println!(
-                "{:<22} {}\n{:<22} upstream: {}",
-                a.name, a.description, "", a.upstream
+                "{:<22} {}\n{:<22} mirror: {mirror}\n{:<22} original: {} -> {}",
+                a.name, a.description, "", "", a.upstream.url, a.upstream.path
             );
         }
         return Ok(());
@@ -636,6 +646,7 @@ fn fetch(
     let sources = crate::fetch::Sources {
         mirror: Locations::new(common.assets.clone()).mirror,
         url,
+        upstream_base,
     };
     for a in assets {
         let [present, copied, downloaded] =

@@ -123,10 +123,21 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
     let weights = def.and_then(|def| {
         let w = &spec.backbone.weights;
         let found = if w == "imagenet" {
-            locations.weights_file(
-                def.imagenet_file,
-                &format!("ImageNet weights for {}", def.name),
-            )
+            // The mirror's safetensors, else the original file `runner fetch` downloads.
+            let original = crate::assets::find_asset(&format!("{}/imagenet", def.name))
+                .and_then(|a| a.upstream.path.strip_prefix("weights/"));
+            let what = format!("ImageNet weights for {}", def.name);
+            locations
+                .weights_file(def.imagenet_file, &what)
+                .or_else(|first| match original {
+                    Some(file) => locations.weights_file(file, &what).map_err(|second| {
+                        crate::assets::NotFound {
+                            tried: [first.tried, second.tried].concat(),
+                            ..second
+                        }
+                    }),
+                    None => Err(first),
+                })
         } else {
             locations.path(w, "weights file", false)
         };

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use runner::assets::Check;
 use runner::fetch::{self, FetchError};
 use sha2::{Digest, Sha256};
 
@@ -139,7 +140,7 @@ fn a_whole_download_lands_verified_and_atomically() {
     let server = serve(root, Mode::Normal);
     let dest = dir.path().join("project/weights/x.safetensors");
     let url = format!("{}/weights/x.safetensors", server.base);
-    fetch::download(&url, &dest, &sha(&bytes)).unwrap();
+    fetch::download(&url, &dest, Check::Sha256(&sha(&bytes))).unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), bytes);
     assert!(leftovers(dest.parent().unwrap()).is_empty());
     assert_eq!(*server.ranges.lock().unwrap(), [""]);
@@ -152,7 +153,7 @@ fn a_download_broken_off_mid_file_resumes_with_range() {
     let server = serve(root, Mode::BreakOnce);
     let dest = dir.path().join("x.safetensors");
     let url = format!("{}/weights/x.safetensors", server.base);
-    fetch::download(&url, &dest, &sha(&bytes)).unwrap();
+    fetch::download(&url, &dest, Check::Sha256(&sha(&bytes))).unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), bytes);
     let ranges = server.ranges.lock().unwrap().clone();
     assert_eq!(ranges.len(), 2, "{ranges:?}");
@@ -176,7 +177,7 @@ fn a_partial_file_from_an_earlier_attempt_is_resumed_or_restarted() {
     std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
     std::fs::write(dest.with_file_name(".x.safetensors.part"), &bytes[..1000]).unwrap();
     let url = format!("{}/weights/x.safetensors", server.base);
-    fetch::download(&url, &dest, &sha(&bytes)).unwrap();
+    fetch::download(&url, &dest, Check::Sha256(&sha(&bytes))).unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), bytes);
     assert_eq!(*server.ranges.lock().unwrap(), ["bytes=1000-"]);
     // A server without Range support sends it all again: the download restarts cleanly.
@@ -185,7 +186,7 @@ fn a_partial_file_from_an_earlier_attempt_is_resumed_or_restarted() {
     std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
     std::fs::write(dest.with_file_name(".x.safetensors.part"), b"stale bytes").unwrap();
     let url = format!("{}/weights/x.safetensors", server.base);
-    fetch::download(&url, &dest, &sha(&bytes)).unwrap();
+    fetch::download(&url, &dest, Check::Sha256(&sha(&bytes))).unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), bytes);
 }
 
@@ -196,14 +197,14 @@ fn wrong_bytes_are_refused_and_nothing_is_kept() {
     let server = serve(root, Mode::Wrong);
     let dest = dir.path().join("x.safetensors");
     let url = format!("{}/weights/x.safetensors", server.base);
-    let e = fetch::download(&url, &dest, &sha(&bytes)).unwrap_err();
+    let e = fetch::download(&url, &dest, Check::Sha256(&sha(&bytes))).unwrap_err();
     let FetchError::Checksum {
         expected, found, ..
     } = &e
     else {
         panic!("{e}")
     };
-    assert_eq!(expected, &sha(&bytes));
+    assert_eq!(expected, &format!("sha256 {}", sha(&bytes)));
     assert_ne!(found, expected);
     let text = e.to_string();
     assert!(
@@ -213,7 +214,12 @@ fn wrong_bytes_are_refused_and_nothing_is_kept() {
     assert!(!dest.exists());
     assert!(leftovers(dir.path()).is_empty());
 
-    let e = fetch::download(&format!("{}/weights/missing", server.base), &dest, "00").unwrap_err();
+    let e = fetch::download(
+        &format!("{}/weights/missing", server.base),
+        &dest,
+        Check::Sha256("00"),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("HTTP 404"), "{e}");
     assert!(!dest.exists());
 }
@@ -225,6 +231,9 @@ fn runner_fetch(args: &[&str], cwd: &Path) -> std::process::Output {
         .current_dir(cwd)
         .env_remove("RUNNER_ASSETS")
         .env_remove("RUNNER_ASSETS_URL")
+        // Never the network: the originals' hosts are replaced by a closed loopback port
+        // (tests pass --upstream-base to reach their own server).
+        .env("RUNNER_UPSTREAM_BASE", "http://127.0.0.1:9")
         .output()
         .unwrap()
 }
@@ -302,4 +311,191 @@ fn fetch_copies_from_a_mirror_or_downloads_from_an_http_mirror() {
         .read_to_string(&mut s)
         .unwrap();
     assert!(s.contains(&sha(&got)));
+}
+
+#[test]
+fn originals_are_checked_the_way_their_publishers_check_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (root, bytes) = payload(dir.path());
+    let server = serve(root, Mode::Normal);
+    let url = format!("{}/weights/x.safetensors", server.base);
+    let md5: String = md5::Md5::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let full = sha(&bytes);
+    // Keras' MD5 and torch.hub's SHA-256 prefix: right ones land, wrong ones are refused.
+    for (i, check) in [Check::Md5(&md5), Check::Sha256Prefix(&full[..8])]
+        .into_iter()
+        .enumerate()
+    {
+        let dest = dir.path().join(format!("ok{i}"));
+        fetch::download(&url, &dest, check).unwrap();
+        assert!(std::fs::read(&dest).unwrap() == bytes);
+    }
+    let dest = dir.path().join("bad");
+    let e = fetch::download(&url, &dest, Check::Md5("6d6bbae143d832006294945121d1f1fc"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("expected md5 6d6bbae143d832006294945121d1f1fc (Keras' file_hash)")
+            && e.contains(&format!("found md5 {md5}")),
+        "{e}"
+    );
+    let e = fetch::download(&url, &dest, Check::Sha256Prefix("0676ba61"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("expected sha256 beginning 0676ba61") && e.contains(&full),
+        "{e}"
+    );
+    assert!(!dest.exists());
+    assert!(leftovers(dir.path()).is_empty());
+}
+
+/// A small stand-in for Microsoft's archive: `PetImages/{Cat,Dog}/<n>.jpg` for n in 0..2004
+/// (tiny JPEGs), with an empty file, a broken one and a stray `Thumbs.db`, as the real one has.
+fn pet_images_zip(path: &Path, broken: &[&str]) {
+    let mut jpeg = Vec::new();
+    let img = image::RgbImage::from_fn(8, 8, |x, y| image::Rgb([x as u8 * 30, y as u8 * 30, 90]));
+    image::codecs::jpeg::JpegEncoder::new(&mut jpeg)
+        .encode_image(&img)
+        .unwrap();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    let opts = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
+    for class in ["Cat", "Dog"] {
+        for n in 0..2004 {
+            let name = format!("PetImages/{class}/{n}.jpg");
+            zip.start_file(name.as_str(), opts).unwrap();
+            if name == "PetImages/Cat/5.jpg" {
+                continue; // empty
+            }
+            if broken.contains(&name.as_str()) {
+                zip.write_all(b"\xff\xd8 not really a jpeg").unwrap();
+            } else {
+                zip.write_all(&jpeg).unwrap();
+            }
+        }
+        zip.start_file(format!("PetImages/{class}/Thumbs.db"), opts)
+            .unwrap();
+        zip.write_all(b"junk").unwrap();
+    }
+    zip.finish().unwrap();
+}
+
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn fetch_builds_the_books_split_from_microsofts_archive() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = dir.path().join("served");
+    pet_images_zip(
+        &served
+            .join("download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/kagglecatsanddogs_5340.zip"),
+        &["PetImages/Cat/17.jpg", "PetImages/Dog/1999.jpg"],
+    );
+    // The archive download breaks off once and is resumed.
+    let server = serve(served, Mode::BreakOnce);
+    let project = dir.path().join("project");
+    let into = project.to_str().unwrap();
+    let fetch_split = |base: &str| {
+        runner_fetch(
+            &[
+                "cats_and_dogs_small",
+                "--into",
+                into,
+                "--upstream-base",
+                base,
+            ],
+            dir.path(),
+        )
+    };
+    let out = fetch_split(&server.base);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 downloaded"));
+    assert!(
+        server
+            .ranges
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r.starts_with("bytes="))
+    );
+    let split = project.join("data/cats_and_dogs_small");
+    let count = |s: &str, c: &str| names_in(&split.join(s).join(c)).len();
+    for class in ["cats", "dogs"] {
+        assert_eq!(
+            [
+                count("train", class),
+                count("validation", class),
+                count("test", class)
+            ],
+            [1000, 500, 500]
+        );
+    }
+    // Numeric order, undecodable images skipped: cats 0..=1001 without 5 and 17 are train.
+    let cats = split.join("train/cats");
+    assert!(!cats.join("cat.5.jpg").exists() && !cats.join("cat.17.jpg").exists());
+    assert!(cats.join("cat.0.jpg").exists() && cats.join("cat.1001.jpg").exists());
+    assert!(split.join("validation/cats/cat.1002.jpg").exists());
+    assert!(split.join("test/cats/cat.2001.jpg").exists());
+    assert!(!split.join("test/cats/cat.2002.jpg").exists());
+    assert!(split.join("train/dogs/dog.999.jpg").exists());
+    assert!(split.join("validation/dogs/dog.1000.jpg").exists());
+    assert!(!split.join("test/dogs/dog.1999.jpg").exists());
+    assert!(split.join("test/dogs/dog.2000.jpg").exists());
+    let record = std::fs::read_to_string(project.join("data/cats_and_dogs_small.BUILT")).unwrap();
+    assert!(
+        record.contains("PetImages/Cat/5.jpg")
+            && record.contains("PetImages/Cat/17.jpg")
+            && record.contains("PetImages/Dog/1999.jpg")
+            && record.contains("sha256 "),
+        "{record}"
+    );
+    assert!(leftovers(&project.join("data")).is_empty());
+    // Built once: a second fetch needs no network.
+    let out = fetch_split("http://127.0.0.1:9");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 already present"));
+
+    // A folder of that name that runner did not build is never touched.
+    let other = dir.path().join("other");
+    let mine = other.join("data/cats_and_dogs_small/train/cats");
+    std::fs::create_dir_all(&mine).unwrap();
+    std::fs::write(mine.join("my.jpg"), b"mine").unwrap();
+    std::fs::create_dir_all(other.join("data")).unwrap();
+    std::fs::copy(
+        project.join("data/kagglecatsanddogs_5340.zip"),
+        other.join("data/kagglecatsanddogs_5340.zip"),
+    )
+    .unwrap();
+    let out = runner_fetch(
+        &["cats_and_dogs_small", "--into", other.to_str().unwrap()],
+        dir.path(),
+    );
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("data/cats_and_dogs_small") && err.contains("move it away"),
+        "{err}"
+    );
+    assert_eq!(names_in(&mine), ["my.jpg"]);
 }
