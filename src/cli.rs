@@ -952,7 +952,7 @@ pub fn summary(plan: &Plan) -> String {
         def.name,
         plan.weights.display(),
         plan.preprocess.as_str(),
-        def.default_preprocess.as_str(),
+        def.preprocess_for(&plan.weights).as_str(),
         plan.cutoff.label,
         def.name,
         plan.classes.len(),

@@ -432,16 +432,10 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
     else {
         unreachable!("every None above reported a problem");
     };
-    let preprocess = spec.backbone.preprocess.unwrap_or(
-        // torchvision's VGG weights were trained on torch-normalised RGB, Keras' on caffe BGR.
-        if def.family == crate::backbone::Family::Vgg
-            && crate::backbone::weights::torchvision_named(&weights)
-        {
-            Preprocess::Torch
-        } else {
-            def.default_preprocess
-        },
-    );
+    let preprocess = spec
+        .backbone
+        .preprocess
+        .unwrap_or_else(|| def.preprocess_for(&weights));
     Ok(Plan {
         spec: spec.clone(),
         file: loaded.file.clone(),

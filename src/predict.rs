@@ -162,7 +162,9 @@ pub fn load(
         let classes = ck.state.origin.classes.clone();
         let card = ModelCard {
             run_id: run_id.to_string(),
-            preprocess: spec.backbone.preprocess.unwrap_or(def.default_preprocess),
+            preprocess: spec.backbone.preprocess.unwrap_or_else(|| {
+                def.preprocess_for(std::path::Path::new(&spec.backbone.weights))
+            }),
             cut: 0,
             classes,
             spec,

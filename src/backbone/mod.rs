@@ -196,6 +196,16 @@ impl BackboneDef {
         out
     }
 
+    /// The preprocessing the weights in `weights` were trained with: the family's default,
+    /// except torchvision's VGG weights (torch-normalised RGB where Keras' use caffe BGR).
+    pub fn preprocess_for(&self, weights: &std::path::Path) -> Preprocess {
+        if self.family == Family::Vgg && weights::torchvision_named(weights) {
+            Preprocess::Torch
+        } else {
+            self.default_preprocess
+        }
+    }
+
     /// Total parameters of the base.
     pub fn num_params(&self) -> usize {
         self.layers().iter().map(LayerInfo::num_params).sum()
