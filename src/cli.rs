@@ -177,6 +177,28 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         steps: usize,
     },
+    /// Run one workload of the PyTorch comparison (`bench/compare.py` runs them all): prints a
+    /// JSON line with its timings and writes `<out>/<workload>.safetensors` for the check.
+    BenchWorkload {
+        /// matmul, vgg16_forward, fine_tune_step, conv_head_step, dense_head_epoch,
+        /// decode_resize, augment or extract.
+        workload: String,
+        /// The folder of the experiments whose plans the workloads use.
+        #[arg(long, default_value = "experiments", value_name = "DIR")]
+        experiments: PathBuf,
+        /// Where the check file goes.
+        #[arg(long, default_value = "bench/out", value_name = "DIR")]
+        out: PathBuf,
+        /// Untimed runs first.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Timed runs (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        /// Images for the extract (memory) workload.
+        #[arg(long, default_value_t = 4000)]
+        images: usize,
+    },
     /// Write a grid of augmented versions of a few training images (one row per image: the
     /// original, then one augmented version per column).
     AugmentPreview {
@@ -353,6 +375,31 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 "{}",
                 crate::bench::run(&plan, &device, steps.max(1)).map_err(bad_input)?
             );
+            Ok(())
+        }
+        (
+            Some(Command::BenchWorkload {
+                workload,
+                experiments,
+                out,
+                warmup,
+                repeats,
+                images,
+            }),
+            _,
+        ) => {
+            let (device, _) = device::select(common.device).map_err(bad_input)?;
+            let opts = crate::bench::workloads::Options {
+                warmup,
+                repeats,
+                images,
+                experiments,
+                out: out.clone(),
+            };
+            let report =
+                crate::bench::workloads::run(&workload, &opts, &device).map_err(bad_input)?;
+            crate::bench::workloads::write_check(&report, &out).map_err(failed)?;
+            println!("{}", report.json());
             Ok(())
         }
         (None, None) => Err(bad_input(anyhow::anyhow!(

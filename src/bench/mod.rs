@@ -4,6 +4,8 @@
 //! memory (all cores, as in training), the training step of the experiment with augmentation
 //! (augment, frozen base, trainable part), their ratio, and the peak resident memory.
 
+pub mod workloads;
+
 use std::time::Instant;
 
 use burn::module::Module;

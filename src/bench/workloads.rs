@@ -1,0 +1,593 @@
+//! The workloads `bench/compare.py` times against PyTorch, run by `runner bench-workload NAME`:
+//! each warms up, repeats, and prints one JSON line (items, seconds of every repeat, GFLOP per
+//! item, peak resident memory); each also writes `<out>/<name>.safetensors` with what PyTorch
+//! needs to compute the same thing (inputs, initial weights) and runner's results, so the
+//! comparison first checks that both sides agree.
+//!
+//! The training workloads go through the training code itself ([`train::fit`]), with the
+//! experiments' own plans (`experiments/fine_tune.toml`, `conv_head.toml`, `feature_extraction.toml`).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::prelude::*;
+
+use crate::data::{self, augment, folder};
+use crate::model::TransferModel;
+use crate::plan::Plan;
+use crate::spec::{AugmentSpec, LayerSpec};
+use crate::train::{self, TrainSource, features::Features};
+
+/// Every workload, in the table's order.
+pub const WORKLOADS: [&str; 8] = [
+    "matmul",
+    "vgg16_forward",
+    "fine_tune_step",
+    "conv_head_step",
+    "dense_head_epoch",
+    "decode_resize",
+    "augment",
+    "extract",
+];
+
+/// How a workload runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Untimed runs first.
+    pub warmup: usize,
+    /// Timed runs.
+    pub repeats: usize,
+    /// Images for `extract` (the memory workload).
+    pub images: usize,
+    /// Where the experiments are (`experiments/`).
+    pub experiments: PathBuf,
+    /// Where the check file goes.
+    pub out: PathBuf,
+}
+
+/// What a workload measured.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// The workload.
+    pub name: String,
+    /// Items (images or examples) per timed run.
+    pub items: usize,
+    /// Seconds of each timed run.
+    pub seconds: Vec<f64>,
+    /// Floating-point operations per item, in GFLOP (0 when not meaningful).
+    pub gflop_per_item: f64,
+    /// What the run was, for the table.
+    pub what: String,
+    /// Tensors for the check file: `(name, shape, values)`.
+    pub check: Vec<(String, Vec<usize>, Vec<f32>)>,
+}
+
+impl Report {
+    /// Median seconds per timed run.
+    pub fn median(&self) -> f64 {
+        let mut s = self.seconds.clone();
+        s.sort_by(f64::total_cmp);
+        s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+
+    /// The JSON line `bench/compare.py` reads.
+    pub fn json(&self) -> serde_json::Value {
+        let median = self.median();
+        serde_json::json!({
+            "workload": self.name,
+            "what": self.what,
+            "items": self.items,
+            "seconds": self.seconds,
+            "median_s": median,
+            "items_per_s": self.items as f64 / median,
+            "gflop_per_item": self.gflop_per_item,
+            "gflop_per_s": self.gflop_per_item * self.items as f64 / median,
+            "threads": rayon::current_num_threads(),
+            "peak_rss_mib": super::peak_rss_mib(),
+        })
+    }
+}
+
+/// Forward FLOPs of VGG16's base per image: 2 x multiply-adds of its 13 convolutions.
+pub fn vgg16_gflop([h, w]: [usize; 2]) -> f64 {
+    let def = crate::backbone::find("vgg16").expect("vgg16 is known");
+    let mut shape = [3, h, w];
+    let mut flop = 0.0;
+    for l in def.layers() {
+        let out = l.output_shape(shape);
+        if let crate::backbone::LayerOp::Conv {
+            in_channels,
+            out_channels,
+            ..
+        } = l.op
+        {
+            flop += 2.0 * (in_channels * 9 * out_channels * out[1] * out[2]) as f64;
+        }
+        shape = out;
+    }
+    flop / 1e9
+}
+
+/// Runs workload `name`.
+pub fn run(name: &str, opts: &Options, device: &Device) -> anyhow::Result<Report> {
+    let mut r = match name {
+        "matmul" => matmul(opts, device),
+        "vgg16_forward" => vgg16_forward(opts, device)?,
+        "fine_tune_step" => train_step(opts, device, "fine_tune.toml", Some(1), false)?,
+        "conv_head_step" => train_step(opts, device, "conv_head.toml", None, true)?,
+        "dense_head_epoch" => dense_head_epoch(opts, device)?,
+        "decode_resize" => decode_resize(opts)?,
+        "augment" => augment_from_memory(opts)?,
+        "extract" => extract(opts, device)?,
+        other => anyhow::bail!(
+            "unknown workload \"{other}\"; workloads: {}",
+            WORKLOADS.join(", ")
+        ),
+    };
+    r.name = name.to_string();
+    Ok(r)
+}
+
+/// Writes the report's check tensors to `<out>/<name>.safetensors`.
+pub fn write_check(r: &Report, out: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(out)?;
+    let path = out.join(format!("{}.safetensors", r.name));
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = r
+        .check
+        .iter()
+        .map(|(n, s, v)| {
+            (
+                n.clone(),
+                s.clone(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(n, s, b)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .map(|v| (n.clone(), v))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    safetensors::serialize_to_file(views, None, &path)?;
+    Ok(path)
+}
+
+/// Times `f` `warmup + repeats` times, keeping the timed seconds.
+fn time(opts: &Options, mut f: impl FnMut()) -> Vec<f64> {
+    for _ in 0..opts.warmup {
+        f();
+    }
+    (0..opts.repeats.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect()
+}
+
+fn matmul(opts: &Options, device: &Device) -> Report {
+    let device = device.clone().without_autodiff();
+    let n: usize = 2048;
+    let a = Tensor::<2>::random([n, n], burn::tensor::Distribution::Default, &device);
+    let b = Tensor::<2>::random([n, n], burn::tensor::Distribution::Default, &device);
+    let seconds = time(opts, || {
+        let c = a.clone().matmul(b.clone());
+        std::hint::black_box(c.into_data());
+    });
+    Report {
+        items: 1,
+        seconds,
+        gflop_per_item: 2.0 * (n * n * n) as f64 / 1e9,
+        what: format!("float32 matmul {n}x{n} (burn flex)"),
+        ..Report::default()
+    }
+}
+
+/// The plan of `experiments/<file>`, its assets resolved through `$RUNNER_ASSETS`.
+fn plan_of(opts: &Options, file: &str) -> anyhow::Result<Plan> {
+    let path = opts.experiments.join(file);
+    let loaded = crate::spec::load::load(&path, &[])
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    crate::plan::build(&loaded, &crate::assets::Locations::new(None))
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// The first `n` images of split `name`, decoded and resized.
+fn first_images(plan: &Plan, name: &str, n: usize) -> anyhow::Result<folder::Images> {
+    let mut listing = plan
+        .split(name)
+        .ok_or_else(|| anyhow::anyhow!("no {name} split"))?
+        .clone();
+    // Both classes: take from the front and the back of the (class-sorted) listing.
+    let files = listing.files.clone();
+    listing.files = files
+        .iter()
+        .take(n.div_ceil(2))
+        .chain(files.iter().rev().take(n / 2))
+        .cloned()
+        .collect();
+    Ok(folder::load_split(
+        &listing,
+        plan.spec.data.image_size,
+        plan.spec.data.interpolation,
+    )
+    .0)
+}
+
+fn vgg16_forward(opts: &Options, device: &Device) -> anyhow::Result<Report> {
+    let plan = plan_of(opts, "feature_extraction.toml")?;
+    let batch = plan.spec.data.batch_size;
+    let images = first_images(&plan, "train", batch)?;
+    let plain = device.clone().without_autodiff();
+    let model = TransferModel::build(&plan, &plain)?;
+    let idx: Vec<usize> = (0..batch).collect();
+    let x = data::batch_tensor(&images, &idx, plan.preprocess, &plain);
+    let n = model.backbone.num_layers();
+    let run = || model.backbone.forward_range(x.clone(), 0, n);
+    let out: Vec<f32> = run().into_data().iter::<f32>().collect();
+    let seconds = time(opts, || {
+        std::hint::black_box(run().into_data());
+    });
+    let [_, h, w] = plan.base_output;
+    Ok(Report {
+        items: batch,
+        seconds,
+        gflop_per_item: vgg16_gflop(plan.spec.data.image_size),
+        what: format!(
+            "VGG16 base forward, {}x{}, batch {batch}",
+            plan.spec.data.image_size[0], plan.spec.data.image_size[1]
+        ),
+        check: vec![
+            (
+                "input".into(),
+                vec![batch, 3, images.height, images.width],
+                x.into_data().iter::<f32>().collect(),
+            ),
+            ("output".into(), vec![batch, 512, h, w], out),
+        ],
+        ..Report::default()
+    })
+}
+
+/// Every float parameter of a module, in visiting order.
+struct Params(Vec<(Vec<usize>, Vec<f32>)>);
+
+impl ModuleVisitor for Params {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let t = param.val();
+        self.0
+            .push((t.dims().to_vec(), t.into_data().iter::<f32>().collect()));
+    }
+}
+
+/// The head's parameters as check tensors `head.<i>` (burn layouts: Linear `[in, out]`).
+fn head_tensors(model: &TransferModel) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let mut p = Params(Vec::new());
+    model.head.visit(&mut p);
+    p.0.into_iter()
+        .enumerate()
+        .map(|(i, (s, v))| (format!("head.{i}"), s, v))
+        .collect()
+}
+
+/// The plan with dropout off (for the check, whose random masks no two libraries share).
+fn without_dropout(plan: &Plan) -> Plan {
+    let mut p = plan.clone();
+    for l in &mut p.spec.head.layers {
+        if let LayerSpec::Dropout(d) = l {
+            d.rate = 0.0;
+        }
+    }
+    p
+}
+
+/// One phase of `plan` reduced to `epochs` epochs of `steps` steps.
+fn one_phase(plan: &Plan, phase: Option<usize>, epochs: usize, steps: usize) -> Plan {
+    let mut p = plan.clone();
+    let ph = p.phases[phase.unwrap_or(0)].clone();
+    p.phases = vec![ph];
+    p.phases[0].epochs = epochs;
+    p.phases[0].early_stopping = None;
+    p.spec.train.steps_per_epoch = Some(steps);
+    p
+}
+
+/// Training steps through [`train::fit`] with the experiment's model, head and optimizer: the
+/// frozen part of the base runs every step (from decoded images; augmented when `augmented`).
+/// The check: two one-step epochs on one batch without dropout or augmentation, their training
+/// losses and the validation loss after each update.
+fn train_step(
+    opts: &Options,
+    device: &Device,
+    file: &str,
+    phase: Option<usize>,
+    augmented: bool,
+) -> anyhow::Result<Report> {
+    let plan = plan_of(opts, file)?;
+    let batch = plan.spec.data.batch_size;
+    let images = first_images(&plan, "train", batch)?;
+    let identity = AugmentSpec::default();
+    let aug = if augmented {
+        plan.phases[phase.unwrap_or(0)]
+            .augment
+            .clone()
+            .unwrap_or_else(AugmentSpec::notebook)
+    } else {
+        identity.clone()
+    };
+
+    // The check, on the training code's path (activations at the cutoff, then the rest).
+    let check_plan = one_phase(&without_dropout(&plan), phase, 2, 1);
+    device.seed(plan.spec.experiment.seed);
+    let model = TransferModel::build(&check_plan, device)?;
+    let head = head_tensors(&model);
+    let feats = train::features::extract(&model, &images, &check_plan, device, "bench");
+    let (_, history) = train::fit(
+        model,
+        &TrainSource::Features(&feats),
+        &feats,
+        &check_plan,
+        device,
+        "bench",
+    );
+    let metrics: Vec<f32> = history
+        .iter()
+        .flat_map(|m| [m.train_loss as f32, m.val_loss as f32])
+        .collect();
+    let idx: Vec<usize> = (0..batch).collect();
+    let plain = device.clone().without_autodiff();
+    let x = data::batch_tensor(&images, &idx, plan.preprocess, &plain);
+    let mut check = vec![
+        (
+            "input".into(),
+            vec![batch, 3, images.height, images.width],
+            x.into_data().iter::<f32>().collect(),
+        ),
+        (
+            "labels".into(),
+            vec![batch],
+            images.labels.iter().map(|&l| l as f32).collect(),
+        ),
+        ("metrics".into(), vec![4], metrics),
+    ];
+    check.extend(head);
+
+    // The timed steps: the real plan (dropout on), one step per fit, the frozen part every step.
+    let timed = one_phase(&plan, phase, 1, 1);
+    device.seed(plan.spec.experiment.seed);
+    let mut model = Some(TransferModel::build(&timed, device)?);
+    let val = Features {
+        values: feats.values[..feats.shape.iter().product::<usize>()].to_vec(),
+        shape: feats.shape,
+        labels: feats.labels[..1].to_vec(),
+        paths: feats.paths[..1].to_vec(),
+    };
+    let seconds = time(opts, || {
+        let m = model.take().expect("the model is put back after each step");
+        let source = TrainSource::Augmented {
+            images: &images,
+            spec: &aug,
+            frozen: m.valid(),
+        };
+        let (m, _) = train::fit(m, &source, &val, &timed, device, "bench");
+        model = Some(m);
+    });
+    let cut = &timed.phases[0].cutoff;
+    let [h, w] = plan.spec.data.image_size;
+    Ok(Report {
+        items: batch,
+        seconds,
+        // Forward of the base; the trainable part's backward is not counted.
+        gflop_per_item: vgg16_gflop([h, w]),
+        what: format!(
+            "training step: {} head, trainable from {}, batch {batch}{}",
+            file.trim_end_matches(".toml"),
+            cut.label,
+            if augmented { ", augmented" } else { "" }
+        ),
+        check,
+        ..Report::default()
+    })
+}
+
+/// Deterministic activations in `[0, 1)` standing in for cached VGG16 features.
+fn synthetic_features(n: usize, shape: [usize; 3]) -> Features {
+    let per: usize = shape.iter().product();
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let values = (0..n * per)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        })
+        .collect();
+    Features {
+        values,
+        shape,
+        labels: (0..n).map(|i| i % 2).collect(),
+        paths: (0..n).map(|i| PathBuf::from(format!("{i}"))).collect(),
+    }
+}
+
+/// An epoch of the dense head on cached features (2000 x 8192), through [`train::fit`].
+fn dense_head_epoch(opts: &Options, device: &Device) -> anyhow::Result<Report> {
+    let plan = plan_of(opts, "feature_extraction.toml")?;
+    let batch = plan.spec.data.batch_size;
+    let train_feats = synthetic_features(2000, plan.base_output);
+    let first = Features {
+        values: train_feats.values[..batch * plan.base_output.iter().product::<usize>()].to_vec(),
+        shape: train_feats.shape,
+        labels: train_feats.labels[..batch].to_vec(),
+        paths: train_feats.paths[..batch].to_vec(),
+    };
+    let check_plan = one_phase(&without_dropout(&plan), None, 2, 1);
+    device.seed(plan.spec.experiment.seed);
+    let model = TransferModel::build(&check_plan, device)?;
+    let mut check = head_tensors(&model);
+    let (_, history) = train::fit(
+        model,
+        &TrainSource::Features(&first),
+        &first,
+        &check_plan,
+        device,
+        "bench",
+    );
+    check.push((
+        "metrics".into(),
+        vec![4],
+        history
+            .iter()
+            .flat_map(|m| [m.train_loss as f32, m.val_loss as f32])
+            .collect(),
+    ));
+    check.push((
+        "features".into(),
+        vec![batch, plan.base_output.iter().product()],
+        first.values.clone(),
+    ));
+    check.push((
+        "labels".into(),
+        vec![batch],
+        first.labels.iter().map(|&l| l as f32).collect(),
+    ));
+
+    let steps = 2000 / batch;
+    let timed = one_phase(&plan, None, 1, steps);
+    device.seed(plan.spec.experiment.seed);
+    let mut model = Some(TransferModel::build(&timed, device)?);
+    let val = Features {
+        values: first.values[..plan.base_output.iter().product::<usize>()].to_vec(),
+        shape: first.shape,
+        labels: first.labels[..1].to_vec(),
+        paths: first.paths[..1].to_vec(),
+    };
+    let seconds = time(opts, || {
+        let m = model
+            .take()
+            .expect("the model is put back after each epoch");
+        let (m, _) = train::fit(
+            m,
+            &TrainSource::Features(&train_feats),
+            &val,
+            &timed,
+            device,
+            "bench",
+        );
+        model = Some(m);
+    });
+    Ok(Report {
+        items: 2000,
+        seconds,
+        gflop_per_item: 0.0,
+        what: format!(
+            "dense head epoch on cached features (2000 x 8192, batch {batch}, {steps} steps)"
+        ),
+        check,
+        ..Report::default()
+    })
+}
+
+fn decode_resize(opts: &Options) -> anyhow::Result<Report> {
+    let plan = plan_of(opts, "feature_extraction.toml")?;
+    let size = plan.spec.data.image_size;
+    let n: usize = plan.splits.iter().map(|s| s.files.len()).sum();
+    let mut first = Vec::new();
+    let seconds = time(opts, || {
+        let mut all = Vec::new();
+        for listing in &plan.splits {
+            all.push(folder::load_split(listing, size, plan.spec.data.interpolation).0);
+        }
+        first = all[0].image(0).to_vec();
+    });
+    let path = plan.splits[0].files[0].0.display().to_string();
+    tracing::info!(path, "Check image: the first of the first split.");
+    Ok(Report {
+        items: n,
+        seconds,
+        gflop_per_item: 0.0,
+        what: format!(
+            "decode + resize to {}x{} ({n} JPEGs, {} threads)",
+            size[0],
+            size[1],
+            rayon::current_num_threads()
+        ),
+        check: vec![(
+            "first_image".into(),
+            vec![size[0], size[1], 3],
+            first.iter().map(|&b| f32::from(b)).collect(),
+        )],
+        ..Report::default()
+    })
+}
+
+fn augment_from_memory(opts: &Options) -> anyhow::Result<Report> {
+    let plan = plan_of(opts, "conv_head.toml")?;
+    let listing = plan
+        .split("train")
+        .ok_or_else(|| anyhow::anyhow!("no train split"))?;
+    let images = folder::load_split(
+        listing,
+        plan.spec.data.image_size,
+        plan.spec.data.interpolation,
+    )
+    .0;
+    let aug = plan.phases[0]
+        .augment
+        .clone()
+        .unwrap_or_else(AugmentSpec::notebook);
+    let all: Vec<usize> = (0..images.len()).collect();
+    let mut epoch = 0;
+    let seconds = time(opts, || {
+        epoch += 1;
+        std::hint::black_box(augment::augment_batch(&images, &all, &aug, 42, epoch));
+    });
+    Ok(Report {
+        items: images.len(),
+        seconds,
+        gflop_per_item: 0.0,
+        what: format!(
+            "augmentation from memory ({} images, the notebook's transforms, {} threads)",
+            images.len(),
+            rayon::current_num_threads()
+        ),
+        check: Vec::new(),
+        ..Report::default()
+    })
+}
+
+/// Feature extraction over the first `opts.images` images (train, then validation, then test):
+/// the memory workload.
+fn extract(opts: &Options, device: &Device) -> anyhow::Result<Report> {
+    let plan = plan_of(opts, "feature_extraction.toml")?;
+    let mut left = opts.images;
+    let mut n = 0;
+    let t = Instant::now();
+    let plain = device.clone().without_autodiff();
+    let model = TransferModel::build(&plan, &plain)?;
+    for listing in &plan.splits {
+        if left == 0 {
+            break;
+        }
+        let mut l = listing.clone();
+        l.files.truncate(left);
+        left -= l.files.len();
+        let images =
+            folder::load_split(&l, plan.spec.data.image_size, plan.spec.data.interpolation).0;
+        n += images.len();
+        let f = train::features::extract(&model, &images, &plan, &plain, "bench");
+        std::hint::black_box(f.values.len());
+    }
+    Ok(Report {
+        items: n,
+        seconds: vec![t.elapsed().as_secs_f64()],
+        gflop_per_item: vgg16_gflop(plan.spec.data.image_size),
+        what: format!("feature extraction of {n} images (decode, base, features kept per split)"),
+        check: Vec::new(),
+        ..Report::default()
+    })
+}
