@@ -360,12 +360,7 @@ fn train_step(
     let timed = one_phase(&plan, phase, 1, 1);
     device.seed(plan.spec.experiment.seed);
     let mut model = Some(TransferModel::build(&timed, device)?);
-    let val = Features {
-        values: feats.values[..feats.shape.iter().product::<usize>()].to_vec(),
-        shape: feats.shape,
-        labels: feats.labels[..1].to_vec(),
-        paths: feats.paths[..1].to_vec(),
-    };
+    let val = first_n(&feats, 1);
     let seconds = time(opts, || {
         let m = model.take().expect("the model is put back after each step");
         let source = TrainSource::Augmented {
@@ -394,6 +389,17 @@ fn train_step(
     })
 }
 
+/// The first `n` examples of `f`.
+fn first_n(f: &Features, n: usize) -> Features {
+    let per: usize = f.shape.iter().product();
+    Features {
+        values: f.values[..n * per].to_vec(),
+        shape: f.shape,
+        labels: f.labels[..n].to_vec(),
+        paths: f.paths[..n].to_vec(),
+    }
+}
+
 /// Deterministic activations in `[0, 1)` standing in for cached VGG16 features.
 fn synthetic_features(n: usize, shape: [usize; 3]) -> Features {
     let per: usize = shape.iter().product();
@@ -419,12 +425,7 @@ fn dense_head_epoch(opts: &Options, device: &Device) -> anyhow::Result<Report> {
     let plan = plan_of(opts, "feature_extraction.toml")?;
     let batch = plan.spec.data.batch_size;
     let train_feats = synthetic_features(2000, plan.base_output);
-    let first = Features {
-        values: train_feats.values[..batch * plan.base_output.iter().product::<usize>()].to_vec(),
-        shape: train_feats.shape,
-        labels: train_feats.labels[..batch].to_vec(),
-        paths: train_feats.paths[..batch].to_vec(),
-    };
+    let first = first_n(&train_feats, batch);
     let check_plan = one_phase(&without_dropout(&plan), None, 2, 1);
     device.seed(plan.spec.experiment.seed);
     let model = TransferModel::build(&check_plan, device)?;
@@ -460,12 +461,7 @@ fn dense_head_epoch(opts: &Options, device: &Device) -> anyhow::Result<Report> {
     let timed = one_phase(&plan, None, 1, steps);
     device.seed(plan.spec.experiment.seed);
     let mut model = Some(TransferModel::build(&timed, device)?);
-    let val = Features {
-        values: first.values[..plan.base_output.iter().product::<usize>()].to_vec(),
-        shape: first.shape,
-        labels: first.labels[..1].to_vec(),
-        paths: first.paths[..1].to_vec(),
-    };
+    let val = first_n(&first, 1);
     let seconds = time(opts, || {
         let m = model
             .take()
