@@ -232,7 +232,10 @@ impl TransferModel {
     /// - input: `[batch, 3, height, width]`, preprocessed
     /// - output: `[batch, c, h, w]` at the cutoff
     pub fn frozen_features(&self, x: Tensor<4>) -> Tensor<4> {
-        self.backbone.forward_range(x, 0, self.cut)
+        match &self.backbone {
+            Backbone::Vgg(v) => v.forward_frozen(x, self.cut),
+            b => b.forward_range(x, 0, self.cut),
+        }
     }
 
     /// Logits from activations at the cutoff: the trainable part of the base, then the head.

@@ -5,6 +5,7 @@ pub mod mobilenet;
 pub mod resnet;
 pub mod vgg;
 pub mod weights;
+pub mod winograd;
 
 use crate::spec::Preprocess;
 

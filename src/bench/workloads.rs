@@ -226,8 +226,12 @@ fn vgg16_forward(opts: &Options, device: &Device) -> anyhow::Result<Report> {
     let model = TransferModel::build(&plan, &plain)?;
     let idx: Vec<usize> = (0..batch).collect();
     let x = data::batch_tensor(&images, &idx, plan.preprocess, &plain);
-    let n = model.backbone.num_layers();
-    let run = || model.backbone.forward_range(x.clone(), 0, n);
+    assert_eq!(
+        model.cut(),
+        model.backbone.num_layers(),
+        "the whole base is frozen"
+    );
+    let run = || model.frozen_features(x.clone());
     let out: Vec<f32> = run().into_data().iter::<f32>().collect();
     let seconds = time(opts, || {
         std::hint::black_box(run().into_data());
