@@ -118,11 +118,17 @@ fn forward_matches_the_numpy_reference_on_a_real_image() {
         let mut input = vec![0f32; 3 * 150 * 150];
         runner::data::preprocess_into(&pixels, 150 * 150, pre, &mut input);
         let x = Tensor::<4>::from_data(TensorData::new(input, [1, 3, 150, 150]), &device);
-        let got = values(vgg.forward_range(x, 0, vgg.num_layers()));
         let want = common::f32_tensor(&st, name);
-        assert_eq!(got.len(), 512 * 4 * 4);
-        let rel = common::relative_error(&got, &want);
-        assert!(rel < 1e-4, "{name}: relative error {rel}");
+        // burn's convolutions, and the Winograd path the frozen layers take on the CPU.
+        let n = vgg.num_layers();
+        for (way, got) in [
+            ("burn", values(vgg.forward_range(x.clone(), 0, n))),
+            ("winograd", values(vgg.forward_frozen(x, n))),
+        ] {
+            assert_eq!(got.len(), 512 * 4 * 4);
+            let rel = common::relative_error(&got, &want);
+            assert!(rel < 1e-4, "{name}, {way}: relative error {rel}");
+        }
     }
 }
 
@@ -244,9 +250,22 @@ fn vgg19_forward_matches_the_numpy_reference() {
     let drawn: Vec<f32> = (0..3 * 64 * 64).map(|_| rng.uniform()).collect();
     assert_eq!(input, drawn, "the fixture's input is the tests' stream");
     let x = Tensor::<4>::from_data(TensorData::new(input, [1, 3, 64, 64]), &device);
-    let got = values(vgg.forward_range(x, 0, vgg.num_layers()));
     let want = common::f32_tensor(&st, "output");
-    assert_eq!(got.len(), 512 * 2 * 2);
-    let rel = common::relative_error(&got, &want);
-    assert!(rel < 1e-5, "relative error {rel}");
+    let n = vgg.num_layers();
+    for (way, got) in [
+        ("burn", values(vgg.forward_range(x.clone(), 0, n))),
+        ("winograd", values(vgg.forward_frozen(x.clone(), n))),
+    ] {
+        assert_eq!(got.len(), 512 * 2 * 2);
+        let rel = common::relative_error(&got, &want);
+        assert!(rel < 1e-5, "{way}: relative error {rel}");
+    }
+    // Cut anywhere: after a convolution, after a pool (odd sizes: the unit tests in winograd.rs).
+    for cut in [1, 2, 3, 8, 11, 15, n - 1] {
+        let direct = values(vgg.forward_range(x.clone(), 0, cut));
+        let fast = values(vgg.forward_frozen(x.clone(), cut));
+        assert_eq!(direct.len(), fast.len(), "cut {cut}");
+        let rel = common::relative_error(&fast, &direct);
+        assert!(rel < 1e-5, "cut {cut}: relative error {rel}");
+    }
 }
