@@ -225,7 +225,7 @@ fn vgg16_forward(opts: &Options, device: &Device) -> anyhow::Result<Report> {
     let plain = device.clone().without_autodiff();
     let model = TransferModel::build(&plan, &plain)?;
     let idx: Vec<usize> = (0..batch).collect();
-    let x = data::batch_tensor(&images, &idx, plan.preprocess, &plain);
+    let x = data::batch_tensor(&images, &idx, plan.preprocess, &plain)?;
     assert_eq!(
         model.cut(),
         model.backbone.num_layers(),
@@ -329,7 +329,7 @@ fn train_step(
     device.seed(plan.spec.experiment.seed);
     let model = TransferModel::build(&check_plan, device)?;
     let head = head_tensors(&model);
-    let feats = train::features::extract(&model, &images, &check_plan, device, "bench");
+    let feats = train::features::extract(&model, &images, &check_plan, device, "bench")?;
     let (_, history) = train::fit(
         model,
         &TrainSource::Features(&feats),
@@ -344,7 +344,7 @@ fn train_step(
         .collect();
     let idx: Vec<usize> = (0..batch).collect();
     let plain = device.clone().without_autodiff();
-    let x = data::batch_tensor(&images, &idx, plan.preprocess, &plain);
+    let x = data::batch_tensor(&images, &idx, plan.preprocess, &plain)?;
     let mut check = vec![
         (
             "input".into(),
@@ -560,8 +560,9 @@ fn augment_from_memory(opts: &Options) -> anyhow::Result<Report> {
     })
 }
 
-/// Feature extraction over the first `opts.images` images (train, then validation, then test):
-/// the memory workload.
+/// Feature extraction over the first `opts.images` images (train, then validation, then test)
+/// as the training pipeline runs it: each split checked, then decoded batch by batch, through the
+/// frozen base, its activations written to a feature cache file: the memory workload.
 fn extract(opts: &Options, device: &Device) -> anyhow::Result<Report> {
     let plan = plan_of(opts, "feature_extraction.toml")?;
     let mut left = opts.images;
@@ -569,6 +570,7 @@ fn extract(opts: &Options, device: &Device) -> anyhow::Result<Report> {
     let t = Instant::now();
     let plain = device.clone().without_autodiff();
     let model = TransferModel::build(&plan, &plain)?;
+    let dir = tempfile_dir("runner-bench-extract")?;
     for listing in &plan.splits {
         if left == 0 {
             break;
@@ -576,18 +578,29 @@ fn extract(opts: &Options, device: &Device) -> anyhow::Result<Report> {
         let mut l = listing.clone();
         l.files.truncate(left);
         left -= l.files.len();
-        let images =
-            folder::load_split(&l, plan.spec.data.image_size, plan.spec.data.interpolation).0;
+        let size = plan.spec.data.image_size;
+        let images = folder::load_split_with(&l, size, plan.spec.data.interpolation, false).0;
         n += images.len();
-        let f = train::features::extract(&model, &images, &plan, &plain, "bench");
-        std::hint::black_box(f.values.len());
+        let f = train::features::extract(&model, &images, &plan, &plain, "bench")?;
+        let key = train::features::key(&model, &images, &plan);
+        train::features::write(&dir.join(format!("{key}.safetensors")), &key, &f)?;
     }
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(Report {
         items: n,
         seconds: vec![t.elapsed().as_secs_f64()],
         gflop_per_item: vgg16_gflop(plan.spec.data.image_size),
-        what: format!("feature extraction of {n} images (decode, base, features kept per split)"),
+        what: format!(
+            "feature extraction of {n} images (decoded per batch, base, features written to the cache per split)"
+        ),
         check: Vec::new(),
         ..Report::default()
     })
+}
+
+/// A fresh folder under the system's temporary folder.
+fn tempfile_dir(prefix: &str) -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }

@@ -416,6 +416,7 @@ mod tests {
             labels: vec![0; 4],
             paths: vec![Default::default(); 4],
             digests: vec![[0; 32]; 4],
+            on_demand: None,
         };
         let a = augment_batch(&images, &[0, 1, 2, 3], &spec, 42, 1);
         assert_eq!(a, augment_batch(&images, &[0, 1, 2, 3], &spec, 42, 1));

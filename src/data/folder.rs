@@ -116,6 +116,10 @@ pub struct Images {
     pub paths: Vec<PathBuf>,
     /// SHA-256 of each image file's bytes (the feature cache's content key).
     pub digests: Vec<[u8; 32]>,
+    /// `None`: `pixels` holds every image. `Some(filter)`: `pixels` is empty and each batch is
+    /// decoded again from `paths` when it is needed (a split that is only read once per phase,
+    /// through the feature extraction, so memory does not grow with the split).
+    pub on_demand: Option<Interpolation>,
 }
 
 impl Images {
@@ -135,20 +139,78 @@ impl Images {
             split: self.split.clone(),
             height: self.height,
             width: self.width,
-            pixels: indices
-                .iter()
-                .flat_map(|&i| self.image(i).to_vec())
-                .collect(),
+            pixels: match self.on_demand {
+                None => indices
+                    .iter()
+                    .flat_map(|&i| self.image(i))
+                    .copied()
+                    .collect(),
+                Some(_) => Vec::new(),
+            },
             labels: indices.iter().map(|&i| self.labels[i]).collect(),
             paths: indices.iter().map(|&i| self.paths[i].clone()).collect(),
             digests: indices.iter().map(|&i| self.digests[i]).collect(),
+            on_demand: self.on_demand,
         }
     }
 
-    /// The pixels of image `i`.
+    /// The pixels of image `i` of a split held in memory.
+    ///
+    /// # Panics
+    ///
+    /// When the split is decoded on demand (use `pixels_of`).
     pub fn image(&self, i: usize) -> &[u8] {
+        assert!(
+            self.on_demand.is_none(),
+            "{} split is decoded on demand",
+            self.split
+        );
         let n = self.height * self.width * 3;
         &self.pixels[i * n..(i + 1) * n]
+    }
+
+    /// The pixels of the images at `indices`, back to back: from memory, or decoded now (in
+    /// parallel). A file that no longer decodes, or whose bytes changed since the split was
+    /// first read, is an error naming it.
+    pub fn pixels_of(&self, indices: &[usize]) -> Result<Vec<u8>, DataError> {
+        let Some(interp) = self.on_demand else {
+            return Ok(indices
+                .iter()
+                .flat_map(|&i| self.image(i))
+                .copied()
+                .collect());
+        };
+        let size = [self.height, self.width];
+        let decoded: Vec<Result<Vec<u8>, (PathBuf, String)>> = indices
+            .par_iter()
+            .map(|&i| {
+                let path = &self.paths[i];
+                match decode(path, size, interp) {
+                    Ok(d) if d.digest == self.digests[i] => Ok(d.pixels),
+                    Ok(_) => Err((
+                        path.clone(),
+                        "the file changed while runner was using it".into(),
+                    )),
+                    Err(e) => Err((
+                        path.clone(),
+                        format!("{e} (it was readable when the run started)"),
+                    )),
+                }
+            })
+            .collect();
+        let mut out = Vec::with_capacity(indices.len() * self.height * self.width * 3);
+        let mut bad = Vec::new();
+        for r in decoded {
+            match r {
+                Ok(p) => out.extend_from_slice(&p),
+                Err(e) => bad.push(e),
+            }
+        }
+        if bad.is_empty() {
+            Ok(out)
+        } else {
+            Err(DataError::BadImages(bad))
+        }
     }
 }
 
@@ -251,26 +313,49 @@ pub struct Preflight {
     pub converted: Vec<(PathBuf, String)>,
 }
 
-/// Decodes every image of a split in parallel. Unreadable files (and files that are not images)
-/// are left out and reported in the preflight, with the reason.
+/// Decodes every image of a split in parallel and keeps them in memory. Unreadable files (and
+/// files that are not images) are left out and reported in the preflight, with the reason.
 pub fn load_split(
     listing: &SplitListing,
     size: [usize; 2],
     interp: Interpolation,
 ) -> (Images, Preflight) {
+    load_split_with(listing, size, interp, true)
+}
+
+/// `load_split`, keeping the pixels (`keep`) or only checking every image and recording its
+/// digest, to be decoded again batch by batch (`Images::on_demand`).
+pub fn load_split_with(
+    listing: &SplitListing,
+    size: [usize; 2],
+    interp: Interpolation,
+    keep: bool,
+) -> (Images, Preflight) {
     let decoded: Vec<Result<Decoded, String>> = listing
         .files
         .par_iter()
-        .map(|(p, _)| decode(p, size, interp))
+        .map(|(p, _)| {
+            decode(p, size, interp).map(|mut d| {
+                if !keep {
+                    d.pixels = Vec::new();
+                }
+                d
+            })
+        })
         .collect();
     let mut images = Images {
         split: listing.name.clone(),
         height: size[0],
         width: size[1],
-        pixels: Vec::with_capacity(listing.files.len() * size[0] * size[1] * 3),
+        pixels: Vec::with_capacity(if keep {
+            listing.files.len() * size[0] * size[1] * 3
+        } else {
+            0
+        }),
         labels: Vec::with_capacity(listing.files.len()),
         paths: Vec::with_capacity(listing.files.len()),
         digests: Vec::with_capacity(listing.files.len()),
+        on_demand: (!keep).then_some(interp),
     };
     let mut report = Preflight::default();
     for ((path, label), r) in listing.files.iter().zip(decoded) {
@@ -377,6 +462,61 @@ mod tests {
             .collect();
         assert_eq!(names, vec!["cut.png", "zero.jpg"]);
         assert!(bad[1].1.contains("empty file"), "{bad:?}");
+    }
+}
+
+#[cfg(test)]
+mod on_demand_tests {
+    use super::*;
+
+    #[test]
+    fn a_split_decoded_on_demand_gives_the_same_pixels_and_names_a_file_that_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        for (class, n) in [("cats", 3u8), ("dogs", 2)] {
+            std::fs::create_dir_all(dir.path().join(class)).unwrap();
+            for i in 0..n {
+                image::RgbImage::from_fn(12, 10, |x, y| {
+                    image::Rgb([x as u8 * 20, y as u8 * 25, i * 60])
+                })
+                .save(dir.path().join(class).join(format!("{i}.png")))
+                .unwrap();
+            }
+        }
+        let l = scan_split("validation", dir.path()).unwrap();
+        let (held, _) = load_split(&l, [6, 5], Interpolation::Bilinear);
+        let (lazy, _) = load_split_with(&l, [6, 5], Interpolation::Bilinear, false);
+        assert!(lazy.pixels.is_empty() && held.pixels.len() == 5 * 6 * 5 * 3);
+        assert_eq!(
+            (lazy.labels.clone(), lazy.digests.clone()),
+            (held.labels.clone(), held.digests.clone())
+        );
+        let idx = [4, 0, 2];
+        assert_eq!(lazy.pixels_of(&idx).unwrap(), held.pixels_of(&idx).unwrap());
+        assert_eq!(
+            lazy.subset(&idx).pixels_of(&[0, 1]).unwrap(),
+            held.pixels_of(&[4, 0]).unwrap()
+        );
+
+        // Rewritten with other content, then cut short: each is named, with the reason.
+        let changed = &lazy.paths[2];
+        image::RgbImage::new(12, 10).save(changed).unwrap();
+        let e = lazy.pixels_of(&idx).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "{}: the file changed while runner was using it",
+                changed.display()
+            )),
+            "{e}"
+        );
+        std::fs::write(changed, b"").unwrap();
+        let e = lazy.pixels_of(&[2]).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "{}: empty file (0 bytes) (it was readable when the run started)",
+                changed.display()
+            )),
+            "{e}"
+        );
     }
 }
 

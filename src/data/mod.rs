@@ -35,7 +35,8 @@ pub fn preprocess_into(pixels: &[u8], hw: usize, pre: Preprocess, out: &mut [f32
     }
 }
 
-/// A batch of images `indices` as network input.
+/// A batch of images `indices` as network input (decoded now when the split is decoded on
+/// demand; an image that no longer decodes is an error naming its file).
 ///
 /// # Shapes
 ///
@@ -45,14 +46,24 @@ pub fn batch_tensor(
     indices: &[usize],
     pre: Preprocess,
     device: &Device,
-) -> Tensor<4> {
-    to_tensor(
-        indices.iter().map(|&i| images.image(i)),
-        indices.len(),
-        [images.height, images.width],
-        pre,
-        device,
-    )
+) -> Result<Tensor<4>, DataError> {
+    let size = [images.height, images.width];
+    Ok(match images.on_demand {
+        None => to_tensor(
+            indices.iter().map(|&i| images.image(i)),
+            indices.len(),
+            size,
+            pre,
+            device,
+        ),
+        Some(_) => pixels_tensor(
+            &images.pixels_of(indices)?,
+            indices.len(),
+            size,
+            pre,
+            device,
+        ),
+    })
 }
 
 /// `n` HWC RGB u8 images stored back to back, as network input.

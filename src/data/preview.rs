@@ -45,6 +45,7 @@ pub fn grid(plan: &Plan, rows: usize, variants: usize) -> Result<image::RgbImage
         labels: Vec::new(),
         paths: Vec::new(),
         digests: Vec::new(),
+        on_demand: None,
     };
     for &i in &picks {
         let (path, label) = &train.files[i];

@@ -14,11 +14,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use burn::prelude::*;
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::{Dtype, SafeTensors};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
-use crate::data::{self, Images};
+use crate::data::{self, DataError, Images};
 use crate::model::TransferModel;
 use crate::plan::Plan;
 
@@ -66,14 +66,15 @@ impl Features {
     }
 }
 
-/// Runs the frozen part of the base once over a split.
+/// Runs the frozen part of the base once over a split, batch by batch (a split decoded on demand
+/// is decoded one batch at a time, so only the activations at the cutoff accumulate).
 pub fn extract(
     model: &TransferModel,
     images: &Images,
     plan: &Plan,
     device: &Device,
     run: &str,
-) -> Features {
+) -> Result<Features, DataError> {
     let frozen = model.valid();
     let plain = device.clone().without_autodiff();
     let batch = plan.spec.data.batch_size;
@@ -85,7 +86,7 @@ pub fn extract(
     let n_batches = images.len().div_ceil(batch);
     let indices: Vec<usize> = (0..images.len()).collect();
     for (b, chunk) in indices.chunks(batch).enumerate() {
-        let x = data::batch_tensor(images, chunk, plan.preprocess, &plain);
+        let x = data::batch_tensor(images, chunk, plan.preprocess, &plain)?;
         let y = frozen.frozen_features(x);
         values.extend(y.into_data().iter::<f32>());
         if (b + 1) % 10 == 0 || b + 1 == n_batches {
@@ -94,12 +95,12 @@ pub fn extract(
             info!(run, split = %images.split, cut = model.cut(), done, total = images.len(), images_per_s = format!("{rate:.1}"), "Extracting features.");
         }
     }
-    Features {
+    Ok(Features {
         values,
         shape,
         labels: images.labels.clone(),
         paths: images.paths.clone(),
-    }
+    })
 }
 
 /// The content key of the activations of `images` at `model`'s cutoff (hex SHA-256).
@@ -154,7 +155,7 @@ impl FeatureCache {
     }
 
     /// The activations of `images` at `model`'s cutoff: from memory, from disk, or computed
-    /// (and then stored).
+    /// (and then stored). Fails only when an image decoded on demand no longer decodes.
     pub fn features(
         &mut self,
         model: &TransferModel,
@@ -162,10 +163,10 @@ impl FeatureCache {
         plan: &Plan,
         device: &Device,
         run: &str,
-    ) -> Arc<Features> {
+    ) -> Result<Arc<Features>, DataError> {
         let key = key(model, images, plan);
         if let Some(f) = self.memo.get(&key) {
-            return f.clone();
+            return Ok(f.clone());
         }
         let short = &key[..16];
         let loaded = self.path(&key).and_then(|path| {
@@ -190,7 +191,7 @@ impl FeatureCache {
                 if self.dir.is_some() {
                     info!(run, split = %images.split, cut = model.cut(), key = short, "Feature cache miss.");
                 }
-                let f = extract(model, images, plan, device, run);
+                let f = extract(model, images, plan, device, run)?;
                 if let Some(path) = self.path(&key) {
                     match write(&path, &key, &f) {
                         Ok(()) => {
@@ -206,50 +207,52 @@ impl FeatureCache {
         };
         let f = Arc::new(f);
         self.memo.insert(key, f.clone());
-        f
+        Ok(f)
     }
+}
+
+/// Writes one cache entry atomically, as safetensors, streaming the values (no copy of the
+/// activations is made: the file is written in 64 KiB pieces).
+pub fn write(path: &Path, key: &str, f: &Features) -> Result<(), crate::results::ResultsError> {
+    use std::io::Write;
+    let [c, h, w] = f.shape;
+    let n = f.len();
+    let data_bytes = f.values.len() * 4;
+    let mut sha = Sha256::new();
+    for piece in f.values.chunks(1 << 14) {
+        sha.update(le_bytes(piece));
+    }
+    // The header the safetensors crate would write: tensors in order, then padded with spaces
+    // to a multiple of 8 bytes.
+    let header = serde_json::json!({
+        "__metadata__": {
+            "runner.key": key,
+            "runner.version": CACHE_VERSION,
+            "runner.sha256": hex(&sha.finalize()),
+        },
+        "features": {"dtype": "F32", "shape": [n, c, h, w], "data_offsets": [0, data_bytes]},
+        "labels": {"dtype": "U32", "shape": [n], "data_offsets": [data_bytes, data_bytes + 4 * n]},
+    });
+    let mut header = header.to_string().into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
+    crate::results::write_atomic(path, |file| {
+        let mut out = std::io::BufWriter::with_capacity(1 << 16, file);
+        let io = |e: std::io::Error| e.to_string();
+        out.write_all(&(header.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        out.write_all(&header).map_err(io)?;
+        for piece in f.values.chunks(1 << 14) {
+            out.write_all(&le_bytes(piece)).map_err(io)?;
+        }
+        for l in &f.labels {
+            out.write_all(&(*l as u32).to_le_bytes()).map_err(io)?;
+        }
+        out.flush().map_err(io)
+    })
 }
 
 fn le_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
-/// Writes one cache entry atomically.
-pub fn write(path: &Path, key: &str, f: &Features) -> Result<(), crate::results::ResultsError> {
-    let bytes = le_bytes(&f.values);
-    let labels: Vec<u8> = f
-        .labels
-        .iter()
-        .flat_map(|l| (*l as u32).to_le_bytes())
-        .collect();
-    let [c, h, w] = f.shape;
-    let err = |e: &dyn std::fmt::Display| crate::results::ResultsError::Write {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    };
-    let meta = HashMap::from([
-        ("runner.key".to_string(), key.to_string()),
-        ("runner.version".to_string(), CACHE_VERSION.to_string()),
-        ("runner.sha256".to_string(), hex(&Sha256::digest(&bytes))),
-    ]);
-    let out = safetensors::serialize(
-        [
-            (
-                "features",
-                TensorView::new(Dtype::F32, vec![f.len(), c, h, w], &bytes).map_err(|e| err(&e))?,
-            ),
-            (
-                "labels",
-                TensorView::new(Dtype::U32, vec![f.len()], &labels).map_err(|e| err(&e))?,
-            ),
-        ],
-        Some(meta),
-    )
-    .map_err(|e| err(&e))?;
-    drop(bytes);
-    crate::results::write_atomic(path, |file| {
-        std::io::Write::write_all(file, &out).map_err(|e| e.to_string())
-    })
 }
 
 /// Reads and checks one cache entry against the key and the images it should describe.

@@ -635,9 +635,18 @@ fn load_images(plan: &Plan, run: &str) -> Result<(Vec<Images>, usize), TrainErro
     let spec = &plan.spec;
     let mut images = Vec::new();
     let mut bad = Vec::new();
-    for listing in &plan.splits {
-        let (imgs, report) =
-            data::folder::load_split(listing, spec.data.image_size, spec.data.interpolation);
+    // Only an augmented training split is read image by image every epoch; every other split is
+    // read once per phase by the feature extraction, so it is decoded again batch by batch there
+    // instead of being held (memory stays flat however many images a split has).
+    let augmented = plan.phases.iter().any(|p| p.augment.is_some());
+    for (k, listing) in plan.splits.iter().enumerate() {
+        let keep = k == 0 && augmented;
+        let (imgs, report) = data::folder::load_split_with(
+            listing,
+            spec.data.image_size,
+            spec.data.interpolation,
+            keep,
+        );
         for (path, note) in &report.converted {
             debug!(run, path = %path.display(), note, "Image converted.");
         }
@@ -815,8 +824,9 @@ pub fn run(
         let train_feats = ph
             .augment
             .is_none()
-            .then(|| cache.features(&model, &images[0], plan, device, run));
-        let val_feats = cache.features(&model, &validation, plan, device, run);
+            .then(|| cache.features(&model, &images[0], plan, device, run))
+            .transpose()?;
+        let val_feats = cache.features(&model, &validation, plan, device, run)?;
         let source = match (&ph.augment, &train_feats) {
             (Some(aug), _) => TrainSource::Augmented {
                 images: &images[0],
@@ -961,7 +971,7 @@ pub fn run(
     progress.status = Status::Completed;
     let (test, predictions) = match images.get(2) {
         Some(t) => {
-            let f = cache.features(&model, t, plan, device, run);
+            let f = cache.features(&model, t, plan, device, run)?;
             let (e, p) = evaluate_with(&model, &f, plan, device, true);
             info!(
                 run,
