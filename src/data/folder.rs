@@ -214,12 +214,36 @@ impl Images {
     }
 }
 
-fn filter(i: Interpolation) -> FilterType {
-    match i {
+/// Resizes RGB u8 pixels. Bilinear (the default) runs on `fast_image_resize`'s SIMD kernels, an
+/// antialiased convolution whose support widens when shrinking as PIL's and `image`'s do (within
+/// 2 levels of `image`'s, 2.5x faster end to end on the 4000 images: `runner bench-workload
+/// decode_resize`). Nearest and bicubic stay with `image`: its bicubic rounds to 8 bits between the
+/// horizontal and vertical passes as PIL does, which a SIMD bicubic does not (up to 23 levels apart
+/// on noise).
+fn resize(
+    rgb: image::RgbImage,
+    [h, w]: [usize; 2],
+    interp: Interpolation,
+) -> Result<Vec<u8>, String> {
+    use fast_image_resize::{
+        FilterType as F, PixelType, ResizeAlg, ResizeOptions, Resizer, images::Image,
+    };
+    let filter = match interp {
         Interpolation::Nearest => FilterType::Nearest,
-        Interpolation::Bilinear => FilterType::Triangle,
         Interpolation::Bicubic => FilterType::CatmullRom,
-    }
+        Interpolation::Bilinear => {
+            let (sw, sh) = rgb.dimensions();
+            let src = Image::from_vec_u8(sw, sh, rgb.into_raw(), PixelType::U8x3)
+                .map_err(|e| e.to_string())?;
+            let mut dst = Image::new(w as u32, h as u32, PixelType::U8x3);
+            let alg = ResizeAlg::Convolution(F::Bilinear);
+            Resizer::new()
+                .resize(&src, &mut dst, &ResizeOptions::new().resize_alg(alg))
+                .map_err(|e| format!("cannot resize: {e}"))?;
+            return Ok(dst.into_vec());
+        }
+    };
+    Ok(image::imageops::resize(&rgb, w as u32, h as u32, filter).into_raw())
 }
 
 /// Number of components declared in a JPEG's frame header (3 for YCbCr, 4 for CMYK/YCCK).
@@ -291,15 +315,15 @@ pub fn decode(path: &Path, [h, w]: [usize; 2], interp: Interpolation) -> Result<
         C::Rgb8 => None,
         _ => Some("an unusual colour type"),
     };
-    let rgb = img.to_rgb8();
-    let out = if rgb.dimensions() == (w as u32, h as u32) {
-        rgb
+    let rgb = img.into_rgb8();
+    let pixels = if rgb.dimensions() == (w as u32, h as u32) {
+        rgb.into_raw()
     } else {
-        image::imageops::resize(&rgb, w as u32, h as u32, filter(interp))
+        resize(rgb, [h, w], interp)?
     };
     Ok(Decoded {
         digest: Sha256::digest(&bytes).into(),
-        pixels: out.into_raw(),
+        pixels,
         converted: from.map(|f| format!("converted from {f} to RGB")),
     })
 }
@@ -462,6 +486,36 @@ mod tests {
             .collect();
         assert_eq!(names, vec!["cut.png", "zero.jpg"]);
         assert!(bad[1].1.contains("empty file"), "{bad:?}");
+    }
+}
+
+#[cfg(test)]
+mod resize_tests {
+    use super::*;
+
+    #[test]
+    fn resizing_agrees_with_images_filters() {
+        let img = image::RgbImage::from_fn(97, 61, |x, y| {
+            image::Rgb([(x * 3 + y) as u8, (x * y % 251) as u8, ((x ^ y) * 5) as u8])
+        });
+        for (interp, filter, tol) in [
+            (Interpolation::Bilinear, FilterType::Triangle, 2),
+            (Interpolation::Bicubic, FilterType::CatmullRom, 0),
+            (Interpolation::Nearest, FilterType::Nearest, 0),
+        ] {
+            for [h, w] in [[20, 30], [150, 150], [61, 40]] {
+                let got = resize(img.clone(), [h, w], interp).unwrap();
+                let want = image::imageops::resize(&img, w as u32, h as u32, filter).into_raw();
+                assert_eq!(got.len(), want.len());
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| a.abs_diff(*b))
+                    .max()
+                    .unwrap();
+                assert!(worst <= tol, "{interp:?} to {h}x{w}: differs by {worst}");
+            }
+        }
     }
 }
 

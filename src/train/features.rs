@@ -22,8 +22,9 @@ use crate::data::{self, DataError, Images};
 use crate::model::TransferModel;
 use crate::plan::Plan;
 
-/// Version of the cache file layout and key; bump to invalidate every entry.
-const CACHE_VERSION: &str = "1";
+/// Version of the cache file layout and key; bump to invalidate every entry (2: bilinear
+/// resizing moved to fast_image_resize, pixels differ by up to 2 levels).
+const CACHE_VERSION: &str = "2";
 
 /// Activations at the cutoff for every image of one split, `[n, c, h, w]` row-major.
 #[derive(Debug, Clone)]
