@@ -130,32 +130,35 @@ impl FusedRmsProp {
     ) -> (Tensor<D>, Option<RmsPropState<D>>) {
         let device = tensor.device();
         let shape = tensor.shape();
-        let floats = |t: Tensor<D>| {
-            t.into_data()
-                .try_into_vec::<f32>()
-                .expect("parameters are f32")
-        };
-        let mut p = floats(tensor);
-        let g = floats(grad);
+        // Updated in place in the tensors' own buffers: no copy of the 8 MB a dense head's
+        // weights take (`into_data` hands a uniquely held buffer over as it is).
+        let mut p = tensor.into_data();
+        let g = grad.into_data();
         let mut sq = match state {
             Some(RmsPropState {
                 square_avg,
                 centered,
                 ..
             }) => {
-                // `centered.avg` is the same tensor: drop it so the buffer is not copied.
+                // `centered.avg` is the same tensor: drop it so the buffer is held once.
                 drop(centered);
-                floats(square_avg.square_avg)
+                square_avg.square_avg.into_data()
             }
-            None => vec![0.0; p.len()],
+            None => TensorData::new(vec![0.0f32; shape.num_elements()], shape.clone()),
         };
         let (alpha, eps, lr) = (self.alpha, self.epsilon, lr as f32);
         // p * 0 + g is g: one loop for both cases, which the compiler vectorises.
         let wd = self.weight_decay.unwrap_or(0.0);
         const CHUNK: usize = 1 << 14;
-        p.par_chunks_mut(CHUNK)
-            .zip(sq.par_chunks_mut(CHUNK))
-            .zip(g.par_chunks(CHUNK))
+        let f32s = "parameters are f32";
+        let (pv, sv, gv) = (
+            p.as_mut_slice::<f32>().expect(f32s),
+            sq.as_mut_slice::<f32>().expect(f32s),
+            g.as_slice::<f32>().expect(f32s),
+        );
+        pv.par_chunks_mut(CHUNK)
+            .zip(sv.par_chunks_mut(CHUNK))
+            .zip(gv.par_chunks(CHUNK))
             .for_each(|((p, s), g)| {
                 let n = p.len();
                 let (s, g) = (&mut s[..n], &g[..n]);
@@ -165,16 +168,13 @@ impl FusedRmsProp {
                     p[i] -= (gi / (s[i].sqrt() + eps)) * lr;
                 }
             });
-        let square_avg = Tensor::from_data(TensorData::new(sq, shape.clone()), &device);
+        let square_avg = Tensor::from_data(sq, &device);
         let state = RmsPropState::new(
             SquareAvgState::new(square_avg.clone()),
             CenteredState::new(None, square_avg),
             None,
         );
-        (
-            Tensor::from_data(TensorData::new(p, shape), &device),
-            Some(state),
-        )
+        (Tensor::from_data(p, &device), Some(state))
     }
 }
 
