@@ -223,8 +223,7 @@ pub fn write(path: &Path, key: &str, f: &Features) -> Result<(), crate::results:
     for piece in f.values.chunks(1 << 14) {
         sha.update(le_bytes(piece));
     }
-    // The header the safetensors crate would write: tensors in order, then padded with spaces
-    // to a multiple of 8 bytes.
+    // A safetensors header (JSON, then spaces to a multiple of 8 bytes); the data follows it.
     let header = serde_json::json!({
         "__metadata__": {
             "runner.key": key,
