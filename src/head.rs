@@ -255,6 +255,42 @@ impl Layer {
     }
 }
 
+/// A head layer as the hand-written dense path (`train::dense`) sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Plain {
+    /// A dense layer with its activation.
+    Dense(Activation),
+    /// Dropout: `prob` of the values dropped while `training`.
+    Dropout {
+        /// Probability of dropping a value.
+        prob: f64,
+        /// Whether it drops values (a frozen layer does not).
+        training: bool,
+    },
+    /// `flatten`.
+    Flatten,
+    /// `global_average_pool`.
+    GlobalAverage,
+    /// A convolution or a pool.
+    Spatial,
+}
+
+impl Layer {
+    /// What the layer is, without its parameters.
+    pub fn plain(&self) -> Plain {
+        match self {
+            Self::Dense(l) => Plain::Dense(l.activation),
+            Self::Dropout(d) => Plain::Dropout {
+                prob: d.prob,
+                training: d.training.is_enabled(),
+            },
+            Self::Reshape(r) if r.global_average => Plain::GlobalAverage,
+            Self::Reshape(_) => Plain::Flatten,
+            Self::Conv(_) | Self::Pool(_) => Plain::Spatial,
+        }
+    }
+}
+
 // `Param::map` keeps the new tensor's (absent) gradient tracking: ask for it again, or the
 // biases stay at zero for the whole run.
 fn zero_linear_bias(mut l: Linear) -> Linear {
@@ -288,6 +324,26 @@ impl Head {
             shape = infer(spec, shape).map(|(s, _)| s).unwrap_or(shape);
         }
         Self { layers }
+    }
+
+    /// Takes the parameters of dense layer `i` out of the head (a flatten stands in for it until
+    /// [`put_dense`](Self::put_dense)); `None` when layer `i` is not dense.
+    pub fn take_dense(&mut self, i: usize) -> Option<(Linear, Activation)> {
+        let stand_in = Layer::Reshape(ReshapeLayer {
+            global_average: false,
+        });
+        match std::mem::replace(self.layers.get_mut(i)?, stand_in) {
+            Layer::Dense(DenseLayer { linear, activation }) => Some((linear, activation)),
+            other => {
+                self.layers[i] = other;
+                None
+            }
+        }
+    }
+
+    /// Puts the parameters of dense layer `i` back.
+    pub fn put_dense(&mut self, i: usize, linear: Linear, activation: Activation) {
+        self.layers[i] = Layer::Dense(DenseLayer { linear, activation });
     }
 
     /// Logits: every layer, with the last layer's activation left out.

@@ -238,6 +238,11 @@ impl TransferModel {
         }
     }
 
+    /// Whether the head starts right at the cutoff (no layer of the base runs above it).
+    pub fn head_starts_at_cut(&self) -> bool {
+        self.cut >= self.backbone.num_layers()
+    }
+
     /// Logits from activations at the cutoff: the trainable part of the base, then the head.
     ///
     /// # Shapes

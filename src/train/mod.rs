@@ -9,6 +9,7 @@
 //! therefore continues exactly as an uninterrupted one would.
 
 pub mod checkpoint;
+pub mod dense;
 pub mod features;
 pub mod loss;
 pub mod optim;
@@ -390,6 +391,9 @@ pub struct PhaseRunner<'a> {
     steps: usize,
     last_lr: f64,
     interrupt: Option<Arc<AtomicBool>>,
+    /// Whether a head of dense layers trains by the hand-written step (`dense::DensePath`)
+    /// where it can; burn's autodiff otherwise. On by default; tests compare the two.
+    pub hand_dense: bool,
 }
 
 impl<'a> PhaseRunner<'a> {
@@ -417,6 +421,7 @@ impl<'a> PhaseRunner<'a> {
             steps,
             last_lr: lr,
             interrupt: None,
+            hand_dense: true,
         }
     }
 
@@ -438,15 +443,28 @@ impl<'a> PhaseRunner<'a> {
         let kind = self.plan.spec.train.loss;
         let seed = self.plan.spec.experiment.seed;
         let report_every = self.steps.div_ceil(10).max(1);
+        let dense = self
+            .hand_dense
+            .then(|| dense::DensePath::of(&model, self.device, kind))
+            .flatten();
         for (x, y) in batches {
             let at = progress.epoch_in_phase * self.steps + progress.step;
             let lr = self.schedule.lr(at);
             self.device.seed(step_seed(seed, epoch, progress.step));
-            let logits = model.forward_from_cut(x);
-            let correct = loss::correct(kind, logits.clone().without_autodiff(), &y);
-            let l = loss::loss(kind, logits, &y);
-            let grads = l.backward();
-            let value = l.into_scalar::<f32>();
+            let (value, correct, grads) = match &dense {
+                Some(path) => {
+                    let step = path.step(&mut model, x, &y);
+                    (step.loss, step.correct, step.grads)
+                }
+                None => {
+                    let logits = model.forward_from_cut(x);
+                    let correct = loss::correct(kind, logits.clone().without_autodiff(), &y);
+                    let l = loss::loss(kind, logits, &y);
+                    let grads = l.backward();
+                    let value = l.into_scalar::<f32>();
+                    (value, correct, GradientsParams::from_grads(grads, &model))
+                }
+            };
             let p = &mut progress.partial;
             p.loss_sum += f64::from(value) * y.len() as f64;
             p.correct += correct;
@@ -455,7 +473,6 @@ impl<'a> PhaseRunner<'a> {
             if !value.is_finite() {
                 return StepsEnd::Diverged(model);
             }
-            let grads = GradientsParams::from_grads(grads, &model);
             model = self.optimizer.step(lr, model, grads);
             self.last_lr = lr;
             let p = &progress.partial;
@@ -509,7 +526,9 @@ impl<'a> PhaseRunner<'a> {
                     let idx: Vec<usize> = chunk.iter().map(|(i, _)| *i).collect();
                     f.batch(&idx, device)
                 });
-                self.steps(model, progress, epoch, started, batches)
+                // On a worker of the thread pool: the parallel parts of each step then start
+                // there instead of waking the pool from outside and sleeping until it is done.
+                rayon::scope(|_| self.steps(model, progress, epoch, started, batches))
             }
             TrainSource::Augmented {
                 images,
@@ -556,16 +575,30 @@ impl<'a> PhaseRunner<'a> {
 /// Trains `model` for `epochs` epochs on `train`, validating after each (no checkpoints, no
 /// phases: the benchmark's loop).
 pub fn fit(
-    mut model: TransferModel,
+    model: TransferModel,
     train: &TrainSource<'_>,
     validation: &Features,
     plan: &Plan,
     device: &Device,
     run: &str,
 ) -> (TransferModel, Vec<EpochMetrics>) {
+    fit_with(model, train, validation, plan, device, run, true)
+}
+
+/// [`fit`], with the hand-written dense-head step allowed (`hand_dense`) or not.
+pub fn fit_with(
+    mut model: TransferModel,
+    train: &TrainSource<'_>,
+    validation: &Features,
+    plan: &Plan,
+    device: &Device,
+    run: &str,
+    hand_dense: bool,
+) -> (TransferModel, Vec<EpochMetrics>) {
     let phase = &plan.phases[0];
     let steps = steps_per_epoch(plan, train.len());
     let mut runner = PhaseRunner::new(plan, phase, steps, device, run);
+    runner.hand_dense = hand_dense;
     let mut progress = Progress::default();
     for epoch in 1..=phase.epochs {
         model = match runner.epoch(model, train, &mut progress, epoch) {

@@ -1,0 +1,507 @@
+//! Training steps of a head made of dense, dropout, flatten and global-average-pool layers (the
+//! notebook's dense head on cached features), forward and backward by hand on the CPU.
+//!
+//! burn's autodiff runs such a step as a dozen tensor operations, each allocating its output;
+//! its CPU matrix product zero-fills a new buffer and then copies it once more to re-align it.
+//! For the 8192 x 256 weights of the dense head that bookkeeping cost more than the arithmetic
+//! (perf on `runner bench-workload dense_head_epoch`: 15 % in memset/memmove of the weight
+//! gradient alone). Here the three matrix products per dense layer run on `gemm` (the crate burn's
+//! CPU backend uses) straight from the parameters' own buffers, and the gradients go to the
+//! phase's optimizer exactly as burn's would: optimizer state, schedules, gradient clipping and
+//! checkpoints are unchanged. Dropout masks come from the device's random stream with the shape
+//! burn's `Dropout` draws them in, so a run is the same run either way (tested step by step
+//! against autodiff).
+
+use burn::module::{Param, ParamId, ParamMapper};
+use burn::nn::Linear;
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use rayon::prelude::*;
+
+use crate::head::Plain;
+use crate::model::TransferModel;
+use crate::spec::{Activation, Loss};
+
+/// One layer of the path.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Dense {
+        layer: usize,
+        /// The head's last layer: its activation is folded into the loss.
+        last: bool,
+    },
+    Dropout {
+        prob: f64,
+    },
+    Flatten,
+    GlobalAverage,
+}
+
+/// The hand-written step for one model's head.
+#[derive(Debug, Clone)]
+pub struct DensePath {
+    ops: Vec<Op>,
+    loss: Loss,
+}
+
+/// What one step computed.
+pub struct Step {
+    /// Mean loss over the batch.
+    pub loss: f32,
+    /// Correct predictions in the batch.
+    pub correct: usize,
+    /// Gradients of the trainable parameters.
+    pub grads: GradientsParams,
+}
+
+/// A parameter taken out of its module for the step.
+struct Taken<const D: usize> {
+    id: ParamId,
+    data: TensorData,
+    mapper: ParamMapper<Tensor<D>>,
+    trainable: bool,
+}
+
+impl<const D: usize> Taken<D> {
+    fn new(p: Param<Tensor<D>>) -> Self {
+        let (id, tensor, mapper) = p.consume();
+        let trainable = tensor.is_require_grad();
+        // The module held the only reference: this hands the buffer over without a copy.
+        let data = tensor.into_data();
+        Self {
+            id,
+            data,
+            mapper,
+            trainable,
+        }
+    }
+
+    fn values(&self) -> &[f32] {
+        self.data.as_slice::<f32>().expect("parameters are f32")
+    }
+
+    fn back(self, device: &Device) -> Param<Tensor<D>> {
+        let tensor = Tensor::<D>::from_data(self.data, device).set_require_grad(self.trainable);
+        Param::from_mapped_value(self.id, tensor, self.mapper)
+    }
+}
+
+/// A dense layer's parameters, taken out for the step.
+struct DenseParams {
+    weight: Taken<2>,
+    bias: Option<Taken<1>>,
+    activation: Activation,
+    inputs: usize,
+    units: usize,
+}
+
+impl DensePath {
+    /// The path for `model` training on `device`, or `None` where burn's autodiff runs the step:
+    /// a device other than burn's CPU backend, layers of the base above the cutoff, a
+    /// convolution or pool in the head, a softmax before the last layer.
+    pub fn of(model: &TransferModel, device: &Device, loss: Loss) -> Option<Self> {
+        if device.clone().without_autodiff() != Device::flex() || !model.head_starts_at_cut() {
+            return None;
+        }
+        let n = model.head.layers.len();
+        let mut ops = Vec::with_capacity(n);
+        for (layer, l) in model.head.layers.iter().enumerate() {
+            let last = layer + 1 == n;
+            ops.push(match l.plain() {
+                Plain::Dense(Activation::Softmax) if !last => return None,
+                Plain::Dense(_) => Op::Dense { layer, last },
+                Plain::Dropout { prob, training } if training && prob > 0.0 => Op::Dropout { prob },
+                Plain::Dropout { .. } => continue,
+                Plain::Flatten => Op::Flatten,
+                Plain::GlobalAverage => Op::GlobalAverage,
+                Plain::Spatial => return None,
+            });
+        }
+        ops.iter()
+            .any(|o| matches!(o, Op::Dense { .. }))
+            .then_some(Self { ops, loss })
+    }
+
+    /// One training step: loss, correct predictions and gradients of `model` on `x`, with the
+    /// device's random stream (seeded by the caller) drawing the dropout masks.
+    ///
+    /// # Shapes
+    ///
+    /// - x: `[batch, c, h, w]`, activations at the cutoff
+    /// - labels: `[batch]`
+    pub fn step(&self, model: &mut TransferModel, x: Tensor<4>, labels: &[usize]) -> Step {
+        let device = x.device();
+        let mut dims = x.dims().to_vec();
+        let batch = dims[0];
+        let input = x.into_data();
+        let input = input.as_slice::<f32>().expect("activations are f32");
+
+        let mut params: Vec<Option<DenseParams>> = Vec::with_capacity(self.ops.len());
+        for op in &self.ops {
+            params.push(match *op {
+                Op::Dense { layer, .. } => {
+                    let (linear, activation) = model
+                        .head
+                        .take_dense(layer)
+                        .expect("the path was made from this head");
+                    let Linear { weight, bias } = linear;
+                    let weight = Taken::new(weight);
+                    let [inputs, units] = weight.data.shape()[..] else {
+                        unreachable!("a dense weight is a matrix")
+                    };
+                    Some(DenseParams {
+                        weight,
+                        bias: bias.map(Taken::new),
+                        activation,
+                        inputs,
+                        units,
+                    })
+                }
+                _ => None,
+            });
+        }
+
+        // Forward. `outs[i]` is op i's output; `None` where it is its input unchanged.
+        let mut outs: Vec<Option<Vec<f32>>> = Vec::with_capacity(self.ops.len());
+        let mut masks: Vec<Option<Vec<f32>>> = vec![None; self.ops.len()];
+        let mut in_dims = Vec::with_capacity(self.ops.len());
+        for (i, op) in self.ops.iter().enumerate() {
+            let x = value(input, &outs, i);
+            in_dims.push(dims.clone());
+            let out = match *op {
+                Op::Dense { last, .. } => {
+                    let p = params[i].as_ref().expect("dense ops hold parameters");
+                    let mut z = affine(x, batch, p);
+                    if !last {
+                        activate(&mut z, p.activation);
+                    }
+                    dims = vec![batch, p.units];
+                    Some(z)
+                }
+                Op::Dropout { prob } => {
+                    // As burn's Dropout: a mask of the input's shape, then two products.
+                    let keep = 1.0 - prob;
+                    let mask = bernoulli(&dims, keep, &device);
+                    let scale = (1.0 / keep) as f32;
+                    let y = x.iter().zip(&mask).map(|(v, m)| (v * m) * scale).collect();
+                    masks[i] = Some(mask);
+                    Some(y)
+                }
+                Op::Flatten => {
+                    dims = vec![batch, dims[1..].iter().product()];
+                    None
+                }
+                Op::GlobalAverage if dims.len() == 4 => {
+                    let (c, hw) = (dims[1], dims[2] * dims[3]);
+                    dims = vec![batch, c];
+                    Some(
+                        x.chunks(hw)
+                            .map(|s| s.iter().sum::<f32>() / hw as f32)
+                            .collect(),
+                    )
+                }
+                Op::GlobalAverage => None,
+            };
+            outs.push(out);
+        }
+
+        let logits = value(input, &outs, self.ops.len());
+        let classes = dims[1..].iter().product::<usize>();
+        let (loss, correct, mut grad) = loss_and_grad(self.loss, logits, classes, labels);
+
+        // Backward: `grad` is d loss / d (output of op i).
+        let first_dense = self.ops.iter().position(|o| matches!(o, Op::Dense { .. }));
+        let inner = device.clone().without_autodiff();
+        let mut grads = GradientsParams::new();
+        for i in (0..self.ops.len()).rev() {
+            match self.ops[i] {
+                Op::Dense { last, .. } => {
+                    let p = params[i].as_ref().expect("dense ops hold parameters");
+                    let out = value(input, &outs, i + 1);
+                    if !last {
+                        activation_grad(&mut grad, out, p.activation);
+                    }
+                    let x = value(input, &outs, i);
+                    if p.weight.trainable {
+                        let dw = weight_grad(x, &grad, batch, p.inputs, p.units);
+                        let t = Tensor::<2>::from_data(
+                            TensorData::new(dw, [p.inputs, p.units]),
+                            &inner,
+                        );
+                        grads.register(p.weight.id, t);
+                    }
+                    if let Some(b) = p.bias.as_ref().filter(|b| b.trainable) {
+                        let mut db = vec![0f32; p.units];
+                        for row in grad.chunks(p.units) {
+                            db.iter_mut().zip(row).for_each(|(d, g)| *d += g);
+                        }
+                        grads.register(
+                            b.id,
+                            Tensor::<1>::from_data(TensorData::new(db, [p.units]), &inner),
+                        );
+                    }
+                    if Some(i) == first_dense {
+                        break;
+                    }
+                    grad = input_grad(&grad, p, batch);
+                }
+                Op::Dropout { prob } => {
+                    let mask = masks[i].as_ref().expect("dropout ops keep their mask");
+                    let scale = (1.0 / (1.0 - prob)) as f32;
+                    grad.iter_mut()
+                        .zip(mask)
+                        .for_each(|(g, m)| *g = (*g * scale) * m);
+                }
+                Op::Flatten => {}
+                Op::GlobalAverage => {
+                    let d = &in_dims[i];
+                    if d.len() == 4 {
+                        let hw = d[2] * d[3];
+                        grad = grad
+                            .iter()
+                            .flat_map(|g| std::iter::repeat_n(g / hw as f32, hw))
+                            .collect();
+                    }
+                }
+            }
+        }
+
+        for (op, p) in self.ops.iter().zip(params) {
+            if let (Op::Dense { layer, .. }, Some(p)) = (op, p) {
+                let linear = Linear {
+                    weight: p.weight.back(&device),
+                    bias: p.bias.map(|b| b.back(&device)),
+                };
+                model.head.put_dense(*layer, linear, p.activation);
+            }
+        }
+        Step {
+            loss,
+            correct,
+            grads,
+        }
+    }
+}
+
+/// The output of op `i - 1` (the input for `i == 0`), skipping ops that pass it on unchanged.
+fn value<'a>(input: &'a [f32], outs: &'a [Option<Vec<f32>>], i: usize) -> &'a [f32] {
+    outs[..i]
+        .iter()
+        .rev()
+        .find_map(|o| o.as_deref())
+        .unwrap_or(input)
+}
+
+/// A Bernoulli(`keep`) mask of shape `dims`, drawn as burn's `Dropout` draws it.
+fn bernoulli(dims: &[usize], keep: f64, device: &Device) -> Vec<f32> {
+    let d = Distribution::Bernoulli(keep);
+    let data = match *dims {
+        [a, b] => Tensor::<2>::random([a, b], d, device).into_data(),
+        [a, b, c, e] => Tensor::<4>::random([a, b, c, e], d, device).into_data(),
+        _ => unreachable!("activations are vectors or feature maps"),
+    };
+    data.try_into_vec::<f32>().expect("masks are f32")
+}
+
+/// `x W + b`.
+///
+/// # Shapes
+///
+/// - x: `[batch, inputs]`
+/// - output: `[batch, units]`
+fn affine(x: &[f32], batch: usize, p: &DenseParams) -> Vec<f32> {
+    let (n, k) = (p.units, p.inputs);
+    let mut z = match &p.bias {
+        Some(b) => b.values().repeat(batch),
+        None => vec![0f32; batch * n],
+    };
+    let w = p.weight.values();
+    matmul(&mut z, [batch, n, k], (x, k, 1), (w, n, 1), true);
+    z
+}
+
+/// `d loss / d W = x^T g`, into a buffer that is written once (not zero-filled first).
+///
+/// # Shapes
+///
+/// - x: `[batch, inputs]`, g: `[batch, units]`
+/// - output: `[inputs, units]`
+fn weight_grad(x: &[f32], g: &[f32], batch: usize, inputs: usize, units: usize) -> Vec<f32> {
+    let len = inputs * units;
+    let mut dw = Vec::<f32>::with_capacity(len);
+    assert!(x.len() >= batch * inputs && g.len() >= batch * units);
+    // SAFETY: gemm writes all `inputs x units` entries of the destination (it does not read it:
+    // `read_dst` is false) before `set_len`; the operands' strides stay inside `x` and `g`
+    // (asserted above); the three buffers do not overlap.
+    unsafe {
+        gemm::gemm(
+            inputs,
+            units,
+            batch,
+            dw.as_mut_ptr(),
+            1,
+            units as isize,
+            false,
+            x.as_ptr(),
+            inputs as isize,
+            1,
+            g.as_ptr(),
+            1,
+            units as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(inputs * units * batch),
+        );
+        dw.set_len(len);
+    }
+    dw
+}
+
+/// `d loss / d x = g W^T`.
+fn input_grad(g: &[f32], p: &DenseParams, batch: usize) -> Vec<f32> {
+    let (n, k) = (p.units, p.inputs);
+    let mut dx = vec![0f32; batch * k];
+    // W^T as a [units, inputs] operand: row stride 1, column stride `units`.
+    matmul(
+        &mut dx,
+        [batch, k, n],
+        (g, n, 1),
+        (p.weight.values(), 1, n),
+        false,
+    );
+    dx
+}
+
+/// `dst (m x n, row-major) (+)= lhs (m x k) rhs (k x n)`, operands given as
+/// `(values, row stride, column stride)`.
+fn matmul(
+    dst: &mut [f32],
+    [m, n, k]: [usize; 3],
+    (lhs, lrs, lcs): (&[f32], usize, usize),
+    (rhs, rrs, rcs): (&[f32], usize, usize),
+    accumulate: bool,
+) {
+    let last = |rs: usize, cs: usize, rows: usize, cols: usize| {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * rs + (cols - 1) * cs + 1
+        }
+    };
+    assert!(dst.len() >= m * n);
+    assert!(lhs.len() >= last(lrs, lcs, m, k) && rhs.len() >= last(rrs, rcs, k, n));
+    // SAFETY: every index gemm touches is inside the slices (asserted above); `dst` is a unique
+    // borrow, so it overlaps neither operand.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lcs as isize,
+            lrs as isize,
+            rhs.as_ptr(),
+            rcs as isize,
+            rrs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(m * n * k),
+        );
+    }
+}
+
+/// All threads for products worth splitting, one for small ones.
+fn parallelism(flops: usize) -> gemm::Parallelism {
+    if flops >= 1 << 20 {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+fn activate(z: &mut [f32], a: Activation) {
+    let f: fn(f32) -> f32 = match a {
+        Activation::Linear => return,
+        Activation::Relu => |v| v.max(0.0),
+        Activation::Sigmoid => |v| 1.0 / (1.0 + (-v).exp()),
+        Activation::Tanh => f32::tanh,
+        Activation::Softmax => unreachable!("softmax runs only as the last layer's activation"),
+    };
+    z.par_chunks_mut(1 << 14)
+        .for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
+}
+
+/// `grad *= f'(z)`, from the activation's output `y = f(z)`.
+fn activation_grad(grad: &mut [f32], y: &[f32], a: Activation) {
+    let d: fn(f32) -> f32 = match a {
+        Activation::Linear => return,
+        Activation::Relu => |y| if y > 0.0 { 1.0 } else { 0.0 },
+        Activation::Sigmoid => |y| y * (1.0 - y),
+        Activation::Tanh => |y| 1.0 - y * y,
+        Activation::Softmax => unreachable!("softmax runs only as the last layer's activation"),
+    };
+    grad.iter_mut().zip(y).for_each(|(g, y)| *g *= d(*y));
+}
+
+/// Mean loss, correct predictions and `d loss / d logits`, as `loss::loss` and `loss::correct`
+/// compute them.
+fn loss_and_grad(
+    kind: Loss,
+    logits: &[f32],
+    classes: usize,
+    labels: &[usize],
+) -> (f32, usize, Vec<f32>) {
+    let batch = labels.len();
+    let mut grad = vec![0f32; logits.len()];
+    let (mut sum, mut correct) = (0f32, 0usize);
+    match kind {
+        Loss::BinaryCrossentropy => {
+            let n = logits.len() as f32;
+            for (i, (&z, g)) in logits.iter().zip(grad.iter_mut()).enumerate() {
+                let y = labels[i / classes] as f32;
+                sum += z.max(0.0) - z * y + (-z.abs()).exp().ln_1p();
+                *g = (1.0 / (1.0 + (-z).exp()) - y) / n;
+            }
+            correct = logits
+                .iter()
+                .zip(labels)
+                .filter(|(z, l)| usize::from(**z > 0.0) == **l)
+                .count();
+            (sum / n, correct, grad)
+        }
+        Loss::CategoricalCrossentropy => {
+            for ((row, g), &label) in logits
+                .chunks(classes)
+                .zip(grad.chunks_mut(classes))
+                .zip(labels)
+            {
+                let (best, max) =
+                    row.iter()
+                        .enumerate()
+                        .fold((0, f32::NEG_INFINITY), |(bi, bv), (j, &v)| {
+                            if v > bv { (j, v) } else { (bi, bv) }
+                        });
+                correct += usize::from(best == label);
+                let total: f32 = row.iter().map(|v| (v - max).exp()).sum();
+                let lse = max + total.ln();
+                sum += lse - row[label];
+                for (j, (v, gj)) in row.iter().zip(g.iter_mut()).enumerate() {
+                    let p = (v - lse).exp();
+                    *gj = (p - f32::from(u8::from(j == label))) / batch as f32;
+                }
+            }
+            (sum / batch as f32, correct, grad)
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! The hand-written step for heads of dense layers (`train::dense`) computes what burn's autodiff
+//! computes: the same loss, predictions and gradients (dropout masks included), and a training
+//! run through it is the same run. Small generated images and weights; no asset mirror needed.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use burn::module::{ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use runner::model::TransferModel;
+use runner::plan::Plan;
+use runner::spec::Loss;
+use runner::train::dense::DensePath;
+use runner::train::{self, Features, TrainSource, loss};
+
+/// burn's CPU backend has one random stream per process: the tests of this file take turns.
+static RNG: Mutex<()> = Mutex::new(());
+
+fn turn() -> std::sync::MutexGuard<'static, ()> {
+    RNG.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A 64x64 VGG16 plan (activations `[512, 2, 2]` at the cutoff) with `head` as its head.
+fn plan(dir: &Path, classes: &[&str], head: &str, loss: &str, extra: &str) -> Plan {
+    let data = common::make_dataset(&dir.join("data"), classes, [2, 2, 1], 64);
+    let weights = dir.join("vgg16.safetensors");
+    common::write_vgg_weights(&weights, runner::backbone::find("vgg16").unwrap(), 5);
+    let text = common::spec_text(&data, &weights, extra)
+        .replace(common::DENSE_HEAD, head)
+        .replace(
+            "loss = \"binary_crossentropy\"",
+            &format!("loss = \"{loss}\""),
+        )
+        .replace("image_size = [32, 32]", "image_size = [64, 64]");
+    common::plan_for(dir, &text)
+}
+
+fn features(n: usize, classes: usize, seed: u64) -> Features {
+    let shape = [512, 2, 2];
+    let mut rng = common::Rng::new(seed);
+    Features {
+        values: (0..n * 2048).map(|_| rng.uniform() * 2.0).collect(),
+        shape,
+        labels: (0..n).map(|i| (i * 7 + 1) % classes).collect(),
+        paths: (0..n).map(|i| format!("{i}.jpg").into()).collect(),
+    }
+}
+
+/// Ids and ranks of every parameter of a module.
+#[derive(Default)]
+struct Ids(Vec<(ParamId, usize)>);
+
+impl ModuleVisitor for Ids {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.0.push((param.id, D));
+    }
+}
+
+fn ids(model: &TransferModel) -> Vec<(ParamId, usize)> {
+    let mut v = Ids::default();
+    model.visit(&mut v);
+    v.0
+}
+
+/// A parameter's gradient as values, if there is one.
+fn grad(g: &GradientsParams, id: ParamId, rank: usize) -> Option<Vec<f32>> {
+    let values = |d: TensorData| d.iter::<f32>().collect();
+    match rank {
+        1 => g.get::<1>(id).map(|t| values(t.into_data())),
+        2 => g.get::<2>(id).map(|t| values(t.into_data())),
+        4 => g.get::<4>(id).map(|t| values(t.into_data())),
+        _ => unreachable!(),
+    }
+}
+
+/// All values of the head's parameters, in visiting order.
+fn head_values(model: &TransferModel) -> Vec<Vec<f32>> {
+    struct Values(Vec<Vec<f32>>);
+    impl ModuleVisitor for Values {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0.push(param.val().into_data().iter::<f32>().collect());
+        }
+    }
+    let mut v = Values(Vec::new());
+    model.head.visit(&mut v);
+    v.0
+}
+
+/// One step both ways on the same batch and seed: same loss, predictions and gradients.
+fn same_step(plan: &Plan, kind: Loss, classes: usize) {
+    let _turn = turn();
+    let device = Device::flex().autodiff();
+    let mut model = TransferModel::build(plan, &device).unwrap();
+    let f = features(6, classes, 11);
+    let idx: Vec<usize> = (0..6).collect();
+    let (x, labels) = f.batch(&idx, &device);
+
+    device.seed(42);
+    let logits = model.forward_from_cut(x.clone());
+    let want_correct = loss::correct(kind, logits.clone().without_autodiff(), &labels);
+    let l = loss::loss(kind, logits, &labels);
+    let want = GradientsParams::from_grads(l.backward(), &model);
+    let want_loss = l.into_scalar::<f32>();
+
+    let before = head_values(&model);
+    let path = DensePath::of(&model, &device, kind).expect("a head of dense layers");
+    device.seed(42);
+    let got = path.step(&mut model, x, &labels);
+
+    assert!(
+        (got.loss - want_loss).abs() <= 1e-5 * want_loss.abs().max(1.0),
+        "loss {} vs autodiff {want_loss}",
+        got.loss
+    );
+    assert_eq!(got.correct, want_correct);
+    let mut compared = 0;
+    for (id, rank) in ids(&model) {
+        match (grad(&got.grads, id, rank), grad(&want, id, rank)) {
+            (Some(g), Some(w)) => {
+                let err = common::relative_error(&g, &w);
+                assert!(
+                    err < 1e-5,
+                    "parameter {id} (rank {rank}): relative error {err}"
+                );
+                compared += 1;
+            }
+            (None, None) => {}
+            (g, w) => panic!(
+                "parameter {id}: gradient by hand {:?}, by autodiff {:?}",
+                g.is_some(),
+                w.is_some()
+            ),
+        }
+    }
+    let dense = plan
+        .spec
+        .head
+        .layers
+        .iter()
+        .filter(|l| l.kind() == "dense")
+        .count();
+    assert_eq!(compared, 2 * dense, "a weight and a bias per dense layer");
+    // The parameters went back where they were, unchanged and still trainable.
+    assert_eq!(head_values(&model), before);
+    device.seed(42);
+    let again = path.step(&mut model, f.batch(&idx, &device).0, &labels);
+    assert_eq!(again.loss, got.loss);
+}
+
+#[test]
+fn hand_written_step_matches_autodiff_for_the_notebooks_dense_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = plan(
+        dir.path(),
+        &["cats", "dogs"],
+        common::DENSE_HEAD,
+        "binary_crossentropy",
+        "",
+    );
+    same_step(&plan, Loss::BinaryCrossentropy, 2);
+}
+
+#[test]
+fn hand_written_step_matches_autodiff_with_pooling_tanh_sigmoid_and_softmax() {
+    let head = r#"
+[[head.layers]]
+kind = "global_average_pool"
+[[head.layers]]
+kind = "dense"
+units = 8
+activation = "tanh"
+[[head.layers]]
+kind = "dropout"
+rate = 0.3
+[[head.layers]]
+kind = "dense"
+units = 8
+activation = "sigmoid"
+[[head.layers]]
+kind = "dense"
+units = 3
+activation = "softmax"
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let plan = plan(
+        dir.path(),
+        &["a", "b", "c"],
+        head,
+        "categorical_crossentropy",
+        "",
+    );
+    same_step(&plan, Loss::CategoricalCrossentropy, 3);
+}
+
+#[test]
+fn hand_written_step_matches_autodiff_with_dropout_on_the_feature_map() {
+    let head = r#"
+[[head.layers]]
+kind = "dropout"
+rate = 0.25
+[[head.layers]]
+kind = "flatten"
+[[head.layers]]
+kind = "dense"
+units = 5
+activation = "linear"
+[[head.layers]]
+kind = "dense"
+units = 1
+activation = "sigmoid"
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let plan = plan(
+        dir.path(),
+        &["cats", "dogs"],
+        head,
+        "binary_crossentropy",
+        "",
+    );
+    same_step(&plan, Loss::BinaryCrossentropy, 2);
+}
+
+#[test]
+fn convolutional_heads_and_layers_of_the_base_above_the_cutoff_stay_with_autodiff() {
+    let device = Device::flex().autodiff();
+    let conv = r#"
+[[head.layers]]
+kind = "conv2d"
+filters = 4
+kernel = 1
+activation = "relu"
+[[head.layers]]
+kind = "flatten"
+[[head.layers]]
+kind = "dense"
+units = 1
+activation = "sigmoid"
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let p = plan(
+        dir.path(),
+        &["cats", "dogs"],
+        conv,
+        "binary_crossentropy",
+        "",
+    );
+    let model = TransferModel::build(&p, &device).unwrap();
+    assert!(DensePath::of(&model, &device, Loss::BinaryCrossentropy).is_none());
+
+    let dir = tempfile::tempdir().unwrap();
+    let dense = plan(
+        dir.path(),
+        &["cats", "dogs"],
+        common::DENSE_HEAD,
+        "binary_crossentropy",
+        "",
+    );
+    let model = TransferModel::build(&dense, &device).unwrap();
+    assert!(DensePath::of(&model, &device, Loss::BinaryCrossentropy).is_some());
+    let text = std::fs::read_to_string(dir.path().join("exp.toml"))
+        .unwrap()
+        .replace(
+            "trainable_from = \"none\"",
+            "trainable_from = \"block5_conv1\"",
+        );
+    let unfrozen = common::plan_for(dir.path(), &text);
+    let model = TransferModel::build(&unfrozen, &device).unwrap();
+    assert!(!model.head_starts_at_cut(), "block5 runs above the cutoff");
+    assert!(DensePath::of(&model, &device, Loss::BinaryCrossentropy).is_none());
+}
+
+#[test]
+fn training_by_hand_written_steps_is_the_same_run_as_by_autodiff() {
+    let _turn = turn();
+    let dir = tempfile::tempdir().unwrap();
+    let p = plan(
+        dir.path(),
+        &["cats", "dogs"],
+        common::DENSE_HEAD,
+        "binary_crossentropy",
+        "",
+    );
+    let device = Device::flex().autodiff();
+    let train_set = features(24, 2, 3);
+    let val = features(8, 2, 4);
+    let run = |hand: bool| {
+        device.seed(1);
+        let model = TransferModel::build(&p, &device).unwrap();
+        let (model, history) = train::fit_with(
+            model,
+            &TrainSource::Features(&train_set),
+            &val,
+            &p,
+            &device,
+            "test",
+            hand,
+        );
+        (head_values(&model), history)
+    };
+    let (by_hand, hand_history) = run(true);
+    let (by_autodiff, auto_history) = run(false);
+    assert_eq!(hand_history.len(), 2);
+    for (h, a) in hand_history.iter().zip(&auto_history) {
+        for (x, y) in [
+            (h.train_loss, a.train_loss),
+            (h.val_loss, a.val_loss),
+            (h.train_acc, a.train_acc),
+        ] {
+            assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{h:?} vs {a:?}");
+        }
+    }
+    for (h, a) in by_hand.iter().zip(&by_autodiff) {
+        let err = common::relative_error(h, a);
+        assert!(err < 1e-4, "weights after training differ: {err}");
+    }
+    // And training moved them: the comparison is not between two untouched heads.
+    device.seed(1);
+    let start = head_values(&TransferModel::build(&p, &device).unwrap());
+    assert!(common::relative_error(&by_hand[0], &start[0]) > 1e-3);
+}
