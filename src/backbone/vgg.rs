@@ -46,6 +46,11 @@ impl Vgg {
         }
     }
 
+    /// The layers from `from` on.
+    pub fn ops_from(&self, from: usize) -> &[LayerOp] {
+        &self.ops[from.min(self.ops.len())..]
+    }
+
     /// Number of layers (convolutions and pools).
     pub fn num_layers(&self) -> usize {
         self.ops.len()

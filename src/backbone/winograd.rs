@@ -4,8 +4,10 @@
 //! pair instead of 36, so the 3x3 convolutions need 2.25 times fewer multiplications; what is
 //! left is 16 independent matrix multiplies per layer (one per position of the 4x4 transformed
 //! tile), run by the same `gemm` crate burn's CPU backend uses, with the transforms fused with the
-//! bias and the ReLU. Only the forward pass exists: it serves the frozen layers, which never need
-//! a gradient. Results agree with the direct convolution to about 1e-6 relative.
+//! bias and the ReLU. It serves the frozen layers and, with the gradients below (the input's by
+//! the same Winograd convolution with flipped kernels, the parameters' by one im2col product), the
+//! trainable VGG convolutions of `train::hand`. Results agree with the direct convolution to
+//! about 1e-6 relative.
 //!
 //! Layouts are planar, as burn's tensors: activations `[n][c][h][w]`, weights `[out][in][3][3]`.
 
@@ -15,7 +17,8 @@ use rayon::prelude::*;
 /// bounds the two scratch buffers to 2^19 * 16 floats (32 MiB) each, whatever the batch.
 const CHUNK_ELEMENTS: usize = 1 << 19;
 
-/// One 3x3 convolution (stride 1, padding 1) followed by a ReLU, its weights pre-transformed.
+/// One 3x3 convolution (stride 1, padding 1) followed by a ReLU (unless `without_relu`), its
+/// weights pre-transformed.
 #[derive(Debug, Clone)]
 pub struct Conv3x3 {
     cin: usize,
@@ -23,6 +26,7 @@ pub struct Conv3x3 {
     /// `U = G g G^T` per output/input pair, laid out `[16][cout][cin]`.
     u: Vec<f32>,
     bias: Vec<f32>,
+    relu: bool,
 }
 
 impl Conv3x3 {
@@ -61,10 +65,36 @@ impl Conv3x3 {
             cout,
             u,
             bias: bias.to_vec(),
+            relu: true,
         }
     }
 
-    /// `relu(conv(x) + bias)` for a batch `[n][cin][h][w]`; returns `[n][cout][h][w]`.
+    /// The same convolution without the ReLU (`conv(x) + bias`).
+    pub fn without_relu(mut self) -> Self {
+        self.relu = false;
+        self
+    }
+
+    /// The convolution that carries a gradient back to the input: from `weight` `[cout][cin][3][3]`,
+    /// the `[cin][cout]` kernels flipped in both directions, no bias, no ReLU. For a stride 1,
+    /// padding 1 convolution `d loss / d x = backward_input(w).forward(d loss / d z)`.
+    pub fn backward_input(weight: &[f32], cout: usize, cin: usize) -> Self {
+        assert_eq!(weight.len(), cout * cin * 9, "3x3 convolution weight");
+        let mut flipped = vec![0.0f32; cout * cin * 9];
+        for o in 0..cout {
+            for i in 0..cin {
+                let from = &weight[(o * cin + i) * 9..][..9];
+                let to = &mut flipped[(i * cout + o) * 9..][..9];
+                for k in 0..9 {
+                    to[k] = from[8 - k];
+                }
+            }
+        }
+        Self::new(&flipped, &vec![0.0; cin], cin, cout).without_relu()
+    }
+
+    /// `relu(conv(x) + bias)` (or without the ReLU) for a batch `[n][cin][h][w]`; returns
+    /// `[n][cout][h][w]`.
     pub fn forward(&self, x: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
         let (cin, cout) = (self.cin, self.cout);
         assert_eq!(x.len(), n * cin * h * w, "convolution input");
@@ -134,7 +164,7 @@ impl Conv3x3 {
                 .for_each(|(o, mo)| {
                     let yp = &yp;
                     // SAFETY: task o writes only the planes of output channel o.
-                    unsafe { geo.output_tiles(mo, o, self.bias[o], r0, len, yp.0) }
+                    unsafe { geo.output_tiles(mo, o, (self.bias[o], self.relu), r0, len, yp.0) }
                 });
             r0 += len / txn;
         }
@@ -163,6 +193,144 @@ pub fn max_pool(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
             }
         });
     y
+}
+
+/// The gradient of [`max_pool`]: each window's gradient goes to its largest input (the first
+/// in row order on a tie); inputs outside every window (an odd edge) get none.
+pub fn max_pool_backward(x: &[f32], g: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
+    let (ho, wo) = (h / 2, w / 2);
+    let mut dx = vec![0.0f32; planes * h * w];
+    if ho == 0 || wo == 0 {
+        return dx;
+    }
+    dx.par_chunks_mut(h * w)
+        .zip(x.par_chunks(h * w))
+        .zip(g.par_chunks(ho * wo))
+        .for_each(|((d, plane), gp)| {
+            for i in 0..ho {
+                for j in 0..wo {
+                    let at = [
+                        2 * i * w + 2 * j,
+                        2 * i * w + 2 * j + 1,
+                        (2 * i + 1) * w + 2 * j,
+                        (2 * i + 1) * w + 2 * j + 1,
+                    ];
+                    let best = at
+                        .into_iter()
+                        .reduce(|b, k| if plane[k] > plane[b] { k } else { b })
+                        .unwrap_or(at[0]);
+                    d[best] += gp[i * wo + j];
+                }
+            }
+        });
+    dx
+}
+
+/// Gradients of a 3x3 convolution's (stride 1, padding 1) weight `[cout][cin][3][3]` and bias
+/// `[cout]` from its input `x` `[n][cin][h][w]` and the gradient `g` `[n][cout][h][w]` of its
+/// output: one product of `g` `[cout, n h w]` with the input's 3x3 patches `[n h w, cin 9]`
+/// (im2col, built in chunks of images to bound the scratch buffer to 64 MiB).
+pub fn conv3x3_param_grads(x: &[f32], g: &[f32], dims: [usize; 5]) -> (Vec<f32>, Vec<f32>) {
+    param_grads_in_chunks(x, g, dims, 16 << 20)
+}
+
+/// [`conv3x3_param_grads`] with im2col chunks of at most `budget` floats (at least one image).
+fn param_grads_in_chunks(
+    x: &[f32],
+    g: &[f32],
+    [n, cin, cout, h, w]: [usize; 5],
+    budget: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let hw = h * w;
+    assert_eq!(x.len(), n * cin * hw, "convolution input");
+    assert_eq!(g.len(), n * cout * hw, "convolution output gradient");
+    let db: Vec<f32> = (0..cout)
+        .into_par_iter()
+        .map(|o| {
+            (0..n)
+                .map(|b| g[(b * cout + o) * hw..][..hw].iter().sum::<f32>())
+                .sum()
+        })
+        .collect();
+    let k = cin * 9;
+    let per_chunk = (budget / (k * hw).max(1)).clamp(1, n.max(1));
+    let mut dw = vec![0.0f32; cout * k];
+    let mut cols = vec![0.0f32; k * per_chunk * hw];
+    let mut gt = vec![0.0f32; cout * per_chunk * hw];
+    let mut first = true;
+    for b0 in (0..n).step_by(per_chunk) {
+        let nb = per_chunk.min(n - b0);
+        let t = nb * hw;
+        // cols[(c 9 + ky 3 + kx)][(b, y, x)] = x[b][c][y + ky - 1][x + kx - 1] (0 outside).
+        cols[..k * t]
+            .par_chunks_mut(t)
+            .enumerate()
+            .for_each(|(row, out)| {
+                let (c, ky, kx) = (row / 9, row % 9 / 3, row % 3);
+                for bb in 0..nb {
+                    let plane = &x[((b0 + bb) * cin + c) * hw..][..hw];
+                    let out = &mut out[bb * hw..][..hw];
+                    for y in 0..h {
+                        let line = &mut out[y * w..][..w];
+                        let sy = y + ky;
+                        if sy == 0 || sy > h {
+                            line.fill(0.0);
+                            continue;
+                        }
+                        let src = &plane[(sy - 1) * w..][..w];
+                        match kx {
+                            0 => {
+                                line[0] = 0.0;
+                                line[1..].copy_from_slice(&src[..w - 1]);
+                            }
+                            1 => line.copy_from_slice(src),
+                            _ => {
+                                line[..w - 1].copy_from_slice(&src[1..]);
+                                line[w - 1] = 0.0;
+                            }
+                        }
+                    }
+                }
+            });
+        // gt[o][(b, p)] = g[b][o][p]
+        gt[..cout * t]
+            .par_chunks_mut(t)
+            .enumerate()
+            .for_each(|(o, out)| {
+                for bb in 0..nb {
+                    out[bb * hw..][..hw].copy_from_slice(&g[((b0 + bb) * cout + o) * hw..][..hw]);
+                }
+            });
+        // dw[o][j] (+)= sum_t gt[o][t] cols[j][t]
+        // SAFETY: dw is cout x k, gt is cout x t (row stride t), cols is k x t read as its
+        // transpose (t x k: row stride 1, column stride t); all within their buffers, which do
+        // not overlap.
+        unsafe {
+            gemm::gemm(
+                cout,
+                k,
+                t,
+                dw.as_mut_ptr(),
+                1,
+                k as isize,
+                !first,
+                gt.as_ptr(),
+                1,
+                t as isize,
+                cols.as_ptr(),
+                t as isize,
+                1,
+                if first { 0.0 } else { 1.0 },
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            );
+        }
+        first = false;
+    }
+    (dw, db)
 }
 
 struct SendPtr(*mut f32);
@@ -238,7 +406,7 @@ impl Geometry {
         }
     }
 
-    /// Writes `relu(A^T m A + bias)` of every tile in `m` (`[16][len]`, output channel `o`, tile
+    /// Writes `relu(A^T m A + bias)` (without the ReLU when `relu` is false) of every tile in `m` (`[16][len]`, output channel `o`, tile
     /// rows `r0..r0 + len / txn`) into the output planes of channel `o`.
     ///
     /// # Safety
@@ -248,7 +416,7 @@ impl Geometry {
         &self,
         m: &[f32],
         o: usize,
-        bias: f32,
+        (bias, relu): (f32, bool),
         r0: usize,
         len: usize,
         y: *mut f32,
@@ -278,8 +446,11 @@ impl Geometry {
                 let q = |k: usize| &a[(r * 4 + k) * txn..][..txn];
                 let (q0, q1, q2, q3) = (q(0), q(1), q(2), q(3));
                 for tx in 0..txn {
-                    line[2 * tx] = (q0[tx] + q1[tx] + q2[tx] + bias).max(0.0);
-                    line[2 * tx + 1] = (q1[tx] - q2[tx] - q3[tx] + bias).max(0.0);
+                    line[2 * tx] = q0[tx] + q1[tx] + q2[tx] + bias;
+                    line[2 * tx + 1] = q1[tx] - q2[tx] - q3[tx] + bias;
+                }
+                if relu {
+                    line.iter_mut().for_each(|v| *v = v.max(0.0));
                 }
                 // SAFETY: row yy of channel o's plane of image n (caller's contract).
                 unsafe {
@@ -388,6 +559,74 @@ mod tests {
             .collect();
         assert_eq!(whole, per_image);
         assert!(whole.iter().any(|v| *v > 0.0));
+    }
+
+    #[test]
+    fn parameter_gradients_match_the_direct_sums_in_one_chunk_or_many() {
+        let [n, cin, cout, h, w] = [3, 2, 3, 5, 4];
+        let x = values(n * cin * h * w, 7);
+        let g = values(n * cout * h * w, 8);
+        // dW[o][c][dy][dx] = sum over images and outputs of g * the input under that tap.
+        let mut want = vec![0.0f64; cout * cin * 9];
+        let mut want_b = vec![0.0f64; cout];
+        for i in 0..n {
+            for o in 0..cout {
+                for r in 0..h {
+                    for q in 0..w {
+                        let go = g[((i * cout + o) * h + r) * w + q] as f64;
+                        want_b[o] += go;
+                        for c in 0..cin {
+                            for dy in 0..3 {
+                                for dx in 0..3 {
+                                    let (yy, xx) = (r + dy, q + dx);
+                                    if yy >= 1 && xx >= 1 && yy <= h && xx <= w {
+                                        let v = x[((i * cin + c) * h + yy - 1) * w + xx - 1];
+                                        want[((o * cin + c) * 3 + dy) * 3 + dx] += go * v as f64;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let per_image = cin * 9 * h * w;
+        for budget in [1, per_image, 2 * per_image, 1 << 24] {
+            let (dw, db) = param_grads_in_chunks(&x, &g, [n, cin, cout, h, w], budget);
+            for (a, b) in dw.iter().zip(&want).chain(db.iter().zip(&want_b)) {
+                assert!((*a as f64 - b).abs() < 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_input_gradient_is_the_flipped_convolution_of_the_output_gradient() {
+        // <conv(x), g> = <x, backward_input(g)> for every x and g: the adjoint.
+        let [n, cin, cout, h, w] = [2, 3, 4, 5, 6];
+        let wt = values(cout * cin * 9, 3);
+        let x = values(n * cin * h * w, 4);
+        let g = values(n * cout * h * w, 5);
+        let y = Conv3x3::new(&wt, &vec![0.0; cout], cout, cin)
+            .without_relu()
+            .forward(&x, n, h, w);
+        let dx = Conv3x3::backward_input(&wt, cout, cin).forward(&g, n, h, w);
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(p, q)| (p * q) as f64).sum::<f64>();
+        let (l, r) = (dot(&y, &g), dot(&x, &dx));
+        assert!((l - r).abs() < 1e-4 * l.abs().max(1.0), "{l} vs {r}");
+    }
+
+    #[test]
+    fn max_pool_gradient_goes_to_each_windows_maximum() {
+        let x: Vec<f32> = vec![
+            1.0, 5.0, 2.0, 0.0, 9.0, //
+            3.0, 4.0, 8.0, 1.0, 9.0, //
+            7.0, 7.0, 0.0, 6.0, 9.0,
+        ];
+        let dx = max_pool_backward(&x, &[10.0, 20.0], 1, 3, 5);
+        let mut want = vec![0.0; 15];
+        want[1] = 10.0; // 5 is the largest of 1 5 3 4
+        want[7] = 20.0; // 8 of 2 0 8 1; the last column and row are in no window
+        assert_eq!(dx, want);
     }
 
     #[test]

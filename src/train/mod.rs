@@ -9,8 +9,8 @@
 //! therefore continues exactly as an uninterrupted one would.
 
 pub mod checkpoint;
-pub mod dense;
 pub mod features;
+pub mod hand;
 pub mod loss;
 pub mod optim;
 pub mod schedule;
@@ -391,7 +391,7 @@ pub struct PhaseRunner<'a> {
     steps: usize,
     last_lr: f64,
     interrupt: Option<Arc<AtomicBool>>,
-    /// Whether a head of dense layers trains by the hand-written step (`dense::DensePath`)
+    /// Whether a head of dense layers trains by the hand-written step (`hand::HandPath`)
     /// where it can; burn's autodiff otherwise. On by default; tests compare the two.
     pub hand_dense: bool,
 }
@@ -445,7 +445,7 @@ impl<'a> PhaseRunner<'a> {
         let report_every = self.steps.div_ceil(10).max(1);
         let dense = self
             .hand_dense
-            .then(|| dense::DensePath::of(&model, self.device, kind))
+            .then(|| hand::HandPath::of(&model, self.device, kind))
             .flatten();
         for (x, y) in batches {
             let at = progress.epoch_in_phase * self.steps + progress.step;

@@ -1,16 +1,19 @@
-//! Training steps of a head made of dense, dropout, flatten and global-average-pool layers (the
-//! notebook's dense head on cached features), forward and backward by hand on the CPU.
+//! Training steps computed by hand on the CPU for the notebook's models: a head of dense,
+//! dropout, flatten and global-average-pool layers, under VGG convolutions and pools above the
+//! cutoff (fine-tuning block5) or right on the cutoff (cached features, augmented images).
 //!
-//! burn's autodiff runs such a step as a dozen tensor operations, each allocating its output;
-//! its CPU matrix product zero-fills a new buffer and then copies it once more to re-align it.
-//! For the 8192 x 256 weights of the dense head that bookkeeping cost more than the arithmetic
-//! (perf on `runner bench-workload dense_head_epoch`: 15 % in memset/memmove of the weight
-//! gradient alone). Here the three matrix products per dense layer run on `gemm` (the crate burn's
-//! CPU backend uses) straight from the parameters' own buffers, and the gradients go to the
-//! phase's optimizer exactly as burn's would: optimizer state, schedules, gradient clipping and
-//! checkpoints are unchanged. Dropout masks come from the device's random stream with the shape
-//! burn's `Dropout` draws them in, so a run is the same run either way (tested step by step
-//! against autodiff).
+//! burn's autodiff runs such a step as tensor operations that each allocate their output (its CPU
+//! matrix product zero-fills a new buffer and then copies it once more to re-align it), and its
+//! convolutions run image by image; for the dense head on cached features that bookkeeping cost
+//! more than the arithmetic (perf on `runner bench-workload dense_head_epoch`: 15 % in
+//! memset/memmove of the weight gradient alone). Here the dense layers' three matrix products run
+//! on `gemm` (the crate burn's CPU backend uses) straight from the parameters' own buffers, and a
+//! 3x3 convolution runs forward and carries its gradient back by Winograd's algorithm over the
+//! whole batch, its parameters' gradients by one im2col product (`backbone::winograd`). The
+//! gradients go to the phase's optimizer exactly as burn's would: optimizer state, schedules,
+//! gradient clipping and checkpoints are unchanged. Dropout masks come from the device's random
+//! stream with the shapes burn's `Dropout` draws them in, so a run is the same run either way
+//! (tested step by step and run by run against autodiff).
 
 use burn::module::{Param, ParamId, ParamMapper};
 use burn::nn::Linear;
@@ -19,8 +22,10 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use rayon::prelude::*;
 
+use crate::backbone::LayerOp;
+use crate::backbone::winograd::{self, Conv3x3};
 use crate::head::Plain;
-use crate::model::TransferModel;
+use crate::model::{Backbone, TransferModel};
 use crate::spec::{Activation, Loss};
 
 /// One layer of the path.
@@ -36,11 +41,17 @@ enum Op {
     },
     Flatten,
     GlobalAverage,
+    /// A VGG convolution of the base (3x3, same, ReLU), by its index among the convolutions.
+    Conv {
+        index: usize,
+    },
+    /// A VGG 2x2 max pool.
+    Pool,
 }
 
 /// The hand-written step for one model's head.
 #[derive(Debug, Clone)]
-pub struct DensePath {
+pub struct HandPath {
     ops: Vec<Op>,
     loss: Loss,
 }
@@ -87,6 +98,26 @@ impl<const D: usize> Taken<D> {
     }
 }
 
+/// A convolution's parameters, taken out for the step.
+struct ConvParams {
+    weight: Taken<4>,
+    bias: Option<Taken<1>>,
+    cin: usize,
+    cout: usize,
+}
+
+/// The parameters of one op.
+enum Params {
+    None,
+    Dense(DenseParams),
+    Conv(ConvParams),
+}
+
+/// A stand-in while a parameter is out (holds no memory).
+fn stand_in<const D: usize>(device: &Device) -> Param<Tensor<D>> {
+    Param::initialized(ParamId::new(), Tensor::empty([0; D], device))
+}
+
 /// A dense layer's parameters, taken out for the step.
 struct DenseParams {
     weight: Taken<2>,
@@ -96,16 +127,28 @@ struct DenseParams {
     units: usize,
 }
 
-impl DensePath {
+impl HandPath {
     /// The path for `model` training on `device`, or `None` where burn's autodiff runs the step:
-    /// a device other than burn's CPU backend, layers of the base above the cutoff, a
-    /// convolution or pool in the head, a softmax before the last layer.
+    /// a device other than burn's CPU backend, layers of a base other than VGG above the cutoff,
+    /// a convolution or pool in the head, a softmax before the last layer.
     pub fn of(model: &TransferModel, device: &Device, loss: Loss) -> Option<Self> {
-        if device.clone().without_autodiff() != Device::flex() || !model.head_starts_at_cut() {
+        if device.clone().without_autodiff() != Device::flex() {
             return None;
         }
         let n = model.head.layers.len();
         let mut ops = Vec::with_capacity(n);
+        if !model.head_starts_at_cut() {
+            let Backbone::Vgg(v) = &model.backbone else {
+                return None;
+            };
+            for op in v.ops_from(model.cut()) {
+                ops.push(match *op {
+                    LayerOp::Conv { index, .. } => Op::Conv { index },
+                    LayerOp::MaxPool => Op::Pool,
+                    LayerOp::Block { .. } => return None,
+                });
+            }
+        }
         for (layer, l) in model.head.layers.iter().enumerate() {
             let last = layer + 1 == n;
             ops.push(match l.plain() {
@@ -119,7 +162,7 @@ impl DensePath {
             });
         }
         ops.iter()
-            .any(|o| matches!(o, Op::Dense { .. }))
+            .any(|o| matches!(o, Op::Dense { .. } | Op::Conv { .. }))
             .then_some(Self { ops, loss })
     }
 
@@ -137,7 +180,7 @@ impl DensePath {
         let input = x.into_data();
         let input = input.as_slice::<f32>().expect("activations are f32");
 
-        let mut params: Vec<Option<DenseParams>> = Vec::with_capacity(self.ops.len());
+        let mut params: Vec<Params> = Vec::with_capacity(self.ops.len());
         for op in &self.ops {
             params.push(match *op {
                 Op::Dense { layer, .. } => {
@@ -150,7 +193,7 @@ impl DensePath {
                     let [inputs, units] = weight.data.shape()[..] else {
                         unreachable!("a dense weight is a matrix")
                     };
-                    Some(DenseParams {
+                    Params::Dense(DenseParams {
                         weight,
                         bias: bias.map(Taken::new),
                         activation,
@@ -158,7 +201,24 @@ impl DensePath {
                         units,
                     })
                 }
-                _ => None,
+                Op::Conv { index } => {
+                    let Backbone::Vgg(v) = &mut model.backbone else {
+                        unreachable!("the path was made from a VGG base")
+                    };
+                    let conv = &mut v.convs[index];
+                    let weight = Taken::new(std::mem::replace(&mut conv.weight, stand_in(&device)));
+                    let bias = conv.bias.take().map(Taken::new);
+                    let [cout, cin, 3, 3] = weight.data.shape()[..] else {
+                        unreachable!("VGG convolutions are 3x3")
+                    };
+                    Params::Conv(ConvParams {
+                        weight,
+                        bias,
+                        cin,
+                        cout,
+                    })
+                }
+                _ => Params::None,
             });
         }
 
@@ -171,7 +231,9 @@ impl DensePath {
             in_dims.push(dims.clone());
             let out = match *op {
                 Op::Dense { last, .. } => {
-                    let p = params[i].as_ref().expect("dense ops hold parameters");
+                    let Params::Dense(p) = &params[i] else {
+                        unreachable!("dense ops hold dense parameters")
+                    };
                     let mut z = affine(x, batch, p);
                     if !last {
                         activate(&mut z, p.activation);
@@ -202,6 +264,28 @@ impl DensePath {
                     )
                 }
                 Op::GlobalAverage => None,
+                Op::Conv { .. } => {
+                    let Params::Conv(p) = &params[i] else {
+                        unreachable!("convolutions hold convolution parameters")
+                    };
+                    let (h, w) = (dims[2], dims[3]);
+                    let zeros;
+                    let bias = match &p.bias {
+                        Some(b) => b.values(),
+                        None => {
+                            zeros = vec![0.0; p.cout];
+                            &zeros
+                        }
+                    };
+                    let conv = Conv3x3::new(p.weight.values(), bias, p.cout, p.cin);
+                    dims = vec![batch, p.cout, h, w];
+                    Some(conv.forward(x, batch, h, w))
+                }
+                Op::Pool => {
+                    let (c, h, w) = (dims[1], dims[2], dims[3]);
+                    dims = vec![batch, c, h / 2, w / 2];
+                    Some(winograd::max_pool(x, batch * c, h, w))
+                }
             };
             outs.push(out);
         }
@@ -211,13 +295,18 @@ impl DensePath {
         let (loss, correct, mut grad) = loss_and_grad(self.loss, logits, classes, labels);
 
         // Backward: `grad` is d loss / d (output of op i).
-        let first_dense = self.ops.iter().position(|o| matches!(o, Op::Dense { .. }));
+        let first_param = self
+            .ops
+            .iter()
+            .position(|o| matches!(o, Op::Dense { .. } | Op::Conv { .. }));
         let inner = device.clone().without_autodiff();
         let mut grads = GradientsParams::new();
         for i in (0..self.ops.len()).rev() {
             match self.ops[i] {
                 Op::Dense { last, .. } => {
-                    let p = params[i].as_ref().expect("dense ops hold parameters");
+                    let Params::Dense(p) = &params[i] else {
+                        unreachable!("dense ops hold dense parameters")
+                    };
                     let out = value(input, &outs, i + 1);
                     if !last {
                         activation_grad(&mut grad, out, p.activation);
@@ -241,7 +330,7 @@ impl DensePath {
                             Tensor::<1>::from_data(TensorData::new(db, [p.units]), &inner),
                         );
                     }
-                    if Some(i) == first_dense {
+                    if Some(i) == first_param {
                         break;
                     }
                     grad = input_grad(&grad, p, batch);
@@ -254,6 +343,44 @@ impl DensePath {
                         .for_each(|(g, m)| *g = (*g * scale) * m);
                 }
                 Op::Flatten => {}
+                Op::Conv { .. } => {
+                    let Params::Conv(p) = &params[i] else {
+                        unreachable!("convolutions hold convolution parameters")
+                    };
+                    let d = &in_dims[i];
+                    let (h, w) = (d[2], d[3]);
+                    activation_grad(&mut grad, value(input, &outs, i + 1), Activation::Relu);
+                    let x = value(input, &outs, i);
+                    let trainable_bias = p.bias.as_ref().filter(|b| b.trainable);
+                    if p.weight.trainable || trainable_bias.is_some() {
+                        let (dw, db) =
+                            winograd::conv3x3_param_grads(x, &grad, [batch, p.cin, p.cout, h, w]);
+                        if p.weight.trainable {
+                            let shape = [p.cout, p.cin, 3, 3];
+                            let t = Tensor::<4>::from_data(TensorData::new(dw, shape), &inner);
+                            grads.register(p.weight.id, t);
+                        }
+                        if let Some(b) = trainable_bias {
+                            let t = Tensor::<1>::from_data(TensorData::new(db, [p.cout]), &inner);
+                            grads.register(b.id, t);
+                        }
+                    }
+                    if Some(i) == first_param {
+                        break;
+                    }
+                    grad = Conv3x3::backward_input(p.weight.values(), p.cout, p.cin)
+                        .forward(&grad, batch, h, w);
+                }
+                Op::Pool => {
+                    let d = &in_dims[i];
+                    grad = winograd::max_pool_backward(
+                        value(input, &outs, i),
+                        &grad,
+                        batch * d[1],
+                        d[2],
+                        d[3],
+                    );
+                }
                 Op::GlobalAverage => {
                     let d = &in_dims[i];
                     if d.len() == 4 {
@@ -268,12 +395,22 @@ impl DensePath {
         }
 
         for (op, p) in self.ops.iter().zip(params) {
-            if let (Op::Dense { layer, .. }, Some(p)) = (op, p) {
-                let linear = Linear {
-                    weight: p.weight.back(&device),
-                    bias: p.bias.map(|b| b.back(&device)),
-                };
-                model.head.put_dense(*layer, linear, p.activation);
+            match (op, p) {
+                (Op::Dense { layer, .. }, Params::Dense(p)) => {
+                    let linear = Linear {
+                        weight: p.weight.back(&device),
+                        bias: p.bias.map(|b| b.back(&device)),
+                    };
+                    model.head.put_dense(*layer, linear, p.activation);
+                }
+                (Op::Conv { index }, Params::Conv(p)) => {
+                    if let Backbone::Vgg(v) = &mut model.backbone {
+                        let conv = &mut v.convs[*index];
+                        conv.weight = p.weight.back(&device);
+                        conv.bias = p.bias.map(|b| b.back(&device));
+                    }
+                }
+                _ => {}
             }
         }
         Step {
