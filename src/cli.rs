@@ -1004,14 +1004,8 @@ pub fn summary(plan: &Plan) -> String {
         def.name,
         plan.classes.len(),
         plan.classes.join(", "),
-        def.layers()
-            .first()
-            .map_or("", |l| l.name.as_str())
-            .to_string(),
-        def.layers()
-            .last()
-            .map_or("", |l| l.name.as_str())
-            .to_string(),
+        def.layers().first().map_or("", |l| l.name.as_str()),
+        def.layers().last().map_or("", |l| l.name.as_str()),
         m = def.min_input,
     );
     let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(20).max(20);

@@ -485,7 +485,7 @@ impl<'a> PhaseRunner<'a> {
                 p.correct as f64 / p.seen as f64,
                 rate,
             );
-            if progress.step % report_every == 0 && progress.step < self.steps {
+            if progress.step.is_multiple_of(report_every) && progress.step < self.steps {
                 info!(
                     target: "runner::progress",
                     run = self.run,
