@@ -255,7 +255,7 @@ impl Layer {
     }
 }
 
-/// A head layer as the hand-written dense path (`train::hand`) sees it.
+/// A head layer as the hand-written training step (`train::hand`) sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Plain {
     /// A dense layer with its activation.

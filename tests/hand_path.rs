@@ -1,6 +1,7 @@
-//! The hand-written step for heads of dense layers (`train::hand`) computes what burn's autodiff
-//! computes: the same loss, predictions and gradients (dropout masks included), and a training
-//! run through it is the same run. Small generated images and weights; no asset mirror needed.
+//! The hand-written training step (`train::hand`: dense heads, VGG convolutions above the cutoff)
+//! computes what burn's autodiff computes: the same loss, predictions and gradients (dropout masks
+//! included), and a training run through it is the same run. Small generated images and weights;
+//! no asset mirror needed.
 
 mod common;
 
@@ -25,19 +26,39 @@ fn turn() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// A 64x64 VGG16 plan (activations `[512, 2, 2]` at the cutoff) with `head` as its head.
-fn plan(dir: &Path, classes: &[&str], head: &str, loss: &str, extra: &str) -> Plan {
+/// A 64x64 VGG16 plan with `head` as its head, trainable from `trainable_from` (activations
+/// `[512, 2, 2]` at the cutoff for "none", `[512, 4, 4]` for "block5_conv1").
+fn plan(dir: &Path, classes: &[&str], head: &str, loss: &str, trainable_from: &str) -> Plan {
     let data = common::make_dataset(&dir.join("data"), classes, [2, 2, 1], 64);
     let weights = dir.join("vgg16.safetensors");
     common::write_vgg_weights(&weights, runner::backbone::find("vgg16").unwrap(), 5);
-    let text = common::spec_text(&data, &weights, extra)
-        .replace(common::DENSE_HEAD, head)
-        .replace(
-            "loss = \"binary_crossentropy\"",
-            &format!("loss = \"{loss}\""),
-        )
-        .replace("image_size = [32, 32]", "image_size = [64, 64]");
+    let replace = [
+        (common::DENSE_HEAD.to_string(), head.to_string()),
+        (
+            "loss = \"binary_crossentropy\"".into(),
+            format!("loss = \"{loss}\""),
+        ),
+        (
+            "image_size = [32, 32]".into(),
+            "image_size = [64, 64]".into(),
+        ),
+        (
+            "trainable_from = \"none\"".into(),
+            format!("trainable_from = \"{trainable_from}\""),
+        ),
+    ];
+    let mut text = common::spec_text(&data, &weights, "");
+    for (from, to) in replace {
+        assert!(text.contains(&from), "{from}");
+        text = text.replace(&from, &to);
+    }
     common::plan_for(dir, &text)
+}
+
+/// The notebook's dense head on two classes, trainable from `trainable_from`.
+fn notebook(dir: &Path, trainable_from: &str) -> Plan {
+    let (classes, loss) = (&["cats", "dogs"], "binary_crossentropy");
+    plan(dir, classes, common::DENSE_HEAD, loss, trainable_from)
 }
 
 /// Activations at the cutoff of a 64x64 VGG16: `[512, 2, 2]` after the base, `[512, 4, 4]` at
@@ -80,16 +101,19 @@ fn grad(g: &GradientsParams, id: ParamId, rank: usize) -> Option<Vec<f32>> {
     }
 }
 
-/// All values of the head's parameters, in visiting order.
-fn head_values(model: &TransferModel) -> Vec<Vec<f32>> {
+/// All values of every trainable parameter (block5 too when it trains), in visiting order.
+fn trainable_values(model: &TransferModel) -> Vec<Vec<f32>> {
     struct Values(Vec<Vec<f32>>);
     impl ModuleVisitor for Values {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.0.push(param.val().into_data().iter::<f32>().collect());
+            let t = param.val();
+            if t.is_require_grad() {
+                self.0.push(t.into_data().iter::<f32>().collect());
+            }
         }
     }
     let mut v = Values(Vec::new());
-    model.head.visit(&mut v);
+    model.visit(&mut v);
     v.0
 }
 
@@ -116,7 +140,7 @@ fn same_step(plan: &Plan, kind: Loss, classes: usize, params: usize) {
     let want = GradientsParams::from_grads(l.backward(), &model);
     let want_loss = l.into_scalar::<f32>();
 
-    let before = head_values(&model);
+    let before = trainable_values(&model);
     let path = HandPath::of(&model, &device, kind).expect("a head of dense layers");
     device.seed(42);
     let got = path.step(&mut model, x, &labels);
@@ -150,8 +174,8 @@ fn same_step(plan: &Plan, kind: Loss, classes: usize, params: usize) {
         compared, params,
         "every trainable parameter has its gradient"
     );
-    // The parameters went back where they were, unchanged and still trainable.
-    assert_eq!(head_values(&model), before);
+    // The parameters (block5's too) went back where they were, unchanged and still trainable.
+    assert_eq!(trainable_values(&model), before);
     device.seed(42);
     let again = path.step(&mut model, f.batch(&idx, &device).0, &labels);
     assert_eq!(again.loss, got.loss);
@@ -160,41 +184,21 @@ fn same_step(plan: &Plan, kind: Loss, classes: usize, params: usize) {
 #[test]
 fn hand_written_step_matches_autodiff_for_the_notebooks_dense_head() {
     let dir = tempfile::tempdir().unwrap();
-    let plan = plan(
-        dir.path(),
-        &["cats", "dogs"],
-        common::DENSE_HEAD,
-        "binary_crossentropy",
-        "",
+    same_step(
+        &notebook(dir.path(), "none"),
+        Loss::BinaryCrossentropy,
+        2,
+        4,
     );
-    same_step(&plan, Loss::BinaryCrossentropy, 2, 4);
 }
 
 #[test]
 fn hand_written_step_matches_autodiff_when_fine_tuning_block5() {
     let dir = tempfile::tempdir().unwrap();
-    plan(
-        dir.path(),
-        &["cats", "dogs"],
-        common::DENSE_HEAD,
-        "binary_crossentropy",
-        "",
-    );
-    let plan = common::plan_for(dir.path(), &block5(dir.path()));
+    let plan = notebook(dir.path(), "block5_conv1");
     assert_eq!(cut_shape(&plan), [512, 4, 4]);
     // block5's three convolutions (weight and bias each) and the head's two dense layers.
     same_step(&plan, Loss::BinaryCrossentropy, 2, 10);
-}
-
-/// The plan written in `dir`, trainable from block5_conv1.
-fn block5(dir: &Path) -> String {
-    let text = std::fs::read_to_string(dir.join("exp.toml")).unwrap();
-    let (from, to) = (
-        "trainable_from = \"none\"",
-        "trainable_from = \"block5_conv1\"",
-    );
-    assert!(text.contains(from));
-    text.replace(from, to)
 }
 
 #[test]
@@ -224,7 +228,7 @@ activation = "softmax"
         &["a", "b", "c"],
         head,
         "categorical_crossentropy",
-        "",
+        "none",
     );
     same_step(&plan, Loss::CategoricalCrossentropy, 3, 6);
 }
@@ -252,7 +256,7 @@ activation = "sigmoid"
         &["cats", "dogs"],
         head,
         "binary_crossentropy",
-        "",
+        "none",
     );
     same_step(&plan, Loss::BinaryCrossentropy, 2, 4);
 }
@@ -280,23 +284,18 @@ activation = "sigmoid"
         &["cats", "dogs"],
         conv,
         "binary_crossentropy",
-        "",
+        "none",
     );
     let model = TransferModel::build(&p, &device).unwrap();
     assert!(HandPath::of(&model, &device, Loss::BinaryCrossentropy).is_none());
 
     let dir = tempfile::tempdir().unwrap();
-    let dense = plan(
-        dir.path(),
-        &["cats", "dogs"],
-        common::DENSE_HEAD,
-        "binary_crossentropy",
-        "",
-    );
+    let dense = notebook(dir.path(), "none");
     let model = TransferModel::build(&dense, &device).unwrap();
     assert!(HandPath::of(&model, &device, Loss::BinaryCrossentropy).is_some());
     // VGG convolutions above the cutoff are taken by hand.
-    let unfrozen = common::plan_for(dir.path(), &block5(dir.path()));
+    let dir = tempfile::tempdir().unwrap();
+    let unfrozen = notebook(dir.path(), "block5_conv1");
     let model = TransferModel::build(&unfrozen, &device).unwrap();
     assert!(!model.head_starts_at_cut(), "block5 runs above the cutoff");
     assert!(HandPath::of(&model, &device, Loss::BinaryCrossentropy).is_some());
@@ -306,22 +305,6 @@ activation = "sigmoid"
     let model = TransferModel::init(resnet, layers, [64, 64], resnet.layers().len() - 1, &device);
     assert!(!model.head_starts_at_cut());
     assert!(HandPath::of(&model, &device, Loss::BinaryCrossentropy).is_none());
-}
-
-/// All values of every trainable parameter (block5 too when it trains), in visiting order.
-fn trainable_values(model: &TransferModel) -> Vec<Vec<f32>> {
-    struct Values(Vec<Vec<f32>>);
-    impl ModuleVisitor for Values {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let t = param.val();
-            if t.is_require_grad() {
-                self.0.push(t.into_data().iter::<f32>().collect());
-            }
-        }
-    }
-    let mut v = Values(Vec::new());
-    model.visit(&mut v);
-    v.0
 }
 
 /// Two epochs of `p` on generated activations at its cutoff, by hand and by autodiff: the same
@@ -372,14 +355,7 @@ fn same_run(p: &Plan, params: usize) {
 #[test]
 fn training_by_hand_written_steps_is_the_same_run_as_by_autodiff() {
     let _turn = turn();
-    let dir = tempfile::tempdir().unwrap();
-    let p = plan(
-        dir.path(),
-        &["cats", "dogs"],
-        common::DENSE_HEAD,
-        "binary_crossentropy",
-        "",
-    );
-    same_run(&p, 4);
-    same_run(&common::plan_for(dir.path(), &block5(dir.path())), 10);
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    same_run(&notebook(a.path(), "none"), 4);
+    same_run(&notebook(b.path(), "block5_conv1"), 10);
 }

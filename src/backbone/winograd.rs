@@ -1,4 +1,4 @@
-//! The frozen part of a VGG base on the CPU, without burn's generic convolution: 3x3 "same"
+//! VGG's convolutions on the CPU, without burn's generic convolution: 3x3 "same"
 //! convolutions by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, 2016), the way cuDNN
 //! and oneDNN run them. Each 2x2 output tile takes 16 multiplications per input/output channel
 //! pair instead of 36, so the 3x3 convolutions need 2.25 times fewer multiplications; what is
@@ -406,8 +406,9 @@ impl Geometry {
         }
     }
 
-    /// Writes `relu(A^T m A + bias)` (without the ReLU when `relu` is false) of every tile in `m` (`[16][len]`, output channel `o`, tile
-    /// rows `r0..r0 + len / txn`) into the output planes of channel `o`.
+    /// Writes `relu(A^T m A + bias)` (without the ReLU when `relu` is false) of every tile in `m`
+    /// (`[16][len]`, output channel `o`, tile rows `r0..r0 + len / txn`) into the output planes
+    /// of channel `o`.
     ///
     /// # Safety
     ///

@@ -49,7 +49,7 @@ enum Op {
     Pool,
 }
 
-/// The hand-written step for one model's head.
+/// The hand-written step for one model's trainable part.
 #[derive(Debug, Clone)]
 pub struct HandPath {
     ops: Vec<Op>,
@@ -78,7 +78,8 @@ impl<const D: usize> Taken<D> {
     fn new(p: Param<Tensor<D>>) -> Self {
         let (id, tensor, mapper) = p.consume();
         let trainable = tensor.is_require_grad();
-        // The module held the only reference: this hands the buffer over without a copy.
+        // Where the module holds the only reference (a parameter the optimizer or this step put
+        // back), this hands the buffer over without a copy.
         let data = tensor.into_data();
         Self {
             id,
@@ -90,6 +91,16 @@ impl<const D: usize> Taken<D> {
 
     fn values(&self) -> &[f32] {
         self.data.as_slice::<f32>().expect("parameters are f32")
+    }
+
+    /// Registers `values` (this parameter's shape) as its gradient, on the device without
+    /// autodiff as burn's gradients are.
+    fn register(&self, grads: &mut GradientsParams, values: Vec<f32>, inner: &Device) {
+        let shape = self.data.shape().clone();
+        grads.register(
+            self.id,
+            Tensor::<D>::from_data(TensorData::new(values, shape), inner),
+        );
     }
 
     fn back(self, device: &Device) -> Param<Tensor<D>> {
@@ -314,21 +325,14 @@ impl HandPath {
                     let x = value(input, &outs, i);
                     if p.weight.trainable {
                         let dw = weight_grad(x, &grad, batch, p.inputs, p.units);
-                        let t = Tensor::<2>::from_data(
-                            TensorData::new(dw, [p.inputs, p.units]),
-                            &inner,
-                        );
-                        grads.register(p.weight.id, t);
+                        p.weight.register(&mut grads, dw, &inner);
                     }
                     if let Some(b) = p.bias.as_ref().filter(|b| b.trainable) {
                         let mut db = vec![0f32; p.units];
                         for row in grad.chunks(p.units) {
                             db.iter_mut().zip(row).for_each(|(d, g)| *d += g);
                         }
-                        grads.register(
-                            b.id,
-                            Tensor::<1>::from_data(TensorData::new(db, [p.units]), &inner),
-                        );
+                        b.register(&mut grads, db, &inner);
                     }
                     if Some(i) == first_param {
                         break;
@@ -356,13 +360,10 @@ impl HandPath {
                         let (dw, db) =
                             winograd::conv3x3_param_grads(x, &grad, [batch, p.cin, p.cout, h, w]);
                         if p.weight.trainable {
-                            let shape = [p.cout, p.cin, 3, 3];
-                            let t = Tensor::<4>::from_data(TensorData::new(dw, shape), &inner);
-                            grads.register(p.weight.id, t);
+                            p.weight.register(&mut grads, dw, &inner);
                         }
                         if let Some(b) = trainable_bias {
-                            let t = Tensor::<1>::from_data(TensorData::new(db, [p.cout]), &inner);
-                            grads.register(b.id, t);
+                            b.register(&mut grads, db, &inner);
                         }
                     }
                     if Some(i) == first_param {

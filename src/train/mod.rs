@@ -391,9 +391,10 @@ pub struct PhaseRunner<'a> {
     steps: usize,
     last_lr: f64,
     interrupt: Option<Arc<AtomicBool>>,
-    /// Whether a head of dense layers trains by the hand-written step (`hand::HandPath`)
-    /// where it can; burn's autodiff otherwise. On by default; tests compare the two.
-    pub hand_dense: bool,
+    /// Whether steps are computed by hand (`hand::HandPath`: dense heads, VGG convolutions above
+    /// the cutoff, on the CPU) where they can; burn's autodiff otherwise. On by default; tests
+    /// compare the two.
+    pub by_hand: bool,
 }
 
 impl<'a> PhaseRunner<'a> {
@@ -421,7 +422,7 @@ impl<'a> PhaseRunner<'a> {
             steps,
             last_lr: lr,
             interrupt: None,
-            hand_dense: true,
+            by_hand: true,
         }
     }
 
@@ -443,15 +444,15 @@ impl<'a> PhaseRunner<'a> {
         let kind = self.plan.spec.train.loss;
         let seed = self.plan.spec.experiment.seed;
         let report_every = self.steps.div_ceil(10).max(1);
-        let dense = self
-            .hand_dense
+        let hand = self
+            .by_hand
             .then(|| hand::HandPath::of(&model, self.device, kind))
             .flatten();
         for (x, y) in batches {
             let at = progress.epoch_in_phase * self.steps + progress.step;
             let lr = self.schedule.lr(at);
             self.device.seed(step_seed(seed, epoch, progress.step));
-            let (value, correct, grads) = match &dense {
+            let (value, correct, grads) = match &hand {
                 Some(path) => {
                     let step = path.step(&mut model, x, &y);
                     (step.loss, step.correct, step.grads)
@@ -585,7 +586,7 @@ pub fn fit(
     fit_with(model, train, validation, plan, device, run, true)
 }
 
-/// [`fit`], with the hand-written dense-head step allowed (`hand_dense`) or not.
+/// [`fit`], with steps computed by hand allowed (`by_hand`) or not.
 pub fn fit_with(
     mut model: TransferModel,
     train: &TrainSource<'_>,
@@ -593,12 +594,12 @@ pub fn fit_with(
     plan: &Plan,
     device: &Device,
     run: &str,
-    hand_dense: bool,
+    by_hand: bool,
 ) -> (TransferModel, Vec<EpochMetrics>) {
     let phase = &plan.phases[0];
     let steps = steps_per_epoch(plan, train.len());
     let mut runner = PhaseRunner::new(plan, phase, steps, device, run);
-    runner.hand_dense = hand_dense;
+    runner.by_hand = by_hand;
     let mut progress = Progress::default();
     for epoch in 1..=phase.epochs {
         model = match runner.epoch(model, train, &mut progress, epoch) {

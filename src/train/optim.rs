@@ -158,7 +158,7 @@ impl FusedRmsProp {
         pv.par_chunks_mut(CHUNK)
             .zip(sv.par_chunks_mut(CHUNK))
             .zip(gv.par_chunks(CHUNK))
-            .for_each(|((p, s), g)| rmsprop_chunk(p, s, g, [alpha, eps, lr, wd]));
+            .for_each(|((p, s), g)| rmsprop_update(p, s, g, [alpha, eps, lr, wd]));
         let square_avg = Tensor::from_data(sq, &device);
         let state = RmsPropState::new(
             SquareAvgState::new(square_avg.clone()),
@@ -169,41 +169,9 @@ impl FusedRmsProp {
     }
 }
 
-/// The fused update of one chunk, on the widest vector unit the CPU has: the loop is bound by
-/// its square roots and divisions, which the baseline x86-64 build runs four lanes at a time.
-/// Every lane computes the same IEEE operations in the same order (no FMA contraction), so the
-/// result does not depend on the path.
-fn rmsprop_chunk(p: &mut [f32], s: &mut [f32], g: &[f32], k: [f32; 4]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked just above).
-            return unsafe { rmsprop_avx512(p, s, g, k) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2 (checked just above).
-            return unsafe { rmsprop_avx2(p, s, g, k) };
-        }
-    }
-    rmsprop_body(p, s, g, k);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn rmsprop_avx512(p: &mut [f32], s: &mut [f32], g: &[f32], k: [f32; 4]) {
-    rmsprop_body(p, s, g, k);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn rmsprop_avx2(p: &mut [f32], s: &mut [f32], g: &[f32], k: [f32; 4]) {
-    rmsprop_body(p, s, g, k);
-}
-
 /// With `g' = g + wd p`: `s = alpha s + (1 - alpha) g'^2`, `p -= (g' / (sqrt(s) + eps)) lr`
 /// (`p * 0 + g` is `g`: one loop for both cases, which the compiler vectorises).
-#[inline(always)]
-fn rmsprop_body(p: &mut [f32], s: &mut [f32], g: &[f32], [alpha, eps, lr, wd]: [f32; 4]) {
+fn rmsprop_update(p: &mut [f32], s: &mut [f32], g: &[f32], [alpha, eps, lr, wd]: [f32; 4]) {
     let n = p.len();
     let (s, g) = (&mut s[..n], &g[..n]);
     for i in 0..n {
