@@ -364,7 +364,8 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         }
         (Some(Command::Bench { experiment, steps }), _) => {
             let plan = load_plan(&experiment, &common)?;
-            let (device, name) = device::select(common.device).map_err(bad_input)?;
+            let selected = device::select(common.device).map_err(bad_input)?;
+            let (device, name) = (selected.device, selected.name);
             println!(
                 "runner bench {} on {name}, {} ({} cores)",
                 experiment.display(),
@@ -388,7 +389,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             }),
             _,
         ) => {
-            let (device, _) = device::select(common.device).map_err(bad_input)?;
+            let device = device::select(common.device).map_err(bad_input)?.device;
             let opts = crate::bench::workloads::Options {
                 warmup,
                 repeats,
@@ -757,7 +758,8 @@ fn execute(
     resume_from: Option<train::Checkpoint>,
     common: &Common,
 ) -> Result<(), Failure> {
-    let (device, device_name) = device::select(common.device).map_err(bad_input)?;
+    let selected = device::select(common.device).map_err(bad_input)?;
+    let (device, device_name) = (selected.device, selected.name.as_str());
     let log_path = common.results.join(format!("{id}.log.jsonl"));
     crate::logging::open_run_log(&log_path).map_err(|e| {
         failed(anyhow::anyhow!(
@@ -877,7 +879,7 @@ fn predict(
     which: crate::predict::Which,
     common: &Common,
 ) -> Result<(), Failure> {
-    let (device, _) = device::select(common.device).map_err(bad_input)?;
+    let device = device::select(common.device).map_err(bad_input)?.device;
     let (card, model) =
         crate::predict::load(&common.results, run_id, which, &device).map_err(bad_input)?;
     let files = crate::predict::collect_images(inputs).map_err(bad_input)?;

@@ -1,79 +1,312 @@
-//! Picking the compute device: `cpu` (burn's Flex backend), `wgpu` (with the `wgpu` feature) or
-//! `auto` (wgpu on a discrete or integrated GPU when there is one, else cpu: a software Vulkan
-//! adapter such as lavapipe is only used when asked for with `--device wgpu`).
+//! Picking the compute device: `cpu` (burn's Flex backend), `wgpu` (burn's wgpu backend: Vulkan,
+//! Metal, DX12 or GL) or `auto` (wgpu on a hardware GPU when there is one, else cpu).
+//!
+//! A software adapter (Mesa's lavapipe, SwiftShader, WARP: what wgpu reports as a `Cpu` device) is
+//! only used when asked for with `--device wgpu` and no hardware GPU is there; `--device auto`
+//! never picks one. The chosen adapter, graphics API and shader compiler are logged.
+//!
+//! The wgpu runtime is initialised once per process (cubecl keeps one per adapter): the first
+//! selection is remembered and every later one (a sweep's runs, tests) gets the same device.
+
+use std::sync::{Mutex, OnceLock};
 
 use burn::prelude::Device;
 
 /// The `--device` choice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum DeviceChoice {
     /// burn's Flex CPU backend.
     Cpu,
-    /// burn's wgpu backend (Vulkan, Metal, DX12); needs the `wgpu` cargo feature.
+    /// burn's wgpu backend on the best adapter: a hardware GPU, else a software (CPU) adapter.
     Wgpu,
-    /// wgpu when built with it and an adapter exists, else cpu.
+    /// wgpu on a hardware GPU when there is one, else cpu.
     Auto,
 }
 
 /// Errors selecting a device.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum DeviceError {
     /// wgpu was asked for but is not there.
     #[error("--device wgpu: {0}")]
     NoWgpu(String),
 }
 
-/// The selected device (with autodiff) and a name for logs.
-pub fn select(choice: DeviceChoice) -> Result<(Device, &'static str), DeviceError> {
-    match choice {
-        DeviceChoice::Cpu => Ok((Device::flex().autodiff(), "cpu (flex)")),
-        DeviceChoice::Wgpu => wgpu(Kind::Any).map(|d| (d, "wgpu")),
-        DeviceChoice::Auto => Ok(
-            match wgpu(Kind::Discrete).or_else(|_| wgpu(Kind::Integrated)) {
-                Ok(d) => (d, "wgpu"),
-                Err(_) => (Device::flex().autodiff(), "cpu (flex)"),
-            },
-        ),
+/// What kind of device a run computes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// burn's Flex CPU backend (runner's own CPU kernels apply).
+    Cpu,
+    /// A hardware GPU through wgpu.
+    Gpu,
+    /// A software adapter through wgpu (lavapipe and the like: correct, slow).
+    SoftwareGpu,
+}
+
+/// A selected device.
+#[derive(Debug, Clone)]
+pub struct Selected {
+    /// The device, with autodiff.
+    pub device: Device,
+    /// For logs: `cpu (flex)` or `wgpu: <adapter> (<API>, <compiler>)`.
+    pub name: String,
+    /// What it is.
+    pub kind: Kind,
+}
+
+/// Whether `device` is burn's Flex CPU device (with or without autodiff): where runner's own CPU
+/// kernels (Winograd convolutions, the hand-written step, the fused optimizer update) run.
+pub fn is_cpu(device: &Device) -> bool {
+    device.clone().without_autodiff() == Device::flex()
+}
+
+/// Seeds the host's random stream, which every random draw of a run comes from (initial head
+/// weights, dropout masks) whatever device computes: the same seed gives the same run on every
+/// device, and what differs between devices is arithmetic alone.
+pub fn seed_host(seed: u64) {
+    Device::flex().seed(seed);
+}
+
+/// The device whose random stream [`seed_host`] seeds: parameters are drawn there (with autodiff,
+/// so that they are trainable) and then moved to the computing device.
+pub fn host() -> Device {
+    Device::flex().autodiff()
+}
+
+/// A tensor of shape `dims` drawn from the host's random stream, placed on `device`.
+pub fn host_random<const D: usize>(
+    dims: [usize; D],
+    distribution: burn::tensor::Distribution,
+    device: &Device,
+) -> burn::prelude::Tensor<D> {
+    let t = burn::prelude::Tensor::<D>::random(dims, distribution, &Device::flex());
+    if *device == Device::flex() && !device.is_autodiff() {
+        t
+    } else {
+        burn::prelude::Tensor::from_data(t.into_data(), device)
     }
 }
 
-/// Which wgpu adapters to accept.
-#[derive(Debug, Clone, Copy)]
-#[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
-enum Kind {
-    Any,
-    Discrete,
-    Integrated,
+/// The CPU device, with autodiff.
+pub fn cpu() -> Selected {
+    Selected {
+        device: Device::flex().autodiff(),
+        name: "cpu (flex)".into(),
+        kind: Kind::Cpu,
+    }
+}
+
+/// Selects the device for `choice`.
+pub fn select(choice: DeviceChoice) -> Result<Selected, DeviceError> {
+    match choice {
+        DeviceChoice::Cpu => Ok(cpu()),
+        DeviceChoice::Wgpu => wgpu(true),
+        DeviceChoice::Auto => Ok(wgpu(false).unwrap_or_else(|_| cpu())),
+    }
+}
+
+/// The wgpu device: initialised on first use, then the same one. A software adapter is taken only
+/// when `software` allows it and there is no hardware GPU.
+fn wgpu(software: bool) -> Result<Selected, DeviceError> {
+    static WGPU: OnceLock<Mutex<Option<Result<Selected, DeviceError>>>> = OnceLock::new();
+    let slot = WGPU.get_or_init(|| Mutex::new(None));
+    let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(done) = slot.as_ref() {
+        return match done {
+            Ok(s) if s.kind == Kind::SoftwareGpu && !software => Err(DeviceError::NoWgpu(
+                "only a software adapter is there".into(),
+            )),
+            other => other.clone(),
+        };
+    }
+    let found = imp::init(software);
+    // A hardware GPU is remembered whatever was asked; a software adapter only once it was
+    // accepted; "none" only where it means none at all.
+    let remember = match &found {
+        Ok(_) => true,
+        Err(_) => software,
+    };
+    if remember {
+        *slot = Some(found.clone());
+    }
+    found
+}
+
+/// Where cubecl keeps its autotune results and compiled kernels between runs:
+/// `$RUNNER_KERNEL_CACHE`, else `$XDG_CACHE_HOME/runner/kernels` or `~/.cache/runner/kernels`.
+pub fn kernel_cache_dir() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("RUNNER_KERNEL_CACHE").filter(|d| !d.is_empty()) {
+        return dir.into();
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("runner").join("kernels")
 }
 
 #[cfg(feature = "wgpu")]
-fn wgpu(kind: Kind) -> Result<Device, DeviceError> {
-    use burn::prelude::Tensor;
+mod imp {
+    use burn::backend::Device as _;
+    use cubecl_runtime::runtime::Runtime;
+    use burn::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+    use burn::cubecl::wgpu::{WgpuDevice, WgpuDeviceKind, WgpuRuntime};
+    use burn::prelude::{Device, Tensor};
     use burn::tensor::DeviceKind;
-    let kind = match kind {
-        Kind::Any => DeviceKind::DefaultDevice,
-        Kind::Discrete => DeviceKind::DiscreteGpu(0),
-        Kind::Integrated => DeviceKind::IntegratedGpu(0),
-    };
-    // The adapter is requested lazily; a tiny tensor forces it, and a missing adapter panics
-    // inside wgpu, which is caught here and reported as "no adapter".
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let probe = std::panic::catch_unwind(|| {
-        let d = Device::wgpu(kind.clone());
-        let t = Tensor::<1>::from_floats([1.0, 2.0], &d);
-        let _ = t.sum().into_scalar::<f32>();
-        d
-    });
-    std::panic::set_hook(hook);
-    probe
-        .map(|d| d.autodiff())
-        .map_err(|_| DeviceError::NoWgpu("no wgpu adapter found on this machine".into()))
+    use burn::tensor::wgpu::wgpu as wgpu_crate;
+    use tracing::{debug, warn};
+
+    use super::{DeviceError, Kind, Selected};
+
+    /// cubecl's settings, before its first use: autotune results and compiled kernels kept in
+    /// [`super::kernel_cache_dir`] (not the `target/` of whatever Cargo project the current folder
+    /// is in, cubecl's default). On a software adapter each autotune candidate is timed once
+    /// instead of up to ten times: there the timing is what takes minutes, and the choice only
+    /// matters for speed. A `cubecl.toml` and `CUBECL_AUTOTUNE_*` variables still apply on top.
+    fn configure(software: bool) {
+        let mut config = CubeClRuntimeConfig::default();
+        if software {
+            config.autotune.bench.min_samples = 1;
+            config.autotune.bench.max_samples = 1;
+            config.autotune.bench.adaptive = false;
+        }
+        config.environment.path =
+            burn::cubecl::config::cache::CacheConfig::Directory(super::kernel_cache_dir());
+        // A cubecl.toml (or burn.toml) in the current folder or above replaces these defaults, as
+        // cubecl reads it; the environment overrides either.
+        let config = if config_file_present() {
+            CubeClRuntimeConfig::from_current_dir()
+        } else {
+            config
+        };
+        let _ = CubeClRuntimeConfig::try_set(config.override_from_env());
+    }
+
+    /// Whether cubecl would find a configuration file from the current folder up.
+    fn config_file_present() -> bool {
+        let Ok(dir) = std::env::current_dir() else {
+            return false;
+        };
+        dir.ancestors().any(|d| {
+            ["cubecl.toml", "CubeCL.toml", "burn.toml", "Burn.toml"]
+                .iter()
+                .any(|f| d.join(f).is_file())
+        })
+    }
+
+    /// The adapters wgpu finds on its automatic graphics API, hardware first.
+    fn adapters() -> Vec<WgpuDeviceKind> {
+        let mut kinds: Vec<WgpuDeviceKind> = <WgpuRuntime as Runtime>::enumerate_all_devices()
+            .into_iter()
+            .map(|id| WgpuDevice::from_id(id).kind)
+            .collect();
+        kinds.sort_by_key(|k| match *k {
+            WgpuDeviceKind::DiscreteGpu(i) => (0, i),
+            WgpuDeviceKind::IntegratedGpu(i) => (1, i),
+            WgpuDeviceKind::VirtualGpu(i) => (2, i),
+            WgpuDeviceKind::Other(i) => (3, i),
+            _ => (4, 0),
+        });
+        kinds
+    }
+
+    fn burn_kind(k: &WgpuDeviceKind) -> DeviceKind {
+        match *k {
+            WgpuDeviceKind::DiscreteGpu(i) => DeviceKind::DiscreteGpu(i),
+            WgpuDeviceKind::IntegratedGpu(i) => DeviceKind::IntegratedGpu(i),
+            WgpuDeviceKind::VirtualGpu(i) => DeviceKind::VirtualGpu(i),
+            WgpuDeviceKind::Cpu => DeviceKind::Cpu,
+            _ => DeviceKind::DefaultDevice,
+        }
+    }
+
+    pub(super) fn init(software: bool) -> Result<Selected, DeviceError> {
+        let none = |why: &str| DeviceError::NoWgpu(why.to_string());
+        // Enumerating creates a wgpu instance; a broken driver may panic in it.
+        let kinds = catch(adapters).map_err(|m| none(&format!("enumerating adapters failed: {m}")))?;
+        debug!(adapters = ?kinds, "wgpu adapters.");
+        let hardware = kinds.iter().find(|k| !matches!(k, WgpuDeviceKind::Cpu));
+        let kind = match (hardware, software) {
+            (Some(k), _) => k.clone(),
+            (None, true) if kinds.contains(&WgpuDeviceKind::Cpu) => WgpuDeviceKind::Cpu,
+            (None, true) => {
+                return Err(none(
+                    "no wgpu adapter found on this machine (no Vulkan, Metal, DX12 or GL driver answered); on Linux without a GPU, Mesa's lavapipe (package mesa-vulkan-drivers, 24.2 or newer) is a software adapter",
+                ));
+            }
+            (None, false) => return Err(none("no hardware GPU adapter")),
+        };
+        configure(kind == WgpuDeviceKind::Cpu);
+        let (device, setup) = catch(|| {
+            Device::wgpu_options()
+                .device_kind(burn_kind(&kind))
+                .init_with_setup()
+        })
+        .map_err(|m| none(&format!("initialising the adapter failed: {m}")))?
+        .map_err(|e| none(&format!("initialising the adapter failed: {e}")))?;
+        let info = setup.adapter.get_info();
+        // One tiny read: a driver that cannot run compute shaders fails here, not mid-run.
+        let probe = catch(|| {
+            Tensor::<1>::from_floats([1.0, 2.0], &device)
+                .sum()
+                .into_scalar::<f32>()
+        })
+        .map_err(|m| none(&format!("{} ({:?}) cannot run a kernel: {m}", info.name, info.backend)))?;
+        if probe != 3.0 {
+            return Err(none(&format!(
+                "{} ({:?}) computed 1 + 2 = {probe}",
+                info.name, info.backend
+            )));
+        }
+        let compiler = device
+            .identity()
+            .map(|i| i.fingerprint)
+            .unwrap_or_default();
+        let kind = if info.device_type == wgpu_crate::DeviceType::Cpu {
+            Kind::SoftwareGpu
+        } else {
+            Kind::Gpu
+        };
+        let name = format!(
+            "wgpu: {} ({:?}, {}{}{})",
+            info.name,
+            info.backend,
+            compiler,
+            if info.driver_info.is_empty() { "" } else { ", " },
+            info.driver_info
+        );
+        if kind == Kind::SoftwareGpu {
+            warn!(adapter = %info.name, backend = ?info.backend, "Only a software adapter is there: it computes on the CPU, far slower than --device cpu; use it to test the GPU path.");
+        }
+        Ok(Selected {
+            device: device.autodiff(),
+            name,
+            kind,
+        })
+    }
+
+    /// Runs `f`, turning a panic into its message (wgpu reports some driver failures by panicking).
+    fn catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        std::panic::set_hook(hook);
+        r.map_err(|p| {
+            p.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic".into())
+        })
+    }
 }
 
 #[cfg(not(feature = "wgpu"))]
-fn wgpu(_: Kind) -> Result<Device, DeviceError> {
-    Err(DeviceError::NoWgpu(
-        "this runner was built without the wgpu feature; rebuild with `cargo build --release --features wgpu`".into(),
-    ))
+mod imp {
+    use super::{DeviceError, Selected};
+
+    pub(super) fn init(_software: bool) -> Result<Selected, DeviceError> {
+        Err(DeviceError::NoWgpu(
+            "this runner was built without the wgpu feature (cargo build --release --no-default-features); rebuild with the default features".into(),
+        ))
+    }
 }

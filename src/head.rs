@@ -248,11 +248,32 @@ impl Layer {
                     y
                 })
             }
-            (Self::Dropout(d), Act::Map(x)) => Act::Map(d.forward(x)),
-            (Self::Dropout(d), Act::Flat(x)) => Act::Flat(d.forward(x)),
+            (Self::Dropout(d), Act::Map(x)) => Act::Map(dropout(d, x)),
+            (Self::Dropout(d), Act::Flat(x)) => Act::Flat(dropout(d, x)),
             (_, Act::Flat(_)) => unreachable!("the plan rejects spatial layers on vectors"),
         }
     }
+}
+
+/// burn's `Dropout::forward` with the mask drawn from the host's random stream
+/// ([`crate::device::host_random`]) instead of the computing device's: the same seed drops the
+/// same values on every device. Active while training (an autodiff input, a layer not frozen).
+///
+/// # Shapes
+///
+/// - input: `[..., any]`; output: the same
+fn dropout<const D: usize>(d: &Dropout, x: Tensor<D>) -> Tensor<D> {
+    let device = x.device();
+    if !d.training.is_enabled() || !device.is_autodiff() || d.prob == 0.0 {
+        return x;
+    }
+    let keep = 1.0 - d.prob;
+    let mask = crate::device::host_random(
+        x.dims(),
+        burn::tensor::Distribution::Bernoulli(keep),
+        &device,
+    );
+    x * mask * (1.0 / keep)
 }
 
 /// A head layer as the hand-written training step (`train::hand`) sees it.

@@ -126,8 +126,9 @@ pub fn close_run_log() {
 /// Installs the console and run-log layers. `RUNNER_LOG` sets the console filter (default info).
 pub fn init() {
     // On a terminal the progress bar shows what the `Training.` events say.
-    let mut filter =
-        EnvFilter::try_from_env("RUNNER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // cubecl says "Tuning <key>" at info for every kernel it autotunes: that is debug detail.
+    let mut filter = EnvFilter::try_from_env("RUNNER_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,cubecl_runtime::tune=warn"));
     if stderr_is_terminal()
         && let Ok(d) = "runner::progress=off".parse()
     {

@@ -178,10 +178,17 @@ impl TransferModel {
             .phases
             .first()
             .map_or(plan.cutoff.index, |p| p.cutoff.index);
-        let head = Head::init(&plan.spec.head.layers, Shape::Map(plan.base_output), device);
-        // burn initialises parameters lazily, on first use: draw them now, right after the
-        // seed, so that they do not depend on what runs first (a feature cache hit or miss).
+        // Drawn from the host's random stream (then moved to `device`), so that a seed gives the
+        // same initial head on every device. burn initialises parameters lazily, on first use:
+        // draw them now, right after the seed, so that they do not depend on what runs first (a
+        // feature cache hit or miss).
+        let head = Head::init(
+            &plan.spec.head.layers,
+            Shape::Map(plan.base_output),
+            &crate::device::host(),
+        );
         head.visit(&mut Materialize);
+        let head = head.fork(device);
         Self {
             backbone: backbone.freeze_before(cut),
             head,

@@ -81,7 +81,7 @@ impl Vgg {
     /// - input: `[batch, 3, height, width]`; output: `[batch, channels, height, width]` after layer `to - 1`
     pub fn forward_frozen(&self, x: Tensor<4>, to: usize) -> Tensor<4> {
         let device = x.device();
-        if device != Device::flex() || to == 0 {
+        if !crate::device::is_cpu(&device) || to == 0 {
             return self.forward_range(x, 0, to);
         }
         let [n, mut c, mut h, mut w] = x.dims();

@@ -71,7 +71,7 @@ pub fn run(plan: &Plan, device: &Device, steps: usize) -> Result<String, TrainEr
         format!("{aug_rate:.0} images/s"),
     ));
 
-    device.seed(spec.experiment.seed);
+    crate::device::seed_host(spec.experiment.seed);
     let model = TransferModel::build(plan, device)?;
     let val = &images[1];
     let few: Vec<usize> = (0..spec.data.batch_size.min(val.len())).collect();

@@ -326,7 +326,7 @@ fn train_step(
 
     // The check, on the training code's path (activations at the cutoff, then the rest).
     let check_plan = one_phase(&without_dropout(&plan), phase, 2, 1);
-    device.seed(plan.spec.experiment.seed);
+    crate::device::seed_host(plan.spec.experiment.seed);
     let model = TransferModel::build(&check_plan, device)?;
     let head = head_tensors(&model);
     let feats = train::features::extract(&model, &images, &check_plan, device, "bench")?;
@@ -362,7 +362,7 @@ fn train_step(
 
     // The timed steps: the real plan (dropout on), one step per fit, the frozen part every step.
     let timed = one_phase(&plan, phase, 1, 1);
-    device.seed(plan.spec.experiment.seed);
+    crate::device::seed_host(plan.spec.experiment.seed);
     let mut model = Some(TransferModel::build(&timed, device)?);
     let val = first_n(&feats, 1);
     let seconds = time(opts, || {
@@ -431,7 +431,7 @@ fn dense_head_epoch(opts: &Options, device: &Device) -> anyhow::Result<Report> {
     let train_feats = synthetic_features(2000, plan.base_output);
     let first = first_n(&train_feats, batch);
     let check_plan = one_phase(&without_dropout(&plan), None, 2, 1);
-    device.seed(plan.spec.experiment.seed);
+    crate::device::seed_host(plan.spec.experiment.seed);
     let model = TransferModel::build(&check_plan, device)?;
     let mut check = head_tensors(&model);
     let (_, history) = train::fit(
@@ -463,7 +463,7 @@ fn dense_head_epoch(opts: &Options, device: &Device) -> anyhow::Result<Report> {
 
     let steps = 2000 / batch;
     let timed = one_phase(&plan, None, 1, steps);
-    device.seed(plan.spec.experiment.seed);
+    crate::device::seed_host(plan.spec.experiment.seed);
     let mut model = Some(TransferModel::build(&timed, device)?);
     let val = first_n(&first, 1);
     let seconds = time(opts, || {

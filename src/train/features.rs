@@ -26,6 +26,10 @@ use crate::plan::Plan;
 /// resizing moved to fast_image_resize, pixels differ by up to 2 levels).
 const CACHE_VERSION: &str = "2";
 
+/// The largest split kept whole in device memory by [`Features::resident`] (2 GiB: 65,536 images
+/// of VGG16's 4x4x512 activations).
+pub const RESIDENT_LIMIT: usize = 2 << 30;
+
 /// Activations at the cutoff for every image of one split, `[n, c, h, w]` row-major.
 #[derive(Debug, Clone)]
 pub struct Features {
@@ -53,6 +57,37 @@ impl Features {
         }
         let [c, h, w] = self.shape;
         let x = Tensor::from_data(TensorData::new(buf, [indices.len(), c, h, w]), device);
+        (x, indices.iter().map(|&i| self.labels[i]).collect())
+    }
+
+    /// Every example as one tensor on `device` (a GPU keeps a phase's training split there), or
+    /// `None` when the split is larger than [`RESIDENT_LIMIT`].
+    ///
+    /// # Shapes
+    ///
+    /// - output: `[n, c, h, w]`
+    pub fn resident(&self, device: &Device) -> Option<Tensor<4>> {
+        if self.values.len() * 4 > RESIDENT_LIMIT || self.is_empty() {
+            return None;
+        }
+        let [c, h, w] = self.shape;
+        Some(Tensor::from_data(
+            TensorData::new(self.values.clone(), [self.len(), c, h, w]),
+            device,
+        ))
+    }
+
+    /// A batch gathered on the device from [`resident`](Self::resident)'s tensor: only the
+    /// indices travel. The batch is on `all`'s device, with autodiff (no gradient required).
+    ///
+    /// # Shapes
+    ///
+    /// - all: `[n, c, h, w]`; output: `[indices.len(), c, h, w]`
+    pub fn gather(&self, all: &Tensor<4>, indices: &[usize]) -> (Tensor<4>, Vec<usize>) {
+        let device = all.device();
+        let idx: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [indices.len()]), &device);
+        let x = all.clone().select(0, idx).autodiff();
         (x, indices.iter().map(|&i| self.labels[i]).collect())
     }
 

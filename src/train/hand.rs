@@ -143,7 +143,7 @@ impl HandPath {
     /// a device other than burn's CPU backend, layers of a base other than VGG above the cutoff,
     /// a convolution or pool in the head, a softmax before the last layer.
     pub fn of(model: &TransferModel, device: &Device, loss: Loss) -> Option<Self> {
-        if device.clone().without_autodiff() != Device::flex() {
+        if !crate::device::is_cpu(device) {
             return None;
         }
         let n = model.head.layers.len();
@@ -255,7 +255,7 @@ impl HandPath {
                 Op::Dropout { prob } => {
                     // As burn's Dropout: a mask of the input's shape, then two products.
                     let keep = 1.0 - prob;
-                    let mask = bernoulli(&dims, keep, &device);
+                    let mask = bernoulli(&dims, keep);
                     let scale = (1.0 / keep) as f32;
                     let y = x.iter().zip(&mask).map(|(v, m)| (v * m) * scale).collect();
                     masks[i] = Some(mask);
@@ -431,12 +431,14 @@ fn value<'a>(input: &'a [f32], outs: &'a [Option<Vec<f32>>], i: usize) -> &'a [f
         .unwrap_or(input)
 }
 
-/// A Bernoulli(`keep`) mask of shape `dims`, drawn as burn's `Dropout` draws it.
-fn bernoulli(dims: &[usize], keep: f64, device: &Device) -> Vec<f32> {
+/// A Bernoulli(`keep`) mask of shape `dims`, drawn from the host's random stream as the head's
+/// dropout draws it.
+fn bernoulli(dims: &[usize], keep: f64) -> Vec<f32> {
     let d = Distribution::Bernoulli(keep);
+    let host = Device::flex();
     let data = match *dims {
-        [a, b] => Tensor::<2>::random([a, b], d, device).into_data(),
-        [a, b, c, e] => Tensor::<4>::random([a, b, c, e], d, device).into_data(),
+        [a, b] => crate::device::host_random([a, b], d, &host).into_data(),
+        [a, b, c, e] => crate::device::host_random([a, b, c, e], d, &host).into_data(),
         _ => unreachable!("activations are vectors or feature maps"),
     };
     data.try_into_vec::<f32>().expect("masks are f32")

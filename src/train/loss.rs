@@ -75,13 +75,31 @@ pub fn probabilities(kind: Loss, logits: Tensor<2>) -> Vec<Vec<f32>> {
     }
 }
 
-/// Number of correct predictions.
+/// Number of correct predictions (reads the logits back to the host).
 pub fn correct(kind: Loss, logits: Tensor<2>, labels: &[usize]) -> usize {
     predictions(kind, logits)
         .iter()
         .zip(labels)
         .filter(|(p, l)| p == l)
         .count()
+}
+
+/// Number of correct predictions as a tensor on the logits' device (nothing is read back): a
+/// sigmoid output is right when `z > 0` says class 1, a softmax one when the arg max is the label.
+///
+/// # Shapes
+///
+/// - logits: `[batch, 1]` or `[batch, classes]`; output: `[1]`
+pub fn correct_on_device(kind: Loss, logits: Tensor<2>, labels: &[usize]) -> Tensor<1> {
+    let device = logits.device();
+    let [batch, _] = logits.dims();
+    let y: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
+    let y = Tensor::<2>::from_data(TensorData::new(y, [batch, 1]), &device);
+    let predicted = match kind {
+        Loss::BinaryCrossentropy => logits.greater_elem(0.0).float(),
+        Loss::CategoricalCrossentropy => logits.argmax(1).float(),
+    };
+    predicted.equal(y).float().sum()
 }
 
 #[cfg(test)]

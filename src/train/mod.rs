@@ -16,7 +16,7 @@ pub mod optim;
 pub mod schedule;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use burn::optim::{GradientsParams, ModuleOptimizer};
@@ -299,7 +299,8 @@ pub fn epoch_order(
 }
 
 /// Loss and accuracy of `model` (in validation mode) over a split's features, and each
-/// example's class probabilities when `keep` is set.
+/// example's class probabilities when `keep` is set. The sums stay on the device until the split
+/// is done: one read for them, and one for the probabilities.
 pub fn evaluate_with(
     model: &TransferModel,
     feats: &Features,
@@ -310,30 +311,46 @@ pub fn evaluate_with(
     let m = model.valid();
     let plain = device.clone().without_autodiff();
     let kind = plan.spec.train.loss;
-    let (mut loss_sum, mut correct) = (0.0, 0usize);
-    let mut out = Vec::new();
+    let mut sums: Option<Tensor<1>> = None;
+    let mut logits_all = Vec::new();
     let indices: Vec<usize> = (0..feats.len()).collect();
     for chunk in indices.chunks(plan.spec.data.batch_size) {
         let (x, y) = feats.batch(chunk, &plain);
         let logits = m.forward_from_cut(x);
-        correct += loss::correct(kind, logits.clone(), &y);
+        let correct = loss::correct_on_device(kind, logits.clone(), &y);
+        let l = loss::loss(kind, logits.clone(), &y) * (chunk.len() as f32);
+        let batch = Tensor::cat(vec![l, correct], 0);
+        sums = Some(match sums {
+            Some(s) => s + batch,
+            None => batch,
+        });
         if keep {
-            for (&i, p) in chunk.iter().zip(loss::probabilities(kind, logits.clone())) {
-                out.push(Prediction {
-                    path: feats.paths[i].clone(),
-                    label: feats.labels[i],
-                    probabilities: p,
-                });
-            }
+            logits_all.push(logits);
         }
-        loss_sum +=
-            f64::from(loss::loss(kind, logits, &y).into_scalar::<f32>()) * chunk.len() as f64;
     }
     let n = feats.len().max(1) as f64;
+    let (loss_sum, correct) = match sums {
+        Some(s) => {
+            let v: Vec<f32> = s.into_data().iter::<f32>().collect();
+            (f64::from(v[0]), f64::from(v[1]).round())
+        }
+        None => (0.0, 0.0),
+    };
     let e = Evaluation {
         loss: loss_sum / n,
-        acc: correct as f64 / n,
+        acc: correct / n,
     };
+    let mut out = Vec::new();
+    if !logits_all.is_empty() {
+        let probs = loss::probabilities(kind, Tensor::cat(logits_all, 0));
+        for (i, p) in probs.into_iter().enumerate() {
+            out.push(Prediction {
+                path: feats.paths[i].clone(),
+                label: feats.labels[i],
+                probabilities: p,
+            });
+        }
+    }
     (e, out)
 }
 
@@ -372,6 +389,83 @@ impl TrainSource<'_> {
     }
 }
 
+/// One step's loss and correct count: computed on the host (the hand-written CPU step) or still
+/// on the device as a `[loss, correct]` tensor.
+enum Stat {
+    Host(f32, usize),
+    Device(Tensor<1>),
+}
+
+/// Steps whose statistics have not been added to the epoch's sums yet.
+#[derive(Default)]
+struct Pending {
+    /// Each step's statistics, its batch size and the step count after it.
+    steps: Vec<(Stat, usize, usize)>,
+}
+
+/// Reads of training statistics back to the host (one per [`Pending::read_into`] that had device
+/// values): a count that tests hold a GPU epoch to.
+static STAT_READS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many times the training loop has read statistics back from the device in this process.
+pub fn stat_reads() -> usize {
+    STAT_READS.load(Ordering::SeqCst)
+}
+
+/// A step's loss was not finite (the run diverged).
+struct NotFinite;
+
+impl Pending {
+    fn push(&mut self, stat: Stat, batch: usize, step: usize) {
+        self.steps.push((stat, batch, step));
+    }
+
+    /// Reads every pending step's values back (one read for all of them) and adds them to the
+    /// epoch's sums in order, up to and including the first step whose loss is not finite; that
+    /// one sets `progress.step` and is reported as [`NotFinite`].
+    fn read_into(&mut self, progress: &mut Progress) -> Result<(), NotFinite> {
+        if self.steps.is_empty() {
+            return Ok(());
+        }
+        let steps = std::mem::take(&mut self.steps);
+        let on_device: Vec<Tensor<1>> = steps
+            .iter()
+            .filter_map(|(s, ..)| match s {
+                Stat::Device(t) => Some(t.clone()),
+                Stat::Host(..) => None,
+            })
+            .collect();
+        let mut read = Vec::new().into_iter();
+        if !on_device.is_empty() {
+            STAT_READS.fetch_add(1, Ordering::SeqCst);
+            read = Tensor::cat(on_device, 0)
+                .into_data()
+                .iter::<f32>()
+                .collect::<Vec<f32>>()
+                .into_iter();
+        }
+        for (stat, batch, step) in steps {
+            let (value, correct) = match stat {
+                Stat::Host(v, c) => (v, c),
+                Stat::Device(_) => {
+                    let v = read.next().unwrap_or(f32::NAN);
+                    let c = read.next().unwrap_or(0.0);
+                    (v, c.round().max(0.0) as usize)
+                }
+            };
+            let p = &mut progress.partial;
+            p.loss_sum += f64::from(value) * batch as f64;
+            p.correct += correct;
+            p.seen += batch;
+            if !value.is_finite() {
+                progress.step = step;
+                return Err(NotFinite);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// How a run of steps ended.
 enum StepsEnd {
     Finished(TransferModel),
@@ -395,6 +489,9 @@ pub struct PhaseRunner<'a> {
     /// the cutoff, on the CPU) where they can; burn's autodiff otherwise. On by default; tests
     /// compare the two.
     pub by_hand: bool,
+    /// The phase's cached training activations in device memory (GPU only; `Some(None)` when
+    /// they do not fit).
+    resident: Option<Option<Tensor<4>>>,
 }
 
 impl<'a> PhaseRunner<'a> {
@@ -423,6 +520,7 @@ impl<'a> PhaseRunner<'a> {
             last_lr: lr,
             interrupt: None,
             by_hand: true,
+            resident: None,
         }
     }
 
@@ -433,6 +531,11 @@ impl<'a> PhaseRunner<'a> {
     }
 
     /// Trains on `batches` (the epoch's remaining ones), updating `progress`.
+    ///
+    /// Each step's loss and correct count stay on the device until they are read back, all at
+    /// once: every step on the CPU (where a read costs nothing and the loss is checked before the
+    /// update), every log interval (a tenth of the epoch) on a GPU, so that the device is never
+    /// waited for in between. A loss that is not finite stops the run at the step that produced it.
     fn steps(
         &mut self,
         mut model: TransferModel,
@@ -444,67 +547,93 @@ impl<'a> PhaseRunner<'a> {
         let kind = self.plan.spec.train.loss;
         let seed = self.plan.spec.experiment.seed;
         let report_every = self.steps.div_ceil(10).max(1);
+        let read_every = if crate::device::is_cpu(self.device) {
+            1
+        } else {
+            report_every
+        };
         let hand = self
             .by_hand
             .then(|| hand::HandPath::of(&model, self.device, kind))
             .flatten();
+        let mut pending = Pending::default();
         for (x, y) in batches {
             let at = progress.epoch_in_phase * self.steps + progress.step;
             let lr = self.schedule.lr(at);
-            self.device.seed(step_seed(seed, epoch, progress.step));
-            let (value, correct, grads) = match &hand {
+            crate::device::seed_host(step_seed(seed, epoch, progress.step));
+            let (stat, grads) = match &hand {
                 Some(path) => {
                     let step = path.step(&mut model, x, &y);
-                    (step.loss, step.correct, step.grads)
+                    (Stat::Host(step.loss, step.correct), step.grads)
                 }
                 None => {
                     let logits = model.forward_from_cut(x);
-                    let correct = loss::correct(kind, logits.clone().without_autodiff(), &y);
+                    let correct =
+                        loss::correct_on_device(kind, logits.clone().without_autodiff(), &y);
                     let l = loss::loss(kind, logits, &y);
                     let grads = l.backward();
-                    let value = l.into_scalar::<f32>();
-                    (value, correct, GradientsParams::from_grads(grads, &model))
+                    let stat = Tensor::cat(vec![l.without_autodiff(), correct], 0);
+                    (Stat::Device(stat), GradientsParams::from_grads(grads, &model))
                 }
             };
-            let p = &mut progress.partial;
-            p.loss_sum += f64::from(value) * y.len() as f64;
-            p.correct += correct;
-            p.seen += y.len();
             progress.step += 1;
-            if !value.is_finite() {
+            pending.push(stat, y.len(), progress.step);
+            let due = progress.step.is_multiple_of(read_every) || progress.step >= self.steps;
+            if due && pending.read_into(progress).is_err() {
                 return StepsEnd::Diverged(model);
             }
             model = self.optimizer.step(lr, model, grads);
             self.last_lr = lr;
-            let p = &progress.partial;
-            let rate = p.seen as f64 / (p.seconds + started.elapsed().as_secs_f64()).max(1e-9);
-            crate::logging::progress(
-                epoch,
-                progress.step,
-                self.steps,
-                p.loss_sum / p.seen as f64,
-                p.correct as f64 / p.seen as f64,
-                rate,
-            );
-            if progress.step.is_multiple_of(report_every) && progress.step < self.steps {
-                info!(
-                    target: "runner::progress",
-                    run = self.run,
-                    epoch,
-                    step = progress.step,
-                    steps = self.steps,
-                    lr,
-                    loss = p.loss_sum / p.seen as f64,
-                    acc = p.correct as f64 / p.seen as f64,
-                    images_per_s = rate,
-                    "Training."
-                );
+            if due {
+                self.report(progress, epoch, started, lr, report_every);
             }
             if self.interrupted() {
+                if pending.read_into(progress).is_err() {
+                    return StepsEnd::Diverged(model);
+                }
                 return StepsEnd::Interrupted(model);
             }
         }
+        if pending.read_into(progress).is_err() {
+            return StepsEnd::Diverged(model);
+        }
         StepsEnd::Finished(model)
+    }
+
+    /// The progress bar, and a log line every `report_every` steps.
+    fn report(
+        &self,
+        progress: &Progress,
+        epoch: usize,
+        started: Instant,
+        lr: f64,
+        report_every: usize,
+    ) {
+        let p = &progress.partial;
+        let rate = p.seen as f64 / (p.seconds + started.elapsed().as_secs_f64()).max(1e-9);
+        let seen = p.seen.max(1) as f64;
+        crate::logging::progress(
+            epoch,
+            progress.step,
+            self.steps,
+            p.loss_sum / seen,
+            p.correct as f64 / seen,
+            rate,
+        );
+        if progress.step.is_multiple_of(report_every) && progress.step < self.steps {
+            info!(
+                target: "runner::progress",
+                run = self.run,
+                epoch,
+                step = progress.step,
+                steps = self.steps,
+                lr,
+                loss = p.loss_sum / seen,
+                acc = p.correct as f64 / seen,
+                images_per_s = rate,
+                "Training."
+            );
+        }
     }
 
     /// Runs the rest of epoch `epoch` from `progress.step`.
@@ -521,11 +650,21 @@ impl<'a> PhaseRunner<'a> {
         let order = epoch_order(train.len(), batch, spec.train.steps_per_epoch, seed, epoch);
         let chunks: Vec<&[(usize, usize)]> = order.chunks(batch).skip(progress.step).collect();
         let device = self.device;
+        let plain = device.clone().without_autodiff();
         let end = match train {
             TrainSource::Features(f) => {
-                let batches = chunks.iter().map(|chunk| {
+                // On a GPU the whole split stays in device memory for the phase (when it fits)
+                // and each batch is gathered there; on the CPU batches are copied out.
+                if self.resident.is_none() && !crate::device::is_cpu(device) {
+                    self.resident = Some(f.resident(&plain));
+                }
+                let resident = self.resident.clone().flatten();
+                let batches = chunks.iter().map(move |chunk| {
                     let idx: Vec<usize> = chunk.iter().map(|(i, _)| *i).collect();
-                    f.batch(&idx, device)
+                    match &resident {
+                        Some(all) => f.gather(all, &idx),
+                        None => f.batch(&idx, device),
+                    }
                 });
                 // On a worker of the thread pool: the parallel parts of each step then start
                 // there instead of waking the pool from outside and sleeping until it is done.
@@ -536,31 +675,31 @@ impl<'a> PhaseRunner<'a> {
                 spec: aug,
                 frozen,
             } => {
-                // Augmentation of the next batches runs on another thread while this one
-                // computes; the channel bounds how far ahead it gets.
-                let plain = device.clone().without_autodiff();
+                // Augmentation, preprocessing and the upload of the next batches run on another
+                // thread while this one computes; the channel bounds how far ahead it gets.
                 let preprocess = self.plan.preprocess;
                 std::thread::scope(|scope| {
-                    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+                    let (tx, rx) = std::sync::mpsc::sync_channel::<Tensor<4>>(2);
                     let chunks_ref = &chunks;
+                    let plain = &plain;
                     scope.spawn(move || {
                         for chunk in chunks_ref {
                             let pixels =
                                 augment::augment_pass_batch(images, chunk, aug, seed, epoch);
-                            if tx.send(pixels).is_err() {
+                            let x = data::pixels_tensor(
+                                &pixels,
+                                chunk.len(),
+                                [images.height, images.width],
+                                preprocess,
+                                plain,
+                            );
+                            if tx.send(x).is_err() {
                                 return;
                             }
                         }
                     });
-                    let batches = chunks.iter().zip(rx.iter()).map(|(chunk, pixels)| {
+                    let batches = chunks.iter().zip(rx.iter()).map(|(chunk, x)| {
                         let y: Vec<usize> = chunk.iter().map(|(i, _)| images.labels[*i]).collect();
-                        let x = data::pixels_tensor(
-                            &pixels,
-                            y.len(),
-                            [images.height, images.width],
-                            preprocess,
-                            &plain,
-                        );
                         (frozen.frozen_features(x).autodiff(), y)
                     });
                     self.steps(model, progress, epoch, started, batches)
@@ -782,7 +921,7 @@ pub fn run(
     );
 
     info!(run, phase = "build_model", weights = %plan.weights.display(), "Phase started.");
-    device.seed(spec.experiment.seed);
+    crate::device::seed_host(spec.experiment.seed);
     let mut model = TransferModel::build(plan, device)?;
     let mut progress = Progress {
         skipped_images: skipped,

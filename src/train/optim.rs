@@ -116,7 +116,7 @@ pub struct FusedRmsProp {
 impl FusedRmsProp {
     /// Whether `step` takes the fused path for a parameter on `device`.
     pub fn fuses(&self, device: &Device) -> bool {
-        self.fusable && *device == Device::flex()
+        self.fusable && crate::device::is_cpu(device)
     }
 
     /// The fused step: with `g' = g + wd p`, `s = alpha s + (1 - alpha) g'^2`,
