@@ -215,23 +215,46 @@ fn check_and_plan_commands_validate_without_training() {
 }
 
 #[test]
-fn asking_for_wgpu_without_it_is_a_clear_error() {
+fn asking_for_wgpu_without_an_adapter_is_a_clear_error_and_auto_falls_back_to_the_cpu() {
     let s = setup(&[]);
-    let out = runner(
-        &[
-            s.spec.to_str().unwrap(),
-            "--device",
-            "wgpu",
-            "--results",
-            s.results.to_str().unwrap(),
-        ],
-        s.dir.path(),
-    );
-    if cfg!(feature = "wgpu") {
-        return;
-    }
+    // No Vulkan driver and no EGL vendor library: wgpu finds no adapter at all.
+    let hidden = |device: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_runner"))
+            .args([
+                s.spec.to_str().unwrap(),
+                "--device",
+                device,
+                "--results",
+                s.results.to_str().unwrap(),
+            ])
+            .current_dir(s.dir.path())
+            .env_remove("RUNNER_ASSETS")
+            .env("RUNNER_CACHE", s.dir.path().join("cache"))
+            .env("VK_DRIVER_FILES", "/nonexistent")
+            .env("VK_ICD_FILENAMES", "/nonexistent")
+            .env("__EGL_VENDOR_LIBRARY_FILENAMES", "/nonexistent")
+            .output()
+            .unwrap()
+    };
+    let out = hidden("wgpu");
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("built without the wgpu feature"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let want = if cfg!(feature = "wgpu") {
+        "no wgpu adapter found"
+    } else {
+        "built without the wgpu feature"
+    };
+    assert!(err.contains(want), "{err}");
+    assert!(files_with(&s.results, ".parquet").is_empty(), "nothing ran");
+    let out = hidden("auto");
+    ok(&out);
+    let id = files_with(&s.results, ".parquet")[0]
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let log = std::fs::read_to_string(s.results.join(format!("{id}.log.jsonl"))).unwrap();
+    assert!(log.contains(r#""device":"cpu (flex)""#), "{log}");
 }
 
 const AUGMENT: &str = "\n[augment]\nrotation_degrees = 40\nwidth_shift = 0.2\nheight_shift = 0.2\nzoom = 0.2\nhorizontal_flip = true\n";

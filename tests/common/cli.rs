@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use polars::prelude::*;
 
@@ -128,3 +129,72 @@ pub fn strs(df: &DataFrame, col: &str) -> Vec<String> {
         .map(|v| v.unwrap_or_default().to_string())
         .collect()
 }
+
+pub fn u32s(df: &DataFrame, col: &str) -> Vec<u32> {
+    df.column(col)
+        .unwrap()
+        .u32()
+        .unwrap()
+        .into_no_null_iter()
+        .collect()
+}
+
+/// The only run table in `results`, and its run id.
+pub fn only_run(results: &Path) -> (String, DataFrame) {
+    let tables = files_with(results, ".parquet");
+    assert_eq!(tables.len(), 1, "{tables:?}");
+    let id = tables[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .trim_end_matches(".parquet")
+        .to_string();
+    (id, runner::results::read_run(&tables[0]).unwrap().0)
+}
+
+pub fn events(results: &Path, id: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(results.join(format!("{id}.log.jsonl")))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+pub fn count(events: &[serde_json::Value], message: &str) -> usize {
+    events.iter().filter(|e| e["message"] == message).count()
+}
+
+/// Waits until some run in `results` has written its first checkpoint and results table;
+/// returns the run id.
+pub fn wait_for_checkpoint(results: &Path, child: &mut Child) -> String {
+    let started = Instant::now();
+    loop {
+        if let Ok(rd) = std::fs::read_dir(results) {
+            for e in rd.flatten() {
+                let id = e.file_name().to_string_lossy().into_owned();
+                if e.path().join("last.ckpt").is_file()
+                    && results.join(format!("{id}.parquet")).is_file()
+                {
+                    return id;
+                }
+            }
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before its first checkpoint"
+        );
+        // Generous: on a software GPU adapter the first epoch includes kernel autotuning.
+        assert!(started.elapsed() < Duration::from_secs(600));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+pub fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
