@@ -7,8 +7,13 @@ and inputs (runner writes them to bench/out/<workload>.safetensors).
     RUNNER_ASSETS=../shared/assets python bench/compare.py [--runner target/release/runner]
         [--threads 2] [--repeats 5] [--only vgg16_forward,augment] [--images 1000,4000]
 
-Needs (in the Python that runs it, a venv outside the repo): torch (CPU wheel), torchvision,
-numpy, safetensors, pillow. Prints one table (markdown).
+GPU (bench/gpu.sh runs it so): runner on `--device wgpu` against PyTorch on CUDA, in its defaults
+and with channels_last + cudnn.benchmark, every timing synchronised with the device:
+
+    RUNNER_ASSETS=... python bench/compare.py --gpu [--torch-device cuda] [--set data.image_size=[48,48]]
+
+Needs (in the Python that runs it, a venv outside the repo): torch, torchvision, numpy,
+safetensors, pillow. Prints one table (markdown).
 """
 import argparse
 import glob
@@ -25,6 +30,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 WORKLOADS = ["matmul", "vgg16_forward", "fine_tune_step", "conv_head_step", "dense_head_epoch",
              "decode_resize", "augment", "extract"]
+# The GPU table: (row name, runner workload, extra --set for both sides).
+GPU_WORKLOADS = [
+    ("vgg16_forward (batch 20)", "vgg16_forward", []),
+    ("vgg16_forward (batch 64)", "vgg16_forward", ["data.batch_size=64"]),
+    ("fine_tune_step", "fine_tune_step", []),
+    ("conv_head_step", "conv_head_step", []),
+    ("dense_head_epoch", "dense_head_epoch", []),
+    ("fine_tune_epoch", "fine_tune_epoch", []),
+]
 CAFFE_MEAN = [103.939, 116.779, 123.68]
 
 
@@ -41,13 +55,18 @@ def run_child(cmd, env):
 
 # ---------------------------------------------------------------- PyTorch side (worker process)
 
+SYNC = [lambda: None]  # torch.cuda.synchronize on a GPU: the clock stops when the work is done
+
+
 def median_time(f, warmup, repeats):
     for _ in range(warmup):
         f()
+    SYNC[0]()
     ts = []
     for _ in range(max(1, repeats)):
         t = time.perf_counter()
         f()
+        SYNC[0]()
         ts.append(time.perf_counter() - t)
     return sorted(ts)[len(ts) // 2], ts
 
@@ -82,7 +101,7 @@ def vgg16(torch, nn, weights_path):
     return nn.Sequential(*layers)
 
 
-def load_head(torch, modules, check):
+def load_head(torch, modules, check, dev="cpu"):
     """Assigns runner's initial head parameters (check `head.<i>`, burn layouts) in order."""
     params = [p for m in modules for p in m.parameters()]
     i = 0
@@ -91,7 +110,7 @@ def load_head(torch, modules, check):
         if v.ndim == 2:  # burn Linear [in, out] -> torch [out, in]
             v = v.t().contiguous()
         assert tuple(v.shape) == tuple(p.shape), (i, v.shape, p.shape)
-        p.data = v.clone()
+        p.data = v.clone().to(dev)
         i += 1
     assert f"head.{i}" not in check, "runner's head has more parameters"
 
@@ -123,45 +142,71 @@ def check_two_steps(torch, forward, params, lr, x, y, want):
     return rel(got, want), got
 
 
-def torch_worker(name, out, warmup, repeats, images_n):
+def torch_worker(name, out, warmup, repeats, images_n, device="cpu", channels_last=False, size=150):
     import torch
     import torch.nn as nn
     from safetensors.numpy import load_file
     torch.manual_seed(0)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        SYNC[0] = torch.cuda.synchronize
+        # The check compares float32 arithmetic: no TF32 while checking (restored for timing).
+        tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.benchmark = channels_last
+    else:
+        tf32 = None
+
+    def timing_defaults():
+        if tf32 is not None:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def to(x):
+        x = x.to(dev)
+        return x.contiguous(memory_format=fmt) if x.ndim == 4 else x
+
     assets = os.environ.get("RUNNER_ASSETS", os.path.join(ROOT, "..", "shared", "assets"))
     weights = os.path.join(assets, "weights", "vgg16_imagenet_notop.safetensors")
     data = os.path.join(assets, "data", "cats_and_dogs_small")
     res = {"workload": name, "check": ""}
     check = load_file(os.path.join(out, f"{name}.safetensors")) if name not in ("matmul", "augment", "extract") else {}
 
+    def net(m):
+        return m.to(dev).to(memory_format=fmt)
+
     if name == "matmul":
         n = 2048
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
         med, ts = median_time(lambda: a @ b, warmup, repeats)
         res.update(items=1, gflop_per_item=2 * n ** 3 / 1e9)
 
     elif name == "vgg16_forward":
-        base = vgg16(torch, nn, weights).eval()
-        x = torch.from_numpy(check["input"])
+        base = net(vgg16(torch, nn, weights).eval())
+        x = to(torch.from_numpy(check["input"]))
         with torch.no_grad():
             y = base(x)
-            res["check"] = f"output rel err {rel(y.numpy(), check['output']):.1e}"
-            assert rel(y.numpy(), check["output"]) < 1e-4, res["check"]
+            err = rel(y.float().cpu().numpy(), check["output"])
+            res["check"] = f"output rel err {err:.1e}"
+            assert err < 1e-4, res["check"]
+            timing_defaults()
             med, ts = median_time(lambda: base(x), warmup, repeats)
         res.update(items=x.shape[0])
 
-    elif name in ("fine_tune_step", "conv_head_step"):
-        base = vgg16(torch, nn, weights)
-        x = torch.from_numpy(check["input"])
-        y = torch.from_numpy(check["labels"])
-        if name == "fine_tune_step":
+    elif name in ("fine_tune_step", "conv_head_step", "fine_tune_epoch"):
+        base = net(vgg16(torch, nn, weights))
+        x = to(torch.from_numpy(check["input"]))
+        y = to(torch.from_numpy(check["labels"]))
+        hw = x.shape[-1] // 32  # the base's output is (size / 32) square
+        if name in ("fine_tune_step", "fine_tune_epoch"):
             exp = experiment("fine_tune.toml")
             lr = exp["phase"][1]["optimizer"]["lr"]
             frozen, block5 = base[:24], base[24:]
             for p in frozen.parameters():
                 p.requires_grad_(False)
-            dense = [nn.Linear(512 * 4 * 4, 256), nn.Linear(256, 1)]
-            load_head(torch, dense, check)
+            dense = [nn.Linear(512 * hw * hw, 256).to(dev), nn.Linear(256, 1).to(dev)]
+            load_head(torch, dense, check, dev)
             drop = nn.Dropout(0.0)
             def trainable(f):
                 return dense[1](drop(torch.relu(dense[0](torch.flatten(block5(f), 1)))))
@@ -172,9 +217,10 @@ def torch_worker(name, out, warmup, repeats, images_n):
             frozen = base
             for p in frozen.parameters():
                 p.requires_grad_(False)
-            conv = nn.Conv2d(512, 32, 3)
-            dense = [nn.Linear(32 * 2 * 2, 256), nn.Linear(256, 1)]
-            load_head(torch, [conv] + dense, check)
+            conv = net(nn.Conv2d(512, 32, 3))
+            flat = 32 * max(hw - 2, 0) ** 2
+            dense = [nn.Linear(flat, 256).to(dev), nn.Linear(256, 1).to(dev)]
+            load_head(torch, [conv] + dense, check, dev)
             drop = None
             def trainable(f):
                 return dense[1](torch.relu(dense[0](torch.flatten(torch.relu(conv(f)), 1))))
@@ -187,56 +233,89 @@ def torch_worker(name, out, warmup, repeats, images_n):
         r, got = check_two_steps(torch, forward, params, lr, x, y, check["metrics"])
         res["check"] = f"losses rel err {r:.1e}"
         assert r < 1e-4, (res["check"], got, check["metrics"].tolist())
+        timing_defaults()
 
         if drop is not None:
             drop.p = 0.5
         opt = rmsprop(torch, params, lr)
         bce = nn.BCEWithLogitsLoss()
-        if name == "conv_head_step":
-            from torchvision.transforms import v2
-            aug = v2.Compose([v2.RandomAffine(degrees=40, translate=(0.2, 0.2), scale=(0.8, 1.2), shear=0.2),
-                              v2.RandomHorizontalFlip()])
-            # The batch as decoded pixels (uint8 RGB): undo caffe preprocessing of the check input.
-            mean = torch.tensor(CAFFE_MEAN).view(1, 3, 1, 1)
-            pixels = (x + mean).flip(1).round().clamp(0, 255).to(torch.uint8)
+        from torchvision.transforms import v2
+        aug = v2.Compose([v2.RandomAffine(degrees=40, translate=(0.2, 0.2), scale=(0.8, 1.2), shear=0.2),
+                          v2.RandomHorizontalFlip()])
+        mean = torch.tensor(CAFFE_MEAN).view(1, 3, 1, 1)
 
-            def batch():
-                imgs = torch.stack([aug(p) for p in pixels]).float()
-                return imgs.flip(1) - mean
-        else:
-            def batch():
-                return x
-
-        def step():
+        def step(xb, yb):
             opt.zero_grad()
-            loss = bce(forward(batch())[:, 0], y)
+            loss = bce(forward(xb)[:, 0], yb)
             loss.backward()
             opt.step()
-        med, ts = median_time(step, warmup, repeats)
-        res.update(items=x.shape[0], gflop_per_item=None)
+
+        if name == "fine_tune_epoch":
+            # A PyTorch user's epoch: the decoded training images in memory, augmented per image
+            # by DataLoader workers, pinned, copied to the device while it computes.
+            files = sorted(glob.glob(os.path.join(data, "train", "*", "*.jpg")))[:images_n]
+            pixels = torch.stack([torch.from_numpy(decode_one(f, size)).permute(2, 0, 1) for f in files])
+            labels = torch.tensor([float("/dogs/" in f) for f in files])
+            batch = int(exp["data"]["batch_size"])
+
+            class Augmented(torch.utils.data.Dataset):
+                def __len__(self):
+                    return len(pixels)
+
+                def __getitem__(self, i):
+                    return aug(pixels[i]), labels[i]
+
+            workers = min(8, os.cpu_count() or 1)
+            loader = torch.utils.data.DataLoader(
+                Augmented(), batch_size=batch, shuffle=True, num_workers=workers,
+                pin_memory=dev.type == "cuda", persistent_workers=True, drop_last=False)
+            mean_dev = mean.to(dev)
+
+            def epoch():
+                for xb, yb in loader:
+                    xb = xb.to(dev, non_blocking=True).float()
+                    step(to(xb.flip(1) - mean_dev), yb.to(dev, non_blocking=True))
+            med, ts = median_time(epoch, warmup, repeats)
+            res.update(items=len(files), gflop_per_item=None, loader_workers=workers)
+        else:
+            if name == "conv_head_step":
+                # The batch as decoded pixels (uint8 RGB): undo caffe preprocessing of the check input.
+                pixels = (x.cpu() + mean).flip(1).round().clamp(0, 255).to(torch.uint8)
+
+                def batch():
+                    imgs = torch.stack([aug(p) for p in pixels]).float()
+                    return to(imgs.flip(1) - mean)
+            else:
+                def batch():
+                    return x
+            med, ts = median_time(lambda: step(batch(), y), warmup, repeats)
+            res.update(items=x.shape[0], gflop_per_item=None)
 
     elif name == "dense_head_epoch":
         exp = experiment("feature_extraction.toml")
         lr = exp["optimizer"]["lr"]
         batch = exp["data"]["batch_size"]
-        dense = [nn.Linear(8192, 256), nn.Linear(256, 1)]
-        load_head(torch, dense, check)
+        n_in = check["features"].shape[1]
+        dense = [nn.Linear(n_in, 256).to(dev), nn.Linear(256, 1).to(dev)]
+        load_head(torch, dense, check, dev)
         drop = nn.Dropout(0.0)
         def forward(f):
             return dense[1](drop(torch.relu(dense[0](f))))
         params = [p for m in dense for p in m.parameters()]
-        r, got = check_two_steps(torch, forward, params, lr, torch.from_numpy(check["features"]),
-                                 torch.from_numpy(check["labels"]), check["metrics"])
+        r, got = check_two_steps(torch, forward, params, lr, to(torch.from_numpy(check["features"])),
+                                 to(torch.from_numpy(check["labels"])), check["metrics"])
         res["check"] = f"losses rel err {r:.1e}"
         assert r < 1e-4, (res["check"], got, check["metrics"].tolist())
+        timing_defaults()
         drop.p = 0.5
-        feats = torch.rand(2000, 8192)
-        labels = (torch.arange(2000) % 2).float()
+        # The split resident on the device, as runner keeps it.
+        feats = torch.rand(2000, n_in, device=dev)
+        labels = (torch.arange(2000, device=dev) % 2).float()
         opt = rmsprop(torch, params, lr)
         bce = nn.BCEWithLogitsLoss()
 
         def epoch():
-            order = torch.randperm(2000)
+            order = torch.randperm(2000, device=dev)
             for i in range(0, 2000, batch):
                 idx = order[i:i + batch]
                 opt.zero_grad()
@@ -281,14 +360,16 @@ def torch_worker(name, out, warmup, repeats, images_n):
         res.update(items=len(files), check="streamed: decoded per batch, features kept")
 
     res.update(median_s=med, seconds=ts, items_per_s=res["items"] / med, peak_rss_mib=peak_rss_mib(),
-               threads=torch.get_num_threads())
+               threads=torch.get_num_threads(), device=str(dev), channels_last=channels_last)
+    if dev.type == "cuda":
+        res["gpu"] = torch.cuda.get_device_name(dev)
     print(json.dumps(res))
 
 
-def decode_one(path):
+def decode_one(path, size=150):
     from PIL import Image
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB").resize((150, 150), Image.BILINEAR))
+        return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
 
 
 # ---------------------------------------------------------------- the driver
@@ -299,22 +380,30 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--only", default=",".join(WORKLOADS))
-    ap.add_argument("--images", default="1000,4000", help="image counts for the memory workload")
+    ap.add_argument("--only", default=None)
+    ap.add_argument("--images", default="1000,4000", help="image counts for the memory workload (the GPU epoch: one count)")
     ap.add_argument("--out", default=os.path.join(HERE, "out"))
+    ap.add_argument("--gpu", action="store_true", help="the GPU table: runner --device wgpu against PyTorch on --torch-device")
+    ap.add_argument("--torch-device", default="auto", help="cuda, cpu or auto (cuda when there is one)")
+    ap.add_argument("--set", action="append", default=[], help="key=value for the experiments' specs, both sides")
     ap.add_argument("--torch-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--channels-last", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=int, default=150, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.torch_worker:
         import torch
         torch.set_num_threads(args.threads)
-        torch_worker(args.torch_worker, args.out, args.warmup, args.repeats, args.images and int(args.images))
+        torch_worker(args.torch_worker, args.out, args.warmup, args.repeats, args.images and int(args.images),
+                     args.torch_device, args.channels_last, args.size)
         return
 
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads),
                RUNNER_LOG="warn")
+    if args.gpu:
+        return gpu_table(args, env)
     rows = []
-    for w in args.only.split(","):
+    for w in (args.only or ",".join(WORKLOADS)).split(","):
         counts = args.images.split(",") if w == "extract" else [None]
         for n in counts:
             extra = ["--images", n] if n else []
@@ -338,6 +427,56 @@ def main():
         print(f"| {w}: {r['what']} | {r['items_per_s']:.2f} | {t['items_per_s']:.2f} | "
               f"{r['items_per_s'] / t['items_per_s']:.2f} | {g(r['items_per_s'])} | {g(t['items_per_s'])} | "
               f"{r['peak_rss_mib']:.0f} | {t['peak_rss_mib']:.0f} | {t['check'] or '-'} |")
+
+
+def gpu_table(args, env):
+    """runner on its wgpu device against PyTorch on the same card, default and channels_last."""
+    torch_device = args.torch_device
+    if torch_device == "auto":
+        out = run_child([sys.executable, "-c", "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')"], env)
+        torch_device = out.strip().splitlines()[-1]
+    sets = [x for kv in args.set for x in ("--set", kv)]
+    size = 150
+    for kv in args.set:
+        if kv.startswith("data.image_size="):
+            size = int(kv.split("=", 1)[1].strip("[]").split(",")[0])
+    epoch_images = args.images.split(",")[0]
+    names = args.only.split(",") if args.only else None
+    rows = []
+    for row, w, extra_sets in GPU_WORKLOADS:
+        if names and row not in names and w not in names:
+            continue
+        out_dir = os.path.join(args.out, "gpu", row.replace(" ", "_").replace("(", "").replace(")", ""))
+        wsets = sets + [x for kv in extra_sets for x in ("--set", kv)]
+        reps = ["--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+        t0 = time.time()
+        r = json.loads(run_child([args.runner, "bench-workload", w, "--device", "wgpu", "--out", out_dir,
+                                  "--images", epoch_images] + wsets + reps, env).strip().splitlines()[-1])
+        ts = []
+        for cl in [False, True]:
+            if cl and w == "dense_head_epoch":
+                ts.append(None)  # no convolution: memory format does not apply
+                continue
+            cmd = [sys.executable, __file__, "--torch-worker", w, "--out", out_dir, "--threads", str(args.threads),
+                   "--images", epoch_images, "--torch-device", torch_device, "--size", str(size)] + reps
+            ts.append(json.loads(run_child(cmd + (["--channels-last"] if cl else []), env).strip().splitlines()[-1]))
+        rows.append((row, r, ts))
+        best = max(t["items_per_s"] for t in ts if t)
+        print(f"{row}: runner {r['items_per_s']:.2f}/s, torch best {best:.2f}/s ({time.time() - t0:.0f} s)", file=sys.stderr)
+
+    gpu = next((t.get("gpu") for _, _, ts in rows for t in ts if t and t.get("gpu")), torch_device)
+    adapter = rows[0][1].get("device", "wgpu") if rows else "wgpu"
+    print(f"runner on {adapter} vs PyTorch on {gpu}, median of {args.repeats} after {args.warmup} warm-up, "
+          f"every timing synchronised with the device; PyTorch checked with TF32 off, timed in its defaults "
+          f"(TF32 convolutions on a GPU) and with channels_last + cudnn.benchmark\n")
+    print("| workload | runner items/s | PyTorch items/s | PyTorch channels_last items/s | runner / best PyTorch | runner GFLOP/s | seconds per run (runner) | same result |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row, r, ts in rows:
+        best = max(t["items_per_s"] for t in ts if t)
+        gf = r.get("gflop_per_item") or 0.0
+        cl = f"{ts[1]['items_per_s']:.1f}" if ts[1] else "-"
+        print(f"| {row}: {r['what']} | {r['items_per_s']:.1f} | {ts[0]['items_per_s']:.1f} | {cl} | "
+              f"{r['items_per_s'] / best:.2f} | {r['items_per_s'] * gf:.0f} | {r['median_s']:.3f} | {ts[0]['check'] or '-'} |")
 
 
 if __name__ == "__main__":

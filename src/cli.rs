@@ -181,7 +181,8 @@ enum Command {
     /// JSON line with its timings and writes `<out>/<workload>.safetensors` for the check.
     BenchWorkload {
         /// matmul, vgg16_forward, fine_tune_step, conv_head_step, dense_head_epoch,
-        /// decode_resize, augment or extract.
+        /// fine_tune_epoch, decode_resize, augment or extract (`--set` applies to the
+        /// experiments' specs: `--set data.batch_size=64`).
         workload: String,
         /// The folder of the experiments whose plans the workloads use.
         #[arg(long, default_value = "experiments", value_name = "DIR")]
@@ -195,7 +196,7 @@ enum Command {
         /// Timed runs (the median is reported).
         #[arg(long, default_value_t = 5)]
         repeats: usize,
-        /// Images for the extract (memory) workload.
+        /// Images for the extract (memory) workload and the fine_tune_epoch workload.
         #[arg(long, default_value_t = 4000)]
         images: usize,
     },
@@ -389,16 +390,19 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             }),
             _,
         ) => {
-            let device = device::select(common.device).map_err(bad_input)?.device;
+            let selected = device::select(common.device).map_err(bad_input)?;
+            let device = selected.device;
             let opts = crate::bench::workloads::Options {
                 warmup,
                 repeats,
                 images,
+                sets: common.sets.clone(),
                 experiments,
                 out: out.clone(),
             };
-            let report =
+            let mut report =
                 crate::bench::workloads::run(&workload, &opts, &device).map_err(bad_input)?;
+            report.device = selected.name;
             crate::bench::workloads::write_check(&report, &out).map_err(failed)?;
             println!("{}", report.json());
             Ok(())

@@ -38,6 +38,7 @@ fn options(experiments: &Path, out: &Path) -> Options {
         warmup: 0,
         repeats: 1,
         images: 8,
+        sets: Vec::new(),
         experiments: experiments.to_path_buf(),
         out: out.to_path_buf(),
     }

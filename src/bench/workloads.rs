@@ -20,12 +20,13 @@ use crate::spec::{AugmentSpec, LayerSpec};
 use crate::train::{self, TrainSource, features::Features};
 
 /// Every workload, in the table's order.
-pub const WORKLOADS: [&str; 8] = [
+pub const WORKLOADS: [&str; 9] = [
     "matmul",
     "vgg16_forward",
     "fine_tune_step",
     "conv_head_step",
     "dense_head_epoch",
+    "fine_tune_epoch",
     "decode_resize",
     "augment",
     "extract",
@@ -38,8 +39,11 @@ pub struct Options {
     pub warmup: usize,
     /// Timed runs.
     pub repeats: usize,
-    /// Images for `extract` (the memory workload).
+    /// Images for `extract` (the memory workload) and `fine_tune_epoch` (the epoch's size).
     pub images: usize,
+    /// `--set key=value` overrides applied to the experiments' specs (a batch size, an image
+    /// size: `bench/gpu.sh` measures batch 64 and runs small sizes on a software adapter).
+    pub sets: Vec<String>,
     /// Where the experiments are (`experiments/`).
     pub experiments: PathBuf,
     /// Where the check file goes.
@@ -59,6 +63,8 @@ pub struct Report {
     pub gflop_per_item: f64,
     /// What the run was, for the table.
     pub what: String,
+    /// The device it ran on (`cpu (flex)`, `wgpu: <adapter> (<API>, <compiler>)`).
+    pub device: String,
     /// Tensors for the check file: `(name, shape, values)`.
     pub check: Vec<(String, Vec<usize>, Vec<f32>)>,
 }
@@ -77,6 +83,7 @@ impl Report {
         serde_json::json!({
             "workload": self.name,
             "what": self.what,
+            "device": self.device,
             "items": self.items,
             "seconds": self.seconds,
             "median_s": median,
@@ -114,8 +121,16 @@ pub fn run(name: &str, opts: &Options, device: &Device) -> anyhow::Result<Report
     let mut r = match name {
         "matmul" => matmul(opts, device),
         "vgg16_forward" => vgg16_forward(opts, device)?,
-        "fine_tune_step" => train_step(opts, device, "fine_tune.toml", Some(1), false)?,
-        "conv_head_step" => train_step(opts, device, "conv_head.toml", None, true)?,
+        "fine_tune_step" => train_step(opts, device, "fine_tune.toml", Some(1), false, None)?,
+        "conv_head_step" => train_step(opts, device, "conv_head.toml", None, true, None)?,
+        "fine_tune_epoch" => train_step(
+            opts,
+            device,
+            "fine_tune.toml",
+            Some(1),
+            true,
+            Some(opts.images),
+        )?,
         "dense_head_epoch" => dense_head_epoch(opts, device)?,
         "decode_resize" => decode_resize(opts)?,
         "augment" => augment_from_memory(opts)?,
@@ -155,15 +170,23 @@ pub fn write_check(r: &Report, out: &Path) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// Times `f` `warmup + repeats` times, keeping the timed seconds.
-fn time(opts: &Options, mut f: impl FnMut()) -> Vec<f64> {
+/// Times `f` `warmup + repeats` times, keeping the timed seconds. The clock stops when `device`
+/// has finished the work, not when it was queued (a GPU runs behind the host).
+fn time(opts: &Options, device: &Device, mut f: impl FnMut()) -> Vec<f64> {
+    let done = || {
+        if let Err(e) = device.sync() {
+            tracing::warn!(error = %e, "Device sync failed.");
+        }
+    };
     for _ in 0..opts.warmup {
         f();
     }
+    done();
     (0..opts.repeats.max(1))
         .map(|_| {
             let t = Instant::now();
             f();
+            done();
             t.elapsed().as_secs_f64()
         })
         .collect()
@@ -174,7 +197,7 @@ fn matmul(opts: &Options, device: &Device) -> Report {
     let n: usize = 2048;
     let a = Tensor::<2>::random([n, n], burn::tensor::Distribution::Default, &device);
     let b = Tensor::<2>::random([n, n], burn::tensor::Distribution::Default, &device);
-    let seconds = time(opts, || {
+    let seconds = time(opts, &device, || {
         let c = a.clone().matmul(b.clone());
         std::hint::black_box(c.into_data());
     });
@@ -182,7 +205,10 @@ fn matmul(opts: &Options, device: &Device) -> Report {
         items: 1,
         seconds,
         gflop_per_item: 2.0 * (n * n * n) as f64 / 1e9,
-        what: format!("float32 matmul {n}x{n} (burn flex)"),
+        what: format!(
+            "float32 matmul {n}x{n} ({})",
+            if crate::device::is_cpu(&device) { "burn flex" } else { "burn wgpu" }
+        ),
         ..Report::default()
     }
 }
@@ -190,7 +216,7 @@ fn matmul(opts: &Options, device: &Device) -> Report {
 /// The plan of `experiments/<file>`, its assets resolved through `$RUNNER_ASSETS`.
 fn plan_of(opts: &Options, file: &str) -> anyhow::Result<Plan> {
     let path = opts.experiments.join(file);
-    let loaded = crate::spec::load::load(&path, &[])
+    let loaded = crate::spec::load::load(&path, &opts.sets)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     crate::plan::build(&loaded, &crate::assets::Locations::new(None))
         .map_err(|e| anyhow::anyhow!("{e}"))
@@ -233,7 +259,7 @@ fn vgg16_forward(opts: &Options, device: &Device) -> anyhow::Result<Report> {
     );
     let run = || model.frozen_features(x.clone());
     let out: Vec<f32> = run().into_data().iter::<f32>().collect();
-    let seconds = time(opts, || {
+    let seconds = time(opts, &plain, || {
         std::hint::black_box(run().into_data());
     });
     let [_, h, w] = plan.base_output;
@@ -304,16 +330,23 @@ fn one_phase(plan: &Plan, phase: Option<usize>, epochs: usize, steps: usize) -> 
 /// frozen part of the base runs every step (from decoded images; augmented when `augmented`).
 /// The check: two one-step epochs on one batch without dropout or augmentation, their training
 /// losses and the validation loss after each update.
+/// With `epoch_of: Some(n)`, each timed run is a whole epoch over the first `n` training images
+/// (`n / batch` steps) instead of one step.
 fn train_step(
     opts: &Options,
     device: &Device,
     file: &str,
     phase: Option<usize>,
     augmented: bool,
+    epoch_of: Option<usize>,
 ) -> anyhow::Result<Report> {
     let plan = plan_of(opts, file)?;
     let batch = plan.spec.data.batch_size;
     let images = first_images(&plan, "train", batch)?;
+    let epoch_images = match epoch_of {
+        Some(n) => Some(first_images(&plan, "train", n)?),
+        None => None,
+    };
     let identity = AugmentSpec::default();
     let aug = if augmented {
         plan.phases[phase.unwrap_or(0)]
@@ -360,15 +393,18 @@ fn train_step(
     ];
     check.extend(head);
 
-    // The timed steps: the real plan (dropout on), one step per fit, the frozen part every step.
-    let timed = one_phase(&plan, phase, 1, 1);
+    // The timed steps: the real plan (dropout on), one step per fit (or one epoch), the frozen
+    // part every step.
+    let timed_images = epoch_images.as_ref().unwrap_or(&images);
+    let steps = timed_images.len().div_ceil(batch);
+    let timed = one_phase(&plan, phase, 1, steps);
     crate::device::seed_host(plan.spec.experiment.seed);
     let mut model = Some(TransferModel::build(&timed, device)?);
     let val = first_n(&feats, 1);
-    let seconds = time(opts, || {
+    let seconds = time(opts, device, || {
         let m = model.take().expect("the model is put back after each step");
         let source = TrainSource::Augmented {
-            images: &images,
+            images: timed_images,
             spec: &aug,
             frozen: m.valid(),
         };
@@ -377,17 +413,27 @@ fn train_step(
     });
     let cut = &timed.phases[0].cutoff;
     let [h, w] = plan.spec.data.image_size;
-    Ok(Report {
-        items: batch,
-        seconds,
-        // Forward of the base; the trainable part's backward is not counted.
-        gflop_per_item: vgg16_gflop([h, w]),
-        what: format!(
+    let what = match epoch_of {
+        Some(_) => format!(
+            "training epoch: {} images {h}x{w}, {steps} steps of {batch}, {} head, trainable from {}{}",
+            timed_images.len(),
+            file.trim_end_matches(".toml"),
+            cut.label,
+            if augmented { ", augmented" } else { "" }
+        ),
+        None => format!(
             "training step: {} head, trainable from {}, batch {batch}{}",
             file.trim_end_matches(".toml"),
             cut.label,
             if augmented { ", augmented" } else { "" }
         ),
+    };
+    Ok(Report {
+        items: timed_images.len(),
+        seconds,
+        // Forward of the base; the trainable part's backward is not counted.
+        gflop_per_item: vgg16_gflop([h, w]),
+        what,
         check,
         ..Report::default()
     })
@@ -466,7 +512,7 @@ fn dense_head_epoch(opts: &Options, device: &Device) -> anyhow::Result<Report> {
     crate::device::seed_host(plan.spec.experiment.seed);
     let mut model = Some(TransferModel::build(&timed, device)?);
     let val = first_n(&first, 1);
-    let seconds = time(opts, || {
+    let seconds = time(opts, device, || {
         let m = model
             .take()
             .expect("the model is put back after each epoch");
@@ -497,7 +543,7 @@ fn decode_resize(opts: &Options) -> anyhow::Result<Report> {
     let size = plan.spec.data.image_size;
     let n: usize = plan.splits.iter().map(|s| s.files.len()).sum();
     let mut first = Vec::new();
-    let seconds = time(opts, || {
+    let seconds = time(opts, &Device::flex(), || {
         let mut all = Vec::new();
         for listing in &plan.splits {
             all.push(folder::load_split(listing, size, plan.spec.data.interpolation).0);
@@ -542,7 +588,7 @@ fn augment_from_memory(opts: &Options) -> anyhow::Result<Report> {
         .unwrap_or_else(AugmentSpec::notebook);
     let all: Vec<usize> = (0..images.len()).collect();
     let mut epoch = 0;
-    let seconds = time(opts, || {
+    let seconds = time(opts, &Device::flex(), || {
         epoch += 1;
         std::hint::black_box(augment::augment_batch(&images, &all, &aug, 42, epoch));
     });
