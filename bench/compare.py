@@ -30,10 +30,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 WORKLOADS = ["matmul", "vgg16_forward", "fine_tune_step", "conv_head_step", "dense_head_epoch",
              "decode_resize", "augment", "extract"]
-# The GPU table: (row name, runner workload, extra --set for both sides).
+# The GPU table: (row name, runner workload, extra --set for both sides); LARGE is --large-batch.
 GPU_WORKLOADS = [
-    ("vgg16_forward (batch 20)", "vgg16_forward", []),
-    ("vgg16_forward (batch 64)", "vgg16_forward", ["data.batch_size=64"]),
+    ("vgg16_forward", "vgg16_forward", []),
+    ("vgg16_forward (large batch)", "vgg16_forward", ["data.batch_size=LARGE"]),
     ("fine_tune_step", "fine_tune_step", []),
     ("conv_head_step", "conv_head_step", []),
     ("dense_head_epoch", "dense_head_epoch", []),
@@ -142,6 +142,15 @@ def check_two_steps(torch, forward, params, lr, x, y, want):
     return rel(got, want), got
 
 
+def assert_two_steps(res, r, got, want):
+    """The loss before any update must agree to 1e-4; after RMSprop's first steps, which divide each
+    gradient by its own magnitude (so a gradient that rounding sends across zero moves its weight
+    the other way), to 2e-3: channels_last and the GPU's kernels round differently."""
+    first = abs(got[0] - float(want[0])) / max(abs(float(want[0])), 1e-12)
+    res["check"] = f"first loss rel err {first:.1e}, after two updates {r:.1e}"
+    assert first < 1e-4 and r < 2e-3, (res["check"], got, want.tolist())
+
+
 def torch_worker(name, out, warmup, repeats, images_n, device="cpu", channels_last=False, size=150):
     import torch
     import torch.nn as nn
@@ -231,8 +240,7 @@ def torch_worker(name, out, warmup, repeats, images_n, device="cpu", channels_la
                 f = frozen(x)
             return trainable(f)
         r, got = check_two_steps(torch, forward, params, lr, x, y, check["metrics"])
-        res["check"] = f"losses rel err {r:.1e}"
-        assert r < 1e-4, (res["check"], got, check["metrics"].tolist())
+        assert_two_steps(res, r, got, check["metrics"])
         timing_defaults()
 
         if drop is not None:
@@ -304,8 +312,7 @@ def torch_worker(name, out, warmup, repeats, images_n, device="cpu", channels_la
         params = [p for m in dense for p in m.parameters()]
         r, got = check_two_steps(torch, forward, params, lr, to(torch.from_numpy(check["features"])),
                                  to(torch.from_numpy(check["labels"])), check["metrics"])
-        res["check"] = f"losses rel err {r:.1e}"
-        assert r < 1e-4, (res["check"], got, check["metrics"].tolist())
+        assert_two_steps(res, r, got, check["metrics"])
         timing_defaults()
         drop.p = 0.5
         # The split resident on the device, as runner keeps it.
@@ -386,6 +393,7 @@ def main():
     ap.add_argument("--gpu", action="store_true", help="the GPU table: runner --device wgpu against PyTorch on --torch-device")
     ap.add_argument("--torch-device", default="auto", help="cuda, cpu or auto (cuda when there is one)")
     ap.add_argument("--set", action="append", default=[], help="key=value for the experiments' specs, both sides")
+    ap.add_argument("--large-batch", type=int, default=64, help="the batch of the second VGG16 forward row")
     ap.add_argument("--torch-worker", help=argparse.SUPPRESS)
     ap.add_argument("--channels-last", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, default=150, help=argparse.SUPPRESS)
@@ -447,7 +455,7 @@ def gpu_table(args, env):
         if names and row not in names and w not in names:
             continue
         out_dir = os.path.join(args.out, "gpu", row.replace(" ", "_").replace("(", "").replace(")", ""))
-        wsets = sets + [x for kv in extra_sets for x in ("--set", kv)]
+        wsets = sets + [x for kv in extra_sets for x in ("--set", kv.replace("LARGE", str(args.large_batch)))]
         reps = ["--warmup", str(args.warmup), "--repeats", str(args.repeats)]
         t0 = time.time()
         r = json.loads(run_child([args.runner, "bench-workload", w, "--device", "wgpu", "--out", out_dir,

@@ -6,7 +6,8 @@
 #
 #   bench/gpu-pack.sh               # here, once: the stripped binary and the Vulkan loader packages
 #   bench/gpu.sh                    # there: 150x150, batch 20 and 64, a 2000-image epoch
-#   bench/gpu.sh --small            # a software adapter (lavapipe): 96x96, batch 4, a 40-image epoch
+#   bench/gpu.sh --small            # a software adapter (lavapipe): 96x96, batch 4 and 16, a
+#                                   # 40-image epoch
 #
 # The device tool's call (carry bench/carry and .gl): `bash bench/gpu.sh` with timeout_s 600.
 # Output: $OUT/gpu.md (or bench/out/gpu.md), the log beside it.
@@ -49,10 +50,10 @@ fi
 assets=/tmp/runner-gpu-assets
 if [ "$small" = 1 ]; then
   size=96; per_class="--train 20 --val 4 --test 2"; sets=(--set "data.image_size=[96,96]" --set data.batch_size=4)
-  epoch=40; reps=(--warmup 1 --repeats 1)
+  epoch=40; reps=(--warmup 1 --repeats 1 --large-batch 16)
 else
   size=150; per_class="--train 1000 --val 20 --test 2"; sets=()
-  epoch=2000; reps=(--warmup 1 --repeats 3)
+  epoch=2000; reps=(--warmup 1 --repeats 3 --large-batch 64)
 fi
 if [ ! -f "$assets/.done-$size" ]; then
   rm -rf "$assets"

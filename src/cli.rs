@@ -755,6 +755,31 @@ fn plot(runs: &[String], out: &Path, smooth: Option<f64>, common: &Common) -> Re
     Ok(())
 }
 
+/// Refuses a batch whose largest activation is more than one tensor may take on the device (a
+/// GPU adapter's storage-buffer binding limit), naming the keys and the batch size that fits.
+fn fits_on_device(plan: &Plan, limit: u64, device: &str) -> anyhow::Result<()> {
+    let [h, w] = plan.spec.data.image_size;
+    let per_image = plan.backbone.largest_activation([h, w]) as u64 * 4;
+    let batch = plan.spec.data.batch_size as u64;
+    if per_image * batch <= limit {
+        return Ok(());
+    }
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let fit = limit / per_image.max(1);
+    let advice = if fit >= 1 {
+        format!("use data.batch_size = {fit} or less, or a smaller data.image_size")
+    } else {
+        "even one image does not fit: use a smaller data.image_size".to_string()
+    };
+    anyhow::bail!(
+        "{}: data.batch_size = {batch} with data.image_size = [{h}, {w}]: the largest activation of {} takes {:.0} MiB per batch, more than the {:.0} MiB one tensor may take on {device}; {advice}",
+        plan.file.display(),
+        plan.backbone.name,
+        mib(per_image * batch),
+        mib(limit)
+    )
+}
+
 fn execute(
     plan: &Plan,
     id: &str,
@@ -763,6 +788,9 @@ fn execute(
     common: &Common,
 ) -> Result<(), Failure> {
     let selected = device::select(common.device).map_err(bad_input)?;
+    if let Some(limit) = selected.max_tensor_bytes {
+        fits_on_device(plan, limit, &selected.name).map_err(bad_input)?;
+    }
     let (device, device_name) = (selected.device, selected.name.as_str());
     let log_path = common.results.join(format!("{id}.log.jsonl"));
     crate::logging::open_run_log(&log_path).map_err(|e| {

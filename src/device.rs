@@ -51,6 +51,21 @@ pub struct Selected {
     pub name: String,
     /// What it is.
     pub kind: Kind,
+    /// The most bytes one tensor may take on it (a GPU binds each tensor as one storage buffer,
+    /// of at most the adapter's `max_storage_buffer_binding_size`); `None`: no such limit.
+    pub max_tensor_bytes: Option<u64>,
+}
+
+/// The largest wgpu storage-buffer binding of the device initialised in this process.
+static MAX_BINDING: OnceLock<u64> = OnceLock::new();
+
+/// The most bytes one tensor may take on `device`: unlimited on the CPU; on a GPU its adapter's
+/// storage-buffer binding limit (128 MiB on lavapipe, 2 to 4 GiB on desktop GPUs).
+pub fn max_tensor_bytes(device: &Device) -> u64 {
+    if is_cpu(device) {
+        return u64::MAX;
+    }
+    MAX_BINDING.get().copied().unwrap_or(u64::MAX)
 }
 
 /// Whether `device` is burn's Flex CPU device (with or without autodiff): where runner's own CPU
@@ -92,6 +107,7 @@ pub fn cpu() -> Selected {
         device: Device::flex().autodiff(),
         name: "cpu (flex)".into(),
         kind: Kind::Cpu,
+        max_tensor_bytes: None,
     }
 }
 
@@ -179,7 +195,12 @@ mod imp {
         } else {
             config
         };
-        let _ = CubeClRuntimeConfig::try_set(config.override_from_env());
+        let mut config = config.override_from_env();
+        // One stream for every thread. With cubecl's default (a stream per thread) a model
+        // updated by steps queued from a thread-pool worker was read stale from the main thread:
+        // the first validation after an epoch saw the weights from before its last update.
+        config.streaming.policy = burn::cubecl::config::streaming::StreamPolicy::Single;
+        let _ = CubeClRuntimeConfig::try_set(config);
     }
 
     /// Whether cubecl would find a configuration file from the current folder up.
@@ -245,6 +266,9 @@ mod imp {
         .map_err(|m| none(&format!("initialising the adapter failed: {m}")))?
         .map_err(|e| none(&format!("initialising the adapter failed: {e}")))?;
         let info = setup.adapter.get_info();
+        let limits = setup.device.limits();
+        let max_binding = u64::from(limits.max_storage_buffer_binding_size).min(limits.max_buffer_size);
+        let _ = super::MAX_BINDING.set(max_binding);
         // One tiny read: a driver that cannot run compute shaders fails here, not mid-run.
         let probe = catch(|| {
             Tensor::<1>::from_floats([1.0, 2.0], &device)
@@ -278,10 +302,12 @@ mod imp {
         if kind == Kind::SoftwareGpu {
             warn!(adapter = %info.name, backend = ?info.backend, "Only a software adapter is there: it computes on the CPU, far slower than --device cpu; use it to test the GPU path.");
         }
+        debug!(adapter = %info.name, max_binding, "wgpu device limits.");
         Ok(Selected {
             device: device.autodiff(),
             name,
             kind,
+            max_tensor_bytes: Some(max_binding),
         })
     }
 

@@ -453,8 +453,77 @@ fn every_optimizer_and_schedule_moves_the_parameters_alike() {
         assert_close(&format!("{what}: parameters after 9 steps"), &after_gpu, &after_cpu, 1e-4);
         for (a, b) in h_cpu.iter().zip(&h_gpu) {
             assert_eq!(a.lr, b.lr, "{what}: learning rate of epoch {}", a.epoch);
-            assert!((a.train_loss - b.train_loss).abs() <= 1e-3 * a.train_loss.abs().max(1e-3), "{what}: {a:?} vs {b:?}");
+            // The validation after each epoch sees that epoch's last update (cubecl's stream per
+            // thread once let it read the weights from before).
+            for (x, y) in [(a.train_loss, b.train_loss), (a.val_loss, b.val_loss), (a.val_acc, b.val_acc)] {
+                assert!((x - y).abs() <= 1e-3 * x.abs().max(1.0), "{what}: {a:?} vs {b:?}");
+            }
         }
+    }
+}
+
+#[test]
+fn an_augmented_phase_trains_alike_with_batches_made_on_another_thread() {
+    let Some(gpu) = gpu() else { return };
+    let _turn = turn();
+    let dir = tempfile::tempdir().unwrap();
+    plan(dir.path(), "vgg16", 32, common::DENSE_HEAD, "trainable_from = \"none\"");
+    let text = std::fs::read_to_string(dir.path().join("exp.toml")).unwrap();
+    let p = common::plan_for(
+        dir.path(),
+        &text.replace("epochs = 2", "epochs = 2\nsteps_per_epoch = 2"),
+    );
+    let images = runner::data::folder::load_split(
+        p.split("train").unwrap(),
+        p.spec.data.image_size,
+        p.spec.data.interpolation,
+    )
+    .0;
+    let aug = runner::spec::AugmentSpec::notebook();
+    let val = features(&p, 4, 41);
+    let (m_cpu, m_gpu) = both(&p, &gpu);
+    let mut histories = Vec::new();
+    for (m, d) in [(m_cpu, cpu()), (m_gpu, gpu.clone())] {
+        // Augmentation, preprocessing and the upload run on the training loop's producer thread.
+        let source = TrainSource::Augmented {
+            images: &images,
+            spec: &aug,
+            frozen: m.valid(),
+        };
+        let (m, h) = train::fit(m, &source, &val, &p, &d, "augmented");
+        histories.push((trainable_values(&m), h));
+    }
+    let ((w_cpu, h_cpu), (w_gpu, h_gpu)) = (&histories[0], &histories[1]);
+    assert_close("parameters after two augmented epochs", w_gpu, w_cpu, 1e-4);
+    for (a, b) in h_cpu.iter().zip(h_gpu) {
+        for (x, y) in [(a.train_loss, b.train_loss), (a.val_loss, b.val_loss)] {
+            assert!((x - y).abs() <= 1e-3 * x.abs().max(1.0), "{a:?} vs {b:?}");
+        }
+    }
+}
+
+#[test]
+fn the_validation_after_an_epoch_sees_its_last_update() {
+    let Some(gpu) = gpu() else { return };
+    let _turn = turn();
+    let dir = tempfile::tempdir().unwrap();
+    let dropout = "[[head.layers]]\nkind = \"dropout\"\nrate = 0.5\n";
+    plan(dir.path(), "vgg16", 32, &common::DENSE_HEAD.replace(dropout, ""), "trainable_from = \"none\"");
+    let text = std::fs::read_to_string(dir.path().join("exp.toml")).unwrap();
+    // One step an epoch: the validation right after it is the only read of the updated weights.
+    let p = common::plan_for(
+        dir.path(),
+        &text.replace("epochs = 2", "epochs = 2\nsteps_per_epoch = 1"),
+    );
+    let f = features(&p, 4, 51);
+    let (m_cpu, m_gpu) = both(&p, &gpu);
+    let (_, h_cpu) = train::fit(m_cpu, &TrainSource::Features(&f), &f, &p, &cpu(), "cpu");
+    let (_, h_gpu) = train::fit(m_gpu, &TrainSource::Features(&f), &f, &p, &gpu, "gpu");
+    // cubecl's default stream per thread once gave the GPU's first validation the weights from
+    // before the update: its loss was the training loss of the same batch.
+    assert!((h_gpu[0].val_loss - h_gpu[0].train_loss).abs() > 1e-3, "{h_gpu:?}");
+    for (a, b) in h_cpu.iter().zip(&h_gpu) {
+        assert!((a.val_loss - b.val_loss).abs() <= 1e-3 * a.val_loss.abs().max(1.0), "{a:?} vs {b:?}");
     }
 }
 
@@ -627,4 +696,25 @@ fn a_checkpoint_written_on_one_device_resumes_on_the_other() {
     assert_same_metrics("GPU, then resumed on the CPU", &gpu_first, &baseline, 1e-3);
     let cpu_first = killed_and_resumed(&s, &s.dir.path().join("cpu_then_gpu"), "cpu", "wgpu");
     assert_same_metrics("CPU, then resumed on the GPU", &cpu_first, &baseline, 1e-3);
+}
+
+#[test]
+fn a_batch_larger_than_the_adapter_can_hold_is_refused_before_training() {
+    let Some(_) = gpu() else { return };
+    let _turn = turn();
+    // 512 images of 512x512: VGG16's first activation alone is 32 GiB, over any adapter's limit.
+    let s = cli::setup(&[
+        ("image_size = [32, 32]", "image_size = [512, 512]"),
+        ("batch_size = 4", "batch_size = 512"),
+    ]);
+    let out = run_on(&s, "wgpu", &s.results, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("data.batch_size = 512 with data.image_size = [512, 512]")
+            && err.contains("MiB one tensor may take on wgpu: ")
+            && err.contains("use data.batch_size = "),
+        "{err}"
+    );
+    assert!(cli::files_with(&s.results, ".parquet").is_empty(), "nothing trained");
 }

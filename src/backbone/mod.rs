@@ -220,6 +220,22 @@ impl BackboneDef {
             .fold([3, h, w], |s, l| l.output_shape(s))
     }
 
+    /// Values of the largest activation one image makes inside the base (an upper bound): the
+    /// largest layer output, times 6 for MobileNetV2, whose blocks expand their input six-fold
+    /// before the depthwise convolution.
+    pub fn largest_activation(&self, [h, w]: [usize; 2]) -> usize {
+        let mut shape = [3, h, w];
+        let mut largest = 3 * h * w;
+        for l in self.layers() {
+            shape = l.output_shape(shape);
+            largest = largest.max(shape.iter().product());
+        }
+        match self.family {
+            Family::MobileNetV2 => largest * 6,
+            Family::Vgg | Family::ResNet50 => largest,
+        }
+    }
+
     /// The weight tensors the base expects: `(name, shape)` in Keras naming.
     pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
         self.layers()

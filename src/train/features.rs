@@ -61,13 +61,15 @@ impl Features {
     }
 
     /// Every example as one tensor on `device` (a GPU keeps a phase's training split there), or
-    /// `None` when the split is larger than [`RESIDENT_LIMIT`].
+    /// `None` when the split is larger than [`RESIDENT_LIMIT`] or than one tensor may be there.
     ///
     /// # Shapes
     ///
     /// - output: `[n, c, h, w]`
     pub fn resident(&self, device: &Device) -> Option<Tensor<4>> {
-        if self.values.len() * 4 > RESIDENT_LIMIT || self.is_empty() {
+        let bytes = (self.values.len() * 4) as u64;
+        let limit = (RESIDENT_LIMIT as u64).min(crate::device::max_tensor_bytes(device));
+        if bytes > limit || self.is_empty() {
             return None;
         }
         let [c, h, w] = self.shape;

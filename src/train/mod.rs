@@ -666,9 +666,14 @@ impl<'a> PhaseRunner<'a> {
                         None => f.batch(&idx, device),
                     }
                 });
-                // On a worker of the thread pool: the parallel parts of each step then start
-                // there instead of waking the pool from outside and sleeping until it is done.
-                rayon::scope(|_| self.steps(model, progress, epoch, started, batches))
+                // On the CPU, on a worker of the thread pool: the parallel parts of each step
+                // then start there instead of waking the pool from outside and sleeping until
+                // it is done. (A GPU's work is queued from this thread.)
+                if crate::device::is_cpu(device) {
+                    rayon::scope(|_| self.steps(model, progress, epoch, started, batches))
+                } else {
+                    self.steps(model, progress, epoch, started, batches)
+                }
             }
             TrainSource::Augmented {
                 images,
