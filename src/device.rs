@@ -164,12 +164,12 @@ pub fn kernel_cache_dir() -> std::path::PathBuf {
 #[cfg(feature = "wgpu")]
 mod imp {
     use burn::backend::Device as _;
-    use cubecl_runtime::runtime::Runtime;
     use burn::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
     use burn::cubecl::wgpu::{WgpuDevice, WgpuDeviceKind, WgpuRuntime};
     use burn::prelude::{Device, Tensor};
     use burn::tensor::DeviceKind;
     use burn::tensor::wgpu::wgpu as wgpu_crate;
+    use cubecl_runtime::runtime::Runtime;
     use tracing::{debug, warn};
 
     use super::{DeviceError, Kind, Selected};
@@ -244,7 +244,8 @@ mod imp {
     pub(super) fn init(software: bool) -> Result<Selected, DeviceError> {
         let none = |why: &str| DeviceError::NoWgpu(why.to_string());
         // Enumerating creates a wgpu instance; a broken driver may panic in it.
-        let kinds = catch(adapters).map_err(|m| none(&format!("enumerating adapters failed: {m}")))?;
+        let kinds =
+            catch(adapters).map_err(|m| none(&format!("enumerating adapters failed: {m}")))?;
         debug!(adapters = ?kinds, "wgpu adapters.");
         let hardware = kinds.iter().find(|k| !matches!(k, WgpuDeviceKind::Cpu));
         let kind = match (hardware, software) {
@@ -267,7 +268,9 @@ mod imp {
         .map_err(|e| none(&format!("initialising the adapter failed: {e}")))?;
         let info = setup.adapter.get_info();
         let limits = setup.device.limits();
-        let max_binding = u64::from(limits.max_storage_buffer_binding_size).min(limits.max_buffer_size);
+        let max_binding = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
         let _ = super::MAX_BINDING.set(max_binding);
         // One tiny read: a driver that cannot run compute shaders fails here, not mid-run.
         let probe = catch(|| {
@@ -275,17 +278,19 @@ mod imp {
                 .sum()
                 .into_scalar::<f32>()
         })
-        .map_err(|m| none(&format!("{} ({:?}) cannot run a kernel: {m}", info.name, info.backend)))?;
+        .map_err(|m| {
+            none(&format!(
+                "{} ({:?}) cannot run a kernel: {m}",
+                info.name, info.backend
+            ))
+        })?;
         if probe != 3.0 {
             return Err(none(&format!(
                 "{} ({:?}) computed 1 + 2 = {probe}",
                 info.name, info.backend
             )));
         }
-        let compiler = device
-            .identity()
-            .map(|i| i.fingerprint)
-            .unwrap_or_default();
+        let compiler = device.identity().map(|i| i.fingerprint).unwrap_or_default();
         let kind = if info.device_type == wgpu_crate::DeviceType::Cpu {
             Kind::SoftwareGpu
         } else {
@@ -296,7 +301,11 @@ mod imp {
             info.name,
             info.backend,
             compiler,
-            if info.driver_info.is_empty() { "" } else { ", " },
+            if info.driver_info.is_empty() {
+                ""
+            } else {
+                ", "
+            },
             info.driver_info
         );
         if kind == Kind::SoftwareGpu {

@@ -31,6 +31,9 @@ impl burn::module::ModuleVisitor for Digest {
 }
 
 /// A pretrained base of one of the known families.
+// One per model: boxing the large variant would buy nothing (its size differs with the backends
+// compiled in).
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Backbone {
     /// VGG16 / VGG19.

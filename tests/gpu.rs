@@ -83,7 +83,9 @@ fn random_weights(dir: &Path, name: &str) -> std::path::PathBuf {
 
 fn random_input(n: usize, size: usize, seed: u64) -> Vec<f32> {
     let mut rng = common::Rng::new(seed);
-    (0..n * 3 * size * size).map(|_| rng.uniform() * 2.0).collect()
+    (0..n * 3 * size * size)
+        .map(|_| rng.uniform() * 2.0)
+        .collect()
 }
 
 #[test]
@@ -99,15 +101,26 @@ fn every_backbone_family_computes_the_cpu_forward_on_the_gpu() {
         let (b_cpu, b_gpu) = (on(&Device::flex()), on(&gpu));
         let n = b_cpu.num_layers();
         let x = random_input(2, size, 3);
-        let input = |d: &Device| Tensor::<4>::from_data(TensorData::new(x.clone(), [2, 3, size, size]), d);
+        let input =
+            |d: &Device| Tensor::<4>::from_data(TensorData::new(x.clone(), [2, 3, size, size]), d);
         let want = values(b_cpu.forward_range(input(&Device::flex()), 0, n));
         let got = values(b_gpu.forward_range(input(&gpu), 0, n));
-        assert_close(&format!("{name} forward at {size}x{size}"), &got, &want, 1e-4);
+        assert_close(
+            &format!("{name} forward at {size}x{size}"),
+            &got,
+            &want,
+            1e-4,
+        );
         // VGG's frozen layers run by Winograd on the CPU, by burn's convolutions on the GPU.
         if let (Some(v_cpu), Some(v_gpu)) = (b_cpu.vgg(), b_gpu.vgg()) {
             let want = values(v_cpu.forward_frozen(input(&Device::flex()), n));
             let got = values(v_gpu.forward_frozen(input(&gpu), n));
-            assert_close("vgg16 frozen forward (Winograd on the CPU)", &got, &want, 1e-4);
+            assert_close(
+                "vgg16 frozen forward (Winograd on the CPU)",
+                &got,
+                &want,
+                1e-4,
+            );
         }
     }
 }
@@ -120,13 +133,48 @@ fn plan(dir: &Path, backbone: &str, size: usize, head: &str, backbone_extra: &st
     let weights = random_weights(dir, backbone);
     let mut text = common::spec_text(&data, &weights, "")
         .replace(common::DENSE_HEAD, head)
-        .replace("image_size = [32, 32]", &format!("image_size = [{size}, {size}]"))
+        .replace(
+            "image_size = [32, 32]",
+            &format!("image_size = [{size}, {size}]"),
+        )
         .replace("name = \"vgg16\"", &format!("name = \"{backbone}\""))
         .replace("trainable_from = \"none\"", backbone_extra);
     if backbone != "vgg16" {
         text = text.replace("preprocess = \"caffe\"", "preprocess = \"torch\"");
     }
     common::plan_for(dir, &text)
+}
+
+/// A 32x32 VGG16 plan, whole base frozen, with `head`, `[train]`'s `epochs = 2` replaced by
+/// `train` and the optimizer by `optimizer` (when given), `extra` appended.
+fn small_plan(dir: &Path, head: &str, train: &str, optimizer: Option<&str>, extra: &str) -> Plan {
+    plan(dir, "vgg16", 32, head, "trainable_from = \"none\"");
+    let mut text = std::fs::read_to_string(dir.join("exp.toml"))
+        .unwrap()
+        .replace("epochs = 2", train);
+    if let Some(o) = optimizer {
+        text = text.replace("kind = \"rmsprop\"\nlr = 1e-3", o);
+    }
+    common::plan_for(dir, &(text + extra))
+}
+
+/// Two runs' epochs have the same learning rates and, within 1e-3, the same losses and validation
+/// accuracy.
+fn assert_same_history(what: &str, a: &[train::EpochMetrics], b: &[train::EpochMetrics]) {
+    assert_eq!(a.len(), b.len(), "{what}: epochs");
+    for (a, b) in a.iter().zip(b) {
+        assert_eq!(a.lr, b.lr, "{what}: learning rate of epoch {}", a.epoch);
+        for (x, y) in [
+            (a.train_loss, b.train_loss),
+            (a.val_loss, b.val_loss),
+            (a.val_acc, b.val_acc),
+        ] {
+            assert!(
+                (x - y).abs() <= 1e-3 * x.abs().max(1.0),
+                "{what}: {a:?} vs {b:?}"
+            );
+        }
+    }
 }
 
 /// Random activations at the plan's cutoff.
@@ -231,8 +279,16 @@ fn same_step(
     labels: &[usize],
     trainable: usize,
 ) -> (TransferModel, TransferModel) {
-    let p_cpu = values(m_cpu.valid().forward_from_cut(x_cpu.clone().without_autodiff()));
-    let p_gpu = values(m_gpu.valid().forward_from_cut(x_gpu.clone().without_autodiff()));
+    let p_cpu = values(
+        m_cpu
+            .valid()
+            .forward_from_cut(x_cpu.clone().without_autodiff()),
+    );
+    let p_gpu = values(
+        m_gpu
+            .valid()
+            .forward_from_cut(x_gpu.clone().without_autodiff()),
+    );
     assert_close(&format!("{what}: predictions"), &p_gpu, &p_cpu, 1e-3);
     let want = step(&mut m_cpu, x_cpu, labels, plan);
     let got = step(&mut m_gpu, x_gpu, labels, plan);
@@ -255,7 +311,11 @@ fn same_step(
             ),
         }
     }
-    assert_eq!(compared.len(), trainable, "{what}: every trainable parameter's gradient");
+    assert_eq!(
+        compared.len(),
+        trainable,
+        "{what}: every trainable parameter's gradient"
+    );
     // Relative to the gradient's own size, or to a thousandth of the largest gradient's where a
     // gradient is zero but for rounding: the shift of a BatchNorm that feeds a training BatchNorm
     // (through a 1x1 convolution) cancels in the next one's batch mean, so its gradient is noise.
@@ -286,11 +346,25 @@ fn a_dense_head_on_cached_features_takes_the_same_step() {
     let _turn = turn();
     let dir = tempfile::tempdir().unwrap();
     // flatten > dense(16, relu) > dropout(0.5) > dense(1, sigmoid): the mask is the host's on both.
-    let plan = plan(dir.path(), "vgg16", 64, common::DENSE_HEAD, "trainable_from = \"none\"");
+    let plan = plan(
+        dir.path(),
+        "vgg16",
+        64,
+        common::DENSE_HEAD,
+        "trainable_from = \"none\"",
+    );
     let f = features(&plan, 6, 11);
     let (x_cpu, labels) = batch(&f, &cpu());
     let (x_gpu, _) = batch(&f, &gpu);
-    same_step("dense head", &plan, both(&plan, &gpu), x_cpu, x_gpu, &labels, 4);
+    same_step(
+        "dense head",
+        &plan,
+        both(&plan, &gpu),
+        x_cpu,
+        x_gpu,
+        &labels,
+        4,
+    );
 }
 
 #[test]
@@ -298,13 +372,27 @@ fn fine_tuning_block5_takes_the_same_step() {
     let Some(gpu) = gpu() else { return };
     let _turn = turn();
     let dir = tempfile::tempdir().unwrap();
-    let plan = plan(dir.path(), "vgg16", 64, common::DENSE_HEAD, "trainable_from = \"block5_conv1\"");
+    let plan = plan(
+        dir.path(),
+        "vgg16",
+        64,
+        common::DENSE_HEAD,
+        "trainable_from = \"block5_conv1\"",
+    );
     let f = features(&plan, 4, 12);
     assert_eq!(f.shape, [512, 4, 4]);
     let (x_cpu, labels) = batch(&f, &cpu());
     let (x_gpu, _) = batch(&f, &gpu);
     // block5's three convolutions (weight and bias) and the head's two dense layers.
-    same_step("block5 + dense head", &plan, both(&plan, &gpu), x_cpu, x_gpu, &labels, 10);
+    same_step(
+        "block5 + dense head",
+        &plan,
+        both(&plan, &gpu),
+        x_cpu,
+        x_gpu,
+        &labels,
+        10,
+    );
 }
 
 const CONV_HEAD: &str = r#"
@@ -331,7 +419,13 @@ fn a_conv_head_over_the_frozen_base_takes_the_same_augmented_step() {
     let Some(gpu) = gpu() else { return };
     let _turn = turn();
     let dir = tempfile::tempdir().unwrap();
-    let plan = plan(dir.path(), "vgg16", 64, CONV_HEAD, "trainable_from = \"none\"");
+    let plan = plan(
+        dir.path(),
+        "vgg16",
+        64,
+        CONV_HEAD,
+        "trainable_from = \"none\"",
+    );
     let listing = plan.split("train").unwrap();
     let size = plan.spec.data.image_size;
     let images = runner::data::folder::load_split(listing, size, plan.spec.data.interpolation).0;
@@ -341,7 +435,13 @@ fn a_conv_head_over_the_frozen_base_takes_the_same_augmented_step() {
     let (m_cpu, m_gpu) = both(&plan, &gpu);
     // The frozen base on each device, outside autodiff, as the training loop runs it.
     let frozen = |m: &TransferModel, d: &Device| {
-        let x = runner::data::pixels_tensor(&pixels, items.len(), size, plan.preprocess, &d.clone().without_autodiff());
+        let x = runner::data::pixels_tensor(
+            &pixels,
+            items.len(),
+            size,
+            plan.preprocess,
+            &d.clone().without_autodiff(),
+        );
         m.valid().frozen_features(x).autodiff()
     };
     let (x_cpu, x_gpu) = (frozen(&m_cpu, &cpu()), frozen(&m_gpu, &gpu));
@@ -392,7 +492,12 @@ fn mobilenet_v2_above_its_cutoff_takes_the_same_step_with_batchnorm_training_or_
         );
         // The step's forward updates the running statistics the same way (or, frozen, not at all).
         let (after_cpu, after_gpu) = (stats(&m_cpu), stats(&m_gpu));
-        assert_close(&format!("batchnorm {mode}: running statistics"), &after_gpu, &after_cpu, 1e-4);
+        assert_close(
+            &format!("batchnorm {mode}: running statistics"),
+            &after_gpu,
+            &after_cpu,
+            1e-4,
+        );
         assert_eq!(after_cpu != before, mode == "train", "batchnorm {mode}");
     }
 }
@@ -425,8 +530,14 @@ fn every_optimizer_and_schedule_moves_the_parameters_alike() {
             "kind = \"rmsprop\"\nlr = 1e-3\nmomentum = 0.9\ncentered = true\nweight_decay = 1e-4",
             "kind = \"step\"\nevery_epochs = 1\ngamma = 0.5",
         ),
-        ("kind = \"adam\"\nlr = 1e-3", "kind = \"exponential\"\ngamma = 0.7"),
-        ("kind = \"adamw\"\nlr = 1e-3\nweight_decay = 0.01", "kind = \"cosine\"\nwarmup_epochs = 1"),
+        (
+            "kind = \"adam\"\nlr = 1e-3",
+            "kind = \"exponential\"\ngamma = 0.7",
+        ),
+        (
+            "kind = \"adamw\"\nlr = 1e-3\nweight_decay = 0.01",
+            "kind = \"cosine\"\nwarmup_epochs = 1",
+        ),
         (
             "kind = \"sgd\"\nlr = 1e-2\nmomentum = 0.9\nnesterov = true",
             "kind = \"reduce_on_plateau\"\nfactor = 0.5\npatience = 0\nmin_delta = 1000.0",
@@ -434,31 +545,48 @@ fn every_optimizer_and_schedule_moves_the_parameters_alike() {
     ];
     for (optimizer, schedule) in cases {
         let dir = tempfile::tempdir().unwrap();
-        plan(dir.path(), "vgg16", 32, common::DENSE_HEAD, "trainable_from = \"none\"");
-        let text = std::fs::read_to_string(dir.path().join("exp.toml")).unwrap();
-        let text = text
-            .replace("kind = \"rmsprop\"\nlr = 1e-3", optimizer)
-            .replace("epochs = 2", "epochs = 3\nsteps_per_epoch = 3")
-            + &format!("\n[schedule]\n{schedule}\n");
-        let p = common::plan_for(dir.path(), &text);
+        let p = small_plan(
+            dir.path(),
+            common::DENSE_HEAD,
+            "epochs = 3\nsteps_per_epoch = 3",
+            Some(optimizer),
+            &format!("\n[schedule]\n{schedule}\n"),
+        );
         let train_f = features(&p, 8, 21);
         let val_f = features(&p, 4, 22);
         let (m_cpu, m_gpu) = both(&p, &gpu);
         let start = trainable_values(&m_cpu);
-        let (m_cpu, h_cpu) = train::fit(m_cpu, &TrainSource::Features(&train_f), &val_f, &p, &cpu(), "cpu");
-        let (m_gpu, h_gpu) = train::fit(m_gpu, &TrainSource::Features(&train_f), &val_f, &p, &gpu, "gpu");
-        let what = format!("{} / {}", optimizer.lines().next().unwrap(), schedule.lines().next().unwrap());
+        let (m_cpu, h_cpu) = train::fit(
+            m_cpu,
+            &TrainSource::Features(&train_f),
+            &val_f,
+            &p,
+            &cpu(),
+            "cpu",
+        );
+        let (m_gpu, h_gpu) = train::fit(
+            m_gpu,
+            &TrainSource::Features(&train_f),
+            &val_f,
+            &p,
+            &gpu,
+            "gpu",
+        );
+        let what = format!(
+            "{} / {}",
+            optimizer.lines().next().unwrap(),
+            schedule.lines().next().unwrap()
+        );
         let (after_cpu, after_gpu) = (trainable_values(&m_cpu), trainable_values(&m_gpu));
         assert_ne!(after_cpu, start, "{what}: the parameters moved");
-        assert_close(&format!("{what}: parameters after 9 steps"), &after_gpu, &after_cpu, 1e-4);
-        for (a, b) in h_cpu.iter().zip(&h_gpu) {
-            assert_eq!(a.lr, b.lr, "{what}: learning rate of epoch {}", a.epoch);
-            // The validation after each epoch sees that epoch's last update (cubecl's stream per
-            // thread once let it read the weights from before).
-            for (x, y) in [(a.train_loss, b.train_loss), (a.val_loss, b.val_loss), (a.val_acc, b.val_acc)] {
-                assert!((x - y).abs() <= 1e-3 * x.abs().max(1.0), "{what}: {a:?} vs {b:?}");
-            }
-        }
+        assert_close(
+            &format!("{what}: parameters after 9 steps"),
+            &after_gpu,
+            &after_cpu,
+            1e-4,
+        );
+        // The validation after each epoch sees that epoch's last update too.
+        assert_same_history(&what, &h_cpu, &h_gpu);
     }
 }
 
@@ -467,11 +595,12 @@ fn an_augmented_phase_trains_alike_with_batches_made_on_another_thread() {
     let Some(gpu) = gpu() else { return };
     let _turn = turn();
     let dir = tempfile::tempdir().unwrap();
-    plan(dir.path(), "vgg16", 32, common::DENSE_HEAD, "trainable_from = \"none\"");
-    let text = std::fs::read_to_string(dir.path().join("exp.toml")).unwrap();
-    let p = common::plan_for(
+    let p = small_plan(
         dir.path(),
-        &text.replace("epochs = 2", "epochs = 2\nsteps_per_epoch = 2"),
+        common::DENSE_HEAD,
+        "epochs = 2\nsteps_per_epoch = 2",
+        None,
+        "",
     );
     let images = runner::data::folder::load_split(
         p.split("train").unwrap(),
@@ -495,11 +624,7 @@ fn an_augmented_phase_trains_alike_with_batches_made_on_another_thread() {
     }
     let ((w_cpu, h_cpu), (w_gpu, h_gpu)) = (&histories[0], &histories[1]);
     assert_close("parameters after two augmented epochs", w_gpu, w_cpu, 1e-4);
-    for (a, b) in h_cpu.iter().zip(h_gpu) {
-        for (x, y) in [(a.train_loss, b.train_loss), (a.val_loss, b.val_loss)] {
-            assert!((x - y).abs() <= 1e-3 * x.abs().max(1.0), "{a:?} vs {b:?}");
-        }
-    }
+    assert_same_history("augmented", h_cpu, h_gpu);
 }
 
 #[test]
@@ -508,12 +633,14 @@ fn the_validation_after_an_epoch_sees_its_last_update() {
     let _turn = turn();
     let dir = tempfile::tempdir().unwrap();
     let dropout = "[[head.layers]]\nkind = \"dropout\"\nrate = 0.5\n";
-    plan(dir.path(), "vgg16", 32, &common::DENSE_HEAD.replace(dropout, ""), "trainable_from = \"none\"");
-    let text = std::fs::read_to_string(dir.path().join("exp.toml")).unwrap();
     // One step an epoch: the validation right after it is the only read of the updated weights.
-    let p = common::plan_for(
+    let head = common::DENSE_HEAD.replace(dropout, "");
+    let p = small_plan(
         dir.path(),
-        &text.replace("epochs = 2", "epochs = 2\nsteps_per_epoch = 1"),
+        &head,
+        "epochs = 2\nsteps_per_epoch = 1",
+        None,
+        "",
     );
     let f = features(&p, 4, 51);
     let (m_cpu, m_gpu) = both(&p, &gpu);
@@ -521,10 +648,11 @@ fn the_validation_after_an_epoch_sees_its_last_update() {
     let (_, h_gpu) = train::fit(m_gpu, &TrainSource::Features(&f), &f, &p, &gpu, "gpu");
     // cubecl's default stream per thread once gave the GPU's first validation the weights from
     // before the update: its loss was the training loss of the same batch.
-    assert!((h_gpu[0].val_loss - h_gpu[0].train_loss).abs() > 1e-3, "{h_gpu:?}");
-    for (a, b) in h_cpu.iter().zip(&h_gpu) {
-        assert!((a.val_loss - b.val_loss).abs() <= 1e-3 * a.val_loss.abs().max(1.0), "{a:?} vs {b:?}");
-    }
+    assert!(
+        (h_gpu[0].val_loss - h_gpu[0].train_loss).abs() > 1e-3,
+        "{h_gpu:?}"
+    );
+    assert_same_history("one-step epochs", &h_cpu, &h_gpu);
 }
 
 // ---------------------------------------------------------------------------- host reads
@@ -534,20 +662,23 @@ fn a_gpu_epoch_reads_its_statistics_back_once_per_log_interval() {
     let Some(gpu) = gpu() else { return };
     let _turn = turn();
     let dir = tempfile::tempdir().unwrap();
-    let p = plan(dir.path(), "vgg16", 32, common::DENSE_HEAD, "trainable_from = \"none\"");
-    let text = std::fs::read_to_string(dir.path().join("exp.toml")).unwrap();
-    let p20 = common::plan_for(
+    let p20 = small_plan(
         dir.path(),
-        &text.replace("epochs = 2", "epochs = 1\nsteps_per_epoch = 20"),
+        common::DENSE_HEAD,
+        "epochs = 1\nsteps_per_epoch = 20",
+        None,
+        "",
     );
-    let _ = p;
     let f = features(&p20, 8, 31);
     let (m_cpu, m_gpu) = both(&p20, &gpu);
     let before = train::stat_reads();
     let _ = train::fit(m_gpu, &TrainSource::Features(&f), &f, &p20, &gpu, "gpu");
     let gpu_reads = train::stat_reads() - before;
     // 20 steps, a log line every 2: 10 reads, not 20.
-    assert_eq!(gpu_reads, 10, "reads of training statistics in a 20-step GPU epoch");
+    assert_eq!(
+        gpu_reads, 10,
+        "reads of training statistics in a 20-step GPU epoch"
+    );
     let before = train::stat_reads();
     let _ = train::fit(m_cpu, &TrainSource::Features(&f), &f, &p20, &cpu(), "cpu");
     // The CPU's hand-written step computes its statistics on the host: nothing to read back.
@@ -572,13 +703,28 @@ fn run_on(s: &Setup, device: &str, results: &Path, extra: &[&str]) -> std::proce
 }
 
 const METRICS: [&str; 7] = [
-    "train_loss", "train_acc", "val_loss", "val_acc", "lr", "test_loss", "test_acc",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "lr",
+    "test_loss",
+    "test_acc",
 ];
 
 /// Two run tables hold the same epochs and metrics within `tolerance` (relative, or absolute
 /// below 1).
-fn assert_same_metrics(what: &str, a: &polars::prelude::DataFrame, b: &polars::prelude::DataFrame, tolerance: f64) {
-    assert_eq!(cli::u32s(a, "epoch"), cli::u32s(b, "epoch"), "{what}: epochs");
+fn assert_same_metrics(
+    what: &str,
+    a: &polars::prelude::DataFrame,
+    b: &polars::prelude::DataFrame,
+    tolerance: f64,
+) {
+    assert_eq!(
+        cli::u32s(a, "epoch"),
+        cli::u32s(b, "epoch"),
+        "{what}: epochs"
+    );
     for col in METRICS {
         let (x, y) = (cli::f64s(a, col), cli::f64s(b, col));
         for (u, v) in x.iter().zip(&y) {
@@ -610,7 +756,11 @@ fn predict(s: &Setup, results: &Path, id: &str, device: &str) -> Vec<(String, f6
         .skip(1)
         .map(|line| {
             let c: Vec<&str> = line.split_whitespace().collect();
-            (c[0].to_string(), c[1].parse().unwrap(), c[2].parse().unwrap())
+            (
+                c[0].to_string(),
+                c[1].parse().unwrap(),
+                c[2].parse().unwrap(),
+            )
         })
         .collect()
 }
@@ -632,14 +782,30 @@ fn a_run_on_the_gpu_is_the_cpu_run_with_the_same_table_cache_and_predictions() {
     // The GPU run named its adapter and read the activations the CPU run had cached.
     let ev = cli::events(&on_gpu, &id_gpu);
     let started = ev.iter().find(|e| e["message"] == "Run started.").unwrap();
-    assert!(started["device"].as_str().unwrap().starts_with("wgpu: "), "{started}");
-    assert_eq!(cli::count(&ev, "Feature cache hit."), 3, "train, validation and test from the CPU's cache");
+    assert!(
+        started["device"].as_str().unwrap().starts_with("wgpu: "),
+        "{started}"
+    );
+    assert_eq!(
+        cli::count(&ev, "Feature cache hit."),
+        3,
+        "train, validation and test from the CPU's cache"
+    );
     assert_eq!(cli::count(&ev, "Feature cache miss."), 0);
 
     // Per-image test predictions, and `runner predict` of either model on either device.
-    let p_cpu = runner::results::read_run(&on_cpu.join(format!("{id_cpu}.predictions.parquet"))).unwrap().0;
-    let p_gpu = runner::results::read_run(&on_gpu.join(format!("{id_gpu}.predictions.parquet"))).unwrap().0;
-    let dogs = |df: &polars::prelude::DataFrame| cli::f64s(df, "p_dogs").iter().map(|v| *v as f32).collect::<Vec<_>>();
+    let p_cpu = runner::results::read_run(&on_cpu.join(format!("{id_cpu}.predictions.parquet")))
+        .unwrap()
+        .0;
+    let p_gpu = runner::results::read_run(&on_gpu.join(format!("{id_gpu}.predictions.parquet")))
+        .unwrap()
+        .0;
+    let dogs = |df: &polars::prelude::DataFrame| {
+        cli::f64s(df, "p_dogs")
+            .iter()
+            .map(|v| *v as f32)
+            .collect::<Vec<_>>()
+    };
     assert_close("test predictions", &dogs(&p_gpu), &dogs(&p_cpu), 1e-3);
     let a = predict(&s, &on_gpu, &id_gpu, "cpu");
     let b = predict(&s, &on_gpu, &id_gpu, "wgpu");
@@ -647,7 +813,10 @@ fn a_run_on_the_gpu_is_the_cpu_run_with_the_same_table_cache_and_predictions() {
     assert_eq!(a.len(), 8);
     for ((x, y), z) in a.iter().zip(&b).zip(&c) {
         assert_eq!(x.0, y.0);
-        assert!((x.2 - y.2).abs() <= 2e-4 && (x.2 - z.2).abs() <= 2e-3, "{x:?} {y:?} {z:?}");
+        assert!(
+            (x.2 - y.2).abs() <= 2e-4 && (x.2 - z.2).abs() <= 2e-3,
+            "{x:?} {y:?} {z:?}"
+        );
     }
 }
 
@@ -656,10 +825,21 @@ const LONG: [(&str, &str); 1] = [("epochs = 2", "epochs = 8\nsteps_per_epoch = 4
 
 /// Starts the run on `device`, kills it after its first checkpoint, resumes it on `then`:
 /// returns the finished table.
-fn killed_and_resumed(s: &Setup, results: &Path, device: &str, then: &str) -> polars::prelude::DataFrame {
+fn killed_and_resumed(
+    s: &Setup,
+    results: &Path,
+    device: &str,
+    then: &str,
+) -> polars::prelude::DataFrame {
     let mut child = cli::spawn(
         s,
-        &[s.spec.to_str().unwrap(), "--device", device, "--results", results.to_str().unwrap()],
+        &[
+            s.spec.to_str().unwrap(),
+            "--device",
+            device,
+            "--results",
+            results.to_str().unwrap(),
+        ],
     );
     let id = cli::wait_for_checkpoint(results, &mut child);
     cli::signal(&child, "-KILL");
@@ -667,7 +847,14 @@ fn killed_and_resumed(s: &Setup, results: &Path, device: &str, then: &str) -> po
     let (_, partial) = cli::only_run(results);
     assert!(partial.height() < 8, "killed before the end");
     let out = cli::runner(
-        &["resume", &id, "--results", results.to_str().unwrap(), "--device", then],
+        &[
+            "resume",
+            &id,
+            "--results",
+            results.to_str().unwrap(),
+            "--device",
+            then,
+        ],
         s.dir.path(),
     );
     cli::ok(&out);
@@ -716,5 +903,8 @@ fn a_batch_larger_than_the_adapter_can_hold_is_refused_before_training() {
             && err.contains("use data.batch_size = "),
         "{err}"
     );
-    assert!(cli::files_with(&s.results, ".parquet").is_empty(), "nothing trained");
+    assert!(
+        cli::files_with(&s.results, ".parquet").is_empty(),
+        "nothing trained"
+    );
 }

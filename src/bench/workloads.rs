@@ -207,7 +207,11 @@ fn matmul(opts: &Options, device: &Device) -> Report {
         gflop_per_item: 2.0 * (n * n * n) as f64 / 1e9,
         what: format!(
             "float32 matmul {n}x{n} ({})",
-            if crate::device::is_cpu(&device) { "burn flex" } else { "burn wgpu" }
+            if crate::device::is_cpu(&device) {
+                "burn flex"
+            } else {
+                "burn wgpu"
+            }
         ),
         ..Report::default()
     }
@@ -531,7 +535,8 @@ fn dense_head_epoch(opts: &Options, device: &Device) -> anyhow::Result<Report> {
         seconds,
         gflop_per_item: 0.0,
         what: format!(
-            "dense head epoch on cached features (2000 x 8192, batch {batch}, {steps} steps)"
+            "dense head epoch on cached features (2000 x {}, batch {batch}, {steps} steps)",
+            plan.base_output.iter().product::<usize>()
         ),
         check,
         ..Report::default()

@@ -365,6 +365,8 @@ pub fn evaluate(
 }
 
 /// Where training batches come from.
+// One per phase: boxing the model would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum TrainSource<'a> {
     /// Activations at the cutoff, computed once (no augmentation).
     Features(&'a Features),
@@ -393,7 +395,7 @@ impl TrainSource<'_> {
 /// on the device as a `[loss, correct]` tensor.
 enum Stat {
     Host(f32, usize),
-    Device(Tensor<1>),
+    Device(Box<Tensor<1>>),
 }
 
 /// Steps whose statistics have not been added to the epoch's sums yet.
@@ -431,7 +433,7 @@ impl Pending {
         let on_device: Vec<Tensor<1>> = steps
             .iter()
             .filter_map(|(s, ..)| match s {
-                Stat::Device(t) => Some(t.clone()),
+                Stat::Device(t) => Some((**t).clone()),
                 Stat::Host(..) => None,
             })
             .collect();
@@ -573,7 +575,10 @@ impl<'a> PhaseRunner<'a> {
                     let l = loss::loss(kind, logits, &y);
                     let grads = l.backward();
                     let stat = Tensor::cat(vec![l.without_autodiff(), correct], 0);
-                    (Stat::Device(stat), GradientsParams::from_grads(grads, &model))
+                    (
+                        Stat::Device(Box::new(stat)),
+                        GradientsParams::from_grads(grads, &model),
+                    )
                 }
             };
             progress.step += 1;

@@ -197,4 +197,3 @@ pub fn signal(child: &Child, sig: &str) {
         .success();
     assert!(ok);
 }
-
