@@ -101,8 +101,9 @@ def vgg16(torch, nn, weights_path):
     return nn.Sequential(*layers)
 
 
-def load_head(torch, modules, check, dev="cpu"):
-    """Assigns runner's initial head parameters (check `head.<i>`, burn layouts) in order."""
+def load_head(torch, modules, check, dev="cpu", fmt=None):
+    """Assigns runner's initial head parameters (check `head.<i>`, burn layouts) in order, on
+    `dev` (a convolution's kernel in memory format `fmt`)."""
     params = [p for m in modules for p in m.parameters()]
     i = 0
     for p in params:
@@ -110,14 +111,26 @@ def load_head(torch, modules, check, dev="cpu"):
         if v.ndim == 2:  # burn Linear [in, out] -> torch [out, in]
             v = v.t().contiguous()
         assert tuple(v.shape) == tuple(p.shape), (i, v.shape, p.shape)
-        p.data = v.clone().to(dev)
+        v = v.clone().to(dev)
+        p.data = v.contiguous(memory_format=fmt) if fmt is not None and v.ndim == 4 else v
         i += 1
     assert f"head.{i}" not in check, "runner's head has more parameters"
 
 
+SETS = []  # --set key=value overrides, applied to the experiments as runner applies them
+
+
 def experiment(name):
     with open(os.path.join(ROOT, "experiments", name), "rb") as f:
-        return tomllib.load(f)
+        exp = tomllib.load(f)
+    for kv in SETS:
+        key, value = kv.split("=", 1)
+        *path, last = key.split(".")
+        table = exp
+        for k in path:
+            table = table.setdefault(k, {})
+        table[last] = tomllib.loads(f"v = {value}")["v"]
+    return exp
 
 
 def rmsprop(torch, params, lr):
@@ -229,7 +242,7 @@ def torch_worker(name, out, warmup, repeats, images_n, device="cpu", channels_la
             conv = net(nn.Conv2d(512, 32, 3))
             flat = 32 * max(hw - 2, 0) ** 2
             dense = [nn.Linear(flat, 256).to(dev), nn.Linear(256, 1).to(dev)]
-            load_head(torch, [conv] + dense, check, dev)
+            load_head(torch, [conv] + dense, check, dev, fmt)
             drop = None
             def trainable(f):
                 return dense[1](torch.relu(dense[0](torch.flatten(torch.relu(conv(f)), 1))))
@@ -266,16 +279,9 @@ def torch_worker(name, out, warmup, repeats, images_n, device="cpu", channels_la
             labels = torch.tensor([float("/dogs/" in f) for f in files])
             batch = int(exp["data"]["batch_size"])
 
-            class Augmented(torch.utils.data.Dataset):
-                def __len__(self):
-                    return len(pixels)
-
-                def __getitem__(self, i):
-                    return aug(pixels[i]), labels[i]
-
             workers = min(8, os.cpu_count() or 1)
             loader = torch.utils.data.DataLoader(
-                Augmented(), batch_size=batch, shuffle=True, num_workers=workers,
+                Augmented(pixels, labels, aug), batch_size=batch, shuffle=True, num_workers=workers,
                 pin_memory=dev.type == "cuda", persistent_workers=True, drop_last=False)
             mean_dev = mean.to(dev)
 
@@ -373,6 +379,20 @@ def torch_worker(name, out, warmup, repeats, images_n, device="cpu", channels_la
     print(json.dumps(res))
 
 
+class Augmented:
+    """Decoded images in memory, each augmented when a DataLoader worker fetches it (a map-style
+    dataset; at module level so that workers can unpickle it under any start method)."""
+
+    def __init__(self, pixels, labels, aug):
+        self.pixels, self.labels, self.aug = pixels, labels, aug
+
+    def __len__(self):
+        return len(self.pixels)
+
+    def __getitem__(self, i):
+        return self.aug(self.pixels[i]), self.labels[i]
+
+
 def decode_one(path, size=150):
     from PIL import Image
     with Image.open(path) as im:
@@ -399,6 +419,7 @@ def main():
     ap.add_argument("--size", type=int, default=150, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
+    SETS.extend(args.set)
     if args.torch_worker:
         import torch
         torch.set_num_threads(args.threads)
@@ -466,7 +487,7 @@ def gpu_table(args, env):
                 ts.append(None)  # no convolution: memory format does not apply
                 continue
             cmd = [sys.executable, __file__, "--torch-worker", w, "--out", out_dir, "--threads", str(args.threads),
-                   "--images", epoch_images, "--torch-device", torch_device, "--size", str(size)] + reps
+                   "--images", epoch_images, "--torch-device", torch_device, "--size", str(size)] + reps + wsets
             ts.append(json.loads(run_child(cmd + (["--channels-last"] if cl else []), env).strip().splitlines()[-1]))
         rows.append((row, r, ts))
         best = max(t["items_per_s"] for t in ts if t)

@@ -22,7 +22,8 @@ exec > >(tee "$log") 2>&1
 started=$(date +%s)
 
 # 1. The Vulkan loader (the GPU machine has the NVIDIA driver and its ICD, not always the loader).
-if ! ldconfig -p | grep -q 'libvulkan.so.1'; then
+# (No `grep -q`: stopping early would kill ldconfig with SIGPIPE, which pipefail reports.)
+if ! ldconfig -p 2>/dev/null | grep 'libvulkan.so.1' >/dev/null; then
   if ls .gl/*.deb >/dev/null 2>&1; then
     for f in .gl/*.deb; do dpkg -x "$f" /; done
     ldconfig

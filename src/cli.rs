@@ -366,6 +366,9 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         (Some(Command::Bench { experiment, steps }), _) => {
             let plan = load_plan(&experiment, &common)?;
             let selected = device::select(common.device).map_err(bad_input)?;
+            if let Some(limit) = selected.max_tensor_bytes {
+                fits_on_device(&plan, limit, &selected.name).map_err(bad_input)?;
+            }
             let (device, name) = (selected.device, selected.name);
             println!(
                 "runner bench {} on {name}, {} ({} cores)",

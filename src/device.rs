@@ -56,6 +56,14 @@ pub struct Selected {
     pub max_tensor_bytes: Option<u64>,
 }
 
+/// How many images of `per_image` bytes (their largest activation) one tensor on `device` holds
+/// (at least 1).
+pub fn batch_that_fits(device: &Device, per_image: u64) -> usize {
+    usize::try_from(max_tensor_bytes(device) / per_image.max(1))
+        .unwrap_or(usize::MAX)
+        .max(1)
+}
+
 /// The largest wgpu storage-buffer binding of the device initialised in this process.
 static MAX_BINDING: OnceLock<u64> = OnceLock::new();
 
@@ -116,35 +124,41 @@ pub fn select(choice: DeviceChoice) -> Result<Selected, DeviceError> {
     match choice {
         DeviceChoice::Cpu => Ok(cpu()),
         DeviceChoice::Wgpu => wgpu(true),
-        DeviceChoice::Auto => Ok(wgpu(false).unwrap_or_else(|_| cpu())),
+        DeviceChoice::Auto => Ok(wgpu(false).unwrap_or_else(|e| {
+            tracing::debug!(reason = %e, "No hardware GPU: computing on the CPU.");
+            cpu()
+        })),
     }
 }
 
+/// What this process knows about wgpu: nothing yet, the adapters it has, or the device it
+/// initialised (cubecl initialises each adapter once per process).
+enum State {
+    Unknown,
+    Found(imp::Adapters),
+    Ready(Result<Selected, DeviceError>),
+}
+
 /// The wgpu device: initialised on first use, then the same one. A software adapter is taken only
-/// when `software` allows it and there is no hardware GPU.
+/// when `software` allows it and there is no hardware GPU; each outcome is remembered, so a
+/// sweep's runs neither enumerate the adapters again nor initialise a second device.
 fn wgpu(software: bool) -> Result<Selected, DeviceError> {
-    static WGPU: OnceLock<Mutex<Option<Result<Selected, DeviceError>>>> = OnceLock::new();
-    let slot = WGPU.get_or_init(|| Mutex::new(None));
-    let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(done) = slot.as_ref() {
-        return match done {
-            Ok(s) if s.kind == Kind::SoftwareGpu && !software => Err(DeviceError::NoWgpu(
-                "only a software adapter is there".into(),
-            )),
-            other => other.clone(),
-        };
+    static WGPU: Mutex<State> = Mutex::new(State::Unknown);
+    let mut state = WGPU.lock().unwrap_or_else(|e| e.into_inner());
+    if let State::Unknown = *state {
+        *state = State::Found(imp::adapters());
     }
-    let found = imp::init(software);
-    // A hardware GPU is remembered whatever was asked; a software adapter only once it was
-    // accepted; "none" only where it means none at all.
-    let remember = match &found {
-        Ok(_) => true,
-        Err(_) => software,
-    };
-    if remember {
-        *slot = Some(found.clone());
+    if let State::Found(found) = &*state {
+        let kind = found.choose(software)?;
+        *state = State::Ready(imp::init(kind));
     }
-    found
+    match &*state {
+        State::Ready(Ok(s)) if s.kind == Kind::SoftwareGpu && !software => Err(
+            DeviceError::NoWgpu("only a software adapter is there".into()),
+        ),
+        State::Ready(r) => r.clone(),
+        State::Unknown | State::Found(_) => unreachable!("initialised above"),
+    }
 }
 
 /// Where cubecl keeps its autotune results and compiled kernels between runs:
@@ -195,12 +209,16 @@ mod imp {
         } else {
             config
         };
-        let mut config = config.override_from_env();
-        // One stream for every thread. With cubecl's default (a stream per thread) a model
-        // updated by steps queued from a thread-pool worker was read stale from the main thread:
-        // the first validation after an epoch saw the weights from before its last update.
-        config.streaming.policy = burn::cubecl::config::streaming::StreamPolicy::Single;
-        let _ = CubeClRuntimeConfig::try_set(config);
+        if !CubeClRuntimeConfig::try_set(config.override_from_env()) {
+            warn!(
+                "cubecl's configuration was read before runner could set it: runner's kernel cache folder and autotune settings do not apply."
+            );
+        }
+        // One stream for every thread, whatever a configuration says. With cubecl's default (a
+        // stream per thread) a model updated by steps queued from a thread-pool worker was read
+        // stale from the main thread: the first validation after an epoch saw the weights from
+        // before its last update.
+        cubecl_environment::stream::set_policy(cubecl_environment::stream::StreamPolicy::Single);
     }
 
     /// Whether cubecl would find a configuration file from the current folder up.
@@ -215,20 +233,54 @@ mod imp {
         })
     }
 
-    /// The adapters wgpu finds on its automatic graphics API, hardware first.
-    fn adapters() -> Vec<WgpuDeviceKind> {
-        let mut kinds: Vec<WgpuDeviceKind> = <WgpuRuntime as Runtime>::enumerate_all_devices()
-            .into_iter()
-            .map(|id| WgpuDevice::from_id(id).kind)
-            .collect();
-        kinds.sort_by_key(|k| match *k {
-            WgpuDeviceKind::DiscreteGpu(i) => (0, i),
-            WgpuDeviceKind::IntegratedGpu(i) => (1, i),
-            WgpuDeviceKind::VirtualGpu(i) => (2, i),
-            WgpuDeviceKind::Other(i) => (3, i),
-            _ => (4, 0),
+    /// The adapters wgpu finds on its automatic graphics API, hardware first; or why there are
+    /// none.
+    pub(super) struct Adapters(Result<Vec<WgpuDeviceKind>, DeviceError>);
+
+    impl Adapters {
+        /// The adapter to initialise: the first hardware one, else (when `software`) the
+        /// software one.
+        pub(super) fn choose(&self, software: bool) -> Result<WgpuDeviceKind, DeviceError> {
+            let kinds = self.0.as_ref().map_err(Clone::clone)?;
+            let hardware = kinds.iter().find(|k| !matches!(k, WgpuDeviceKind::Cpu));
+            match (hardware, software) {
+                (Some(k), _) => Ok(k.clone()),
+                (None, true) if kinds.contains(&WgpuDeviceKind::Cpu) => Ok(WgpuDeviceKind::Cpu),
+                (None, true) => Err(DeviceError::NoWgpu(
+                    "no wgpu adapter found on this machine (no Vulkan, Metal, DX12 or GL driver answered); on Linux without a GPU, Mesa's lavapipe (package mesa-vulkan-drivers, 24.2 or newer) is a software adapter".into(),
+                )),
+                (None, false) if kinds.is_empty() => {
+                    Err(DeviceError::NoWgpu("no wgpu adapter".into()))
+                }
+                (None, false) => Err(DeviceError::NoWgpu(
+                    "no hardware GPU adapter (only a software one, which --device wgpu takes)"
+                        .into(),
+                )),
+            }
+        }
+    }
+
+    pub(super) fn adapters() -> Adapters {
+        // Enumerating creates a wgpu instance; a broken driver may panic in it.
+        let found = catch(|| {
+            let mut kinds: Vec<WgpuDeviceKind> = <WgpuRuntime as Runtime>::enumerate_all_devices()
+                .into_iter()
+                .map(|id| WgpuDevice::from_id(id).kind)
+                .collect();
+            kinds.sort_by_key(|k| match *k {
+                WgpuDeviceKind::DiscreteGpu(i) => (0, i),
+                WgpuDeviceKind::IntegratedGpu(i) => (1, i),
+                WgpuDeviceKind::VirtualGpu(i) => (2, i),
+                WgpuDeviceKind::Other(i) => (3, i),
+                _ => (4, 0),
+            });
+            kinds
         });
-        kinds
+        debug!(adapters = ?found, "wgpu adapters.");
+        Adapters(
+            found
+                .map_err(|m| DeviceError::NoWgpu(format!("enumerating wgpu adapters failed: {m}"))),
+        )
     }
 
     fn burn_kind(k: &WgpuDeviceKind) -> DeviceKind {
@@ -241,23 +293,9 @@ mod imp {
         }
     }
 
-    pub(super) fn init(software: bool) -> Result<Selected, DeviceError> {
+    /// Initialises adapter `kind` (once per process), checks that it computes, and describes it.
+    pub(super) fn init(kind: WgpuDeviceKind) -> Result<Selected, DeviceError> {
         let none = |why: &str| DeviceError::NoWgpu(why.to_string());
-        // Enumerating creates a wgpu instance; a broken driver may panic in it.
-        let kinds =
-            catch(adapters).map_err(|m| none(&format!("enumerating adapters failed: {m}")))?;
-        debug!(adapters = ?kinds, "wgpu adapters.");
-        let hardware = kinds.iter().find(|k| !matches!(k, WgpuDeviceKind::Cpu));
-        let kind = match (hardware, software) {
-            (Some(k), _) => k.clone(),
-            (None, true) if kinds.contains(&WgpuDeviceKind::Cpu) => WgpuDeviceKind::Cpu,
-            (None, true) => {
-                return Err(none(
-                    "no wgpu adapter found on this machine (no Vulkan, Metal, DX12 or GL driver answered); on Linux without a GPU, Mesa's lavapipe (package mesa-vulkan-drivers, 24.2 or newer) is a software adapter",
-                ));
-            }
-            (None, false) => return Err(none("no hardware GPU adapter")),
-        };
         configure(kind == WgpuDeviceKind::Cpu);
         let (device, setup) = catch(|| {
             Device::wgpu_options()
@@ -339,9 +377,24 @@ mod imp {
 mod imp {
     use super::{DeviceError, Selected};
 
-    pub(super) fn init(_software: bool) -> Result<Selected, DeviceError> {
-        Err(DeviceError::NoWgpu(
-            "this runner was built without the wgpu feature (cargo build --release --no-default-features); rebuild with the default features".into(),
-        ))
+    /// No adapter kinds in a build without wgpu.
+    pub(super) enum Kind {}
+
+    pub(super) struct Adapters;
+
+    impl Adapters {
+        pub(super) fn choose(&self, _software: bool) -> Result<Kind, DeviceError> {
+            Err(DeviceError::NoWgpu(
+                "this runner was built without the wgpu feature (cargo build --release --no-default-features); rebuild with the default features".into(),
+            ))
+        }
+    }
+
+    pub(super) fn adapters() -> Adapters {
+        Adapters
+    }
+
+    pub(super) fn init(kind: Kind) -> Result<Selected, DeviceError> {
+        match kind {}
     }
 }

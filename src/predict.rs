@@ -252,7 +252,15 @@ pub fn predict(
     let plain = device.clone().without_autodiff();
     let [h, w] = spec.data.image_size;
     let mut out = Vec::with_capacity(files.len());
-    for chunk in files.chunks(spec.data.batch_size.max(1)) {
+    // At most what one tensor may hold on the device (a GPU adapter's buffer binding limit).
+    let per_image = crate::backbone::find(&spec.backbone.name)
+        .map_or(0, |def| def.largest_activation([h, w]) as u64 * 4);
+    let batch = spec
+        .data
+        .batch_size
+        .min(crate::device::batch_that_fits(device, per_image))
+        .max(1);
+    for chunk in files.chunks(batch) {
         let decoded: Vec<Result<Vec<u8>, String>> = chunk
             .iter()
             .map(|p| folder::decode(p, [h, w], spec.data.interpolation).map(|d| d.pixels))

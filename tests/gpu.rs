@@ -823,12 +823,14 @@ fn a_run_on_the_gpu_is_the_cpu_run_with_the_same_table_cache_and_predictions() {
 /// Long enough to stop after its first checkpoint (on the CPU too): 8 epochs of 40 steps.
 const LONG: [(&str, &str); 1] = [("epochs = 2", "epochs = 8\nsteps_per_epoch = 40")];
 
-/// Starts the run on `device`, kills it after its first checkpoint, resumes it on `then`:
-/// returns the finished table.
-fn killed_and_resumed(
+/// Starts the run on `device`, stops it with `sig` after its first checkpoint (`-INT`: Ctrl-C,
+/// which checkpoints in the middle of the epoch; `-KILL`), resumes it on `then`: returns the
+/// finished table.
+fn stopped_and_resumed(
     s: &Setup,
     results: &Path,
     device: &str,
+    sig: &str,
     then: &str,
 ) -> polars::prelude::DataFrame {
     let mut child = cli::spawn(
@@ -842,10 +844,18 @@ fn killed_and_resumed(
         ],
     );
     let id = cli::wait_for_checkpoint(results, &mut child);
-    cli::signal(&child, "-KILL");
-    let _ = child.wait();
+    cli::signal(&child, sig);
+    let status = child.wait().unwrap();
     let (_, partial) = cli::only_run(results);
-    assert!(partial.height() < 8, "killed before the end");
+    assert!(partial.height() < 8, "stopped before the end");
+    if sig == "-INT" {
+        assert_eq!(status.code(), Some(130));
+        let ck = runner::train::checkpoint::read(&results.join(&id).join("last.ckpt")).unwrap();
+        assert!(
+            ck.state.progress.step > 0,
+            "Ctrl-C checkpoints in the middle of an epoch"
+        );
+    }
     let out = cli::runner(
         &[
             "resume",
@@ -870,8 +880,15 @@ fn a_checkpoint_written_on_one_device_resumes_on_the_other() {
     let Some(_) = gpu() else { return };
     let _turn = turn();
     let s = cli::setup(&LONG);
-    // The GPU run comes first: it writes the feature cache the CPU runs then read.
-    let gpu_first = killed_and_resumed(&s, &s.dir.path().join("gpu_then_cpu"), "wgpu", "cpu");
+    // The GPU run comes first: it writes the feature cache the CPU runs then read. Ctrl-C stops
+    // it mid-epoch, its statistics read back into the checkpoint first.
+    let gpu_first = stopped_and_resumed(
+        &s,
+        &s.dir.path().join("gpu_then_cpu"),
+        "wgpu",
+        "-INT",
+        "cpu",
+    );
     let baseline_dir = s.dir.path().join("baseline");
     cli::ok(&run_on(&s, "cpu", &baseline_dir, &[]));
     let (id, baseline) = cli::only_run(&baseline_dir);
@@ -881,7 +898,13 @@ fn a_checkpoint_written_on_one_device_resumes_on_the_other() {
         "the CPU run reads the activations the GPU run cached"
     );
     assert_same_metrics("GPU, then resumed on the CPU", &gpu_first, &baseline, 1e-3);
-    let cpu_first = killed_and_resumed(&s, &s.dir.path().join("cpu_then_gpu"), "cpu", "wgpu");
+    let cpu_first = stopped_and_resumed(
+        &s,
+        &s.dir.path().join("cpu_then_gpu"),
+        "cpu",
+        "-KILL",
+        "wgpu",
+    );
     assert_same_metrics("CPU, then resumed on the GPU", &cpu_first, &baseline, 1e-3);
 }
 
@@ -906,5 +929,40 @@ fn a_batch_larger_than_the_adapter_can_hold_is_refused_before_training() {
     assert!(
         cli::files_with(&s.results, ".parquet").is_empty(),
         "nothing trained"
+    );
+}
+
+#[test]
+fn a_run_that_diverges_on_the_gpu_stops_at_the_step_the_cpu_stops_at() {
+    let Some(_) = gpu() else { return };
+    let _turn = turn();
+    // Ten steps an epoch, read back every step on the CPU and once per log interval on the GPU.
+    let s = cli::setup(&[("epochs = 2", "epochs = 2\nsteps_per_epoch = 10")]);
+    let mut at = Vec::new();
+    for device in ["cpu", "wgpu"] {
+        let results = s.dir.path().join(device);
+        let out = run_on(&s, device, &results, &["--set", "optimizer.lr=1e30"]);
+        assert_eq!(out.status.code(), Some(1), "{device}");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        let (id, table) = cli::only_run(&results);
+        assert!(
+            cli::strs(&table, "status").iter().all(|v| v == "diverged"),
+            "{device}"
+        );
+        assert!(
+            !results.join(&id).join("model.bpk").exists(),
+            "{device}: no model saved"
+        );
+        let step = err
+            .split("diverged at ")
+            .nth(1)
+            .and_then(|rest| rest.split(" (").next())
+            .unwrap_or_else(|| panic!("{device}: {err}"))
+            .to_string();
+        at.push(step);
+    }
+    assert_eq!(
+        at[0], at[1],
+        "the epoch and step where the loss stopped being finite"
     );
 }

@@ -299,8 +299,9 @@ pub fn epoch_order(
 }
 
 /// Loss and accuracy of `model` (in validation mode) over a split's features, and each
-/// example's class probabilities when `keep` is set. The sums stay on the device until the split
-/// is done: one read for them, and one for the probabilities.
+/// example's class probabilities when `keep` is set. Each batch's mean loss and correct count stay
+/// on the device until the split is done and are read back together (a second read for the
+/// probabilities), then summed on the host in f64, batch by batch.
 pub fn evaluate_with(
     model: &TransferModel,
     feats: &Features,
@@ -311,31 +312,32 @@ pub fn evaluate_with(
     let m = model.valid();
     let plain = device.clone().without_autodiff();
     let kind = plan.spec.train.loss;
-    let mut sums: Option<Tensor<1>> = None;
+    let mut stats = Vec::new();
+    let mut sizes = Vec::new();
     let mut logits_all = Vec::new();
     let indices: Vec<usize> = (0..feats.len()).collect();
     for chunk in indices.chunks(plan.spec.data.batch_size) {
         let (x, y) = feats.batch(chunk, &plain);
         let logits = m.forward_from_cut(x);
         let correct = loss::correct_on_device(kind, logits.clone(), &y);
-        let l = loss::loss(kind, logits.clone(), &y) * (chunk.len() as f32);
-        let batch = Tensor::cat(vec![l, correct], 0);
-        sums = Some(match sums {
-            Some(s) => s + batch,
-            None => batch,
-        });
+        stats.push(Tensor::cat(
+            vec![loss::loss(kind, logits.clone(), &y), correct],
+            0,
+        ));
+        sizes.push(chunk.len());
         if keep {
             logits_all.push(logits);
         }
     }
     let n = feats.len().max(1) as f64;
-    let (loss_sum, correct) = match sums {
-        Some(s) => {
-            let v: Vec<f32> = s.into_data().iter::<f32>().collect();
-            (f64::from(v[0]), f64::from(v[1]).round())
+    let (mut loss_sum, mut correct) = (0.0, 0.0);
+    if !stats.is_empty() {
+        let v: Vec<f32> = Tensor::cat(stats, 0).into_data().iter::<f32>().collect();
+        for (pair, n) in v.chunks_exact(2).zip(&sizes) {
+            loss_sum += f64::from(pair[0]) * *n as f64;
+            correct += f64::from(pair[1]).round();
         }
-        None => (0.0, 0.0),
-    };
+    }
     let e = Evaluation {
         loss: loss_sum / n,
         acc: correct / n,
