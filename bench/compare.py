@@ -49,11 +49,27 @@ def run_child(cmd, env):
     # communicate() reaped it; rusage of all waited-for children is cumulative-max, so read the
     # child's own figure from its JSON when it has one.
     if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{err[-3000:]}")
+        import signal
+        how = (f"killed by {signal.Signals(-p.returncode).name}" if p.returncode < 0
+               else f"exit code {p.returncode}")
+        tail = [ln for ln in err.splitlines() if ln.strip() and " WARN " not in ln and " INFO " not in ln]
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{err[-3000:]}\n"
+                           f"{how}" + (f": {tail[-1][-300:]}" if tail else ""))
     return out
 
 
 # ---------------------------------------------------------------- PyTorch side (worker process)
+
+CHECK_ONLY = [False]  # --check-only: the worker stops after its check (timing_defaults)
+
+
+class Checked(Exception):
+    """Raised by a --check-only worker once its check passed, carrying its result."""
+
+    def __init__(self, res):
+        super().__init__("checked")
+        self.res = res
+
 
 SYNC = [lambda: None]  # torch.cuda.synchronize on a GPU: the clock stops when the work is done
 
@@ -180,6 +196,8 @@ def torch_worker(name, out, warmup, repeats, images_n, device="cpu", channels_la
         tf32 = None
 
     def timing_defaults():
+        if CHECK_ONLY[0]:
+            raise Checked(res)
         if tf32 is not None:
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
@@ -414,6 +432,10 @@ def main():
     ap.add_argument("--torch-device", default="auto", help="cuda, cpu or auto (cuda when there is one)")
     ap.add_argument("--set", action="append", default=[], help="key=value for the experiments' specs, both sides")
     ap.add_argument("--large-batch", type=int, default=64, help="the batch of the second VGG16 forward row")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="GPU table: label=binary:device (repeatable; default wgpu=<--runner>:wgpu)")
+    ap.add_argument("--table", default=None, help="GPU table: the markdown file, rewritten after each workload")
+    ap.add_argument("--check-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--torch-worker", help=argparse.SUPPRESS)
     ap.add_argument("--channels-last", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, default=150, help=argparse.SUPPRESS)
@@ -423,8 +445,12 @@ def main():
     if args.torch_worker:
         import torch
         torch.set_num_threads(args.threads)
-        torch_worker(args.torch_worker, args.out, args.warmup, args.repeats, args.images and int(args.images),
-                     args.torch_device, args.channels_last, args.size)
+        CHECK_ONLY[0] = args.check_only
+        try:
+            torch_worker(args.torch_worker, args.out, args.warmup, args.repeats, args.images and int(args.images),
+                         args.torch_device, args.channels_last, args.size)
+        except Checked as c:
+            print(json.dumps(c.res))
         return
 
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads),
@@ -459,11 +485,21 @@ def main():
 
 
 def gpu_table(args, env):
-    """runner on its wgpu device against PyTorch on the same card, default and channels_last."""
+    """runner's GPU variants (--variant label=binary:device, e.g. wgsl=runner:wgpu,
+    spirv=runner-x:wgpu) against PyTorch on the same card, default and
+    channels_last. PyTorch is timed once per workload and checked against the first variant's
+    outputs; every other variant is checked against PyTorch too (check only). A variant that fails
+    (a kernel the adapter refuses, say) is reported and left out of the later rows. The
+    table is rewritten after every workload, so a run stopped at its time limit keeps its rows."""
     torch_device = args.torch_device
     if torch_device == "auto":
         out = run_child([sys.executable, "-c", "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')"], env)
         torch_device = out.strip().splitlines()[-1]
+    variants = []
+    for v in args.variant or [f"wgpu={args.runner}:wgpu"]:
+        label, rest = v.split("=", 1)
+        binary, device = rest.rsplit(":", 1)
+        variants.append((label, binary, device))
     sets = [x for kv in args.set for x in ("--set", kv)]
     size = 150
     for kv in args.set:
@@ -471,7 +507,14 @@ def gpu_table(args, env):
             size = int(kv.split("=", 1)[1].strip("[]").split(",")[0])
     epoch_images = args.images.split(",")[0]
     names = args.only.split(",") if args.only else None
-    rows = []
+    rows, failed, devices = [], {}, {}
+
+    def torch_child(w, out_dir, wsets, reps, cl=False, check_only=False):
+        cmd = [sys.executable, __file__, "--torch-worker", w, "--out", out_dir, "--threads", str(args.threads),
+               "--images", epoch_images, "--torch-device", torch_device, "--size", str(size)] + reps + wsets
+        cmd += (["--channels-last"] if cl else []) + (["--check-only"] if check_only else [])
+        return json.loads(run_child(cmd, env).strip().splitlines()[-1])
+
     for row, w, extra_sets in GPU_WORKLOADS:
         if names and row not in names and w not in names:
             continue
@@ -479,33 +522,69 @@ def gpu_table(args, env):
         wsets = sets + [x for kv in extra_sets for x in ("--set", kv.replace("LARGE", str(args.large_batch)))]
         reps = ["--warmup", str(args.warmup), "--repeats", str(args.repeats)]
         t0 = time.time()
-        r = json.loads(run_child([args.runner, "bench-workload", w, "--device", "wgpu", "--out", out_dir,
-                                  "--images", epoch_images] + wsets + reps, env).strip().splitlines()[-1])
+        rs = []  # (label, report, check)
+        for label, binary, device in variants:
+            if label in failed:
+                continue
+            vdir = os.path.join(out_dir, label)
+            try:
+                r = json.loads(run_child([binary, "bench-workload", w, "--device", device, "--out", vdir,
+                                          "--images", epoch_images] + wsets + reps, env).strip().splitlines()[-1])
+            except RuntimeError as e:
+                lines = [ln for ln in str(e).splitlines() if ln.strip()]
+                failed[label] = f"{row}: " + (lines[-1] if lines else str(e))[-400:]
+                print(f"{row}: {label} failed: {failed[label]}", file=sys.stderr)
+                continue
+            devices[label] = r.get("device", device)
+            rs.append([label, r, vdir])
+        if not rs:
+            continue
         ts = []
         for cl in [False, True]:
             if cl and w == "dense_head_epoch":
                 ts.append(None)  # no convolution: memory format does not apply
                 continue
-            cmd = [sys.executable, __file__, "--torch-worker", w, "--out", out_dir, "--threads", str(args.threads),
-                   "--images", epoch_images, "--torch-device", torch_device, "--size", str(size)] + reps + wsets
-            ts.append(json.loads(run_child(cmd + (["--channels-last"] if cl else []), env).strip().splitlines()[-1]))
-        rows.append((row, r, ts))
+            ts.append(torch_child(w, rs[0][2], wsets, reps, cl))
+        for entry in rs:
+            if entry is rs[0]:
+                entry[2] = ts[0]["check"] or "-"
+                continue
+            try:
+                entry[2] = torch_child(w, entry[2], wsets, reps, check_only=True)["check"] or "-"
+            except RuntimeError as e:
+                entry[2] = "DIFFERS: " + str(e).strip().splitlines()[-1][-300:]
+        rows.append((row, rs, ts))
         best = max(t["items_per_s"] for t in ts if t)
-        print(f"{row}: runner {r['items_per_s']:.2f}/s, torch best {best:.2f}/s ({time.time() - t0:.0f} s)", file=sys.stderr)
+        got = ", ".join(f"{label} {r['items_per_s']:.2f}/s" for label, r, _ in rs)
+        print(f"{row}: runner {got}, torch best {best:.2f}/s ({time.time() - t0:.0f} s)", file=sys.stderr)
+        write_gpu_table(args, rows, failed, devices, torch_device)
+    write_gpu_table(args, rows, failed, devices, torch_device)
 
+
+def write_gpu_table(args, rows, failed, devices, torch_device):
     gpu = next((t.get("gpu") for _, _, ts in rows for t in ts if t and t.get("gpu")), torch_device)
-    adapter = rows[0][1].get("device", "wgpu") if rows else "wgpu"
-    print(f"runner on {adapter} vs PyTorch on {gpu}, median of {args.repeats} after {args.warmup} warm-up, "
-          f"every timing synchronised with the device; PyTorch checked with TF32 off, timed in its defaults "
-          f"(TF32 convolutions on a GPU) and with channels_last + cudnn.benchmark\n")
-    print("| workload | runner items/s | PyTorch items/s | PyTorch channels_last items/s | runner / best PyTorch | runner GFLOP/s | seconds per run (runner) | same result |")
-    print("|---|---|---|---|---|---|---|---|")
-    for row, r, ts in rows:
+    lines = [f"runner vs PyTorch on {gpu}, median of {args.repeats} after {args.warmup} warm-up, "
+             f"every timing synchronised with the device; PyTorch checked with TF32 off, timed in its defaults "
+             f"(TF32 convolutions on a GPU) and with channels_last + cudnn.benchmark. runner variants: "
+             + "; ".join(f"`{label}` = {d}" for label, d in devices.items()), ""]
+    lines.append("| workload | runner variant | runner items/s | PyTorch items/s | PyTorch channels_last items/s | runner / best PyTorch | runner GFLOP/s | seconds per run (runner) | same result |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for row, rs, ts in rows:
         best = max(t["items_per_s"] for t in ts if t)
-        gf = r.get("gflop_per_item") or 0.0
         cl = f"{ts[1]['items_per_s']:.1f}" if ts[1] else "-"
-        print(f"| {row}: {r['what']} | {r['items_per_s']:.1f} | {ts[0]['items_per_s']:.1f} | {cl} | "
-              f"{r['items_per_s'] / best:.2f} | {r['items_per_s'] * gf:.0f} | {r['median_s']:.3f} | {ts[0]['check'] or '-'} |")
+        for label, r, check in rs:
+            gf = r.get("gflop_per_item") or 0.0
+            lines.append(f"| {row}: {r['what']} | {label} | {r['items_per_s']:.1f} | {ts[0]['items_per_s']:.1f} | {cl} | "
+                         f"{r['items_per_s'] / best:.2f} | {r['items_per_s'] * gf:.0f} | {r['median_s']:.3f} | {check} |")
+    for label, why in failed.items():
+        lines += ["", f"`{label}` failed: {why}"]
+    text = "\n".join(lines) + "\n"
+    if args.table:
+        with open(args.table + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(args.table + ".tmp", args.table)
+    else:
+        sys.stdout.write(text)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 # Builds nothing; makes its own images and weights (bench/gpu_assets.py); checks that both sides
 # compute the same thing before timing; writes one markdown table.
 #
-#   bench/gpu-pack.sh               # here, once: the stripped binary and the Vulkan loader packages
+#   bench/gpu-pack.sh               # here, once: the stripped binaries and the Vulkan loader packages
 #   bench/gpu.sh                    # there: 150x150, batch 20 and 64, a 2000-image epoch
 #   bench/gpu.sh --small            # a software adapter (lavapipe): 96x96, batch 4 and 16, a
 #                                   # 40-image epoch
@@ -39,12 +39,18 @@ if [ -z "${VK_DRIVER_FILES:-}" ] && [ -f "$nvidia_icd" ]; then
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 
-# 2. runner: $RUNNER, or the carried binary.
-runner="${RUNNER:-}"
-if [ -z "$runner" ]; then
-  runner=/tmp/runner-gpu
-  xz -dc bench/carry/runner.xz > "$runner"
-  chmod +x "$runner"
+# 2. runner's variants: $RUNNER (one binary, its wgpu device), or the carried pair: `wgsl` (the
+# default build on wgpu) and `spirv` (the vulkan build on wgpu: SPIR-V where the adapter allows).
+# $GPU_VARIANTS picks some of them by label.
+variants=()
+if [ -n "${RUNNER:-}" ]; then
+  variants=(--variant "wgpu=$RUNNER:wgpu")
+else
+  mkdir -p /tmp/runner-gpu-bin
+  xz -dc bench/carry/runners.tar.xz | tar -C /tmp/runner-gpu-bin -xf -
+  for v in "wgsl=/tmp/runner-gpu-bin/runner:wgpu" "spirv=/tmp/runner-gpu-bin/runner-x:wgpu"; do
+    case " ${GPU_VARIANTS:-wgsl spirv} " in *" ${v%%=*} "*) variants+=(--variant "$v") ;; esac
+  done
 fi
 
 # 3. Images and weights made here, laid out like the asset mirror.
@@ -65,7 +71,7 @@ fi
 # 4. The table. Kernel autotuning happens in each workload's warm-up run; its results are kept
 # in RUNNER_KERNEL_CACHE between the workloads' processes.
 export RUNNER_ASSETS="$assets" RUNNER_KERNEL_CACHE=/tmp/runner-gpu-kernels PYTHONUNBUFFERED=1
-python3 bench/compare.py --gpu --runner "$runner" --threads "$(nproc)" --images "$epoch" \
-  --out "$out" "${sets[@]}" "${reps[@]}" ${GPU_ONLY:+--only "$GPU_ONLY"} > "$out/gpu.md"
+python3 bench/compare.py --gpu "${variants[@]}" --threads "$(nproc)" --images "$epoch" \
+  --out "$out" --table "$out/gpu.md" "${sets[@]}" "${reps[@]}" ${GPU_ONLY:+--only "$GPU_ONLY"}
 cat "$out/gpu.md"
 echo "gpu.sh: done in $(( $(date +%s) - started )) s"

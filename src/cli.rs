@@ -526,6 +526,11 @@ pub(crate) fn fresh(
         classes: plan.classes.clone(),
     };
     let r = execute(plan, &id, origin, None, common);
+    if r.is_err() {
+        // A run refused before it wrote anything (no such device, a batch that does not fit)
+        // leaves no empty folder behind; `remove_dir` removes only an empty one.
+        let _ = std::fs::remove_dir(common.results.join(&id));
+    }
     (id, r)
 }
 

@@ -65,7 +65,7 @@ pub fn batch_that_fits(device: &Device, per_image: u64) -> usize {
 }
 
 /// The largest wgpu storage-buffer binding of the device initialised in this process.
-static MAX_BINDING: OnceLock<u64> = OnceLock::new();
+static MAX_BINDING: OnceLock<(Device, u64)> = OnceLock::new();
 
 /// The most bytes one tensor may take on `device`: unlimited on the CPU; on a GPU its adapter's
 /// storage-buffer binding limit (128 MiB on lavapipe, 2 to 4 GiB on desktop GPUs).
@@ -73,7 +73,10 @@ pub fn max_tensor_bytes(device: &Device) -> u64 {
     if is_cpu(device) {
         return u64::MAX;
     }
-    MAX_BINDING.get().copied().unwrap_or(u64::MAX)
+    match MAX_BINDING.get() {
+        Some((wgpu, bytes)) if *wgpu == device.clone().without_autodiff() => *bytes,
+        _ => u64::MAX,
+    }
 }
 
 /// Whether `device` is burn's Flex CPU device (with or without autodiff): where runner's own CPU
@@ -309,7 +312,7 @@ mod imp {
         let max_binding = limits
             .max_storage_buffer_binding_size
             .min(limits.max_buffer_size);
-        let _ = super::MAX_BINDING.set(max_binding);
+        let _ = super::MAX_BINDING.set((device.clone(), max_binding));
         // One tiny read: a driver that cannot run compute shaders fails here, not mid-run.
         let probe = catch(|| {
             Tensor::<1>::from_floats([1.0, 2.0], &device)
@@ -328,7 +331,11 @@ mod imp {
                 info.name, info.backend
             )));
         }
-        let compiler = device.identity().map(|i| i.fingerprint).unwrap_or_default();
+        // The runtime's name says which compiler serves the adapter: `wgpu<spirv>` (a `vulkan`
+        // build on an adapter with the features cubecl's SPIR-V compiler needs) or `wgpu<wgsl>`.
+        let compiler =
+            catch(|| <WgpuRuntime as Runtime>::client(&WgpuDevice::new(kind.clone())).name())
+                .unwrap_or("wgpu");
         let kind = if info.device_type == wgpu_crate::DeviceType::Cpu {
             Kind::SoftwareGpu
         } else {

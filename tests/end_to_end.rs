@@ -246,6 +246,8 @@ fn asking_for_wgpu_without_an_adapter_is_a_clear_error_and_auto_falls_back_to_th
     };
     assert!(err.contains(want), "{err}");
     assert!(files_with(&s.results, ".parquet").is_empty(), "nothing ran");
+    let left: Vec<_> = std::fs::read_dir(&s.results).unwrap().collect();
+    assert!(left.is_empty(), "a refused run leaves no folder: {left:?}");
     let out = hidden("auto");
     ok(&out);
     let id = files_with(&s.results, ".parquet")[0]
