@@ -29,20 +29,88 @@ impl Shape {
     }
 }
 
-/// Output size and explicit padding `(before, after)` of a window along one axis, as Keras.
+/// The most parameters a head may have: 2^30 (4 GiB of f32 weights; training holds the
+/// gradients and the optimizer's state beside them, up to four times that).
+pub const MAX_HEAD_PARAMS: usize = 1 << 30;
+
+/// The most values one layer's output may have per image: 2^26 (256 MiB of f32 per image).
+pub const MAX_VALUES_PER_IMAGE: usize = 1 << 26;
+
+/// Output size and explicit padding `(before, after)` of a window along one axis, as Keras;
+/// `None` when the window does not fit (or is empty, or never moves).
 fn window(
     input: usize,
     kernel: usize,
     stride: usize,
     padding: Padding,
 ) -> Option<(usize, usize, usize)> {
+    if kernel == 0 || stride == 0 {
+        return None;
+    }
     match padding {
         Padding::Valid => (input >= kernel).then(|| ((input - kernel) / stride + 1, 0, 0)),
         Padding::Same => {
             let out = input.div_ceil(stride);
-            let total = ((out - 1) * stride + kernel).saturating_sub(input);
+            let total = (out.checked_sub(1)?)
+                .checked_mul(stride)?
+                .checked_add(kernel)?
+                .saturating_sub(input);
             Some((out, total / 2, total - total / 2))
         }
+    }
+}
+
+/// `a * b * ...`, `None` on overflow.
+fn product(xs: &[usize]) -> Option<usize> {
+    xs.iter().try_fold(1usize, |acc, &x| acc.checked_mul(x))
+}
+
+/// A count with thousands separators: `2,048,000`.
+pub fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `Err` when `params` parameters or `values` output values per image are beyond the limits.
+fn sized(
+    out: Shape,
+    params: Option<usize>,
+    values: Option<usize>,
+) -> Result<(Shape, usize), String> {
+    let gib = |n: usize| n as f64 * 4.0 / (1u64 << 30) as f64;
+    match params {
+        Some(p) if p <= MAX_HEAD_PARAMS => {}
+        Some(p) => {
+            return Err(format!(
+                "{} parameters (about {:.0} GiB as f32, up to four times that while training), more than the {} a head may have",
+                thousands(p),
+                gib(p),
+                thousands(MAX_HEAD_PARAMS)
+            ));
+        }
+        None => {
+            return Err(format!(
+                "more parameters than can be counted, far more than the {} a head may have",
+                thousands(MAX_HEAD_PARAMS)
+            ));
+        }
+    }
+    match values {
+        Some(v) if v <= MAX_VALUES_PER_IMAGE => Ok((out, params.unwrap_or(0))),
+        Some(v) => Err(format!(
+            "its output has {} values per image (about {:.1} GiB as f32 per image), more than the {} a layer may have",
+            thousands(v),
+            gib(v),
+            thousands(MAX_VALUES_PER_IMAGE)
+        )),
+        None => Err("its output has more values than can be counted".into()),
     }
 }
 
@@ -61,10 +129,15 @@ pub fn infer(layer: &LayerSpec, input: Shape) -> Result<(Shape, usize), String> 
         ) => {
             let [kh, kw] = kernel.hw();
             let [sh, sw] = stride.hw();
+            if [*filters, kh, kw, sh, sw].contains(&0) {
+                return Err("filters, kernel and stride must be at least 1".into());
+            }
             match (window(h, kh, sh, *padding), window(w, kw, sw, *padding)) {
-                (Some((oh, ..)), Some((ow, ..))) => {
-                    Ok((Shape::Map([*filters, oh, ow]), filters * c * kh * kw + filters))
-                }
+                (Some((oh, ..)), Some((ow, ..))) => sized(
+                    Shape::Map([*filters, oh, ow]),
+                    product(&[*filters, c, kh, kw]).and_then(|p| p.checked_add(*filters)),
+                    product(&[*filters, oh, ow]),
+                ),
                 _ => Err(format!(
                     "a {kh}x{kw} valid convolution cannot run on a {h}x{w} feature map; use padding = \"same\", a smaller kernel or a larger image_size"
                 )),
@@ -73,15 +146,30 @@ pub fn infer(layer: &LayerSpec, input: Shape) -> Result<(Shape, usize), String> 
         (LayerSpec::MaxPool2d(MaxPool2dSpec { pool, stride }), Shape::Map([c, h, w])) => {
             let [ph, pw] = pool.hw();
             let [sh, sw] = stride.unwrap_or(*pool).hw();
+            if [ph, pw, sh, sw].contains(&0) {
+                return Err("pool and stride must be at least 1".into());
+            }
             match (window(h, ph, sh, Padding::Valid), window(w, pw, sw, Padding::Valid)) {
                 (Some((oh, ..)), Some((ow, ..))) => Ok((Shape::Map([c, oh, ow]), 0)),
                 _ => Err(format!("a {ph}x{pw} pool cannot run on a {h}x{w} feature map")),
             }
         }
         (LayerSpec::GlobalAveragePool(_), Shape::Map([c, ..])) => Ok((Shape::Flat(c), 0)),
-        (LayerSpec::Flatten(_), Shape::Map([c, h, w])) => Ok((Shape::Flat(c * h * w), 0)),
+        (LayerSpec::Flatten(_), Shape::Map([c, h, w])) => match product(&[c, h, w]) {
+            Some(n) => Ok((Shape::Flat(n), 0)),
+            None => Err("its output has more values than can be counted".into()),
+        },
         (LayerSpec::Flatten(_), Shape::Flat(n)) => Ok((Shape::Flat(n), 0)),
-        (LayerSpec::Dense(DenseSpec { units, .. }), Shape::Flat(n)) => Ok((Shape::Flat(*units), n * units + units)),
+        (LayerSpec::Dense(DenseSpec { units, .. }), Shape::Flat(n)) => {
+            if *units == 0 {
+                return Err("units must be at least 1".into());
+            }
+            sized(
+                Shape::Flat(*units),
+                n.checked_mul(*units).and_then(|p| p.checked_add(*units)),
+                Some(*units),
+            )
+        }
         (LayerSpec::Dense(_), Shape::Map(_)) => Err(
             "dense needs a vector but gets a feature map; put a flatten or global_average_pool layer before it"
                 .into(),

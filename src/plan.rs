@@ -246,14 +246,36 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
         bad("head.layers", "the head needs at least one layer".into());
     }
     let mut shape = Some(Shape::Map(base_output)).filter(|_| def.is_some() && h >= min && w >= min);
+    let mut head_params = 0usize;
     for (i, layer) in spec.head.layers.iter().enumerate() {
         let at = format!("head.layers[{i}]");
-        layer_rules(layer, &at, &mut bad);
+        let mut layer_ok = true;
+        layer_rules(layer, &at, &mut |key: &str, msg: String| {
+            layer_ok = false;
+            bad(key, msg)
+        });
+        if !layer_ok {
+            // The shapes after a layer with a bad value mean nothing: stop inferring there.
+            shape = None;
+        }
         if let Some(s) = shape {
             match head::infer(layer, s) {
                 Ok((out, params)) => {
                     head_shapes.push((out, params));
                     shape = Some(out);
+                    head_params = head_params.saturating_add(params);
+                    if head_params > head::MAX_HEAD_PARAMS {
+                        bad(
+                            &at,
+                            format!(
+                                "the head has {} parameters up to this layer, more than the {} a head may have (about {:.0} GiB as f32)",
+                                head::thousands(head_params),
+                                head::thousands(head::MAX_HEAD_PARAMS),
+                                head_params as f64 * 4.0 / (1u64 << 30) as f64
+                            ),
+                        );
+                        shape = None;
+                    }
                 }
                 Err(e) => {
                     bad(&at, format!("{e} (input {})", s.keras()));

@@ -816,3 +816,64 @@ fn schedule_early_stopping_and_clipping_values_are_checked() {
         "{e}"
     );
 }
+
+#[test]
+fn zero_strides_and_pools_are_errors_not_panics() {
+    let f = fixture(&["cats", "dogs"]);
+    for (layer, key) in [
+        (
+            "kind = \"conv2d\"\nfilters = 4\nkernel = 1\nstride = 0\npadding = \"same\"",
+            "stride",
+        ),
+        (
+            "kind = \"conv2d\"\nfilters = 4\nkernel = 0\npadding = \"same\"",
+            "kernel",
+        ),
+        ("kind = \"max_pool2d\"\npool = 0", "pool"),
+        ("kind = \"max_pool2d\"\npool = 1\nstride = 0", "stride"),
+    ] {
+        let text = f.spec().replacen(
+            "[[head.layers]]\nkind = \"flatten\"",
+            &format!("[[head.layers]]\n{layer}\n[[head.layers]]\nkind = \"flatten\""),
+            1,
+        );
+        let e = err(f.plan(&text));
+        assert!(
+            e.contains(&format!("head.layers[0].{key}: must be at least 1, got 0")),
+            "{layer}: {e}"
+        );
+        assert!(
+            e.starts_with("1 problem"),
+            "only the bad value, no shape noise: {e}"
+        );
+    }
+}
+
+#[test]
+fn a_head_too_large_to_train_is_refused_with_its_size() {
+    let f = fixture(&["cats", "dogs"]);
+    let huge_kernel = f.spec().replacen(
+        "[[head.layers]]\nkind = \"flatten\"",
+        "[[head.layers]]\nkind = \"conv2d\"\nfilters = 4\nkernel = 100001\npadding = \"same\"\n[[head.layers]]\nkind = \"flatten\"",
+        1,
+    );
+    let e = err(f.plan(&huge_kernel));
+    assert!(
+        e.contains("head.layers[0]: 20,480,409,602,052 parameters (about 76295 GiB as f32"),
+        "{e}"
+    );
+    assert!(
+        e.contains("more than the 1,073,741,824 a head may have"),
+        "{e}"
+    );
+    let wide = f.spec().replacen("units = 16", "units = 4000000000", 1);
+    assert_ne!(wide, f.spec(), "the dense layer's units are in the spec");
+    let e = err(f.plan(&wide));
+    assert!(e.contains("2,052,000,000,000 parameters"), "{e}");
+    // An overflow is an error too, not a wrap-around.
+    let overflow = f
+        .spec()
+        .replacen("units = 16", "units = 9223372036854775807", 1);
+    let e = err(f.plan(&overflow));
+    assert!(e.contains("more parameters than can be counted"), "{e}");
+}

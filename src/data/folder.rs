@@ -26,7 +26,17 @@ pub enum DataError {
     /// Images that could not be decoded; every one is listed.
     #[error("{} image{} cannot be decoded:\n{}", .0.len(), if .0.len() == 1 { "" } else { "s" }, .0.iter().map(|(p, e)| format!("  {}: {e}\n", p.display())).collect::<String>())]
     BadImages(Vec<(PathBuf, String)>),
+    /// A class folder whose name is not UTF-8 (class names go into results and saved models).
+    #[error("{}: the class folder's name is not valid UTF-8; rename it", .0.display())]
+    ClassName(PathBuf),
 }
+
+/// The most pixels an image may have (64 megapixels, e.g. 8000x8000): its header is read first,
+/// so a file that claims more is refused before anything is allocated for it.
+pub const MAX_IMAGE_PIXELS: u64 = 64 * 1000 * 1000;
+
+/// The largest image file read (256 MiB).
+pub const MAX_IMAGE_FILE_BYTES: u64 = 256 << 20;
 
 /// The files of one split, with class labels.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,8 +62,7 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| !n.starts_with('.'))
+                .is_some_and(|n| !n.to_string_lossy().starts_with('.'))
         })
         .collect();
     out.sort();
@@ -73,15 +82,16 @@ pub fn scan_split(name: &str, dir: &Path) -> Result<SplitListing, DataError> {
     let mut ignored = Vec::new();
     for class_dir in sorted_entries(dir)?.into_iter().filter(|p| p.is_dir()) {
         let label = classes.len();
-        classes.push(
-            class_dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        );
+        let Some(name) = class_dir.file_name().and_then(|n| n.to_str()) else {
+            return Err(DataError::ClassName(class_dir));
+        };
+        classes.push(name.to_string());
+        // Every entry that is not a folder: a dangling symbolic link or a link loop is kept as a
+        // file, so that decoding reports it (named, under `on_bad_image`) instead of it
+        // vanishing.
         for f in sorted_entries(&class_dir)?
             .into_iter()
-            .filter(|p| p.is_file())
+            .filter(|p| !p.is_dir())
         {
             if is_image(&f) {
                 files.push((f, label));
@@ -285,13 +295,35 @@ pub struct Decoded {
 /// Decodes one file to RGB and resizes it to `[height, width]`.
 pub fn decode(path: &Path, [h, w]: [usize; 2], interp: Interpolation) -> Result<Decoded, String> {
     use image::{ExtendedColorType as C, ImageDecoder};
+    let meta = std::fs::metadata(path).map_err(|e| {
+        if std::fs::symlink_metadata(path).is_ok() {
+            format!("a symbolic link that leads nowhere (dangling, or a loop): {e}")
+        } else {
+            e.to_string()
+        }
+    })?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() > MAX_IMAGE_FILE_BYTES {
+        return Err(format!(
+            "a file of {} MiB, more than the {} MiB an image file may have",
+            meta.len() >> 20,
+            MAX_IMAGE_FILE_BYTES >> 20
+        ));
+    }
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
     if bytes.is_empty() {
         return Err("empty file (0 bytes)".into());
     }
-    let reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
         .with_guessed_format()
         .map_err(|e| e.to_string())?;
+    // A decoder allocates what the header claims: bound it (the header check below says why in
+    // plain words; this catches what a decoder allocates besides the pixels).
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(8 * MAX_IMAGE_PIXELS + (64 << 20));
+    reader.limits(limits);
     let is_jpeg = reader.format() == Some(image::ImageFormat::Jpeg);
     if is_jpeg
         && !bytes[bytes.len().saturating_sub(1024)..]
@@ -303,6 +335,14 @@ pub fn decode(path: &Path, [h, w]: [usize; 2], interp: Interpolation) -> Result<
     let decoder = reader
         .into_decoder()
         .map_err(|e| format!("not a readable image: {e}"))?;
+    let (dw, dh) = decoder.dimensions();
+    if u64::from(dw) * u64::from(dh) > MAX_IMAGE_PIXELS {
+        return Err(format!(
+            "its header says {dw}x{dh} pixels ({:.0} megapixels), more than the {} megapixels an image may have; resize it",
+            f64::from(dw) * f64::from(dh) / 1e6,
+            MAX_IMAGE_PIXELS / 1_000_000
+        ));
+    }
     let original = decoder.original_color_type();
     let img = image::DynamicImage::from_decoder(decoder)
         .map_err(|e| format!("not a readable image: {e}"))?;
@@ -465,6 +505,84 @@ mod tests {
             vec![0, 1]
         );
         assert_eq!(l.ignored, vec![dir.path().join("ant/notes.txt")]);
+    }
+
+    #[test]
+    fn images_whose_headers_claim_too_many_pixels_are_refused_before_decoding() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("a")).unwrap();
+        // A JPEG whose frame header claims 65500x65500 (no checksum to fix).
+        let small = dir.path().join("small.jpg");
+        image::RgbImage::new(8, 8).save(&small).unwrap();
+        let mut jpeg = std::fs::read(&small).unwrap();
+        let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        jpeg[sof + 5..sof + 9].copy_from_slice(&[0xFF, 0xDC, 0xFF, 0xDC]);
+        std::fs::write(dir.path().join("a/bomb.jpg"), &jpeg).unwrap();
+        // A PNG whose IHDR claims 20000x20000, its CRC recomputed.
+        let png_small = dir.path().join("small.png");
+        image::RgbImage::new(8, 8).save(&png_small).unwrap();
+        let mut png = std::fs::read(&png_small).unwrap();
+        png[16..20].copy_from_slice(&20000u32.to_be_bytes());
+        png[20..24].copy_from_slice(&20000u32.to_be_bytes());
+        let crc = crc32fast::hash(&png[12..29]);
+        png[29..33].copy_from_slice(&crc.to_be_bytes());
+        std::fs::write(dir.path().join("a/huge.png"), &png).unwrap();
+        let l = scan_split("train", dir.path()).unwrap();
+        let (images, report) = load_split(&l, [8, 8], Interpolation::Bilinear);
+        assert_eq!(images.len(), 0);
+        let bad: Vec<String> = report
+            .bad
+            .iter()
+            .map(|(p, e)| format!("{}: {e}", p.file_name().unwrap().to_string_lossy()))
+            .collect();
+        assert_eq!(bad.len(), 2, "{bad:?}");
+        assert!(bad[0].starts_with("bomb.jpg: its header says 65500x65500 pixels (4290 megapixels), more than the 64 megapixels"), "{bad:?}");
+        assert!(
+            bad[1].starts_with("huge.png: its header says 20000x20000 pixels (400 megapixels)"),
+            "{bad:?}"
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn broken_links_and_non_utf8_names_are_reported_not_dropped() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        std::fs::create_dir_all(&a).unwrap();
+        image::RgbImage::new(8, 8).save(a.join("good.png")).unwrap();
+        std::os::unix::fs::symlink(a.join("gone.png"), a.join("dangling.png")).unwrap();
+        std::os::unix::fs::symlink(a.join("loop.png"), a.join("loop.png")).unwrap();
+        let odd = a.join(std::ffi::OsStr::from_bytes(b"caf\xe9.png"));
+        image::RgbImage::new(8, 8)
+            .save_with_format(&odd, image::ImageFormat::Png)
+            .unwrap();
+        let l = scan_split("train", dir.path()).unwrap();
+        assert_eq!(l.files.len(), 4, "{:?}", l.files);
+        let (images, report) = load_split(&l, [8, 8], Interpolation::Bilinear);
+        assert_eq!(
+            images.len(),
+            2,
+            "the good file and the non-UTF-8 one decode"
+        );
+        let bad: Vec<String> = report
+            .bad
+            .iter()
+            .map(|(p, e)| format!("{}: {e}", p.file_name().unwrap().to_string_lossy()))
+            .collect();
+        assert_eq!(bad.len(), 2, "{bad:?}");
+        assert!(
+            bad.iter()
+                .all(|b| b.contains("a symbolic link that leads nowhere")),
+            "{bad:?}"
+        );
+        // A class folder whose name is not UTF-8 is an error naming it.
+        std::fs::create_dir_all(dir.path().join(std::ffi::OsStr::from_bytes(b"b\xff"))).unwrap();
+        let e = scan_split("train", dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("the class folder's name is not valid UTF-8"),
+            "{e}"
+        );
     }
 
     #[test]
