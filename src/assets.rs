@@ -28,11 +28,14 @@ pub struct Locations {
 impl Locations {
     /// Uses `--assets` when given, else `$RUNNER_ASSETS`.
     pub fn new(assets: Option<PathBuf>) -> Self {
-        let mirror = assets.or_else(|| {
-            std::env::var_os(ASSETS_ENV)
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-        });
+        let mirror = assets
+            .or_else(|| {
+                std::env::var_os(ASSETS_ENV)
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from)
+            })
+            // Resolved once, here: a relative mirror means the folder runner was started in.
+            .map(|p| std::path::absolute(&p).unwrap_or(p));
         Self { mirror }
     }
 

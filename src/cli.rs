@@ -243,8 +243,8 @@ pub(crate) fn failed(e: impl Into<anyhow::Error>) -> Failure {
 
 /// Loads and validates one experiment file.
 pub fn load_plan(path: &Path, common: &Common) -> Result<Plan, Failure> {
-    let loaded = load::load(path, &common.sets).map_err(bad_input)?;
-    plan::build(&loaded, &Locations::new(common.assets.clone())).map_err(bad_input)
+    let locations = Locations::new(common.assets.clone());
+    load::load_checked(path, &common.sets, &[], |l| plan::build(l, &locations)).map_err(bad_input)
 }
 
 /// Runs the parsed command line.
@@ -272,6 +272,18 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                     cli.sweep_options.force,
                     cli.sweep_options.shard,
                 );
+            }
+            if let Some((i, n)) = cli.sweep_options.shard {
+                return Err(bad_input(anyhow::anyhow!(
+                    "--shard {i}/{n}: {} has no [sweep] grid, so there is nothing to shard; --shard applies to a folder, --sweep or a file with a grid",
+                    experiment.display()
+                )));
+            }
+            if cli.sweep_options.force {
+                return Err(bad_input(anyhow::anyhow!(
+                    "--force: {} has no [sweep] grid; --force reruns a sweep's finished points (a single file always runs)",
+                    experiment.display()
+                )));
             }
             run_experiment(&experiment, &common, cli.resume)
         }
@@ -314,8 +326,11 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                     common.results.display()
                 )));
             }
-            crate::logs::show(&path, follow, &mut std::io::stdout().lock())
-                .map_err(|e| failed(anyhow::anyhow!("{}: {e}", path.display())))
+            match crate::logs::show(&path, follow, &mut std::io::stdout().lock()) {
+                // `runner logs RUN | head`: the reader has what it wanted.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                r => r.map_err(|e| failed(anyhow::anyhow!("{}: {e}", path.display()))),
+            }
         }
         (Some(Command::Resume { run_id }), _) => resume(&run_id, None, &common),
         (
@@ -419,16 +434,23 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
 fn check(files: &[PathBuf], common: &Common) -> Result<(), Failure> {
     let mut failures = 0;
     for f in files {
-        match load_plan(f, common) {
-            Ok(p) => println!(
+        // Every point of a `[sweep]` grid is checked as the sweep would run it.
+        match crate::sweep::expand_checked(std::slice::from_ref(f), common) {
+            Ok(points) if points.len() == 1 && points[0].sets.is_empty() => println!(
                 "{}: ok ({} classes, config {})",
                 f.display(),
-                p.classes.len(),
-                p.config_hash
+                points[0].plan.classes.len(),
+                points[0].plan.config_hash
             ),
-            Err(e) => {
+            Ok(points) => println!(
+                "{}: ok ([sweep] grid of {} points, each checked; {} classes)",
+                f.display(),
+                points.len(),
+                points.first().map_or(0, |p| p.plan.classes.len())
+            ),
+            Err(problems) => {
                 failures += 1;
-                eprintln!("{}", e.error);
+                eprintln!("{}", problems.join("\n"));
             }
         }
     }
@@ -617,6 +639,25 @@ pub fn config_drift(old: &str, new: &str) -> Vec<String> {
 /// resolves to the same config.
 pub(crate) fn resume(id: &str, file: Option<&Path>, common: &Common) -> Result<(), Failure> {
     let ck_path = checkpoint::last_path(&common.results, id);
+    if !ck_path.exists() {
+        let known = common.results.join(id).is_dir()
+            || common.results.join(format!("{id}.parquet")).is_file();
+        return Err(bad_input(if known {
+            anyhow::anyhow!(
+                "run {id} has no checkpoint ({} is not there): it stopped before its first one (written after each epoch, and on Ctrl-C), so there is nothing to resume; start the experiment again",
+                ck_path.display()
+            )
+        } else {
+            anyhow::anyhow!(
+                "no run {id} in {}; `runner results {}` lists the runs there",
+                common.results.display(),
+                common.results.display()
+            )
+        }));
+    }
+    // Temporary files a killed process left in the run's folder (this process now owns it).
+    crate::results::remove_stale_temporaries(&checkpoint::run_dir(&common.results, id), "");
+    crate::results::remove_stale_temporaries(&common.results, &format!("{id}."));
     let ck = checkpoint::read(&ck_path).map_err(bad_input)?;
     if run_status(&common.results, id).as_deref() == Some("completed") {
         return Err(bad_input(anyhow::anyhow!(
@@ -726,6 +767,16 @@ fn plot(runs: &[String], out: &Path, smooth: Option<f64>, common: &Common) -> Re
     if let Some(f) = smooth.filter(|f| !(0.0..1.0).contains(f)) {
         return Err(bad_input(anyhow::anyhow!(
             "--smooth {f}: the factor must be in [0, 1), e.g. 0.8"
+        )));
+    }
+    let ext = out
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    if ext != "png" && ext != "svg" {
+        return Err(bad_input(anyhow::anyhow!(
+            "--out {}: runner plots to .png or .svg files, not \".{ext}\"",
+            out.display()
         )));
     }
     let targets: Vec<String> = if runs.is_empty() {

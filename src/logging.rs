@@ -107,6 +107,9 @@ pub fn open_run_log(path: &Path) -> io::Result<()> {
         .create(true)
         .append(true)
         .open(path)?;
+    // Held while the run writes its log: `runner logs --follow` tells a live run from a dead
+    // one (killed, crashed) by whether it can take a shared lock on the file.
+    let _ = f.try_lock();
     if let Ok(mut g) = RUN_LOG.lock() {
         *g = Some(f);
     }

@@ -51,26 +51,36 @@ fn is_last(line: &str) -> bool {
 }
 
 /// Writes the log at `path` to `out`; with `follow`, keeps reading new events until the run
-/// ends (or the process is stopped).
+/// ends, or until no process writes the log any more (a run killed or crashed: its writer's lock
+/// on the file is gone), which it then says.
 pub fn show(path: &Path, follow: bool, out: &mut impl Write) -> std::io::Result<()> {
     let mut file = std::fs::File::open(path)?;
     let mut pos = 0u64;
     loop {
+        // Whether a writer holds the file, asked before reading, so that nothing it wrote
+        // before it died is missed.
+        let writer_gone = follow && file.try_lock_shared().is_ok();
+        if writer_gone {
+            let _ = file.unlock();
+        }
         file.seek(SeekFrom::Start(pos))?;
         let mut reader = BufReader::new(&file);
         let mut ended = false;
         loop {
-            let mut line = String::new();
-            let n = reader.read_line(&mut line)?;
+            let mut raw = Vec::new();
+            let n = reader.read_until(b'\n', &mut raw)?;
             if n == 0 {
                 break;
             }
             pos += n as u64;
-            if !line.ends_with('\n') {
+            if !raw.ends_with(b"\n") {
                 // A line still being written: read it whole next time.
                 pos -= n as u64;
                 break;
             }
+            // A line that is not UTF-8 (a damaged file) is shown with replacement characters,
+            // not the end of the log.
+            let line = String::from_utf8_lossy(&raw);
             let line = line.trim_end();
             if line.is_empty() {
                 continue;
@@ -80,6 +90,14 @@ pub fn show(path: &Path, follow: bool, out: &mut impl Write) -> std::io::Result<
         }
         out.flush()?;
         if !follow || ended {
+            return Ok(());
+        }
+        if writer_gone {
+            writeln!(
+                out,
+                "(the run is not running: its log has no final event and no process writes it; it was killed or crashed; `runner resume` continues it from its last checkpoint)"
+            )?;
+            out.flush()?;
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(250));

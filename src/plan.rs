@@ -245,7 +245,8 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
     if spec.head.layers.is_empty() {
         bad("head.layers", "the head needs at least one layer".into());
     }
-    let mut shape = Some(Shape::Map(base_output)).filter(|_| def.is_some() && h >= min && w >= min);
+    let mut shape = Some(Shape::Map(base_output))
+        .filter(|_| def.is_some() && (min..=4096).contains(&h) && (min..=4096).contains(&w));
     let mut head_params = 0usize;
     for (i, layer) in spec.head.layers.iter().enumerate() {
         let at = format!("head.layers[{i}]");

@@ -63,6 +63,17 @@ pub fn files_of(targets: &[PathBuf]) -> Result<Vec<PathBuf>, Failure> {
 
 /// Every point of every file, each loaded and checked; all problems of all points at once.
 pub fn expand(files: &[PathBuf], common: &Common) -> Result<Vec<Point>, Failure> {
+    expand_checked(files, common).map_err(|problems| {
+        cli::bad_input(anyhow::anyhow!(
+            "nothing was run: {} of the sweep's experiments or points have problems\n{}",
+            problems.len(),
+            problems.join("\n")
+        ))
+    })
+}
+
+/// [`expand`], its problems as a list (one entry per file or point).
+pub fn expand_checked(files: &[PathBuf], common: &Common) -> Result<Vec<Point>, Vec<String>> {
     let mut points = Vec::new();
     let mut problems = Vec::new();
     let locations = crate::assets::Locations::new(common.assets.clone());
@@ -74,15 +85,16 @@ pub fn expand(files: &[PathBuf], common: &Common) -> Result<Vec<Point>, Failure>
                 continue;
             }
         };
+        let mut seen: Vec<String> = Vec::new();
         for values in grid {
             let label = values
                 .iter()
                 .map(|(k, v)| format!("{k} = {v}"))
                 .collect::<Vec<_>>()
                 .join(", ");
-            let checked = load::load_with(f, &common.sets, &values)
-                .map_err(|e| e.to_string())
-                .and_then(|l| plan::build(&l, &locations).map_err(|e| e.to_string()));
+            let checked =
+                load::load_checked(f, &common.sets, &values, |l| plan::build(l, &locations))
+                    .map_err(|e| e.to_string());
             match checked {
                 Ok(plan) => points.push(Point {
                     file: f.clone(),
@@ -90,18 +102,19 @@ pub fn expand(files: &[PathBuf], common: &Common) -> Result<Vec<Point>, Failure>
                     plan,
                 }),
                 Err(e) if label.is_empty() => problems.push(e),
-                Err(e) => problems.push(format!("[sweep] point {label}:\n{e}")),
+                // The same problem at every point (a misspelt key in the grid) is said once.
+                Err(e) if seen.contains(&e) => {}
+                Err(e) => {
+                    problems.push(format!("[sweep] point {label}:\n{e}"));
+                    seen.push(e);
+                }
             }
         }
     }
     if problems.is_empty() {
         Ok(points)
     } else {
-        Err(cli::bad_input(anyhow::anyhow!(
-            "nothing was run: {} of the sweep's experiments or points have problems\n{}",
-            problems.len(),
-            problems.join("\n")
-        )))
+        Err(problems)
     }
 }
 

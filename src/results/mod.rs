@@ -74,7 +74,9 @@ pub enum ResultsError {
     },
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same folder, then a rename.
+/// Writes `path` atomically: a uniquely named temporary file in the same folder
+/// (`.<name>.<random>.tmp`), synced, renamed over `path`, and the folder synced so that the rename
+/// survives a power cut. On an error the temporary file is removed and `path` is untouched.
 pub fn write_atomic(
     path: &Path,
     write: impl FnOnce(&mut File) -> Result<(), String>,
@@ -92,17 +94,34 @@ pub fn write_atomic(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = File::create(&tmp).map_err(|e| e.to_string())?;
-        write(&mut f)?;
-        f.sync_all().map_err(|e| e.to_string())?;
-        std::fs::rename(&tmp, path).map_err(|e| e.to_string())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(|e| err(e.to_string()))?;
+    write(tmp.as_file_mut()).map_err(err)?;
+    tmp.as_file().sync_all().map_err(|e| err(e.to_string()))?;
+    tmp.persist(path).map_err(|e| err(e.error.to_string()))?;
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
     }
-    result.map_err(err)
+    Ok(())
+}
+
+/// Removes the temporary files [`write_atomic`] leaves when its process is killed mid-write
+/// (`.<name>.<random>.tmp`) from `dir` whose name starts with `.<prefix>`; only for files this
+/// process owns (a run's, on resume).
+pub fn remove_stale_temporaries(dir: &Path, prefix: &str) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(&format!(".{prefix}")) && name.ends_with(".tmp") && e.path().is_file() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// The resolved spec as TOML.

@@ -89,9 +89,24 @@ fn schema() -> Schema {
     s
 }
 
-/// One lazy scan over every run table in `dir`.
+/// One lazy scan over every run table in `dir`. A file that is not a readable parquet table
+/// (junk, cut short) is left out with a warning naming it, so that it hides no good run.
 pub fn scan(dir: &Path) -> Result<Option<LazyFrame>, ResultsError> {
-    let files = run_files(dir);
+    let files: Vec<PathBuf> = run_files(dir)
+        .into_iter()
+        .filter(|p| {
+            let read = std::fs::File::open(p)
+                .map_err(|e| e.to_string())
+                .and_then(|f| ParquetReader::new(f).schema().map(|_| ()).map_err(|e| e.to_string()));
+            match read {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(file = %p.display(), error = %e, "Not a readable run table: left out.");
+                    false
+                }
+            }
+        })
+        .collect();
     if files.is_empty() {
         return Ok(None);
     }
@@ -144,7 +159,7 @@ enum Filter {
 }
 
 /// Parses `column OP value`.
-fn filter_expr(f: &str, columns: &[String]) -> Result<Filter, String> {
+fn filter_expr(f: &str, columns: &[String], types: &[DataType]) -> Result<Filter, String> {
     const OPS: [&str; 7] = [">=", "<=", "!=", "=", ">", "<", "~"];
     let (at, op) = OPS
         .iter()
@@ -168,9 +183,24 @@ fn filter_expr(f: &str, columns: &[String]) -> Result<Filter, String> {
     if op == "~" {
         return Ok(Filter::Contains(name.to_string(), raw.to_string()));
     }
+    let text = columns
+        .iter()
+        .zip(types)
+        .any(|(c, t)| c == name && matches!(t, DataType::String));
+    let number = raw.parse::<f64>().ok();
+    if text && matches!(op, ">" | ">=" | "<" | "<=") {
+        return Err(format!(
+            "--filter {f}: {name} is text; compare it with =, != or ~ (contains)"
+        ));
+    }
+    if !text && number.is_none() {
+        return Err(format!(
+            "--filter {f}: {name} is a number; \"{raw}\" is not one"
+        ));
+    }
     let c = col(name);
-    let v = match raw.parse::<f64>() {
-        Ok(x) => lit(x),
+    let v = match (text, number) {
+        (false, Some(x)) => lit(x),
         _ => lit(raw.to_string()),
     };
     Ok(Filter::Expr(match op {
@@ -203,19 +233,27 @@ fn fail(dir: &Path, e: impl std::fmt::Display) -> ResultsError {
 
 /// Runs `q` over `dir`; `None` when there are no run tables.
 pub fn query(dir: &Path, q: &Query) -> Result<Option<DataFrame>, ResultsError> {
+    if !dir.is_dir() {
+        return Err(ResultsError::Read {
+            path: dir.to_path_buf(),
+            message: if dir.exists() {
+                "not a folder; give the results folder (results/ by default), not a file in it"
+                    .into()
+            } else {
+                "no such folder".into()
+            },
+        });
+    }
     let Some(lf) = scan(dir)? else {
         return Ok(None);
     };
     let mut lf = if q.epochs { lf } else { per_run(lf) };
-    let columns: Vec<String> = lf
-        .collect_schema()
-        .map_err(|e| fail(dir, e))?
-        .iter_names()
-        .map(|n| n.to_string())
-        .collect();
+    let schema = lf.collect_schema().map_err(|e| fail(dir, e))?;
+    let columns: Vec<String> = schema.iter_names().map(|n| n.to_string()).collect();
+    let types: Vec<DataType> = schema.iter_fields().map(|f| f.dtype().clone()).collect();
     let mut substrings = Vec::new();
     for f in &q.filters {
-        match filter_expr(f, &columns).map_err(ResultsError::Query)? {
+        match filter_expr(f, &columns, &types).map_err(ResultsError::Query)? {
             Filter::Expr(e) => lf = lf.filter(e),
             Filter::Contains(c, n) => substrings.push((c, n)),
         }

@@ -80,6 +80,9 @@ pub enum SpecError {
     /// A `--set` argument is not `key.path=value`.
     #[error("--set {0}: expected key.path=value, e.g. --set optimizer.lr=1e-4")]
     BadSet(String),
+    /// An indexed `--set` (`head.layers[1].units=8`) that does not fit the spec.
+    #[error("--set {0}")]
+    BadSetIndex(String),
     /// Problems with keys or values.
     #[error("{0}")]
     Invalid(Problems),
@@ -127,7 +130,9 @@ impl Sources {
         // `--set` wins over everything, so a key under one of its paths came from it.
         let bare = strip_indices(key);
         if let Some(set) = self.sets.iter().rev().find(|s| {
-            bare == **s || bare.starts_with(&format!("{s}.")) || s.starts_with(&format!("{bare}."))
+            // An indexed `--set` covers that element only.
+            let k = if s.contains('[') { key } else { bare.as_str() };
+            k == s.as_str() || k.starts_with(&format!("{s}.")) || s.starts_with(&format!("{k}."))
         }) {
             return format!("--set {set}");
         }
@@ -159,6 +164,61 @@ impl Sources {
     }
 }
 
+/// The array at `array` as layered in `figment`, with `rest` (`1].units`: the index, then the key
+/// within that element) set to `value`.
+fn set_in_array(
+    figment: &Figment,
+    array: &str,
+    rest: &str,
+    value: toml::Value,
+) -> Result<toml::Value, String> {
+    let (index, within) = rest
+        .split_once(']')
+        .ok_or("an index needs its closing bracket, e.g. head.layers[1].units=8")?;
+    let index: usize = index
+        .parse()
+        .map_err(|_| format!("the index `{index}` is not a number"))?;
+    let within = within.strip_prefix('.').unwrap_or(within);
+    if within.contains('[') {
+        return Err("only one index per key is supported".into());
+    }
+    let current: Value = figment
+        .find_value(array)
+        .map_err(|_| format!("there is no array `{array}` to index"))?;
+    let mut list: toml::Value =
+        toml::Value::try_from(&current).map_err(|e| format!("`{array}` cannot be indexed: {e}"))?;
+    let items = list
+        .as_array_mut()
+        .ok_or_else(|| format!("`{array}` is not an array"))?;
+    let n = items.len();
+    let item = items.get_mut(index).ok_or_else(|| {
+        format!(
+            "`{array}` has {n} entr{}, so indices 0 to {}",
+            if n == 1 { "y" } else { "ies" },
+            n.saturating_sub(1)
+        )
+    })?;
+    if within.is_empty() {
+        *item = value;
+        return Ok(list);
+    }
+    let mut at = item;
+    let keys: Vec<&str> = within.split('.').collect();
+    for (i, k) in keys.iter().enumerate() {
+        let table = at
+            .as_table_mut()
+            .ok_or_else(|| format!("`{array}[{index}]` has no table at `{k}`"))?;
+        if i + 1 == keys.len() {
+            table.insert(k.to_string(), value);
+            break;
+        }
+        at = table
+            .entry(k.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+    }
+    Ok(list)
+}
+
 fn strip_indices(key: &str) -> String {
     let mut out = String::with_capacity(key.len());
     let mut depth = 0;
@@ -188,6 +248,9 @@ pub fn load(path: &Path, sets: &[String]) -> Result<Loaded, SpecError> {
     load_with(path, sets, &[])
 }
 
+/// The most points one file's `[sweep]` grid may have.
+pub const MAX_GRID_POINTS: usize = 10_000;
+
 /// The points of the file's `[sweep]` grid: the cartesian product of its value lists, in key
 /// order; one empty point without a grid.
 pub fn grid(path: &Path) -> Result<Vec<Vec<(String, toml::Value)>>, SpecError> {
@@ -215,6 +278,26 @@ pub fn grid(path: &Path) -> Result<Vec<Vec<(String, toml::Value)>>, SpecError> {
             "expected a table of \"key.path\" = [values]".into(),
         ));
     };
+    // Count before expanding: a grid is a product, and a few lists make millions of points.
+    let sizes: Vec<usize> = sweep
+        .values()
+        .map(|v| v.as_array().map_or(1, |a| a.len().max(1)))
+        .collect();
+    let count = sizes.iter().try_fold(1usize, |a, &n| a.checked_mul(n));
+    if count.is_none_or(|n| n > MAX_GRID_POINTS) {
+        return Err(problem(
+            "sweep".into(),
+            format!(
+                "a grid of {} points ({}), more than the {MAX_GRID_POINTS} one file may have; split it into several files or take fewer values",
+                count.map_or("more than 2^64".to_string(), |n| n.to_string()),
+                sizes
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" x ")
+            ),
+        ));
+    }
     let mut points: Vec<Vec<(String, toml::Value)>> = vec![Vec::new()];
     for (key, values) in sweep {
         let values = values.as_array().filter(|a| !a.is_empty()).ok_or_else(|| {
@@ -243,6 +326,50 @@ pub fn load_with(
     sets: &[String],
     point: &[(String, toml::Value)],
 ) -> Result<Loaded, SpecError> {
+    let (loaded, problems) = load_parts(path, sets, point)?;
+    if problems.is_empty() {
+        Ok(loaded)
+    } else {
+        Err(SpecError::Invalid(Problems(problems)))
+    }
+}
+
+/// Loads like [`load_with`] and runs `check` (the plan's rules) even when some values were bad:
+/// on the spec with each bad value left at its default, so that one pass lists every problem,
+/// the values' and the rules', as the README promises. A rule's problem about a key that was
+/// already reported bad is left out (it would be about the default, not the user's value).
+pub fn load_checked<T>(
+    path: &Path,
+    sets: &[String],
+    point: &[(String, toml::Value)],
+    check: impl FnOnce(&Loaded) -> Result<T, Problems>,
+) -> Result<T, SpecError> {
+    let (loaded, mut problems) = load_parts(path, sets, point)?;
+    let reported: Vec<String> = problems.iter().map(|p| p.key.clone()).collect();
+    let related = |a: &str, b: &str| {
+        a == b
+            || [".", "["].iter().any(|sep| {
+                a.starts_with(&format!("{b}{sep}")) || b.starts_with(&format!("{a}{sep}"))
+            })
+    };
+    match check(&loaded) {
+        Ok(t) if problems.is_empty() => return Ok(t),
+        Ok(_) => {}
+        Err(Problems(more)) => problems.extend(
+            more.into_iter()
+                .filter(|p| !reported.iter().any(|r| related(r, &p.key))),
+        ),
+    }
+    Err(SpecError::Invalid(Problems(problems)))
+}
+
+/// The spec with every bad value reported and left at its default, and the problems; an error
+/// when it cannot be made whole (unreadable, not TOML, a required key bad or missing).
+fn load_parts(
+    path: &Path,
+    sets: &[String],
+    point: &[(String, toml::Value)],
+) -> Result<(Loaded, Vec<Problem>), SpecError> {
     let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
         path: path.to_path_buf(),
         source,
@@ -254,6 +381,30 @@ pub fn load_with(
         });
     }
 
+    // A `RUNNER_A__B` variable names a spec key; one whose section is not a section is a
+    // problem, not silence (plain `RUNNER_*` variables are runner's own settings).
+    let mut env_problems = Vec::new();
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        let Some(rest) = name.strip_prefix("RUNNER_") else {
+            continue;
+        };
+        let Some((section, _)) = rest.split_once("__") else {
+            continue;
+        };
+        let section = section.to_lowercase();
+        if !SECTIONS.contains(&section.as_str()) {
+            env_problems.push(Problem {
+                source: format!("environment variable {name}"),
+                key: section.clone(),
+                message: format!(
+                    "unknown section [{section}]{}; expected one of {}",
+                    closest(&section, &SECTIONS),
+                    SECTIONS.map(|s| format!("[{s}]")).join(", ")
+                ),
+            });
+        }
+    }
     let mut figment = Figment::from(Toml::string(super::DEFAULTS))
         .merge(Toml::file_exact(path))
         .merge(Env::prefixed("RUNNER_").split("__").filter(|k| {
@@ -272,7 +423,17 @@ pub fn load_with(
             .filter(|(k, _)| !k.trim().is_empty())
             .ok_or_else(|| SpecError::BadSet(s.clone()))?;
         let key = key.trim().to_string();
-        figment = figment.merge(Serialized::default(&key, parse_set_value(raw.trim())));
+        let value = parse_set_value(raw.trim());
+        figment = match key.split_once('[') {
+            None => figment.merge(Serialized::default(&key, value)),
+            // `head.layers[1].units`: figment's paths have no indices, so the whole array is
+            // taken as layered so far, changed at the index, and laid over.
+            Some((array, rest)) => {
+                let new = set_in_array(&figment, array, rest, value)
+                    .map_err(|why| SpecError::BadSetIndex(format!("{s}: {why}")))?;
+                figment.merge(Serialized::default(array, new))
+            }
+        };
         set_keys.push(key);
     }
     let sources = Sources {
@@ -290,7 +451,7 @@ pub fn load_with(
         }]))
     })?;
 
-    let mut problems = Vec::new();
+    let mut problems = env_problems;
     let mut report = |key: String, message: String| {
         problems.push(Problem {
             source: sources.source_of(&key),
@@ -359,23 +520,26 @@ pub fn load_with(
             (Some(experiment), Some(data), Some(backbone), Some(head)),
             (Some(augment), Some(optimizer), Some(schedule), Some(early_stopping)),
             (Some(train), Some(phase)),
-        ) if problems.is_empty() => Ok(Loaded {
-            spec: Spec {
-                experiment,
-                data,
-                backbone,
-                head,
-                augment,
-                optimizer,
-                schedule,
-                early_stopping,
-                train,
-                phase,
+        ) => Ok((
+            Loaded {
+                spec: Spec {
+                    experiment,
+                    data,
+                    backbone,
+                    head,
+                    augment,
+                    optimizer,
+                    schedule,
+                    early_stopping,
+                    train,
+                    phase,
+                },
+                file: path.to_path_buf(),
+                point: point.to_vec(),
+                sources,
             },
-            file: path.to_path_buf(),
-            point: point.to_vec(),
-            sources,
-        }),
+            problems,
+        )),
         _ => Err(SpecError::Invalid(Problems(problems))),
     }
 }
@@ -399,7 +563,6 @@ fn head_section(root: &Dict, report: &mut impl FnMut(String, String)) -> Option<
             format!("head.{key}"),
             format!("unknown field `{key}`, expected `layers`"),
         );
-        ok = false;
     }
     let Some(layers) = dict.get("layers") else {
         report(
@@ -419,6 +582,11 @@ fn head_section(root: &Dict, report: &mut impl FnMut(String, String)) -> Option<
     for (i, layer) in array.iter().enumerate() {
         match layer_at(layer, &format!("head.layers[{i}]"), report) {
             Some(l) => out.push(l),
+            // Reported; a shape-neutral stand-in lets the other layers (and the plan's rules)
+            // still be checked in the same pass. The spec is invalid either way.
+            None if layer.as_dict().is_some() => {
+                out.push(LayerSpec::Dropout(super::DropoutSpec { rate: 0.0 }))
+            }
             None => ok = false,
         }
     }
@@ -595,29 +763,89 @@ fn describe(kind: &figment::error::Kind) -> (Option<String>, String) {
     }
 }
 
+/// Deserializes `value` as `T`, reporting every bad key, not only the first: after each error the
+/// offending key is taken out (its default applies) and the rest is tried again. Returns the
+/// value so repaired (its problems reported), or `None` when it cannot be made whole (a required
+/// key is missing or bad).
 fn deserialize_at<T: DeserializeOwned>(
     value: &Value,
     at: &str,
     report: &mut impl FnMut(String, String),
 ) -> Option<T> {
-    match serde_path_to_error::deserialize::<_, T>(value) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            let inner = e.path().to_string();
-            let mut key = if inner == "." || inner.is_empty() {
-                at.to_string()
-            } else if inner.starts_with('[') {
-                format!("{at}{inner}")
-            } else {
-                format!("{at}.{inner}")
-            };
-            let (field, message) = describe(&e.into_inner().kind);
-            if let Some(f) = field.filter(|f| !key.ends_with(&format!(".{f}"))) {
-                key = format!("{key}.{f}");
-            }
-            report(key, message);
-            None
+    let mut value = value.clone();
+    let mut removed: Vec<String> = Vec::new();
+    let mut unknown: Vec<String> = Vec::new();
+    for _ in 0..64 {
+        let e = match serde_path_to_error::deserialize::<_, T>(&value) {
+            Ok(v) => return Some(v),
+            Err(e) => e,
+        };
+        let mut keys: Vec<String> = e
+            .path()
+            .iter()
+            .filter_map(|seg| match seg {
+                serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                _ => None,
+            })
+            .collect();
+        let inner = e.path().to_string();
+        let mut key = if inner == "." || inner.is_empty() {
+            at.to_string()
+        } else if inner.starts_with('[') {
+            format!("{at}{inner}")
+        } else {
+            format!("{at}.{inner}")
+        };
+        let kind = e.into_inner().kind;
+        let missing = matches!(kind, figment::error::Kind::MissingField(_));
+        let is_unknown = matches!(kind, figment::error::Kind::UnknownField(..));
+        let (field, message) = describe(&kind);
+        if let Some(f) = field.filter(|f| !key.ends_with(&format!(".{f}"))) {
+            key = format!("{key}.{f}");
+            keys.push(f);
         }
+        if missing {
+            // A required key taken out for being bad is not missing as well, nor one beside an
+            // unknown key (most likely its misspelling, already reported).
+            let parent = key.rsplit_once('.').map_or("", |(p, _)| p);
+            let beside_unknown = unknown
+                .iter()
+                .any(|r| r.rsplit_once('.').map_or("", |(p, _)| p) == parent);
+            if !removed.contains(&key) && !beside_unknown {
+                report(key, message);
+            }
+            return None;
+        }
+        report(key.clone(), message);
+        if !remove_path(&mut value, &keys) {
+            return None;
+        }
+        if is_unknown {
+            unknown.push(key.clone());
+        }
+        removed.push(key);
+    }
+    None
+}
+
+/// Removes the key at `path` (map keys, outermost first) from `value`; whether it was there.
+fn remove_path(value: &mut Value, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut v = value;
+    for k in parents {
+        match v {
+            Value::Dict(_, d) => match d.get_mut(k) {
+                Some(next) => v = next,
+                None => return false,
+            },
+            _ => return false,
+        }
+    }
+    match v {
+        Value::Dict(_, d) => d.remove(last).is_some(),
+        _ => false,
     }
 }
 

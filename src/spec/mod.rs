@@ -285,6 +285,7 @@ pub struct DataSpec {
     /// A relative path that does not exist is also tried under `$RUNNER_ASSETS/`.
     pub dir: String,
     /// Size every image is resized to, `[height, width]`.
+    #[serde(deserialize_with = "pair")]
     pub image_size: [usize; 2],
     /// Images per batch, for training and evaluation.
     pub batch_size: usize,
@@ -485,13 +486,55 @@ pub enum Padding {
 }
 
 /// A size given as one number (square) or as `[height, width]`.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum Size2 {
     /// The same along both axes.
     Square(usize),
     /// `[height, width]`.
     Pair([usize; 2]),
+}
+
+impl<'de> Deserialize<'de> for Size2 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Size2;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a positive number or two of them, [height, width]")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Size2, E> {
+                usize::try_from(v)
+                    .map(Size2::Square)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Size2, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+                    .and_then(|v| self.visit_u64(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Size2, A::Error> {
+                let mut v: Vec<usize> = Vec::new();
+                while let Some(x) = a.next_element()? {
+                    v.push(x);
+                }
+                <[usize; 2]>::try_from(v.as_slice())
+                    .map(Size2::Pair)
+                    .map_err(|_| {
+                        serde::de::Error::invalid_length(v.len(), &"two numbers, [height, width]")
+                    })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Exactly two numbers, `[height, width]` (serde's fixed-size arrays would take the first two
+/// of a longer list and drop the rest without a word).
+fn pair<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[usize; 2], D::Error> {
+    let v: Vec<usize> = Vec::deserialize(d)?;
+    <[usize; 2]>::try_from(v.as_slice())
+        .map_err(|_| serde::de::Error::invalid_length(v.len(), &"two numbers, [height, width]"))
 }
 
 impl Size2 {

@@ -169,10 +169,19 @@ pub fn mirror() -> Option<PathBuf> {
         std::env::var_os("RUNNER_ASSETS").map(PathBuf::from),
         Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/assets")),
     ];
-    candidates
+    // Absolute: the tests run the binary from other folders, and a relative
+    // RUNNER_ASSETS=../shared/assets (the README's) means the folder it was set in.
+    let found = candidates
         .into_iter()
         .flatten()
         .find(|p| p.join("weights").is_dir())
+        .map(|p| std::path::absolute(&p).unwrap_or(p));
+    if found.is_none() && std::env::var_os("RUNNER_REQUIRE_ASSETS").is_some_and(|v| v == "1") {
+        panic!(
+            "RUNNER_REQUIRE_ASSETS=1 but no asset mirror: neither $RUNNER_ASSETS nor ../shared/assets has weights/"
+        );
+    }
+    found
 }
 
 /// The values of a little-endian f32 tensor in a safetensors file.

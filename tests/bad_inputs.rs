@@ -1,0 +1,496 @@
+//! The bad-input corpus: each case is a bad spec, image, argument or results folder given to
+//! the binary as a user would. Every case pins its exit code (2 for bad input), must not panic,
+//! must write nothing, and its message is pinned by a snapshot (`tests/snapshots/`), so that a
+//! change of wording is a reviewed change (`cargo insta review`, or `INSTA_UPDATE=always` then
+//! read the diff).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A temporary project: a tiny dataset, a weights file and the base spec.
+struct Project {
+    dir: tempfile::TempDir,
+    data: PathBuf,
+    weights: PathBuf,
+}
+
+impl Project {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let data = common::make_dataset(&dir.path().join("data"), &["cats", "dogs"], [2, 1, 1], 8);
+        let weights = dir.path().join("w.safetensors");
+        common::write_vgg_weights(&weights, runner::backbone::find("vgg16").unwrap(), 9);
+        Self { dir, data, weights }
+    }
+
+    fn base(&self) -> String {
+        common::spec_text(&self.data, &self.weights, "")
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// One case: a name, the arguments (`{spec}` is the case's spec file), its environment and the
+/// exit code it must end with.
+struct Case {
+    name: String,
+    spec: Option<String>,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    code: i32,
+    /// A run refused after its log was opened (bad images found while loading): only that log
+    /// is written, and it names the problem; no run table claims anything.
+    logs_only: bool,
+}
+
+fn case(name: &str, spec: String) -> Case {
+    Case {
+        name: name.into(),
+        spec: Some(spec),
+        args: vec!["check".into(), "{spec}".into()],
+        env: vec![],
+        code: 2,
+        logs_only: false,
+    }
+}
+
+fn replaced(base: &str, from: &str, to: &str) -> String {
+    assert!(base.contains(from), "the base spec has {from:?}");
+    base.replacen(from, to, 1)
+}
+
+/// Runs every case; returns the report the snapshot pins. Asserts per case what must hold
+/// whatever the wording: the exit code, no panic, nothing written.
+fn run_all(p: &Project, cases: Vec<Case>) -> String {
+    let mut report = String::new();
+    for c in cases {
+        let spec = p.path().join(format!("{}.toml", c.name));
+        if let Some(text) = &c.spec {
+            std::fs::write(&spec, text).unwrap();
+        }
+        let results = p.path().join("results");
+        let args: Vec<String> = c
+            .args
+            .iter()
+            .map(|a| {
+                a.replace("{spec}", spec.to_str().unwrap())
+                    .replace("{dir}", p.path().to_str().unwrap())
+            })
+            .collect();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_runner"));
+        cmd.args(&args)
+            .arg("--results")
+            .arg(&results)
+            .current_dir(p.path())
+            .env_remove("RUNNER_ASSETS")
+            .env("RUNNER_CACHE", p.path().join("cache"))
+            .env("RUNNER_LOG", "warn");
+        for (k, v) in &c.env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(c.code),
+            "case {}: exit code\n{stderr}",
+            c.name
+        );
+        assert!(!stderr.contains("panicked"), "case {}: {stderr}", c.name);
+        if c.logs_only {
+            let written: Vec<PathBuf> = std::fs::read_dir(&results)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            assert_eq!(written.len(), 1, "case {}: {written:?}", c.name);
+            let log = std::fs::read_to_string(&written[0]).unwrap();
+            assert!(
+                written[0].to_string_lossy().ends_with(".log.jsonl") && log.contains("Run failed."),
+                "case {}: {log}",
+                c.name
+            );
+            std::fs::remove_dir_all(&results).unwrap();
+        } else {
+            assert!(
+                !results.exists() || std::fs::read_dir(&results).unwrap().next().is_none(),
+                "case {}: wrote into results/",
+                c.name
+            );
+        }
+        let text = stderr
+            .replace(p.path().to_str().unwrap(), "<dir>")
+            .lines()
+            .map(normalise_log_line)
+            .collect::<Vec<_>>()
+            .join("\n");
+        report += &format!(
+            "## {} (exit {})\n$ runner {}\n{}\n\n",
+            c.name,
+            c.code,
+            args.join(" ").replace(p.path().to_str().unwrap(), "<dir>"),
+            text.trim_end()
+        );
+    }
+    report
+}
+
+/// A console log line without what changes from run to run: its timestamp and the run id.
+fn normalise_log_line(l: &str) -> String {
+    let timestamped = l.len() > 20 && l.as_bytes()[4] == b'-' && l.as_bytes()[10] == b'T';
+    let l = match l.find("Z ") {
+        Some(i) if timestamped => l[i + 2..].trim_start(),
+        _ => l,
+    };
+    match l.find("run=") {
+        Some(i) => {
+            let end = l[i..].find(' ').map_or(l.len(), |j| i + j);
+            format!("{}run=<id>{}", &l[..i], &l[end..])
+        }
+        None => l.to_string(),
+    }
+}
+
+#[test]
+fn bad_specs() {
+    let p = Project::new();
+    let b = p.base();
+    let r = |from: &str, to: &str| replaced(&b, from, to);
+    let layer = |l: &str| {
+        replaced(
+            &b,
+            "[[head.layers]]\nkind = \"flatten\"",
+            &format!("[[head.layers]]\n{l}\n[[head.layers]]\nkind = \"flatten\""),
+        )
+    };
+    let mut cases = vec![
+        // [experiment]
+        case(
+            "experiment_unknown_key",
+            r("seed = 3", "seed = 3\ncolour = 1"),
+        ),
+        case(
+            "experiment_name_unsafe",
+            r("name = \"tiny\"", "name = \"a/b\""),
+        ),
+        case("experiment_name_empty", r("name = \"tiny\"", "name = \"\"")),
+        case("experiment_seed_negative", r("seed = 3", "seed = -1")),
+        case("experiment_seed_text", r("seed = 3", "seed = \"three\"")),
+        case(
+            "experiment_missing",
+            r("[experiment]\nname = \"tiny\"\nseed = 3\n", ""),
+        ),
+        // [data]
+        case(
+            "data_dir_missing_folder",
+            r(
+                &format!("dir = \"{}\"", p.data.display()),
+                "dir = \"nowhere\"",
+            ),
+        ),
+        case(
+            "data_image_size_three",
+            r("image_size = [32, 32]", "image_size = [32, 32, 3]"),
+        ),
+        case(
+            "data_image_size_one",
+            r("image_size = [32, 32]", "image_size = [32]"),
+        ),
+        case(
+            "data_image_size_small",
+            r("image_size = [32, 32]", "image_size = [8, 8]"),
+        ),
+        case(
+            "data_image_size_huge",
+            r("image_size = [32, 32]", "image_size = [100000, 100000]"),
+        ),
+        case(
+            "data_image_size_text",
+            r("image_size = [32, 32]", "image_size = \"big\""),
+        ),
+        case("data_batch_zero", r("batch_size = 4", "batch_size = 0")),
+        case("data_batch_float", r("batch_size = 4", "batch_size = 4.5")),
+        case(
+            "data_interpolation_unknown",
+            r(
+                "batch_size = 4",
+                "batch_size = 4\ninterpolation = \"lanczos\"",
+            ),
+        ),
+        case(
+            "data_on_bad_image_unknown",
+            r(
+                "batch_size = 4",
+                "batch_size = 4\non_bad_image = \"ignore\"",
+            ),
+        ),
+        // [backbone]
+        case(
+            "backbone_unknown",
+            r("name = \"vgg16\"", "name = \"vgg17\""),
+        ),
+        case(
+            "backbone_weights_missing_file",
+            r(
+                &format!("weights = \"{}\"", p.weights.display()),
+                "weights = \"missing.safetensors\"",
+            ),
+        ),
+        case(
+            "backbone_cutoff_unknown",
+            r(
+                "trainable_from = \"none\"",
+                "trainable_from = \"block5_conv\"",
+            ),
+        ),
+        case(
+            "backbone_preprocess_unknown",
+            r("preprocess = \"caffe\"", "preprocess = \"keras\""),
+        ),
+        // [head]
+        case(
+            "head_no_layers",
+            r("[[head.layers]]\nkind = \"flatten\"\n", "")
+                .replace("[[head.layers]]", "[[nothing]]"),
+        ),
+        case("head_layer_kind_unknown", layer("kind = \"conv3d\"")),
+        case("head_layer_kind_missing", layer("filters = 4")),
+        case(
+            "head_conv_stride_zero",
+            layer("kind = \"conv2d\"\nfilters = 4\nkernel = 1\nstride = 0\npadding = \"same\""),
+        ),
+        case(
+            "head_conv_kernel_zero",
+            layer("kind = \"conv2d\"\nfilters = 4\nkernel = 0\npadding = \"same\""),
+        ),
+        case(
+            "head_conv_filters_zero",
+            layer("kind = \"conv2d\"\nfilters = 0\nkernel = 1"),
+        ),
+        case(
+            "head_conv_kernel_huge",
+            layer("kind = \"conv2d\"\nfilters = 4\nkernel = 100001\npadding = \"same\""),
+        ),
+        case(
+            "head_conv_kernel_three_values",
+            layer("kind = \"conv2d\"\nfilters = 4\nkernel = [1, 1, 1]"),
+        ),
+        case(
+            "head_conv_valid_too_big",
+            layer("kind = \"conv2d\"\nfilters = 4\nkernel = 3"),
+        ),
+        case(
+            "head_conv_padding_unknown",
+            layer("kind = \"conv2d\"\nfilters = 4\nkernel = 1\npadding = \"full\""),
+        ),
+        case("head_pool_zero", layer("kind = \"max_pool2d\"\npool = 0")),
+        case(
+            "head_pool_stride_zero",
+            layer("kind = \"max_pool2d\"\npool = 1\nstride = 0"),
+        ),
+        case("head_dense_huge", r("units = 16", "units = 4000000000")),
+        case(
+            "head_dense_overflow",
+            r("units = 16", "units = 9223372036854775807"),
+        ),
+        case("head_dense_zero", r("units = 16", "units = 0")),
+        case("head_dense_negative", r("units = 16", "units = -3")),
+        case(
+            "head_activation_unknown",
+            r("activation = \"relu\"", "activation = \"gelu2\""),
+        ),
+        case("head_dropout_one", r("rate = 0.5", "rate = 1.0")),
+        case("head_dropout_misspelt", r("rate = 0.5", "prob = 0.5")),
+        case(
+            "head_dense_before_flatten",
+            r("[[head.layers]]\nkind = \"flatten\"\n", ""),
+        ),
+        // [optimizer]
+        case(
+            "optimizer_kind_unknown",
+            r("kind = \"rmsprop\"", "kind = \"adagrad\""),
+        ),
+        case("optimizer_lr_negative", r("lr = 1e-3", "lr = -1")),
+        case("optimizer_lr_text", r("lr = 1e-3", "lr = \"fast\"")),
+        case(
+            "optimizer_unknown_key",
+            r("lr = 1e-3", "lr = 1e-3\nrhoo = 0.9"),
+        ),
+        case(
+            "optimizer_missing",
+            r("[optimizer]\nkind = \"rmsprop\"\nlr = 1e-3\n", ""),
+        ),
+        // [train]
+        case("train_epochs_zero", r("epochs = 2", "epochs = 0")),
+        case(
+            "train_loss_unknown",
+            r("loss = \"binary_crossentropy\"", "loss = \"hinge\""),
+        ),
+        case(
+            "train_categorical_on_one_unit",
+            r(
+                "loss = \"binary_crossentropy\"",
+                "loss = \"categorical_crossentropy\"",
+            ),
+        ),
+        // sections
+        case("section_unknown", format!("{b}\n[optimiser]\nlr = 1\n")),
+        case(
+            "three_problems_at_once",
+            r("rate = 0.5", "prob = 0.5")
+                .replace(
+                    "trainable_from = \"none\"",
+                    "trainable_from = \"block5_conv\"",
+                )
+                .replace("lr = 1e-3", "lr = -1"),
+        ),
+        case("toml_syntax", r("epochs = 2", "epochs = = 2")),
+        // [sweep]
+        case(
+            "sweep_scalar",
+            format!("{b}\n[sweep]\n\"optimizer.lr\" = 1e-3\n"),
+        ),
+        case(
+            "sweep_empty_list",
+            format!("{b}\n[sweep]\n\"optimizer.lr\" = []\n"),
+        ),
+        case(
+            "sweep_unknown_key",
+            format!("{b}\n[sweep]\n\"optimizer.lrr\" = [1e-3, 1e-4]\n"),
+        ),
+        case(
+            "sweep_bad_value",
+            format!("{b}\n[sweep]\n\"optimizer.lr\" = [1e-3, -1.0]\n"),
+        ),
+        case(
+            "sweep_too_many_points",
+            format!(
+                "{b}\n[sweep]\n\"optimizer.lr\" = [{}]\n\"experiment.seed\" = [{}]\n",
+                (0..200)
+                    .map(|i| format!("{}e-4", i + 1))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                (0..100)
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
+    ];
+    // Environment and --set layers.
+    let mut env_case = case("env_misspelt_section", b.clone());
+    env_case.env = vec![("RUNNER_OPTIMIZR__LR".into(), "1e-4".into())];
+    cases.push(env_case);
+    let mut env_bad = case("env_bad_value", b.clone());
+    env_bad.env = vec![("RUNNER_OPTIMIZER__LR".into(), "-5".into())];
+    cases.push(env_bad);
+    for (name, set) in [
+        ("set_bad_value", "optimizer.lr=-1"),
+        ("set_unknown_key", "optimizer.lrr=1"),
+        ("set_no_equals", "optimizer.lr"),
+        ("set_indexed_bad_value", "head.layers[1].units=0"),
+        ("set_indexed_out_of_range", "head.layers[9].units=4"),
+        ("set_indexed_not_a_number", "head.layers[x].units=4"),
+        ("set_image_size_three", "data.image_size=[32,32,3]"),
+    ] {
+        let mut c = case(name, b.clone());
+        c.args.extend(["--set".into(), set.into()]);
+        cases.push(c);
+    }
+    insta::assert_snapshot!(run_all(&p, cases));
+}
+
+#[test]
+fn bad_images_and_folders() {
+    let p = Project::new();
+    let b = p.base();
+    let train = p.data.join("train");
+    // A JPEG whose header claims 65500x65500 pixels.
+    let small = p.path().join("small.jpg");
+    image::RgbImage::new(8, 8).save(&small).unwrap();
+    let mut jpeg = std::fs::read(&small).unwrap();
+    let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+    jpeg[sof + 5..sof + 9].copy_from_slice(&[0xFF, 0xDC, 0xFF, 0xDC]);
+    std::fs::write(train.join("cats/bomb.jpg"), &jpeg).unwrap();
+    std::fs::write(train.join("cats/empty.png"), b"").unwrap();
+    std::fs::write(train.join("dogs/text.jpg"), b"not an image at all").unwrap();
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(train.join("gone.png"), train.join("dogs/dangling.png"))
+            .unwrap();
+        std::os::unix::fs::symlink(train.join("dogs/loop.png"), train.join("dogs/loop.png"))
+            .unwrap();
+    }
+    let mut run = case("bad_images_fail_before_training", b.clone());
+    run.args = vec!["{spec}".into(), "--device".into(), "cpu".into()];
+    run.logs_only = true;
+    let cases = vec![run];
+    insta::assert_snapshot!(run_all(&p, cases));
+}
+
+#[test]
+fn bad_arguments_and_results_folders() {
+    let p = Project::new();
+    let b = p.base();
+    // A results folder with one real run and one junk table.
+    let spec = p.path().join("good.toml");
+    std::fs::write(&spec, &b).unwrap();
+    let out = common::cli::runner(
+        &[
+            spec.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--results",
+            p.path().join("junk").to_str().unwrap(),
+        ],
+        p.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let junk = p.path().join("junk");
+    std::fs::write(junk.join("x.parquet"), b"junk").unwrap();
+    let mut cases = Vec::new();
+    let mut add = |name: &str, args: &[&str]| {
+        let mut c = case(name, b.clone());
+        c.args = args.iter().map(|s| s.to_string()).collect();
+        cases.push(c);
+    };
+    add("results_missing_folder", &["results", "{dir}/nowhere"]);
+    add("results_with_one_junk_table", &["results", "{dir}/junk"]);
+    add("results_file_not_folder", &["results", "{spec}"]);
+    add(
+        "results_filter_text_compared",
+        &["results", "{dir}/junk", "--filter", "experiment>3"],
+    );
+    add(
+        "results_filter_no_operator",
+        &["results", "{dir}/junk", "--filter", "experiment"],
+    );
+    add(
+        "plot_out_jpg",
+        &["plot", "{dir}/junk", "--out", "{dir}/a.jpg"],
+    );
+    add(
+        "plot_smooth_out_of_range",
+        &["plot", "--smooth", "1.5", "--out", "{dir}/a.png"],
+    );
+    add("shard_without_grid", &["{spec}", "--shard", "1/2"]);
+    add("shard_malformed", &["{spec}", "--shard", "2/2"]);
+    add("resume_unknown_run", &["resume", "nope"]);
+    add("logs_unknown_run", &["logs", "nope"]);
+    add(
+        "predict_unknown_run",
+        &["predict", "nope", "{dir}/small.png"],
+    );
+    add("device_unknown", &["check", "{spec}", "--device", "tpu"]);
+    add("spec_file_missing", &["check", "{dir}/nothing.toml"]);
+    // Not an error: the good run is listed, the junk table named in a warning.
+    cases[1].code = 0;
+    insta::assert_snapshot!(run_all(&p, cases));
+}
