@@ -876,13 +876,25 @@ fn execute(
         interrupt: interrupt_flag(),
     };
     let results = &common.results;
+    // The last progress written, so that a run stopped by a write error (a full disk) is
+    // recorded as failed, with the reason, instead of staying `running`.
+    let last = std::cell::RefCell::new(None::<train::Progress>);
     let result = train::run(plan, &device, opts, |progress| {
+        *last.borrow_mut() = Some(progress.clone());
         if let Err(e) =
             crate::results::write_run(results, plan, id, &origin.started_at, progress, None)
         {
             tracing::warn!(run = %id, error = %e, "Cannot write the results table.");
         }
     });
+    let record_failed = |progress: Option<&train::Progress>, e: &dyn std::fmt::Display| {
+        let mut p = progress.cloned().unwrap_or_default();
+        p.status = train::Status::Failed;
+        p.error = Some(e.to_string());
+        if let Err(w) = crate::results::write_run(results, plan, id, &origin.started_at, &p, None) {
+            tracing::warn!(run = %id, error = %w, "Cannot record the failed run either.");
+        }
+    };
     let outcome = match result {
         Ok(o) => o,
         Err(e) => {
@@ -894,7 +906,10 @@ fn execute(
                 | train::TrainError::Weights(_)
                 | train::TrainError::EmptyClass { .. }
                 | train::TrainError::Restore { .. } => bad_input(e),
-                train::TrainError::Write(_) => failed(e),
+                train::TrainError::Write(_) => {
+                    record_failed(last.borrow().as_ref(), &e);
+                    failed(e)
+                }
             });
         }
     };
@@ -927,6 +942,25 @@ fn execute(
         }
         train::Status::Running | train::Status::Completed | train::Status::Failed => {}
     }
+    // The model and the predictions first: the table says `completed` only once they are
+    // written, so a run whose model could not be saved (a full disk) is never taken as done.
+    fn fail_with<E: std::fmt::Display + Send + Sync + std::fmt::Debug + 'static>(
+        id: &str,
+        e: E,
+        record: &dyn Fn(&dyn std::fmt::Display),
+    ) -> Failure {
+        tracing::error!(run = %id, error = %e, "Run failed.");
+        record(&e);
+        crate::logging::close_run_log();
+        failed(anyhow::anyhow!("{e}"))
+    }
+    let record = |e: &dyn std::fmt::Display| record_failed(Some(progress), e);
+    if !outcome.predictions.is_empty() {
+        crate::results::write_predictions(results, id, &plan.classes, &outcome.predictions)
+            .map_err(|e| fail_with(id, e, &record))?;
+    }
+    let model_dir = crate::predict::save(results, id, plan, &outcome.model)
+        .map_err(|e| fail_with(id, e, &record))?;
     let written = crate::results::write_run(
         results,
         plan,
@@ -935,12 +969,7 @@ fn execute(
         progress,
         outcome.test,
     )
-    .map_err(failed)?;
-    if !outcome.predictions.is_empty() {
-        crate::results::write_predictions(results, id, &plan.classes, &outcome.predictions)
-            .map_err(failed)?;
-    }
-    let model_dir = crate::predict::save(results, id, plan, &outcome.model).map_err(failed)?;
+    .map_err(|e| fail_with(id, e, &record))?;
     let last = history.last();
     info!(
         run = %id,

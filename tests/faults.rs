@@ -107,3 +107,117 @@ fn temporaries_a_killed_writer_left_are_removed_when_the_run_is_resumed() {
     assert!(s.results.join(&id).join("last.ckpt").is_file());
     assert!(s.results.join(format!("{id}.parquet")).is_file());
 }
+
+/// Runs the tiny experiment with writes of files ending in `suffix` failing as on a full disk.
+fn run_failing(s: &common::cli::Setup, suffix: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args([
+            s.spec.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--results",
+            s.results.to_str().unwrap(),
+        ])
+        .current_dir(s.dir.path())
+        .env_remove("RUNNER_ASSETS")
+        .env("RUNNER_CACHE", s.dir.path().join("cache"))
+        .env("RUNNER_FAIL_WRITE", suffix)
+        .output()
+        .unwrap()
+}
+
+fn status_and_error(s: &common::cli::Setup) -> (String, String) {
+    let tables = common::cli::files_with(&s.results, ".parquet");
+    assert_eq!(tables.len(), 1, "{tables:?}");
+    let (df, _) = runner::results::read_run(&tables[0]).unwrap();
+    let get = |c: &str| {
+        df.column(c)
+            .unwrap()
+            .str()
+            .unwrap()
+            .get(0)
+            .unwrap_or("")
+            .to_string()
+    };
+    (get("status"), get("error"))
+}
+
+#[test]
+fn a_full_disk_at_each_kind_of_write_leaves_a_truthful_status() {
+    for suffix in [
+        "model.bpk",
+        "model.safetensors",
+        "last.ckpt",
+        ".predictions.parquet",
+    ] {
+        let s = common::cli::setup(&[]);
+        let out = run_failing(&s, suffix);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{suffix}: {err}");
+        assert!(
+            err.contains("injected by RUNNER_FAIL_WRITE"),
+            "{suffix}: {err}"
+        );
+        let (status, error) = status_and_error(&s);
+        assert_eq!(
+            status, "failed",
+            "{suffix}: the table must not say {status}"
+        );
+        assert!(
+            error.contains("injected by RUNNER_FAIL_WRITE"),
+            "{suffix}: {error}"
+        );
+        // No temporary file is left behind.
+        let leftovers: Vec<_> = walk(&s.results)
+            .into_iter()
+            .filter(|p| p.to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{suffix}: {leftovers:?}");
+    }
+}
+
+#[test]
+fn a_run_table_that_cannot_be_written_is_an_error_not_a_silent_success() {
+    let s = common::cli::setup(&[]);
+    let out = run_failing(&s, ".parquet");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("Cannot write the results table"), "{err}");
+    assert!(common::cli::files_with(&s.results, ".parquet").is_empty());
+}
+
+#[test]
+fn a_feature_cache_that_cannot_be_written_does_not_stop_the_run() {
+    let s = common::cli::setup(&[]);
+    // The cache's files are under RUNNER_CACHE (`<dir>/cache/`): a cache is an optimisation,
+    // so the run goes on without it, says so, and is what its table says.
+    let out = run_failing(&s, "/cache/");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("injected by RUNNER_FAIL_WRITE"),
+        "the failed cache write is logged: {err}"
+    );
+    let (status, _) = status_and_error(&s);
+    assert_eq!(status, "completed");
+    let cached: Vec<_> = walk(&s.dir.path().join("cache"))
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(".safetensors"))
+        .collect();
+    assert!(cached.is_empty(), "{cached:?}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}

@@ -94,11 +94,22 @@ pub fn write_atomic(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    // Fault injection for the tests: `RUNNER_FAIL_WRITE=<text>` makes every write of a file
+    // whose path contains it fail as a full disk would, after its temporary file was created.
+    let inject = std::env::var("RUNNER_FAIL_WRITE")
+        .ok()
+        .filter(|s| !s.is_empty() && path.to_string_lossy().contains(s.as_str()));
     let mut tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}."))
         .suffix(".tmp")
         .tempfile_in(dir)
         .map_err(|e| err(e.to_string()))?;
+    if inject.is_some() {
+        return Err(err(format!(
+            "{} (injected by RUNNER_FAIL_WRITE)",
+            std::io::Error::from(std::io::ErrorKind::StorageFull)
+        )));
+    }
     write(tmp.as_file_mut()).map_err(err)?;
     tmp.as_file().sync_all().map_err(|e| err(e.to_string()))?;
     tmp.persist(path).map_err(|e| err(e.error.to_string()))?;
