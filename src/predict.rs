@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
 
 use crate::backbone;
 use crate::data::folder;
@@ -32,6 +33,73 @@ pub struct ModelCard {
     pub preprocess: Preprocess,
     /// Freeze cutoff of the last phase.
     pub cut: usize,
+    /// SHA-256 of `model.bpk` (hex), checked when the model is loaded; absent in cards written
+    /// before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bpk_sha256: Option<String>,
+}
+
+impl ModelCard {
+    /// Checks the card as a spec is checked: it is a file a user can edit, and the model is built
+    /// from it. Returns what is wrong, naming the key.
+    pub fn validate(&self, def: &backbone::BackboneDef) -> Result<(), String> {
+        let layers = def.layers().len();
+        if self.cut > layers {
+            return Err(format!(
+                "cut = {}, but {} has {layers} layers (0 to {layers})",
+                self.cut, def.name
+            ));
+        }
+        let [h, w] = self.spec.data.image_size;
+        if !(def.min_input..=4096).contains(&h) || !(def.min_input..=4096).contains(&w) {
+            return Err(format!(
+                "spec.data.image_size = [{h}, {w}]: each side must be in [{}, 4096] for {}",
+                def.min_input, def.name
+            ));
+        }
+        if self.spec.head.layers.is_empty() {
+            return Err("spec.head.layers is empty".into());
+        }
+        let mut shape = crate::head::Shape::Map(def.shape_at(layers, [h, w]));
+        let mut params = 0usize;
+        for (i, layer) in self.spec.head.layers.iter().enumerate() {
+            let (out, n) = crate::head::infer(layer, shape)
+                .map_err(|e| format!("spec.head.layers[{i}]: {e} (input {})", shape.keras()))?;
+            params = params.saturating_add(n);
+            if params > crate::head::MAX_HEAD_PARAMS {
+                return Err(format!(
+                    "spec.head.layers[{i}]: the head is too large ({params} parameters)"
+                ));
+            }
+            shape = out;
+        }
+        let units = match shape {
+            crate::head::Shape::Flat(n) => n,
+            crate::head::Shape::Map(_) => {
+                return Err(
+                    "spec.head.layers: the last layer must give a vector (a dense layer)".into(),
+                );
+            }
+        };
+        let n = self.classes.len();
+        let fits = match self.spec.train.loss {
+            crate::spec::Loss::BinaryCrossentropy => n == 2 && units == 1,
+            crate::spec::Loss::CategoricalCrossentropy => n >= 2 && units == n,
+        };
+        if !fits {
+            return Err(format!(
+                "classes: {n} class names ({}) for a head with {units} output{} under {:?}",
+                self.classes.join(", "),
+                if units == 1 { "" } else { "s" },
+                self.spec.train.loss
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = self.classes.iter().find(|c| !seen.insert(c.as_str())) {
+            return Err(format!("classes: \"{dup}\" appears twice"));
+        }
+        Ok(())
+    }
 }
 
 /// Errors saving or using a model.
@@ -72,18 +140,24 @@ pub fn save(
         classes: plan.classes.clone(),
         preprocess: plan.preprocess,
         cut: model.cut(),
+        bpk_sha256: None,
     };
-    let json = serde_json::to_string_pretty(&card).unwrap_or_default();
-    write_atomic(&card_path(results, run_id), |f| {
-        std::io::Write::write_all(f, json.as_bytes()).map_err(|e| e.to_string())
-    })?;
     let bpk = dir.join("model.bpk");
     let bytes = train::model_bytes(model).map_err(|message| ResultsError::Write {
         path: bpk.clone(),
         message,
     })?;
+    let card = ModelCard {
+        bpk_sha256: Some(hex(&sha2::Sha256::digest(&bytes))),
+        ..card
+    };
     write_atomic(&bpk, |f| {
         std::io::Write::write_all(f, &bytes).map_err(|e| e.to_string())
+    })?;
+    // The card after the weights it describes, so that a card is never there without them.
+    let json = serde_json::to_string_pretty(&card).unwrap_or_default();
+    write_atomic(&card_path(results, run_id), |f| {
+        std::io::Write::write_all(f, json.as_bytes()).map_err(|e| e.to_string())
     })?;
 
     let st = dir.join("model.safetensors");
@@ -168,19 +242,42 @@ pub fn load(
             cut: 0,
             classes,
             spec,
+            bpk_sha256: None,
         };
         (card, Some(ck.model))
     };
-    let def = backbone::find(&card.spec.backbone.name)
-        .ok_or_else(|| unreadable(&cp, "unknown backbone".into()))?;
+    let def = backbone::find(&card.spec.backbone.name).ok_or_else(|| {
+        unreadable(
+            &cp,
+            format!(
+                "spec.backbone.name: unknown backbone \"{}\"",
+                card.spec.backbone.name
+            ),
+        )
+    })?;
+    card.validate(def).map_err(|m| {
+        unreadable(
+            &cp,
+            format!("{m}; the saved model description does not fit the model (was it edited?)"),
+        )
+    })?;
     let (path, bytes) = match (which, bytes) {
         (Which::Final, Some(b)) => (checkpoint::last_path(results, run_id), b),
         (Which::Final, None) => {
             let p = dir.join("model.bpk");
-            (
-                p.clone(),
-                std::fs::read(&p).map_err(|e| unreadable(&p, e.to_string()))?,
-            )
+            let b = std::fs::read(&p).map_err(|e| unreadable(&p, e.to_string()))?;
+            if let Some(want) = &card.bpk_sha256 {
+                let got = hex(&sha2::Sha256::digest(&b));
+                if &got != want {
+                    return Err(unreadable(
+                        &p,
+                        format!(
+                            "its SHA-256 is {got}, not the {want} model.json recorded: the file is damaged or was replaced"
+                        ),
+                    ));
+                }
+            }
+            (p, b)
         }
         (Which::Best | Which::Last, _) => {
             let p = if which == Which::Best {
@@ -199,8 +296,20 @@ pub fn load(
         card.cut,
         device,
     );
-    let model = train::load_model_bytes(model, &bytes).map_err(|m| unreadable(&path, m))?;
+    let model = train::load_model_bytes(model, &bytes).map_err(|m| {
+        unreadable(
+            &path,
+            format!(
+                "these weights do not fit the model {} describes (was it edited?): {m}",
+                cp.display()
+            ),
+        )
+    })?;
     Ok((card, model))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Image files under `inputs` (files as given, folders searched recursively, sorted).

@@ -494,3 +494,143 @@ fn bad_arguments_and_results_folders() {
     cases[1].code = 0;
     insta::assert_snapshot!(run_all(&p, cases));
 }
+
+#[test]
+fn bad_saved_models() {
+    let p = Project::new();
+    let spec = p.path().join("good.toml");
+    std::fs::write(&spec, p.base()).unwrap();
+    let runs = p.path().join("runs");
+    let out = common::cli::runner(
+        &[
+            spec.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--results",
+            runs.to_str().unwrap(),
+        ],
+        p.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = common::cli::files_with(&runs, ".parquet")[0]
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let image = p.data.join("test/cats/cats.0.png");
+    let card_path = runs.join(&id).join("model.json");
+    let bpk_path = runs.join(&id).join("model.bpk");
+    let card = std::fs::read_to_string(&card_path).unwrap();
+    let bpk = std::fs::read(&bpk_path).unwrap();
+    let edit = |from: &str, to: &str| {
+        assert!(card.contains(from), "model.json has {from:?}:\n{card}");
+        card.replacen(from, to, 1)
+    };
+    let json: serde_json::Value = serde_json::from_str(&card).unwrap();
+    let cut = json["cut"].as_u64().unwrap();
+    let mut cases: Vec<(&str, String, Vec<u8>)> = vec![
+        (
+            "model_json_cut_past_the_backbone",
+            edit(&format!("\"cut\": {cut}"), "\"cut\": 999"),
+            bpk.clone(),
+        ),
+        (
+            "model_json_head_units_changed",
+            edit("\"units\": 16", "\"units\": 17"),
+            bpk.clone(),
+        ),
+        (
+            "model_json_head_layer_zero_units",
+            edit("\"units\": 16", "\"units\": 0"),
+            bpk.clone(),
+        ),
+        (
+            "model_json_one_class_name",
+            edit("\"cats\",", ""),
+            bpk.clone(),
+        ),
+        (
+            "model_json_not_json",
+            "{ this is not json".into(),
+            bpk.clone(),
+        ),
+        ("model_bpk_damaged", card.clone(), {
+            let mut b = bpk.clone();
+            let i = b.len() / 2;
+            b[i] ^= 0xFF;
+            b
+        }),
+        (
+            "model_bpk_cut_short",
+            card.clone(),
+            bpk[..bpk.len() / 3].to_vec(),
+        ),
+    ];
+    let mut report = String::new();
+    for (name, card_text, bpk_bytes) in cases.drain(..) {
+        std::fs::write(&card_path, &card_text).unwrap();
+        std::fs::write(&bpk_path, &bpk_bytes).unwrap();
+        let out = common::cli::runner(
+            &[
+                "predict",
+                &id,
+                image.to_str().unwrap(),
+                "--device",
+                "cpu",
+                "--results",
+                runs.to_str().unwrap(),
+            ],
+            p.path(),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+        assert!(!err.contains("panicked"), "{name}: {err}");
+        report += &format!(
+            "## {name} (exit 2)\n{}\n\n",
+            err.replace(p.path().to_str().unwrap(), "<dir>")
+                .replace(&id, "<run>")
+                .lines()
+                .map(normalise_log_line)
+                .map(|l| l
+                    .split(' ')
+                    .map(|w| {
+                        let bare = w.trim_end_matches(',');
+                        if bare.len() == 64 && bare.bytes().all(|c| c.is_ascii_hexdigit()) {
+                            w.replace(bare, "<sha256>")
+                        } else {
+                            w.to_string()
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" "))
+                .collect::<Vec<_>>()
+                .join("\n")
+                .trim_end()
+        );
+    }
+    // Restored, the model predicts again.
+    std::fs::write(&card_path, &card).unwrap();
+    std::fs::write(&bpk_path, &bpk).unwrap();
+    let out = common::cli::runner(
+        &[
+            "predict",
+            &id,
+            image.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--results",
+            runs.to_str().unwrap(),
+        ],
+        p.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    insta::assert_snapshot!(report);
+}
