@@ -122,6 +122,13 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
     }
     let weights = def.and_then(|def| {
         let w = &spec.backbone.weights;
+        if w.trim().is_empty() {
+            bad(
+                "backbone.weights",
+                "is empty: give \"imagenet\" or the path of a weights file (.safetensors, .pth, .h5)".into(),
+            );
+            return None;
+        }
         let found = if w == "imagenet" {
             // The mirror's safetensors, else the original file `runner fetch` downloads.
             let original = crate::assets::find_asset(&format!("{}/imagenet", def.name))

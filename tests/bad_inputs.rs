@@ -380,6 +380,176 @@ fn bad_specs() {
             ),
         ),
     ];
+    // Optional sections, appended to the valid base.
+    let add = |section: &str| format!("{b}\n{section}\n");
+    for (name, section) in [
+        ("augment_unknown_key", "[augment]\nrotation = 40"),
+        (
+            "augment_rotation_text",
+            "[augment]\nrotation_degrees = \"a lot\"",
+        ),
+        (
+            "augment_rotation_negative",
+            "[augment]\nrotation_degrees = -10",
+        ),
+        ("augment_shift_too_large", "[augment]\nwidth_shift = 5.0"),
+        ("augment_zoom_negative", "[augment]\nzoom = -0.5"),
+        ("augment_flip_number", "[augment]\nhorizontal_flip = 1"),
+        ("augment_fill_unknown", "[augment]\nfill = \"mirror\""),
+        (
+            "augment_fill_value_huge",
+            "[augment]\nfill = \"constant\"\nfill_value = 1e9",
+        ),
+        ("augment_not_a_table", "augment = 3"),
+        ("schedule_kind_unknown", "[schedule]\nkind = \"linear\""),
+        ("schedule_kind_missing", "[schedule]\ngamma = 0.5"),
+        (
+            "schedule_step_every_zero",
+            "[schedule]\nkind = \"step\"\nevery_epochs = 0",
+        ),
+        (
+            "schedule_step_gamma_negative",
+            "[schedule]\nkind = \"step\"\nevery_epochs = 1\ngamma = -0.1",
+        ),
+        (
+            "schedule_exponential_unknown_key",
+            "[schedule]\nkind = \"exponential\"\ngama = 0.9",
+        ),
+        (
+            "schedule_cosine_min_lr_negative",
+            "[schedule]\nkind = \"cosine\"\nmin_lr = -1",
+        ),
+        (
+            "schedule_plateau_factor_above_one",
+            "[schedule]\nkind = \"reduce_on_plateau\"\nfactor = 2.0",
+        ),
+        (
+            "schedule_plateau_monitor_unknown",
+            "[schedule]\nkind = \"reduce_on_plateau\"\nmonitor = \"val_f1\"",
+        ),
+        (
+            "early_stopping_patience_missing",
+            "[early_stopping]\nmonitor = \"val_loss\"",
+        ),
+        (
+            "early_stopping_patience_negative",
+            "[early_stopping]\npatience = -2",
+        ),
+        (
+            "early_stopping_monitor_unknown",
+            "[early_stopping]\npatience = 2\nmonitor = \"accuracy\"",
+        ),
+        (
+            "early_stopping_unknown_key",
+            "[early_stopping]\npatience = 2\nrestore = true",
+        ),
+        ("phase_not_a_list", "phase = 3"),
+        (
+            "phase_unknown_key",
+            "[[phase]]\nname = \"a\"\nepochs = 1\nlearning_rate = 1",
+        ),
+        ("phase_epochs_zero", "[[phase]]\nname = \"a\"\nepochs = 0"),
+        (
+            "phase_cutoff_unknown",
+            "[[phase]]\nname = \"a\"\nepochs = 1\ntrainable_from = \"block9_conv1\"",
+        ),
+        (
+            "phase_optimizer_kind_unknown",
+            "[[phase]]\nname = \"a\"\nepochs = 1\n[phase.optimizer]\nkind = \"lion\"\nlr = 1e-4",
+        ),
+        (
+            "phase_optimizer_lr_zero",
+            "[[phase]]\nname = \"a\"\nepochs = 1\n[phase.optimizer]\nkind = \"sgd\"\nlr = 0",
+        ),
+        (
+            "phase_schedule_kind_unknown",
+            "[[phase]]\nname = \"a\"\nepochs = 1\n[phase.schedule]\nkind = \"wave\"",
+        ),
+        (
+            "phase_names_repeat",
+            "[[phase]]\nname = \"a\"\nepochs = 1\n[[phase]]\nname = \"a\"\nepochs = 1",
+        ),
+    ] {
+        cases.push(case(name, add(section)));
+    }
+    for (name, from, to) in [
+        (
+            "train_steps_zero",
+            "epochs = 2",
+            "epochs = 2\nsteps_per_epoch = 0",
+        ),
+        (
+            "train_validation_steps_zero",
+            "epochs = 2",
+            "epochs = 2\nvalidation_steps = 0",
+        ),
+        (
+            "train_monitor_unknown",
+            "epochs = 2",
+            "epochs = 2\nmonitor = \"val_f1\"",
+        ),
+        (
+            "train_clip_negative",
+            "epochs = 2",
+            "epochs = 2\nclip_grad_norm = -1.0",
+        ),
+        (
+            "train_cache_unknown",
+            "epochs = 2",
+            "epochs = 2\ncache = \"always\"",
+        ),
+        ("train_epochs_float", "epochs = 2", "epochs = 2.5"),
+        ("optimizer_rho_one", "lr = 1e-3", "lr = 1e-3\nrho = 1.0"),
+        (
+            "optimizer_momentum_negative",
+            "lr = 1e-3",
+            "lr = 1e-3\nmomentum = -0.5",
+        ),
+        (
+            "optimizer_epsilon_zero",
+            "lr = 1e-3",
+            "lr = 1e-3\nepsilon = 0",
+        ),
+        (
+            "optimizer_weight_decay_negative",
+            "lr = 1e-3",
+            "lr = 1e-3\nweight_decay = -0.1",
+        ),
+        ("optimizer_lr_infinite", "lr = 1e-3", "lr = inf"),
+        ("optimizer_lr_nan", "lr = 1e-3", "lr = nan"),
+        (
+            "optimizer_sgd_with_rho",
+            "kind = \"rmsprop\"\nlr = 1e-3",
+            "kind = \"sgd\"\nlr = 1e-3\nrho = 0.9",
+        ),
+        (
+            "backbone_batchnorm_unknown",
+            "trainable_from = \"none\"",
+            "trainable_from = \"none\"\nbatchnorm = \"sometimes\"",
+        ),
+        (
+            "backbone_weights_empty",
+            &format!("weights = \"{}\"", p.weights.display()),
+            "weights = \"\"",
+        ),
+        (
+            "experiment_description_number",
+            "seed = 3",
+            "seed = 3\ndescription = 5",
+        ),
+        (
+            "data_dir_number",
+            &format!("dir = \"{}\"", p.data.display()),
+            "dir = 5",
+        ),
+        (
+            "head_not_a_list",
+            "[[head.layers]]\nkind = \"flatten\"",
+            "[head.oops]\nkind = \"flatten\"\n[[head.layers]]\nkind = \"flatten\"",
+        ),
+    ] {
+        cases.push(case(name, r(from, to)));
+    }
     // Environment and --set layers.
     let mut env_case = case("env_misspelt_section", b.clone());
     env_case.env = vec![("RUNNER_OPTIMIZR__LR".into(), "1e-4".into())];
@@ -427,7 +597,61 @@ fn bad_images_and_folders() {
     let mut run = case("bad_images_fail_before_training", b.clone());
     run.args = vec!["{spec}".into(), "--device".into(), "cpu".into()];
     run.logs_only = true;
-    let cases = vec![run];
+    let mut cases = vec![run];
+    // Dataset layouts, each a copy of a good one with one thing wrong.
+    let layout = |name: &str, change: &dyn Fn(&Path)| {
+        let root = common::make_dataset(
+            &p.path().join(format!("layout_{name}")),
+            &["cats", "dogs"],
+            [1, 1, 1],
+            8,
+        );
+        change(&root);
+        case(
+            &format!("layout_{name}"),
+            b.replace(&p.data.display().to_string(), &root.display().to_string()),
+        )
+    };
+    cases.push(layout("no_validation_folder", &|r| {
+        std::fs::remove_dir_all(r.join("validation")).unwrap()
+    }));
+    cases.push(layout("no_train_folder", &|r| {
+        std::fs::remove_dir_all(r.join("train")).unwrap()
+    }));
+    cases.push(layout("class_folders_differ", &|r| {
+        std::fs::rename(r.join("validation/dogs"), r.join("validation/dog")).unwrap()
+    }));
+    cases.push(layout("one_class", &|r| {
+        for split in ["train", "validation", "test"] {
+            std::fs::remove_dir_all(r.join(split).join("dogs")).unwrap();
+        }
+    }));
+    cases.push(layout("empty_class_folder", &|r| {
+        for e in std::fs::read_dir(r.join("train/dogs")).unwrap() {
+            std::fs::remove_file(e.unwrap().path()).unwrap();
+        }
+    }));
+    cases.push(layout("only_text_files_in_a_class", &|r| {
+        for e in std::fs::read_dir(r.join("train/dogs")).unwrap() {
+            std::fs::remove_file(e.unwrap().path()).unwrap();
+        }
+        std::fs::write(r.join("train/dogs/notes.txt"), b"hello").unwrap();
+    }));
+    cases.push(layout("dir_is_a_file", &|r| {
+        std::fs::remove_dir_all(r).unwrap();
+        std::fs::write(r, b"not a folder").unwrap();
+    }));
+    #[cfg(unix)]
+    cases.push(layout("non_utf8_class_folder", &|r| {
+        use std::os::unix::ffi::OsStrExt;
+        for split in ["train", "validation", "test"] {
+            std::fs::rename(
+                r.join(split).join("dogs"),
+                r.join(split).join(std::ffi::OsStr::from_bytes(b"d\xffgs")),
+            )
+            .unwrap();
+        }
+    }));
     insta::assert_snapshot!(run_all(&p, cases));
 }
 
@@ -490,6 +714,28 @@ fn bad_arguments_and_results_folders() {
     );
     add("device_unknown", &["check", "{spec}", "--device", "tpu"]);
     add("spec_file_missing", &["check", "{dir}/nothing.toml"]);
+    add(
+        "results_sort_unknown_column",
+        &["results", "{dir}/junk", "--sort", "accuracy"],
+    );
+    add(
+        "results_format_unknown",
+        &["results", "{dir}/junk", "--format", "xml"],
+    );
+    add(
+        "predict_missing_image",
+        &["predict", "nope", "{dir}/no_such_image.png"],
+    );
+    add(
+        "fetch_unknown_asset",
+        &["fetch", "vgg99/imagenet", "--into", "{dir}/fetched"],
+    );
+    add("set_empty_key", &["check", "{spec}", "--set", "=1"]);
+    add("sweep_missing_folder", &["--sweep", "{dir}/no_such_folder"]);
+    std::fs::create_dir_all(p.path().join("empty")).unwrap();
+    add("sweep_folder_without_specs", &["--sweep", "{dir}/empty"]);
+    add("spec_is_a_folder", &["check", "{dir}/junk"]);
+    add("unknown_command_flag", &["check", "{spec}", "--fast"]);
     // Not an error: the good run is listed, the junk table named in a warning.
     cases[1].code = 0;
     insta::assert_snapshot!(run_all(&p, cases));

@@ -8,7 +8,9 @@
 use std::path::Path;
 
 fn hash(file: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments").join(file);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("experiments")
+        .join(file);
     let loaded = runner::spec::load::load(&path, &[]).unwrap();
     runner::plan::config_hash(&loaded.spec)
 }
@@ -38,7 +40,11 @@ fn keys(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
     match v {
         serde_json::Value::Object(m) => {
             for (k, v) in m {
-                let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 keys(&p, v, out);
             }
         }

@@ -398,6 +398,9 @@ fn ctrl_c_checkpoints_mid_epoch_and_resume_continues_exactly() {
 
     let mut child = spawn(&s, &s.results);
     let id = wait_for_checkpoint(&s.results, &mut child);
+    // Into the next epoch's steps (its first checkpoint is written at an epoch's end, with
+    // the folder synced: a signal right then would land between epochs).
+    std::thread::sleep(std::time::Duration::from_millis(150));
     signal(&child, "-INT");
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130));
@@ -574,4 +577,95 @@ fn schedules_set_the_learning_rate_of_each_epoch() {
         ),
         3
     );
+}
+
+/// Every file a run left in `results` reads: its table, its checkpoints, its log (but for a last
+/// line cut short by the kill).
+fn assert_everything_reads(results: &Path) {
+    for e in std::fs::read_dir(results).unwrap().flatten() {
+        let p = e.path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if name.ends_with(".parquet") {
+            runner::results::read_run(&p).unwrap_or_else(|e| panic!("{name}: {e}"));
+        } else if name.ends_with(".log.jsonl") {
+            let text = std::fs::read_to_string(&p).unwrap();
+            let complete = text.matches('\n').count();
+            for line in text.lines().take(complete) {
+                assert!(
+                    serde_json::from_str::<serde_json::Value>(line).is_ok(),
+                    "{name}: {line}"
+                );
+            }
+        } else if p.is_dir() {
+            for ck in ["last.ckpt", "best.ckpt"] {
+                let c = p.join(ck);
+                if c.is_file() {
+                    runner::train::checkpoint::read(&c).unwrap_or_else(|e| panic!("{ck}: {e}"));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn killed_again_and_again_at_random_points_it_still_resumes_to_the_same_run() {
+    let s = setup(&LONG);
+    let baseline = uninterrupted(&s);
+    // Kill points from a fixed pseudo-random stream: the same loop on every machine.
+    let mut rng = common::Rng::new(2026);
+    let mut id: Option<String> = None;
+    let mut kills = 0;
+    for round in 0..6 {
+        let mut child = match &id {
+            None => spawn(&s, &s.results),
+            Some(id) => common::cli::spawn(
+                &s,
+                &["resume", id, "--results", s.results.to_str().unwrap()],
+            ),
+        };
+        if id.is_none() {
+            id = Some(wait_for_checkpoint(&s.results, &mut child));
+        }
+        let wait = std::time::Duration::from_millis(100 + rng.next_u64() % 900);
+        std::thread::sleep(wait);
+        if child.try_wait().unwrap().is_some() {
+            // It finished before this kill.
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "round {round}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            break;
+        }
+        signal(&child, "-KILL");
+        child.wait().unwrap();
+        kills += 1;
+        assert_everything_reads(&s.results);
+    }
+    assert!(
+        kills >= 2,
+        "the loop killed the run at least twice ({kills})"
+    );
+    let id = id.unwrap();
+    let (_, now) = only_run(&s.results);
+    if !strs(&now, "status").iter().all(|x| x == "completed") {
+        ok(&runner(
+            &["resume", &id, "--results", s.results.to_str().unwrap()],
+            s.dir.path(),
+        ));
+    }
+    assert_everything_reads(&s.results);
+    let (_, resumed) = only_run(&s.results);
+    assert!(strs(&resumed, "status").iter().all(|x| x == "completed"));
+    assert_same_run(&resumed, &baseline);
+    // The temporary files the kills left are gone after the resume.
+    let run_dir = s.results.join(&id);
+    let left: Vec<_> = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }

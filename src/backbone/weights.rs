@@ -303,6 +303,9 @@ fn check(
     }
 }
 
+/// The most values one weight tensor may have when read (2^28: 1 GiB of f32).
+pub const MAX_TENSOR_VALUES: usize = 1 << 28;
+
 /// Reads a Keras HDF5 weights file into safetensors bytes named `<layer>.weight` / `<layer>.bias`
 /// (convolution kernels transposed from Keras' HWIO to OIHW, dense kernels to `[out, in]`).
 ///
@@ -366,6 +369,17 @@ pub fn keras_h5_to_safetensors(path: &Path) -> Result<Vec<u8>, String> {
                 .into_iter()
                 .map(|d| d as usize)
                 .collect();
+            // The reader allocates what the header declares: a damaged header must not ask for
+            // terabytes. No backbone tensor comes near 2^28 values (1 GiB of f32).
+            let values_declared = shape
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .filter(|&n| n <= MAX_TENSOR_VALUES);
+            if values_declared.is_none() {
+                return Err(format!(
+                    "{at}: the file declares a tensor of shape {shape:?}, more than the {MAX_TENSOR_VALUES} values a weight may have (a damaged file?)"
+                ));
+            }
             let values = ds.read_f32().map_err(|e| format!("{at}: {e}"))?;
             let (shape, values) = match (role, shape.as_slice()) {
                 ("weight", &[h, w, i, o]) => {
