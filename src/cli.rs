@@ -1058,17 +1058,7 @@ fn predict(
     Ok(())
 }
 
-fn thousands(n: usize) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
+use crate::head::thousands;
 
 /// A Keras-style summary of the plan's model.
 pub fn summary(plan: &Plan) -> String {
