@@ -384,3 +384,15 @@ fn resnet50_trains_above_its_cutoff_with_frozen_batchnorm_statistics() {
         assert_eq!(changed, trainable, "{name}: changed {changed}");
     }
 }
+
+#[test]
+fn a_keras_file_declaring_a_tensor_of_terabytes_is_refused_before_reading() {
+    // What the weight fuzzer found: hdf5-pure allocates a dataset's declared size (here
+    // 65536 x 65536 x 3 x 64 f32, 3 TB, in a file of a few KB) and the process aborted.
+    let path = common::fixture("h5_declares_terabytes.h5");
+    let e = weights::keras_h5_to_safetensors(&path).unwrap_err();
+    assert!(
+        e.contains("block1_conv1") && e.contains("more than the 268435456 values a weight may have"),
+        "{e}"
+    );
+}
