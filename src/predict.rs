@@ -43,6 +43,18 @@ impl ModelCard {
     /// Checks the card as a spec is checked: it is a file a user can edit, and the model is built
     /// from it. Returns what is wrong, naming the key.
     pub fn validate(&self, def: &backbone::BackboneDef) -> Result<(), String> {
+        if let Some(p) = self
+            .spec
+            .backbone
+            .preprocess
+            .filter(|p| *p != self.preprocess)
+        {
+            return Err(format!(
+                "preprocess = \"{}\" contradicts spec.backbone.preprocess = \"{}\"",
+                format!("{:?}", self.preprocess).to_lowercase(),
+                format!("{p:?}").to_lowercase()
+            ));
+        }
         let layers = def.layers().len();
         if self.cut > layers {
             return Err(format!(
@@ -255,6 +267,15 @@ pub fn load(
             ),
         )
     })?;
+    if card.run_id != run_id {
+        return Err(unreadable(
+            &cp,
+            format!(
+                "run_id = \"{}\", but this is run {run_id}'s folder; the saved model description does not fit the model (was it edited?)",
+                card.run_id
+            ),
+        ));
+    }
     card.validate(def).map_err(|m| {
         unreadable(
             &cp,

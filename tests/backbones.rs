@@ -392,7 +392,8 @@ fn a_keras_file_declaring_a_tensor_of_terabytes_is_refused_before_reading() {
     let path = common::fixture("h5_declares_terabytes.h5");
     let e = weights::keras_h5_to_safetensors(&path).unwrap_err();
     assert!(
-        e.contains("block1_conv1") && e.contains("more than the 268435456 values a weight may have"),
+        e.contains("block1_conv1")
+            && e.contains("more than the 268435456 values a weight may have"),
         "{e}"
     );
 }

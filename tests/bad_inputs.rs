@@ -366,6 +366,15 @@ fn bad_specs() {
             format!("{b}\n[sweep]\n\"optimizer.lr\" = [1e-3, -1.0]\n"),
         ),
         case(
+            "sweep_indexed_key",
+            format!("{b}\n[sweep]\n\"head.layers[1].units\" = [8, 16]\n"),
+        ),
+        case(
+            "sweep_key_not_a_section",
+            format!("{b}\n[sweep]\n\"sweep.x\" = [1, 2]\n"),
+        ),
+        case("sweep_empty_key", format!("{b}\n[sweep]\n\"\" = [1, 2]\n")),
+        case(
             "sweep_too_many_points",
             format!(
                 "{b}\n[sweep]\n\"optimizer.lr\" = [{}]\n\"experiment.seed\" = [{}]\n",
@@ -554,6 +563,14 @@ fn bad_specs() {
     let mut env_case = case("env_misspelt_section", b.clone());
     env_case.env = vec![("RUNNER_OPTIMIZR__LR".into(), "1e-4".into())];
     cases.push(env_case);
+    // The README's own example: a number in an environment variable is a number.
+    let mut env_number = case("env_scientific_number_is_a_number", b.clone());
+    env_number.env = vec![("RUNNER_OPTIMIZER__LR".into(), "1e-4".into())];
+    env_number.code = 0;
+    cases.push(env_number);
+    let mut env_indexed = case("env_indexed_key", b.clone());
+    env_indexed.env = vec![("RUNNER_HEAD__LAYERS[1]__UNITS".into(), "8".into())];
+    cases.push(env_indexed);
     let mut env_bad = case("env_bad_value", b.clone());
     env_bad.env = vec![("RUNNER_OPTIMIZER__LR".into(), "-5".into())];
     cases.push(env_bad);
@@ -802,6 +819,22 @@ fn bad_saved_models() {
         (
             "model_json_not_json",
             "{ this is not json".into(),
+            bpk.clone(),
+        ),
+        (
+            "model_json_preprocess_contradicts_spec",
+            edit(
+                "\n  \"preprocess\": \"caffe\",",
+                "\n  \"preprocess\": \"torch\",",
+            ),
+            bpk.clone(),
+        ),
+        (
+            "model_json_other_run_id",
+            edit(
+                &format!("\"run_id\": \"{id}\""),
+                "\"run_id\": \"another-run\"",
+            ),
             bpk.clone(),
         ),
         ("model_bpk_damaged", card.clone(), {

@@ -6,7 +6,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Format, Serialized, Toml};
 use figment::value::{Dict, Value};
 use figment::{Figment, Source};
 use serde::de::DeserializeOwned;
@@ -123,6 +123,8 @@ struct Sources {
     file: PathBuf,
     sets: Vec<String>,
     points: Vec<String>,
+    /// `(key path, variable name)` of the `RUNNER_*` variables that set spec keys.
+    env: Vec<(String, String)>,
 }
 
 impl Sources {
@@ -140,6 +142,11 @@ impl Sources {
             bare == **p || bare.starts_with(&format!("{p}.")) || p.starts_with(&format!("{bare}."))
         }) {
             return format!("{} [sweep] {p}", self.file.display());
+        }
+        if let Some((_, name)) = self.env.iter().rev().find(|(k, _)| {
+            bare == *k || bare.starts_with(&format!("{k}.")) || k.starts_with(&format!("{bare}."))
+        }) {
+            return format!("environment variable {name}");
         }
         let mut probe = bare.as_str();
         loop {
@@ -278,6 +285,22 @@ pub fn grid(path: &Path) -> Result<Vec<Vec<(String, toml::Value)>>, SpecError> {
             "expected a table of \"key.path\" = [values]".into(),
         ));
     };
+    for key in sweep.keys() {
+        let section = key.split('.').next().unwrap_or("");
+        let why = if key.contains('[') {
+            Some("a [sweep] key is a key path without indices; list elements can be set with --set 'head.layers[1].units=8'".to_string())
+        } else if !SECTIONS.contains(&section) || key.split('.').any(str::is_empty) {
+            Some(format!(
+                "not a key path of the spec (section.key, e.g. \"optimizer.lr\"; sections: {})",
+                SECTIONS.join(", ")
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(problem(format!("sweep.\"{key}\""), why));
+        }
+    }
     // Count before expanding: a grid is a product, and a few lists make millions of points.
     let sizes: Vec<usize> = sweep
         .values()
@@ -383,9 +406,15 @@ fn load_parts(
 
     // A `RUNNER_A__B` variable names a spec key; one whose section is not a section is a
     // problem, not silence (plain `RUNNER_*` variables are runner's own settings).
+    // Values are read as `--set` values are (TOML: `1e-3` is a number), not by figment's own
+    // environment parser, which takes `1e-3` for a string.
     let mut env_problems = Vec::new();
-    for (name, _) in std::env::vars_os() {
-        let Some(name) = name.to_str() else { continue };
+    let mut env_values: Vec<(String, String, toml::Value)> = Vec::new();
+    let mut vars: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect();
+    vars.sort();
+    for (name, raw) in vars {
         let Some(rest) = name.strip_prefix("RUNNER_") else {
             continue;
         };
@@ -393,7 +422,24 @@ fn load_parts(
             continue;
         };
         let section = section.to_lowercase();
-        if !SECTIONS.contains(&section.as_str()) {
+        if SECTIONS.contains(&section.as_str()) {
+            let key = rest
+                .split("__")
+                .map(str::to_lowercase)
+                .collect::<Vec<_>>()
+                .join(".");
+            if key.contains('[') || key.split('.').any(str::is_empty) {
+                env_problems.push(Problem {
+                    source: format!("environment variable {name}"),
+                    key: key.clone(),
+                    message: "not a key path (sections and keys joined by __; list elements can be set with --set 'head.layers[1].units=8', not here)".into(),
+                });
+                continue;
+            }
+            env_values.push((key, name.clone(), parse_set_value(raw.trim())));
+            continue;
+        }
+        {
             env_problems.push(Problem {
                 source: format!("environment variable {name}"),
                 key: section.clone(),
@@ -405,14 +451,10 @@ fn load_parts(
             });
         }
     }
-    let mut figment = Figment::from(Toml::string(super::DEFAULTS))
-        .merge(Toml::file_exact(path))
-        .merge(Env::prefixed("RUNNER_").split("__").filter(|k| {
-            let k = k.as_str().to_lowercase();
-            SECTIONS
-                .iter()
-                .any(|s| k == *s || k.starts_with(&format!("{s}.")))
-        }));
+    let mut figment = Figment::from(Toml::string(super::DEFAULTS)).merge(Toml::file_exact(path));
+    for (key, _, value) in &env_values {
+        figment = figment.merge(Serialized::default(key, value.clone()));
+    }
     for (key, value) in point {
         figment = figment.merge(Serialized::default(key, value.clone()));
     }
@@ -441,6 +483,10 @@ fn load_parts(
         file: path.to_path_buf(),
         sets: set_keys,
         points: point.iter().map(|(k, _)| k.clone()).collect(),
+        env: env_values
+            .iter()
+            .map(|(k, n, _)| (k.clone(), n.clone()))
+            .collect(),
     };
 
     let root: Dict = figment.extract().map_err(|e| {
