@@ -221,3 +221,46 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn results_show_a_killed_run_as_stopped_and_a_live_one_as_running() {
+    let s = common::cli::setup(&[("epochs = 2", "epochs = 8\nsteps_per_epoch = 40")]);
+    let results = s.results.to_str().unwrap().to_string();
+    let mut child = common::cli::spawn(
+        &s,
+        &[
+            s.spec.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--results",
+            &results,
+        ],
+    );
+    common::cli::wait_for_checkpoint(&s.results, &mut child);
+    let status = || {
+        let out = common::cli::runner(&["results", &results, "--format", "csv"], s.dir.path());
+        common::cli::ok(&out);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let header: Vec<&str> = text.lines().next().unwrap().split(',').collect();
+        let col = header.iter().position(|h| *h == "status").unwrap();
+        text.lines()
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .nth(col)
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(status(), "running", "a live run");
+    common::cli::signal(&child, "-KILL");
+    child.wait().unwrap();
+    // The table itself still says running (a killed process writes nothing); the reader
+    // knows better from the log's lock.
+    let (df, _) =
+        runner::results::read_run(&common::cli::files_with(&s.results, ".parquet")[0]).unwrap();
+    assert_eq!(
+        df.column("status").unwrap().str().unwrap().get(0),
+        Some("running")
+    );
+    assert_eq!(status(), "stopped", "a killed run");
+}

@@ -247,6 +247,27 @@ pub fn query(dir: &Path, q: &Query) -> Result<Option<DataFrame>, ResultsError> {
     let Some(lf) = scan(dir)? else {
         return Ok(None);
     };
+    // A table says `running` until its run ends; a run killed or crashed cannot say otherwise.
+    // Its log tells: a live run holds a lock on it. Shown as `stopped` (resume continues it).
+    let stopped: Vec<Expr> = run_files(dir)
+        .iter()
+        .filter_map(|p| {
+            let id = p.file_stem()?.to_string_lossy().into_owned();
+            let log = std::fs::File::open(dir.join(format!("{id}.log.jsonl"))).ok()?;
+            let free = log.try_lock_shared().is_ok();
+            let _ = log.unlock();
+            free.then(|| col("run_id").eq(lit(id)))
+        })
+        .collect();
+    let lf = match stopped.into_iter().reduce(|a, b| a.or(b)) {
+        Some(dead) => lf.with_column(
+            when(col("status").eq(lit("running")).and(dead))
+                .then(lit("stopped"))
+                .otherwise(col("status"))
+                .alias("status"),
+        ),
+        None => lf,
+    };
     let mut lf = if q.epochs { lf } else { per_run(lf) };
     let schema = lf.collect_schema().map_err(|e| fail(dir, e))?;
     let columns: Vec<String> = schema.iter_names().map(|n| n.to_string()).collect();
