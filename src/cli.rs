@@ -944,23 +944,18 @@ fn execute(
     }
     // The model and the predictions first: the table says `completed` only once they are
     // written, so a run whose model could not be saved (a full disk) is never taken as done.
-    fn fail_with<E: std::fmt::Display + Send + Sync + std::fmt::Debug + 'static>(
-        id: &str,
-        e: E,
-        record: &dyn Fn(&dyn std::fmt::Display),
-    ) -> Failure {
+    let fail = |e: &dyn std::fmt::Display| {
         tracing::error!(run = %id, error = %e, "Run failed.");
-        record(&e);
+        record_failed(Some(progress), e);
         crate::logging::close_run_log();
         failed(anyhow::anyhow!("{e}"))
-    }
-    let record = |e: &dyn std::fmt::Display| record_failed(Some(progress), e);
+    };
     if !outcome.predictions.is_empty() {
         crate::results::write_predictions(results, id, &plan.classes, &outcome.predictions)
-            .map_err(|e| fail_with(id, e, &record))?;
+            .map_err(|e| fail(&e))?;
     }
-    let model_dir = crate::predict::save(results, id, plan, &outcome.model)
-        .map_err(|e| fail_with(id, e, &record))?;
+    let model_dir =
+        crate::predict::save(results, id, plan, &outcome.model).map_err(|e| fail(&e))?;
     let written = crate::results::write_run(
         results,
         plan,
@@ -969,7 +964,7 @@ fn execute(
         progress,
         outcome.test,
     )
-    .map_err(|e| fail_with(id, e, &record))?;
+    .map_err(|e| fail(&e))?;
     let last = history.last();
     info!(
         run = %id,
