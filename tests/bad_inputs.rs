@@ -347,6 +347,25 @@ fn bad_specs() {
                 )
                 .replace("lr = 1e-3", "lr = -1"),
         ),
+        // A bad or missing *required* value (no default) still lets every other section and
+        // the plan's rules be checked in the same pass (a placeholder stands in for it).
+        case(
+            "required_value_bad_and_a_rule",
+            r("lr = 1e-3", "lr = \"x\"").replace("epochs = 2", "epochs = 0"),
+        ),
+        case(
+            "required_key_misspelt_and_a_rule",
+            r("name = \"vgg16\"", "nmae = \"vgg16\"").replace("batch_size = 4", "batch_size = 0"),
+        ),
+        case(
+            "required_key_missing_and_a_rule",
+            r("name = \"tiny\"\n", "")
+                .replace("trainable_from = \"none\"", "trainable_from = \"block9\""),
+        ),
+        case(
+            "required_layer_value_bad_and_a_rule",
+            r("units = 16", "units = \"big\"").replace("rate = 0.5", "rate = 1.5"),
+        ),
         case("toml_syntax", r("epochs = 2", "epochs = = 2")),
         // [sweep]
         case(

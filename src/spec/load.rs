@@ -349,7 +349,7 @@ pub fn load_with(
     sets: &[String],
     point: &[(String, toml::Value)],
 ) -> Result<Loaded, SpecError> {
-    let (loaded, problems) = load_parts(path, sets, point)?;
+    let (loaded, problems, _) = load_parts(path, sets, point)?;
     if problems.is_empty() {
         Ok(loaded)
     } else {
@@ -358,17 +358,22 @@ pub fn load_with(
 }
 
 /// Loads like [`load_with`] and runs `check` (the plan's rules) even when some values were bad:
-/// on the spec with each bad value left at its default, so that one pass lists every problem,
-/// the values' and the rules', as the README promises. A rule's problem about a key that was
-/// already reported bad is left out (it would be about the default, not the user's value).
+/// on the spec with each bad value left at its default (or a placeholder where it has none), so
+/// that one pass lists every problem, the values' and the rules', as the README promises. A
+/// rule's problem about a key that was already reported bad is left out (it would be about the
+/// default or the placeholder, not the user's value).
 pub fn load_checked<T>(
     path: &Path,
     sets: &[String],
     point: &[(String, toml::Value)],
     check: impl FnOnce(&Loaded) -> Result<T, Problems>,
 ) -> Result<T, SpecError> {
-    let (loaded, mut problems) = load_parts(path, sets, point)?;
-    let reported: Vec<String> = problems.iter().map(|p| p.key.clone()).collect();
+    let (loaded, mut problems, stand_ins) = load_parts(path, sets, point)?;
+    let reported: Vec<String> = problems
+        .iter()
+        .map(|p| p.key.clone())
+        .chain(stand_ins)
+        .collect();
     let related = |a: &str, b: &str| {
         a == b
             || [".", "["].iter().any(|sep| {
@@ -386,13 +391,14 @@ pub fn load_checked<T>(
     Err(SpecError::Invalid(Problems(problems)))
 }
 
-/// The spec with every bad value reported and left at its default, and the problems; an error
-/// when it cannot be made whole (unreadable, not TOML, a required key bad or missing).
+/// The spec with every bad value reported and left at its default (a required one replaced by a
+/// placeholder), the problems, and the keys holding placeholders; an error when it cannot be made
+/// whole (unreadable, not TOML, a section missing or of an unknown kind).
 fn load_parts(
     path: &Path,
     sets: &[String],
     point: &[(String, toml::Value)],
-) -> Result<(Loaded, Vec<Problem>), SpecError> {
+) -> Result<(Loaded, Vec<Problem>, Vec<String>), SpecError> {
     let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
         path: path.to_path_buf(),
         source,
@@ -498,7 +504,12 @@ fn load_parts(
     })?;
 
     let mut problems = env_problems;
+    let mut stand_ins = Vec::new();
     let mut report = |key: String, message: String| {
+        if message == STAND_IN {
+            stand_ins.push(key);
+            return;
+        }
         problems.push(Problem {
             source: sources.source_of(&key),
             key,
@@ -556,6 +567,17 @@ fn load_parts(
         Some(v) => deserialize_at(v, "early_stopping", &mut report).map(Some),
     };
     let phase = phases(&root, &mut report);
+    // A placeholder is only ever put beside a reported problem; should one stand alone, it is
+    // reported itself, so a spec holding one can never run.
+    if problems.is_empty() {
+        for key in &stand_ins {
+            problems.push(Problem {
+                source: sources.source_of(key),
+                key: key.clone(),
+                message: "missing".into(),
+            });
+        }
+    }
 
     match (
         (experiment, data, backbone, head),
@@ -585,6 +607,7 @@ fn load_parts(
                 sources,
             },
             problems,
+            stand_ins,
         )),
         _ => Err(SpecError::Invalid(Problems(problems))),
     }
@@ -810,9 +833,13 @@ fn describe(kind: &figment::error::Kind) -> (Option<String>, String) {
 }
 
 /// Deserializes `value` as `T`, reporting every bad key, not only the first: after each error the
-/// offending key is taken out (its default applies) and the rest is tried again. Returns the
-/// value so repaired (its problems reported), or `None` when it cannot be made whole (a required
-/// key is missing or bad).
+/// offending key is taken out (its default applies) and the rest is tried again. A required key
+/// that is bad or missing is reported and replaced by a placeholder of whatever type fits (a
+/// number, a string, ...), so that the rest of the spec, and the plan's rules, can still be
+/// checked in the same pass; the spec stays invalid (its problem is reported) and problems the
+/// rules find about a placeholder are left out by [`load_checked`]. Returns the value so
+/// repaired, or `None` when it cannot be made whole (the value is not a table, or no
+/// placeholder fits).
 fn deserialize_at<T: DeserializeOwned>(
     value: &Value,
     at: &str,
@@ -821,7 +848,9 @@ fn deserialize_at<T: DeserializeOwned>(
     let mut value = value.clone();
     let mut removed: Vec<String> = Vec::new();
     let mut unknown: Vec<String> = Vec::new();
-    for _ in 0..64 {
+    // Required keys standing in for a bad or missing value: key -> index into PLACEHOLDERS.
+    let mut placeholders: Vec<(String, usize)> = Vec::new();
+    for _ in 0..256 {
         let e = match serde_path_to_error::deserialize::<_, T>(&value) {
             Ok(v) => return Some(v),
             Err(e) => e,
@@ -850,6 +879,17 @@ fn deserialize_at<T: DeserializeOwned>(
             key = format!("{key}.{f}");
             keys.push(f);
         }
+        if let Some(slot) = placeholders.iter_mut().find(|(k, _)| *k == key) {
+            // The placeholder tried here does not fit the key's type: the next one.
+            slot.1 += 1;
+            let Some(next) = PLACEHOLDERS.get(slot.1) else {
+                return None;
+            };
+            if !insert_path(&mut value, &keys, next()) {
+                return None;
+            }
+            continue;
+        }
         if missing {
             // A required key taken out for being bad is not missing as well, nor one beside an
             // unknown key (most likely its misspelling, already reported).
@@ -858,9 +898,14 @@ fn deserialize_at<T: DeserializeOwned>(
                 .iter()
                 .any(|r| r.rsplit_once('.').map_or("", |(p, _)| p) == parent);
             if !removed.contains(&key) && !beside_unknown {
-                report(key, message);
+                report(key.clone(), message);
             }
-            return None;
+            if !insert_path(&mut value, &keys, PLACEHOLDERS[0]()) {
+                return None;
+            }
+            report(key.clone(), STAND_IN.into());
+            placeholders.push((key, 0));
+            continue;
         }
         report(key.clone(), message);
         if !remove_path(&mut value, &keys) {
@@ -872,6 +917,46 @@ fn deserialize_at<T: DeserializeOwned>(
         removed.push(key);
     }
     None
+}
+
+/// The message that marks a key as holding a placeholder (see [`deserialize_at`]): not a
+/// problem of its own (the key's problem, or its misspelling's, is reported), but the rules'
+/// problems about it are left out.
+const STAND_IN: &str = "";
+
+/// Stand-ins for a required key whose value was bad or missing, tried in turn until one has the
+/// key's type (the first a float fits, an integer where a float does not, ...). Only ever seen
+/// by the checks: a spec with a placeholder has a reported problem and never runs.
+const PLACEHOLDERS: [fn() -> Value; 5] = [
+    || Value::from(0.001f64),
+    || Value::from(1u64),
+    || Value::from("placeholder"),
+    || Value::from(false),
+    || Value::from(Vec::<Value>::new()),
+];
+
+/// Sets the key at `path` (map keys, outermost first) in `value`; whether its parent was there.
+fn insert_path(value: &mut Value, path: &[String], new: Value) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut v = value;
+    for k in parents {
+        match v {
+            Value::Dict(_, d) => match d.get_mut(k) {
+                Some(next) => v = next,
+                None => return false,
+            },
+            _ => return false,
+        }
+    }
+    match v {
+        Value::Dict(_, d) => {
+            d.insert(last.clone(), new);
+            true
+        }
+        _ => false,
+    }
 }
 
 /// Removes the key at `path` (map keys, outermost first) from `value`; whether it was there.
