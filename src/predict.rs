@@ -20,9 +20,20 @@ use crate::results::{ResultsError, write_atomic};
 use crate::spec::{Preprocess, Spec};
 use crate::train::{self, checkpoint, loss};
 
+/// The version of `model.json` this runner writes: 2 records `bpk_sha256` always. Cards
+/// without `card_version` are version 1 (written before the checksum was recorded).
+pub const CARD_VERSION: u32 = 2;
+
+fn card_version_1() -> u32 {
+    1
+}
+
 /// What `runner predict` needs besides the weights.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelCard {
+    /// The card's format version ([`CARD_VERSION`]; 1 when absent).
+    #[serde(default = "card_version_1")]
+    pub card_version: u32,
     /// The run.
     pub run_id: String,
     /// The resolved spec.
@@ -43,6 +54,14 @@ impl ModelCard {
     /// Checks the card as a spec is checked: it is a file a user can edit, and the model is built
     /// from it. Returns what is wrong, naming the key.
     pub fn validate(&self, def: &backbone::BackboneDef) -> Result<(), String> {
+        match &self.bpk_sha256 {
+            Some(h) if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                return Err(format!(
+                    "bpk_sha256 = \"{h}\" is not a SHA-256 (64 hexadecimal digits)"
+                ));
+            }
+            _ => {}
+        }
         if let Some(p) = self
             .spec
             .backbone
@@ -147,6 +166,7 @@ pub fn save(
 ) -> Result<PathBuf, ModelError> {
     let dir = checkpoint::run_dir(results, run_id);
     let card = ModelCard {
+        card_version: CARD_VERSION,
         run_id: run_id.to_string(),
         spec: plan.spec.clone(),
         classes: plan.classes.clone(),
@@ -225,6 +245,24 @@ pub fn load(
         let text = std::fs::read_to_string(&cp).map_err(|e| unreadable(&cp, e.to_string()))?;
         let card: ModelCard =
             serde_json::from_str(&text).map_err(|e| unreadable(&cp, e.to_string()))?;
+        if !(1..=CARD_VERSION).contains(&card.card_version) {
+            return Err(unreadable(
+                &cp,
+                format!(
+                    "card_version = {}, but this runner reads versions 1 to {CARD_VERSION} (written by a newer runner, or edited?)",
+                    card.card_version
+                ),
+            ));
+        }
+        if card.bpk_sha256.is_none() && card.card_version >= 2 {
+            return Err(unreadable(
+                &cp,
+                format!(
+                    "bpk_sha256 is missing, but a version {} card always records model.bpk's checksum; the saved model description does not fit the model (was it edited?)",
+                    card.card_version
+                ),
+            ));
+        }
         (card, None)
     } else {
         // A run that has not finished: the card comes from the config and the checkpoint.
@@ -247,6 +285,7 @@ pub fn load(
             .ok_or_else(|| unreadable(&config, "unknown backbone".into()))?;
         let classes = ck.state.origin.classes.clone();
         let card = ModelCard {
+            card_version: CARD_VERSION,
             run_id: run_id.to_string(),
             preprocess: spec.backbone.preprocess.unwrap_or_else(|| {
                 def.preprocess_for(std::path::Path::new(&spec.backbone.weights))
@@ -287,9 +326,15 @@ pub fn load(
         (Which::Final, None) => {
             let p = dir.join("model.bpk");
             let b = std::fs::read(&p).map_err(|e| unreadable(&p, e.to_string()))?;
+            if card.bpk_sha256.is_none() {
+                tracing::warn!(
+                    file = %p.display(),
+                    "model.json (version 1, written before checksums were recorded) has no bpk_sha256: model.bpk is not verified"
+                );
+            }
             if let Some(want) = &card.bpk_sha256 {
                 let got = hex(&sha2::Sha256::digest(&b));
-                if &got != want {
+                if !got.eq_ignore_ascii_case(want) {
                     return Err(unreadable(
                         &p,
                         format!(

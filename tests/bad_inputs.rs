@@ -814,6 +814,19 @@ fn bad_saved_models() {
     };
     let json: serde_json::Value = serde_json::from_str(&card).unwrap();
     let cut = json["cut"].as_u64().unwrap();
+    assert_eq!(json["card_version"], runner::predict::CARD_VERSION);
+    let without = |keys: &[&str]| {
+        let mut j = json.clone();
+        for k in keys {
+            j.as_object_mut().unwrap().remove(*k).unwrap();
+        }
+        serde_json::to_string_pretty(&j).unwrap()
+    };
+    let with = |key: &str, value: serde_json::Value| {
+        let mut j = json.clone();
+        j[key] = value;
+        serde_json::to_string_pretty(&j).unwrap()
+    };
     let mut cases: Vec<(&str, String, Vec<u8>)> = vec![
         (
             "model_json_cut_past_the_backbone",
@@ -854,6 +867,21 @@ fn bad_saved_models() {
                 &format!("\"run_id\": \"{id}\""),
                 "\"run_id\": \"another-run\"",
             ),
+            bpk.clone(),
+        ),
+        (
+            "model_json_checksum_deleted",
+            without(&["bpk_sha256"]),
+            bpk.clone(),
+        ),
+        (
+            "model_json_checksum_not_hex",
+            with("bpk_sha256", serde_json::json!("not-a-checksum")),
+            bpk.clone(),
+        ),
+        (
+            "model_json_card_version_from_the_future",
+            with("card_version", serde_json::json!(99)),
             bpk.clone(),
         ),
         ("model_bpk_damaged", card.clone(), {
@@ -910,6 +938,25 @@ fn bad_saved_models() {
                 .trim_end()
         );
     }
+    // A card written before checksums were recorded (version 1: neither `card_version` nor
+    // `bpk_sha256`) is still read, with a warning that model.bpk is not verified.
+    std::fs::write(&card_path, without(&["card_version", "bpk_sha256"])).unwrap();
+    std::fs::write(&bpk_path, &bpk).unwrap();
+    let out = common::cli::runner(
+        &[
+            "predict",
+            &id,
+            image.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--results",
+            runs.to_str().unwrap(),
+        ],
+        p.path(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("model.bpk is not verified"), "{err}");
     // Restored, the model predicts again.
     std::fs::write(&card_path, &card).unwrap();
     std::fs::write(&bpk_path, &bpk).unwrap();
