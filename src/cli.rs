@@ -881,9 +881,14 @@ fn execute(
     let last = std::cell::RefCell::new(None::<train::Progress>);
     let result = train::run(plan, &device, opts, |progress| {
         *last.borrow_mut() = Some(progress.clone());
-        if let Err(e) =
-            crate::results::write_run(results, plan, id, &origin.started_at, progress, None)
-        {
+        if let Err(e) = crate::results::write_run(
+            results,
+            plan,
+            id,
+            &origin.started_at,
+            &progress.record(),
+            None,
+        ) {
             tracing::warn!(run = %id, error = %e, "Cannot write the results table.");
         }
     });
@@ -891,7 +896,9 @@ fn execute(
         let mut p = progress.cloned().unwrap_or_default();
         p.status = train::Status::Failed;
         p.error = Some(e.to_string());
-        if let Err(w) = crate::results::write_run(results, plan, id, &origin.started_at, &p, None) {
+        if let Err(w) =
+            crate::results::write_run(results, plan, id, &origin.started_at, &p.record(), None)
+        {
             tracing::warn!(run = %id, error = %w, "Cannot record the failed run either.");
         }
     };
@@ -915,11 +922,7 @@ fn execute(
     };
     let progress = &outcome.progress;
     let history = &progress.history;
-    let best = history
-        .iter()
-        .map(|m| m.val_acc)
-        .filter(|v| v.is_finite())
-        .fold(f64::NAN, f64::max);
+    let best = crate::metrics::best_val_acc(history);
     match progress.status {
         train::Status::Interrupted => {
             crate::logging::close_run_log();
@@ -961,7 +964,7 @@ fn execute(
         plan,
         id,
         &origin.started_at,
-        progress,
+        &progress.record(),
         outcome.test,
     )
     .map_err(|e| fail(&e))?;

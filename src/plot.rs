@@ -303,6 +303,7 @@ pub fn plot(runs: &[Curves], out: &Path, smoothing: Option<f64>) -> Result<(), R
             results::write_atomic(out, |f| {
                 std::io::Write::write_all(f, svg.as_bytes()).map_err(|e| e.to_string())
             })
+            .map_err(Into::into)
         }
         "png" => {
             let mut buf = vec![0u8; (w * h * 3) as usize];
@@ -318,6 +319,7 @@ pub fn plot(runs: &[Curves], out: &Path, smoothing: Option<f64>) -> Result<(), R
                 img.write_to(&mut std::io::BufWriter::new(f), image::ImageFormat::Png)
                     .map_err(|e| e.to_string())
             })
+            .map_err(Into::into)
         }
         _ => Err(fail(format!(
             "unknown image format \".{ext}\": use a .png or .svg file name"

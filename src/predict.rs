@@ -14,9 +14,10 @@ use sha2::Digest;
 
 use crate::backbone;
 use crate::data::folder;
+use crate::io::write_atomic;
 use crate::model::TransferModel;
 use crate::plan::Plan;
-use crate::results::{ResultsError, write_atomic};
+use crate::results::ResultsError;
 use crate::spec::{Preprocess, Spec};
 use crate::train::{self, checkpoint, loss};
 
@@ -139,6 +140,9 @@ pub enum ModelError {
     /// A file could not be written.
     #[error(transparent)]
     Write(#[from] ResultsError),
+    /// A file could not be written.
+    #[error(transparent)]
+    WriteFile(#[from] crate::io::WriteError),
     /// No model or checkpoint for this run.
     #[error("{0}")]
     Missing(String),

@@ -202,7 +202,14 @@ fn record_failure(point: &Point, common: &Common, id: &str, message: &str) {
         progress.status = train::Status::Failed;
         progress.error = Some(message.to_string());
     }
-    if let Err(e) = results::write_run(results, &point.plan, id, &started_at, &progress, None) {
+    if let Err(e) = results::write_run(
+        results,
+        &point.plan,
+        id,
+        &started_at,
+        &progress.record(),
+        None,
+    ) {
         tracing::warn!(run = id, error = %e, "Cannot record the failed run.");
     }
 }

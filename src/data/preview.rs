@@ -101,8 +101,8 @@ pub fn grid(plan: &Plan, rows: usize, variants: usize) -> Result<image::RgbImage
 }
 
 /// Writes the grid as PNG, atomically.
-pub fn write(img: &image::RgbImage, out: &Path) -> Result<(), crate::results::ResultsError> {
-    crate::results::write_atomic(out, |f| {
+pub fn write(img: &image::RgbImage, out: &Path) -> Result<(), crate::io::WriteError> {
+    crate::io::write_atomic(out, |f| {
         let mut buf = std::io::BufWriter::new(f);
         img.write_to(&mut buf, image::ImageFormat::Png)
             .map_err(|e| e.to_string())?;

@@ -42,13 +42,24 @@ use std::path::{Path, PathBuf};
 
 use polars::prelude::*;
 
+use crate::metrics::{EpochMetrics, Evaluation, Prediction, RunRecord};
 use crate::plan::Plan;
-use crate::train::{EpochMetrics, Evaluation, Prediction, Progress};
 
 /// Version of the results schema written by this build.
 pub const SCHEMA_VERSION: u32 = 3;
 /// Parquet metadata key holding the resolved config.
 pub const CONFIG_KEY: &str = "runner.config";
+
+pub use crate::io::{remove_stale_temporaries, write_atomic};
+
+impl From<crate::io::WriteError> for ResultsError {
+    fn from(e: crate::io::WriteError) -> Self {
+        ResultsError::Write {
+            path: e.path,
+            message: e.message,
+        }
+    }
+}
 
 /// Errors writing or reading results.
 #[derive(Debug, thiserror::Error)]
@@ -74,67 +85,6 @@ pub enum ResultsError {
     },
 }
 
-/// Writes `path` atomically: a uniquely named temporary file in the same folder
-/// (`.<name>.<random>.tmp`), synced, renamed over `path`, and the folder synced so that the rename
-/// survives a power cut. On an error the temporary file is removed and `path` is untouched.
-pub fn write_atomic(
-    path: &Path,
-    write: impl FnOnce(&mut File) -> Result<(), String>,
-) -> Result<(), ResultsError> {
-    let err = |message: String| ResultsError::Write {
-        path: path.to_path_buf(),
-        message,
-    };
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    // Fault injection for the tests: `RUNNER_FAIL_WRITE=<text>` makes every write of a file
-    // whose path contains it fail as a full disk would, after its temporary file was created.
-    let inject = std::env::var("RUNNER_FAIL_WRITE")
-        .ok()
-        .filter(|s| !s.is_empty() && path.to_string_lossy().contains(s.as_str()));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(|e| err(e.to_string()))?;
-    if inject.is_some() {
-        return Err(err(format!(
-            "{} (injected by RUNNER_FAIL_WRITE)",
-            std::io::Error::from(std::io::ErrorKind::StorageFull)
-        )));
-    }
-    write(tmp.as_file_mut()).map_err(err)?;
-    tmp.as_file().sync_all().map_err(|e| err(e.to_string()))?;
-    tmp.persist(path).map_err(|e| err(e.error.to_string()))?;
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
-
-/// Removes the temporary files [`write_atomic`] leaves when its process is killed mid-write
-/// (`.<name>.<random>.tmp`) from `dir` whose name starts with `.<prefix>`; only for files this
-/// process owns (a run's, on resume).
-pub fn remove_stale_temporaries(dir: &Path, prefix: &str) {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in rd.flatten() {
-        let name = e.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with(&format!(".{prefix}")) && name.ends_with(".tmp") && e.path().is_file() {
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
-}
-
 /// The resolved spec as TOML.
 pub fn config_toml(plan: &Plan) -> String {
     toml::to_string_pretty(&plan.spec).unwrap_or_default()
@@ -145,10 +95,10 @@ pub fn run_frame(
     plan: &Plan,
     run_id: &str,
     started_at: &str,
-    progress: &Progress,
+    progress: &RunRecord<'_>,
     test: Option<Evaluation>,
 ) -> PolarsResult<DataFrame> {
-    let epochs = &progress.history;
+    let epochs = progress.history;
     // A run that failed before its first epoch still gets one row, with null metrics.
     let n = epochs.len().max(1);
     let phase = |m: &EpochMetrics| &plan.phases[m.phase.min(plan.phases.len() - 1)];
@@ -201,7 +151,7 @@ pub fn run_frame(
         "test_loss" => vec![test.map(|t| t.loss); n],
         "test_acc" => vec![test.map(|t| t.acc); n],
         "skipped_images" => vec![progress.skipped_images as u32; n],
-        "error" => vec![progress.error.clone(); n],
+        "error" => vec![progress.error.map(str::to_string); n],
     }
 }
 
@@ -211,7 +161,7 @@ pub fn write_run(
     plan: &Plan,
     run_id: &str,
     started_at: &str,
-    progress: &Progress,
+    progress: &RunRecord<'_>,
     test: Option<Evaluation>,
 ) -> Result<PathBuf, ResultsError> {
     let config = config_toml(plan);

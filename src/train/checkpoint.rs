@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::Progress;
-use crate::results::{ResultsError, write_atomic};
+use crate::io::{WriteError, write_atomic};
 
 const MAGIC: &[u8] = b"RUNNER-CKPT-1\n";
 
@@ -98,8 +98,8 @@ pub fn best_path(results: &Path, run_id: &str) -> PathBuf {
 }
 
 /// Writes `ck` to `path` atomically.
-pub fn write(path: &Path, ck: &Checkpoint) -> Result<(), ResultsError> {
-    let json = serde_json::to_vec(&ck.state).map_err(|e| ResultsError::Write {
+pub fn write(path: &Path, ck: &Checkpoint) -> Result<(), WriteError> {
+    let json = serde_json::to_vec(&ck.state).map_err(|e| WriteError {
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;
@@ -118,7 +118,7 @@ pub fn write(path: &Path, ck: &Checkpoint) -> Result<(), ResultsError> {
 
 /// Makes `to` a copy of the checkpoint just written at `from`: a hard link renamed into place
 /// (atomic, no second write of a large file), or a fresh write where links are not supported.
-pub fn copy(from: &Path, to: &Path, ck: &Checkpoint) -> Result<(), ResultsError> {
+pub fn copy(from: &Path, to: &Path, ck: &Checkpoint) -> Result<(), WriteError> {
     let name = to
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -251,7 +251,7 @@ impl FeatureCache {
 
 /// Writes one cache entry atomically, as safetensors, streaming the values (no copy of the
 /// activations is made: the file is written in 64 KiB pieces).
-pub fn write(path: &Path, key: &str, f: &Features) -> Result<(), crate::results::ResultsError> {
+pub fn write(path: &Path, key: &str, f: &Features) -> Result<(), crate::io::WriteError> {
     use std::io::Write;
     let [c, h, w] = f.shape;
     let n = f.len();
@@ -272,7 +272,7 @@ pub fn write(path: &Path, key: &str, f: &Features) -> Result<(), crate::results:
     });
     let mut header = header.to_string().into_bytes();
     header.resize(header.len().next_multiple_of(8), b' ');
-    crate::results::write_atomic(path, |file| {
+    crate::io::write_atomic(path, |file| {
         let mut out = std::io::BufWriter::with_capacity(1 << 16, file);
         let io = |e: std::io::Error| e.to_string();
         out.write_all(&(header.len() as u64).to_le_bytes())

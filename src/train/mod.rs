@@ -28,6 +28,7 @@ use tracing::{debug, info, warn};
 
 use crate::backbone::weights::WeightsError;
 use crate::data::{self, DataError, Images, augment};
+pub use crate::metrics::{EpochMetrics, Evaluation, Partial, Prediction, Status};
 use crate::model::TransferModel;
 use crate::plan::{PhasePlan, Plan};
 use crate::spec::{AugmentSpec, OnBadImage};
@@ -60,80 +61,7 @@ pub enum TrainError {
     },
     /// A checkpoint or result file could not be written.
     #[error(transparent)]
-    Write(#[from] crate::results::ResultsError),
-}
-
-/// Metrics of one epoch.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EpochMetrics {
-    /// 1-based epoch number, counted across phases.
-    pub epoch: usize,
-    /// Index of the phase in `Plan::phases`.
-    pub phase: usize,
-    /// Mean training loss over the epoch's batches (dropout active).
-    pub train_loss: f64,
-    /// Training accuracy over the epoch.
-    pub train_acc: f64,
-    /// Validation loss.
-    pub val_loss: f64,
-    /// Validation accuracy.
-    pub val_acc: f64,
-    /// Learning rate of the epoch's last step.
-    pub lr: f64,
-    /// Wall time of the epoch, training and validation.
-    pub seconds: f64,
-}
-
-/// Loss and accuracy on one split.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Evaluation {
-    /// Mean loss.
-    pub loss: f64,
-    /// Accuracy.
-    pub acc: f64,
-}
-
-/// The state of a run, as stored with every result row.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    /// Training (the results are rewritten after every epoch).
-    #[default]
-    Running,
-    /// Every phase finished (or stopped early).
-    Completed,
-    /// Stopped by Ctrl-C; `runner resume` continues it.
-    Interrupted,
-    /// The training loss became NaN or infinite.
-    Diverged,
-    /// The run stopped with an error (recorded by a sweep, which goes on).
-    Failed,
-}
-
-impl Status {
-    /// The name stored in the results.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Running => "running",
-            Self::Completed => "completed",
-            Self::Interrupted => "interrupted",
-            Self::Diverged => "diverged",
-            Self::Failed => "failed",
-        }
-    }
-}
-
-/// Sums over the steps of an unfinished epoch.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Partial {
-    /// Sum of batch losses times batch sizes.
-    pub loss_sum: f64,
-    /// Correct predictions.
-    pub correct: usize,
-    /// Examples seen.
-    pub seen: usize,
-    /// Seconds spent.
-    pub seconds: f64,
+    Write(#[from] crate::io::WriteError),
 }
 
 /// Where a run stands: what a checkpoint restores.
@@ -168,15 +96,16 @@ pub struct Progress {
     pub error: Option<String>,
 }
 
-/// One test image's prediction.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Prediction {
-    /// The image file.
-    pub path: std::path::PathBuf,
-    /// True class index.
-    pub label: usize,
-    /// Probability of each class.
-    pub probabilities: Vec<f32>,
+impl Progress {
+    /// What the results table records of it.
+    pub fn record(&self) -> crate::metrics::RunRecord<'_> {
+        crate::metrics::RunRecord {
+            history: &self.history,
+            status: self.status,
+            skipped_images: self.skipped_images,
+            error: self.error.as_deref(),
+        }
+    }
 }
 
 /// What a run produced.
@@ -886,7 +815,7 @@ fn checkpoint_of(
 ) -> Result<Checkpoint, TrainError> {
     let path = checkpoint::last_path(&opts.results, &opts.run_id);
     let fail = |message: String| {
-        TrainError::Write(crate::results::ResultsError::Write {
+        TrainError::Write(crate::io::WriteError {
             path: path.clone(),
             message,
         })
