@@ -367,8 +367,15 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             _,
         ) => {
             let plan = load_plan(&experiment, &common)?;
-            let grid =
-                crate::data::preview::grid(&plan, images.max(1), variants).map_err(bad_input)?;
+            let train = plan.split("train").expect("the plan requires train/");
+            let grid = crate::data::preview::grid(
+                &plan.spec,
+                &plan.file,
+                &train.files,
+                images.max(1),
+                variants,
+            )
+            .map_err(bad_input)?;
             crate::data::preview::write(&grid, &out).map_err(failed)?;
             println!(
                 "{}: {} images x {} augmented versions",

@@ -228,7 +228,7 @@ fn assert_keras_vgg(name: &str, file: &str) {
         weights::Format::detect(&path).unwrap(),
         weights::Format::KerasH5
     );
-    let vgg = weights::load_vgg(d, Vgg::init(d, &Device::flex()), &path).unwrap();
+    let vgg = Vgg::init(d, &Device::flex()).load(d, &path).unwrap();
     for (c, conv) in vgg.convs.iter().enumerate() {
         let [o_n, i_n, _, _] = conv.weight.dims();
         let w = values(conv.weight.val());

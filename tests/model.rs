@@ -33,7 +33,7 @@ fn weight_import_reports_missing_unexpected_and_misshapen_tensors() {
         ],
     );
     let device = Device::flex();
-    let e = weights::load_vgg(vgg16(), Vgg::init(vgg16(), &device), &path)
+    let e = Vgg::init(vgg16(), &device).load(vgg16(), &path)
         .unwrap_err()
         .to_string();
     assert!(
@@ -55,7 +55,7 @@ fn weight_import_rejects_a_file_that_is_not_safetensors() {
     let path = dir.path().join("junk.safetensors");
     std::fs::write(&path, b"this is not a weights file").unwrap();
     let device = Device::flex();
-    let e = weights::load_vgg(vgg16(), Vgg::init(vgg16(), &device), &path)
+    let e = Vgg::init(vgg16(), &device).load(vgg16(), &path)
         .unwrap_err()
         .to_string();
     assert!(
@@ -74,7 +74,7 @@ fn weight_import_puts_every_tensor_in_its_layer() {
     let st = safetensors::SafeTensors::deserialize(&file).unwrap();
     let expect = |name: &str| common::f32_tensor(&st, name);
     let device = Device::flex();
-    let vgg = weights::load_vgg(vgg16(), Vgg::init(vgg16(), &device), &path).unwrap();
+    let vgg = Vgg::init(vgg16(), &device).load(vgg16(), &path).unwrap();
     for (i, name) in [
         (0, "block1_conv1"),
         (6, "block3_conv3"),
@@ -105,12 +105,12 @@ fn forward_matches_the_numpy_reference_on_a_real_image() {
     let st = safetensors::SafeTensors::deserialize(&fixture).unwrap();
     let pixels = st.tensor("input").unwrap().data().to_vec();
     let device = Device::flex();
-    let vgg = weights::load_vgg(
-        vgg16(),
-        Vgg::init(vgg16(), &device),
-        &mirror.join("weights/vgg16_imagenet_notop.safetensors"),
-    )
-    .unwrap();
+    let vgg = Vgg::init(vgg16(), &device)
+        .load(
+            vgg16(),
+            &mirror.join("weights/vgg16_imagenet_notop.safetensors"),
+        )
+        .unwrap();
     for (pre, name) in [
         (Preprocess::Rescale, "rescale"),
         (Preprocess::Caffe, "caffe"),
@@ -238,7 +238,7 @@ fn vgg19_forward_matches_the_numpy_reference() {
     let path = dir.path().join("vgg19.safetensors");
     common::write_vgg_weights_with(&path, def, 21, 0.1);
     let device = Device::flex();
-    let vgg = weights::load_vgg(def, Vgg::init(def, &device), &path).unwrap();
+    let vgg = Vgg::init(def, &device).load(def, &path).unwrap();
     let bytes = std::fs::read(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/vgg19_reference.safetensors"),

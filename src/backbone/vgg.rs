@@ -21,7 +21,17 @@ pub struct Vgg {
 }
 
 impl Vgg {
-    /// A VGG base with freshly initialised weights (load real ones with `weights::load`).
+    /// Loads Keras-named (or torchvision-named) VGG weights, any [`super::weights::Format`];
+    /// every tensor of the model must be found with its shape.
+    pub fn load(
+        self,
+        def: &BackboneDef,
+        path: &std::path::Path,
+    ) -> Result<Self, super::weights::WeightsError> {
+        super::weights::load(self, &key_map(def), path, def.name)
+    }
+
+    /// A VGG base with freshly initialised weights (load real ones with [`Vgg::load`]).
     pub fn init(def: &BackboneDef, device: &Device) -> Self {
         let ops: Vec<LayerOp> = def.layers().iter().map(|l| l.op).collect();
         let convs = ops

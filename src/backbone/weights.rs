@@ -241,15 +241,6 @@ pub fn to_safetensors<M: Module>(
     store.get_bytes().map_err(|e| e.to_string())
 }
 
-/// Loads Keras-named (or torchvision-named) VGG weights, any [`Format`].
-pub fn load_vgg(
-    def: &super::BackboneDef,
-    model: super::vgg::Vgg,
-    path: &Path,
-) -> Result<super::vgg::Vgg, WeightsError> {
-    load(model, &super::vgg::key_map(def), path, def.name)
-}
-
 /// Every problem of a load, one line each, named as the file names them.
 fn check(
     result: &ApplyResult,

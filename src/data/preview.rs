@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::augment;
 use super::folder::{self, Images};
-use crate::plan::Plan;
+use crate::spec::Spec;
 
 /// Errors making a preview.
 #[derive(Debug, thiserror::Error)]
@@ -24,19 +24,25 @@ pub enum PreviewError {
 }
 
 /// The grid: one row per image (spread over the classes of `train/`), the original first, then
-/// `variants` augmented versions (epochs 1..=variants), 4-pixel white gaps.
-pub fn grid(plan: &Plan, rows: usize, variants: usize) -> Result<image::RgbImage, PreviewError> {
-    let aug = plan
-        .spec
+/// `variants` augmented versions (epochs 1..=variants), 4-pixel white gaps. `spec` is the
+/// resolved spec of the experiment `file`; `train` the images of its `train/` split with their
+/// labels.
+pub fn grid(
+    spec: &Spec,
+    file: &Path,
+    train: &[(std::path::PathBuf, usize)],
+    rows: usize,
+    variants: usize,
+) -> Result<image::RgbImage, PreviewError> {
+    let aug = spec
         .augment
         .as_ref()
-        .ok_or_else(|| PreviewError::NoAugment(plan.file.display().to_string()))?;
-    let train = plan.split("train").expect("the plan requires train/");
-    let n = train.files.len();
+        .ok_or_else(|| PreviewError::NoAugment(file.display().to_string()))?;
+    let n = train.len();
     let picks: Vec<usize> = (0..rows.min(n))
         .map(|r| r * n / rows.min(n).max(1))
         .collect();
-    let [h, w] = plan.spec.data.image_size;
+    let [h, w] = spec.data.image_size;
     let mut images = Images {
         split: "train".into(),
         height: h,
@@ -48,8 +54,8 @@ pub fn grid(plan: &Plan, rows: usize, variants: usize) -> Result<image::RgbImage
         on_demand: None,
     };
     for &i in &picks {
-        let (path, label) = &train.files[i];
-        let d = folder::decode(path, [h, w], plan.spec.data.interpolation).map_err(|message| {
+        let (path, label) = &train[i];
+        let d = folder::decode(path, [h, w], spec.data.interpolation).map_err(|message| {
             PreviewError::Image {
                 path: path.display().to_string(),
                 message,
@@ -72,7 +78,7 @@ pub fn grid(plan: &Plan, rows: usize, variants: usize) -> Result<image::RgbImage
     for v in 1..=variants {
         let mut col = vec![0u8; images.pixels.len()];
         for (k, &i) in picks.iter().enumerate() {
-            let t = augment::draw(aug, [h, w], plan.spec.experiment.seed, v, i);
+            let t = augment::draw(aug, [h, w], spec.experiment.seed, v, i);
             let n = h * w * 3;
             augment::apply(
                 &t,
