@@ -116,6 +116,25 @@ pub fn open_run_log(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// The run log of the run in progress: JSON events go to its file from [`RunLog::open`] until
+/// it is dropped (on every way out of the run, early returns and errors included).
+#[must_use = "the run log is closed when this is dropped"]
+pub struct RunLog(());
+
+impl RunLog {
+    /// Sends JSON events to `path` (appending) until the returned guard is dropped.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        open_run_log(path)?;
+        Ok(Self(()))
+    }
+}
+
+impl Drop for RunLog {
+    fn drop(&mut self) {
+        close_run_log();
+    }
+}
+
 /// Stops writing JSON events to the run log.
 pub fn close_run_log() {
     if let Ok(mut g) = RUN_LOG.lock() {

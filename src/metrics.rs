@@ -109,3 +109,13 @@ pub fn best_val_acc(history: &[EpochMetrics]) -> f64 {
         .filter(|v| v.is_finite())
         .fold(f64::NAN, f64::max)
 }
+
+/// The predicted class: the index of the highest probability (the first of equals; 0 when
+/// there are none).
+pub fn predicted_class(probabilities: &[f32]) -> usize {
+    probabilities
+        .iter()
+        .enumerate()
+        .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+        .0
+}

@@ -13,9 +13,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::cli::{self, Common, Failure};
+use crate::failure::{Failure, bad_input, failed};
 use crate::plan::{self, Plan};
 use crate::results::{self, query};
+use crate::run;
+use crate::settings::Settings;
 use crate::spec::load;
 use crate::train::{self, checkpoint};
 
@@ -36,14 +38,14 @@ pub fn files_of(targets: &[PathBuf]) -> Result<Vec<PathBuf>, Failure> {
     for t in targets {
         if t.is_dir() {
             let mut v: Vec<PathBuf> = std::fs::read_dir(t)
-                .map_err(|e| cli::bad_input(anyhow::anyhow!("{}: {e}", t.display())))?
+                .map_err(|e| bad_input(anyhow::anyhow!("{}: {e}", t.display())))?
                 .flatten()
                 .map(|e| e.path())
                 .filter(|p| p.extension().is_some_and(|e| e == "toml") && p.is_file())
                 .collect();
             v.sort();
             if v.is_empty() {
-                return Err(cli::bad_input(anyhow::anyhow!(
+                return Err(bad_input(anyhow::anyhow!(
                     "{}: no experiment files (*.toml) in this folder",
                     t.display()
                 )));
@@ -52,7 +54,7 @@ pub fn files_of(targets: &[PathBuf]) -> Result<Vec<PathBuf>, Failure> {
         } else if t.is_file() {
             out.push(t.clone());
         } else {
-            return Err(cli::bad_input(anyhow::anyhow!(
+            return Err(bad_input(anyhow::anyhow!(
                 "{}: no such file or folder",
                 t.display()
             )));
@@ -62,9 +64,9 @@ pub fn files_of(targets: &[PathBuf]) -> Result<Vec<PathBuf>, Failure> {
 }
 
 /// Every point of every file, each loaded and checked; all problems of all points at once.
-pub fn expand(files: &[PathBuf], common: &Common) -> Result<Vec<Point>, Failure> {
-    expand_checked(files, common).map_err(|problems| {
-        cli::bad_input(anyhow::anyhow!(
+pub fn expand(files: &[PathBuf], settings: &Settings) -> Result<Vec<Point>, Failure> {
+    expand_checked(files, settings).map_err(|problems| {
+        bad_input(anyhow::anyhow!(
             "nothing was run: {} of the sweep's experiments or points have problems\n{}",
             problems.len(),
             problems.join("\n")
@@ -73,10 +75,10 @@ pub fn expand(files: &[PathBuf], common: &Common) -> Result<Vec<Point>, Failure>
 }
 
 /// [`expand`], its problems as a list (one entry per file or point).
-pub fn expand_checked(files: &[PathBuf], common: &Common) -> Result<Vec<Point>, Vec<String>> {
+pub fn expand_checked(files: &[PathBuf], settings: &Settings) -> Result<Vec<Point>, Vec<String>> {
     let mut points = Vec::new();
     let mut problems = Vec::new();
-    let locations = crate::assets::Locations::new(common.assets.clone());
+    let locations = &settings.locations;
     for f in files {
         let grid = match load::grid(f) {
             Ok(g) => g,
@@ -93,7 +95,7 @@ pub fn expand_checked(files: &[PathBuf], common: &Common) -> Result<Vec<Point>, 
                 .collect::<Vec<_>>()
                 .join(", ");
             let checked =
-                load::load_checked(f, &common.sets, &values, |l| plan::build(l, &locations))
+                load::load_checked(f, &settings.sets, &values, |l| plan::build(l, locations))
                     .map_err(|e| e.to_string());
             match checked {
                 Ok(plan) => points.push(Point {
@@ -190,8 +192,8 @@ fn read_row(results: &Path, id: &str) -> Option<(String, Option<f64>, Option<f64
 
 /// Records a run that stopped with an error: its progress so far (from the last checkpoint, if
 /// any) with status `failed` and the message.
-fn record_failure(point: &Point, common: &Common, id: &str, message: &str) {
-    let results = &common.results;
+fn record_failure(point: &Point, settings: &Settings, id: &str, message: &str) {
+    let results = &settings.results;
     let ck = checkpoint::read(&checkpoint::last_path(results, id)).ok();
     let started_at = ck
         .as_ref()
@@ -238,12 +240,12 @@ fn summary(rows: &[Row]) -> String {
 /// Runs the sweep over `targets` (folders or files).
 pub fn run(
     targets: &[PathBuf],
-    common: &Common,
+    settings: &Settings,
     force: bool,
     shard: Option<(usize, usize)>,
 ) -> Result<(), Failure> {
     let files = files_of(targets)?;
-    let all = expand(&files, common)?;
+    let all = expand(&files, settings)?;
     let total = all.len();
     let picked = match shard {
         Some((i, n)) => shard_indices(total, i, n),
@@ -257,9 +259,9 @@ pub fn run(
             picked.len()
         ))
     );
-    let results_dir = &common.results;
+    let results_dir = &settings.results;
     std::fs::create_dir_all(results_dir)
-        .map_err(|e| cli::failed(anyhow::anyhow!("{}: {e}", results_dir.display())))?;
+        .map_err(|e| failed(anyhow::anyhow!("{}: {e}", results_dir.display())))?;
     let mut rows = Vec::new();
     let mut bad = 0;
     for (n, &k) in picked.iter().enumerate() {
@@ -286,7 +288,7 @@ pub fn run(
             });
         };
         let lock = claim(results_dir, &hash)
-            .map_err(|e| cli::failed(anyhow::anyhow!("{}: {e}", results_dir.display())))?;
+            .map_err(|e| failed(anyhow::anyhow!("{}: {e}", results_dir.display())))?;
         let Some(_lock) = lock else {
             skip(
                 &mut rows,
@@ -296,7 +298,7 @@ pub fn run(
             continue;
         };
         let known = query::runs_by_hash(results_dir)
-            .map_err(cli::failed)?
+            .map_err(failed)?
             .remove(&hash)
             .unwrap_or_default();
         if !force && let Some((id, _, _)) = known.iter().rev().find(|r| r.1 == "completed") {
@@ -321,12 +323,12 @@ pub fn run(
                 println!("  resuming {id} from its checkpoint");
                 (
                     id.clone(),
-                    cli::resume(id, Some(&point.file), common),
+                    run::resume(id, Some(&point.file), settings),
                     "resumed".to_string(),
                 )
             }
             _ => {
-                let (id, r) = cli::fresh(&point.plan, &point.file, point.sets.clone(), common);
+                let (id, r) = run::fresh(&point.plan, &point.file, point.sets.clone(), settings);
                 (id, r, String::new())
             }
         };
@@ -350,7 +352,7 @@ pub fn run(
                 // A diverged run has recorded itself; anything else is recorded as failed.
                 let recorded = read_row(results_dir, &id).map(|r| r.0);
                 if matches!(recorded.as_deref(), None | Some("running")) {
-                    record_failure(point, common, &id, &format!("{:#}", f.error));
+                    record_failure(point, settings, &id, &format!("{:#}", f.error));
                 }
             }
             Ok(()) => {}
@@ -377,10 +379,44 @@ pub fn run(
     }
     print!("{}", summary(&rows));
     if bad > 0 {
-        return Err(cli::failed(anyhow::anyhow!(
+        return Err(failed(anyhow::anyhow!(
             "{bad} of {} runs failed or diverged (recorded in {})",
             picked.len(),
             results_dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// `runner check`: validates experiment files, every point of their `[sweep]` grids included,
+/// without running them.
+pub fn check(files: &[PathBuf], settings: &Settings) -> Result<(), Failure> {
+    let mut failures = 0;
+    for f in files {
+        // Every point of a `[sweep]` grid is checked as the sweep would run it.
+        match expand_checked(std::slice::from_ref(f), settings) {
+            Ok(points) if points.len() == 1 && points[0].sets.is_empty() => println!(
+                "{}: ok ({} classes, config {})",
+                f.display(),
+                points[0].plan.classes.len(),
+                points[0].plan.config_hash
+            ),
+            Ok(points) => println!(
+                "{}: ok ([sweep] grid of {} points, each checked; {} classes)",
+                f.display(),
+                points.len(),
+                points.first().map_or(0, |p| p.plan.classes.len())
+            ),
+            Err(problems) => {
+                failures += 1;
+                eprintln!("{}", problems.join("\n"));
+            }
+        }
+    }
+    if failures > 0 {
+        return Err(bad_input(anyhow::anyhow!(
+            "{failures} of {} experiment files have problems",
+            files.len()
         )));
     }
     Ok(())

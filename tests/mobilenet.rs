@@ -93,7 +93,7 @@ fn mobilenet_v2_is_a_backbone_of_the_spec_and_fine_tunes_only_above_its_cutoff()
     assert_eq!(plan.backbone.num_params(), 2_223_872);
     assert_eq!(plan.base_output, [1280, 2, 2]);
     assert_eq!(plan.cutoff.index, 17);
-    let summary = runner::cli::summary(&plan);
+    let summary = runner::report::summary(&plan);
     assert!(
         summary.contains("preprocess torch (its weights' own: torch)")
             && summary.contains("at least 32x32 for mobilenet_v2")

@@ -33,7 +33,8 @@ fn weight_import_reports_missing_unexpected_and_misshapen_tensors() {
         ],
     );
     let device = Device::flex();
-    let e = Vgg::init(vgg16(), &device).load(vgg16(), &path)
+    let e = Vgg::init(vgg16(), &device)
+        .load(vgg16(), &path)
         .unwrap_err()
         .to_string();
     assert!(
@@ -55,7 +56,8 @@ fn weight_import_rejects_a_file_that_is_not_safetensors() {
     let path = dir.path().join("junk.safetensors");
     std::fs::write(&path, b"this is not a weights file").unwrap();
     let device = Device::flex();
-    let e = Vgg::init(vgg16(), &device).load(vgg16(), &path)
+    let e = Vgg::init(vgg16(), &device)
+        .load(vgg16(), &path)
         .unwrap_err()
         .to_string();
     assert!(

@@ -498,7 +498,7 @@ fn plan_counts_parameters_like_keras() {
     assert_eq!(p.base_output, [512, 4, 4]);
     let head: usize = p.head_shapes.iter().map(|(_, n)| n).sum();
     assert_eq!(head, 2_097_665);
-    let summary = runner::cli::summary(&p);
+    let summary = runner::report::summary(&p);
     assert!(summary.contains("Total params: 16,812,353"), "{summary}");
     assert!(summary.contains("Trainable params: 2,097,665"), "{summary}");
     assert!(
@@ -516,7 +516,7 @@ fn plan_says_which_tensors_are_frozen() {
         "trainable_from = \"block5_conv1\"",
     );
     let p = f.plan(&text).unwrap();
-    let summary = runner::cli::summary(&p);
+    let summary = runner::report::summary(&p);
     assert!(summary.contains("Frozen tensors (20)"), "{summary}");
     assert!(
         summary.contains("block4_conv3.bias") && !summary.contains("block5_conv1.weight,"),
@@ -724,7 +724,7 @@ fn phases_resolve_with_the_experiment_settings_as_defaults() {
     assert_eq!(tune.optimizer.lr(), 1e-5);
     assert_eq!(tune.schedule.kind(), "cosine");
     assert!(tune.augment.is_none(), "augment = {{}} turns it off");
-    let summary = runner::cli::summary(&plan);
+    let summary = runner::report::summary(&plan);
     assert!(
         summary.contains("2. fine_tune: 4 epochs, trainable from block5_conv1 (7,087,649 trainable params), rmsprop lr 0.00001, schedule cosine, not augmented"),
         "{summary}"

@@ -203,13 +203,7 @@ pub fn write_predictions(
     };
     let predicted: Vec<usize> = predictions
         .iter()
-        .map(|p| {
-            p.probabilities
-                .iter()
-                .enumerate()
-                .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
-                .0
-        })
+        .map(|p| crate::metrics::predicted_class(&p.probabilities))
         .collect();
     let name = |i: usize| classes.get(i).cloned().unwrap_or_else(|| i.to_string());
     let mut columns: Vec<Column> = vec![

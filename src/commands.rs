@@ -1,0 +1,255 @@
+//! Every command but the runs themselves (`run`, `sweep`), with its arguments already
+//! resolved by `cli`: what it calls, what it prints and the exit code of a failure.
+
+use std::path::{Path, PathBuf};
+
+use crate::device;
+use crate::failure::{Failure, bad_input, failed};
+use crate::settings::Settings;
+use crate::spec::load;
+
+/// `runner fetch`: lists the catalogue, or puts the named assets into `into`.
+pub fn fetch(
+    names: &[String],
+    list: bool,
+    [url, upstream_base]: [Option<String>; 2],
+    into: &Path,
+    settings: &Settings,
+) -> Result<(), Failure> {
+    if list || names.is_empty() {
+        for a in &crate::assets::CATALOGUE {
+            let mirror = match &a.files {
+                Some(crate::assets::AssetFiles::One { path, .. }) => path.to_string(),
+                Some(crate::assets::AssetFiles::Listed { dir, .. }) => format!("{dir}/"),
+                None => "-".into(),
+            };
+            println!(
+                "{:<22} {}\n{:<22} mirror: {mirror}\n{:<22} original: {} -> {}",
+                a.name, a.description, "", "", a.upstream.url, a.upstream.path
+            );
+        }
+        return Ok(());
+    }
+    let mut assets = Vec::new();
+    for n in names {
+        let known: Vec<&str> = crate::assets::CATALOGUE.iter().map(|a| a.name).collect();
+        assets.push(crate::assets::find_asset(n).ok_or_else(|| {
+            bad_input(anyhow::anyhow!(
+                "unknown asset \"{n}\"{}; known assets: {}",
+                load::closest(n, &known),
+                known.join(", ")
+            ))
+        })?);
+    }
+    let sources = crate::fetch::Sources {
+        mirror: settings.locations.mirror.clone(),
+        url,
+        upstream_base,
+    };
+    for a in assets {
+        let [present, copied, downloaded] =
+            crate::fetch::fetch(a, into, &sources).map_err(|e| match e {
+                crate::fetch::FetchError::Unavailable(_) => bad_input(e),
+                _ => failed(e),
+            })?;
+        println!(
+            "{}: {present} already present, {copied} copied from the mirror, {downloaded} downloaded (all verified)",
+            a.name
+        );
+    }
+    Ok(())
+}
+
+/// `runner plot`: the curves of runs (ids, tables or results folders) into a PNG or SVG.
+pub fn plot(
+    runs: &[String],
+    out: &Path,
+    smooth: Option<f64>,
+    settings: &Settings,
+) -> Result<(), Failure> {
+    if let Some(f) = smooth.filter(|f| !(0.0..1.0).contains(f)) {
+        return Err(bad_input(anyhow::anyhow!(
+            "--smooth {f}: the factor must be in [0, 1), e.g. 0.8"
+        )));
+    }
+    let ext = out
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    if ext != "png" && ext != "svg" {
+        return Err(bad_input(anyhow::anyhow!(
+            "--out {}: runner plots to .png or .svg files, not \".{ext}\"",
+            out.display()
+        )));
+    }
+    let targets: Vec<String> = if runs.is_empty() {
+        vec![settings.results.display().to_string()]
+    } else {
+        runs.to_vec()
+    };
+    let mut files = Vec::new();
+    for t in &targets {
+        let p = PathBuf::from(t);
+        if p.is_dir() {
+            files.extend(crate::results::query::run_files(&p));
+        } else if p.is_file() {
+            files.push(p);
+        } else {
+            let f = settings.results.join(format!("{t}.parquet"));
+            if !f.is_file() {
+                return Err(bad_input(anyhow::anyhow!(
+                    "{t}: not a run id in {}, a run table or a results folder",
+                    settings.results.display()
+                )));
+            }
+            files.push(f);
+        }
+    }
+    if files.is_empty() {
+        return Err(bad_input(anyhow::anyhow!(
+            "no runs to plot in {}",
+            targets.join(", ")
+        )));
+    }
+    let curves = crate::plot::load(&files).map_err(bad_input)?;
+    crate::plot::plot(&curves, out, smooth).map_err(failed)?;
+    println!("{}: {} runs", out.display(), curves.len());
+    Ok(())
+}
+
+/// `runner predict`: class probabilities for images with a run's model, as a table.
+pub fn predict(
+    run_id: &str,
+    inputs: &[PathBuf],
+    which: crate::predict::Which,
+    settings: &Settings,
+) -> Result<(), Failure> {
+    let device = device::select(settings.device).map_err(bad_input)?.device;
+    let (card, model) =
+        crate::predict::load(&settings.results, run_id, which, &device).map_err(bad_input)?;
+    let files = crate::predict::collect_images(inputs).map_err(bad_input)?;
+    if files.is_empty() {
+        return Err(bad_input(anyhow::anyhow!(
+            "no image files ({}) in {}",
+            crate::data::folder::IMAGE_EXTENSIONS.join(", "),
+            inputs
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let rows = crate::predict::predict(&card, &model, &files, &device);
+    let (table, unreadable) = crate::report::predictions(&card.classes, &rows);
+    print!("{table}");
+    for line in &unreadable {
+        eprintln!("{line}");
+    }
+    let bad = unreadable.len();
+    if bad > 0 {
+        return Err(bad_input(anyhow::anyhow!(
+            "{bad} of the images could not be read"
+        )));
+    }
+    Ok(())
+}
+
+/// `runner results`: one row per run (or per epoch) of `dir`.
+pub fn results(dir: &Path, q: &crate::results::query::Query) -> Result<(), Failure> {
+    match crate::results::query::query(dir, q).map_err(bad_input)? {
+        Some(df) => print!(
+            "{}",
+            crate::results::query::render(&df, q.format).map_err(failed)?
+        ),
+        None => eprintln!("no runs in {}", dir.display()),
+    }
+    Ok(())
+}
+
+/// `runner logs`: a run's log, readably; `follow` keeps reading until the run ends.
+pub fn logs(run_id: &str, follow: bool, settings: &Settings) -> Result<(), Failure> {
+    let path = settings.results.join(format!("{run_id}.log.jsonl"));
+    if !path.is_file() {
+        return Err(bad_input(anyhow::anyhow!(
+            "{}: no log for run {run_id} in {}",
+            path.display(),
+            settings.results.display()
+        )));
+    }
+    match crate::logs::show(&path, follow, &mut std::io::stdout().lock()) {
+        // `runner logs RUN | head`: the reader has what it wanted.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.map_err(|e| failed(anyhow::anyhow!("{}: {e}", path.display()))),
+    }
+}
+
+/// `runner plan`: the model, Keras-style, without training.
+pub fn plan(experiment: &Path, settings: &Settings) -> Result<(), Failure> {
+    let plan = crate::run::load_plan(experiment, settings)?;
+    print!("{}", crate::report::summary(&plan));
+    Ok(())
+}
+
+/// `runner augment-preview`: a grid of augmented versions of a few training images.
+pub fn augment_preview(
+    experiment: &Path,
+    out: &Path,
+    images: usize,
+    variants: usize,
+    settings: &Settings,
+) -> Result<(), Failure> {
+    let plan = crate::run::load_plan(experiment, settings)?;
+    let train = plan.split("train").expect("the plan requires train/");
+    let grid = crate::data::preview::grid(
+        &plan.spec,
+        &plan.file,
+        &train.files,
+        images.max(1),
+        variants,
+    )
+    .map_err(bad_input)?;
+    crate::data::preview::write(&grid, out).map_err(failed)?;
+    println!(
+        "{}: {} images x {} augmented versions",
+        out.display(),
+        images.max(1),
+        variants
+    );
+    Ok(())
+}
+
+/// `runner bench`: decoding, augmentation and the training step on the experiment's data.
+pub fn bench(experiment: &Path, steps: usize, settings: &Settings) -> Result<(), Failure> {
+    let plan = crate::run::load_plan(experiment, settings)?;
+    let selected = device::select(settings.device).map_err(bad_input)?;
+    if let Some(limit) = selected.max_tensor_bytes {
+        crate::run::fits_on_device(&plan, limit, &selected.name).map_err(bad_input)?;
+    }
+    println!(
+        "runner bench {} on {}, {} ({} cores)",
+        experiment.display(),
+        selected.name,
+        chrono::Utc::now().format("%Y-%m-%d"),
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    print!(
+        "{}",
+        crate::bench::run(&plan, &selected.device, steps.max(1)).map_err(bad_input)?
+    );
+    Ok(())
+}
+
+/// `runner bench-workload`: one workload of the PyTorch comparison, as a JSON line.
+pub fn bench_workload(
+    workload: &str,
+    opts: &crate::bench::workloads::Options,
+    settings: &Settings,
+) -> Result<(), Failure> {
+    let selected = device::select(settings.device).map_err(bad_input)?;
+    let mut report =
+        crate::bench::workloads::run(workload, opts, &selected.device).map_err(bad_input)?;
+    report.device = selected.name;
+    crate::bench::workloads::write_check(&report, &opts.out).map_err(failed)?;
+    println!("{}", report.json());
+    Ok(())
+}
