@@ -70,19 +70,13 @@ static MAX_BINDING: OnceLock<(Device, u64)> = OnceLock::new();
 /// The most bytes one tensor may take on `device`: unlimited on the CPU; on a GPU its adapter's
 /// storage-buffer binding limit (128 MiB on lavapipe, 2 to 4 GiB on desktop GPUs).
 pub fn max_tensor_bytes(device: &Device) -> u64 {
-    if is_cpu(device) {
+    if crate::cpu::is_cpu(device) {
         return u64::MAX;
     }
     match MAX_BINDING.get() {
         Some((wgpu, bytes)) if *wgpu == device.clone().without_autodiff() => *bytes,
         _ => u64::MAX,
     }
-}
-
-/// Whether `device` is burn's Flex CPU device (with or without autodiff): where runner's own CPU
-/// kernels (Winograd convolutions, the hand-written step, the fused optimizer update) run.
-pub fn is_cpu(device: &Device) -> bool {
-    device.clone().without_autodiff() == Device::flex()
 }
 
 /// Seeds the host's random stream, which every random draw of a run comes from (initial head

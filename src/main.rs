@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    runner::bench::keep_freed_memory();
+    runner::cpu::keep_freed_memory();
     let cli = runner::cli::Cli::parse();
     runner::logging::init();
     match runner::cli::run(cli) {

@@ -5,7 +5,6 @@ pub mod mobilenet;
 pub mod resnet;
 pub mod vgg;
 pub mod weights;
-pub mod winograd;
 
 use crate::spec::Preprocess;
 

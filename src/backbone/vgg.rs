@@ -7,8 +7,8 @@ use burn::prelude::*;
 use burn::tensor::activation::relu;
 
 use super::weights::KeyMap;
-use super::winograd;
 use super::{BackboneDef, LayerOp};
+use crate::cpu::{pool, winograd};
 
 /// A VGG base: 3x3 same convolutions with ReLU, 2x2 max pooling after each block.
 #[derive(Module, Debug)]
@@ -83,7 +83,7 @@ impl Vgg {
     }
 
     /// Runs layers `0..to` where no gradient is wanted (the frozen part): on burn's CPU backend by
-    /// Winograd convolutions (`winograd.rs`, about 2x faster than burn's own), elsewhere (GPU,
+    /// Winograd convolutions (`cpu::winograd`, about 2x faster than burn's own), elsewhere (GPU,
     /// autodiff tensors) by `forward_range`.
     ///
     /// # Shapes
@@ -91,7 +91,7 @@ impl Vgg {
     /// - input: `[batch, 3, height, width]`; output: `[batch, channels, height, width]` after layer `to - 1`
     pub fn forward_frozen(&self, x: Tensor<4>, to: usize) -> Tensor<4> {
         let device = x.device();
-        if !crate::device::is_cpu(&device) || to == 0 {
+        if !crate::cpu::is_cpu(&device) || to == 0 {
             return self.forward_range(x, 0, to);
         }
         let [n, mut c, mut h, mut w] = x.dims();
@@ -120,7 +120,7 @@ impl Vgg {
                     c = cout;
                 }
                 LayerOp::MaxPool | LayerOp::Block { .. } => {
-                    data = winograd::max_pool(&data, n * c, h, w);
+                    data = pool::max_pool(&data, n * c, h, w);
                     (h, w) = (h / 2, w / 2);
                 }
             }

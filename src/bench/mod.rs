@@ -129,19 +129,3 @@ pub fn run(plan: &Plan, device: &Device, steps: usize) -> Result<String, TrainEr
     }
     Ok(out)
 }
-
-/// Tells glibc's allocator to serve large buffers from the heap and keep freed memory for reuse,
-/// instead of mapping fresh pages for every tensor above 128 KiB and unmapping them when it is
-/// dropped: burn allocates a new buffer for almost every operation, and the page faults on those
-/// fresh pages took a quarter of a dense-head training step (perf, `runner bench-workload
-/// dense_head_epoch`). Resident memory then stays at its high-water mark, which is what the peak
-/// already was. Does nothing on other platforms.
-pub fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; called before any thread starts.
-    unsafe {
-        // 32 MiB is the largest mmap threshold glibc accepts on 64-bit targets.
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
-}

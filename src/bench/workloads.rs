@@ -207,7 +207,7 @@ fn matmul(opts: &Options, device: &Device) -> Report {
         gflop_per_item: 2.0 * (n * n * n) as f64 / 1e9,
         what: format!(
             "float32 matmul {n}x{n} ({})",
-            if crate::device::is_cpu(&device) {
+            if crate::cpu::is_cpu(&device) {
                 "burn flex"
             } else {
                 "burn wgpu"

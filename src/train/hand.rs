@@ -9,7 +9,7 @@
 //! memset/memmove of the weight gradient alone). Here the dense layers' three matrix products run
 //! on `gemm` (the crate burn's CPU backend uses) straight from the parameters' own buffers, and a
 //! 3x3 convolution runs forward and carries its gradient back by Winograd's algorithm over the
-//! whole batch, its parameters' gradients by one im2col product (`backbone::winograd`). The
+//! whole batch, its parameters' gradients by one im2col product (`cpu::winograd`). The
 //! gradients go to the phase's optimizer exactly as burn's would: optimizer state, schedules,
 //! gradient clipping and checkpoints are unchanged. Dropout masks come from the device's random
 //! stream with the shapes burn's `Dropout` draws them in, so a run is the same run either way
@@ -23,7 +23,10 @@ use burn::tensor::Distribution;
 use rayon::prelude::*;
 
 use crate::backbone::LayerOp;
-use crate::backbone::winograd::{self, Conv3x3};
+use crate::cpu::{
+    self, pool,
+    winograd::{self, Conv3x3},
+};
 use crate::head::Plain;
 use crate::model::{Backbone, TransferModel};
 use crate::spec::{Activation, Loss};
@@ -143,7 +146,7 @@ impl HandPath {
     /// a device other than burn's CPU backend, layers of a base other than VGG above the cutoff,
     /// a convolution or pool in the head, a softmax before the last layer.
     pub fn of(model: &TransferModel, device: &Device, loss: Loss) -> Option<Self> {
-        if !crate::device::is_cpu(device) {
+        if !crate::cpu::is_cpu(device) {
             return None;
         }
         let n = model.head.layers.len();
@@ -295,7 +298,7 @@ impl HandPath {
                 Op::Pool => {
                     let (c, h, w) = (dims[1], dims[2], dims[3]);
                     dims = vec![batch, c, h / 2, w / 2];
-                    Some(winograd::max_pool(x, batch * c, h, w))
+                    Some(pool::max_pool(x, batch * c, h, w))
                 }
             };
             outs.push(out);
@@ -324,7 +327,7 @@ impl HandPath {
                     }
                     let x = value(input, &outs, i);
                     if p.weight.trainable {
-                        let dw = weight_grad(x, &grad, batch, p.inputs, p.units);
+                        let dw = cpu::gemm::xt_g(x, &grad, batch, p.inputs, p.units);
                         p.weight.register(&mut grads, dw, &inner);
                     }
                     if let Some(b) = p.bias.as_ref().filter(|b| b.trainable) {
@@ -374,7 +377,7 @@ impl HandPath {
                 }
                 Op::Pool => {
                     let d = &in_dims[i];
-                    grad = winograd::max_pool_backward(
+                    grad = pool::max_pool_backward(
                         value(input, &outs, i),
                         &grad,
                         batch * d[1],
@@ -457,48 +460,8 @@ fn affine(x: &[f32], batch: usize, p: &DenseParams) -> Vec<f32> {
         None => vec![0f32; batch * n],
     };
     let w = p.weight.values();
-    matmul(&mut z, [batch, n, k], (x, k, 1), (w, n, 1), true);
+    cpu::gemm::matmul(&mut z, [batch, n, k], (x, k, 1), (w, n, 1), true);
     z
-}
-
-/// `d loss / d W = x^T g`, into a buffer that is written once (not zero-filled first).
-///
-/// # Shapes
-///
-/// - x: `[batch, inputs]`, g: `[batch, units]`
-/// - output: `[inputs, units]`
-fn weight_grad(x: &[f32], g: &[f32], batch: usize, inputs: usize, units: usize) -> Vec<f32> {
-    let len = inputs * units;
-    let mut dw = Vec::<f32>::with_capacity(len);
-    assert!(x.len() >= batch * inputs && g.len() >= batch * units);
-    // SAFETY: gemm writes all `inputs x units` entries of the destination (it does not read it:
-    // `read_dst` is false) before `set_len`; the operands' strides stay inside `x` and `g`
-    // (asserted above); the three buffers do not overlap.
-    unsafe {
-        gemm::gemm(
-            inputs,
-            units,
-            batch,
-            dw.as_mut_ptr(),
-            1,
-            units as isize,
-            false,
-            x.as_ptr(),
-            inputs as isize,
-            1,
-            g.as_ptr(),
-            1,
-            units as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism(inputs * units * batch),
-        );
-        dw.set_len(len);
-    }
-    dw
 }
 
 /// `d loss / d x = g W^T`.
@@ -506,7 +469,7 @@ fn input_grad(g: &[f32], p: &DenseParams, batch: usize) -> Vec<f32> {
     let (n, k) = (p.units, p.inputs);
     let mut dx = vec![0f32; batch * k];
     // W^T as a [units, inputs] operand: row stride 1, column stride `units`.
-    matmul(
+    cpu::gemm::matmul(
         &mut dx,
         [batch, k, n],
         (g, n, 1),
@@ -514,60 +477,6 @@ fn input_grad(g: &[f32], p: &DenseParams, batch: usize) -> Vec<f32> {
         false,
     );
     dx
-}
-
-/// `dst (m x n, row-major) (+)= lhs (m x k) rhs (k x n)`, operands given as
-/// `(values, row stride, column stride)`.
-fn matmul(
-    dst: &mut [f32],
-    [m, n, k]: [usize; 3],
-    (lhs, lrs, lcs): (&[f32], usize, usize),
-    (rhs, rrs, rcs): (&[f32], usize, usize),
-    accumulate: bool,
-) {
-    let last = |rs: usize, cs: usize, rows: usize, cols: usize| {
-        if rows == 0 || cols == 0 {
-            0
-        } else {
-            (rows - 1) * rs + (cols - 1) * cs + 1
-        }
-    };
-    assert!(dst.len() >= m * n);
-    assert!(lhs.len() >= last(lrs, lcs, m, k) && rhs.len() >= last(rrs, rcs, k, n));
-    // SAFETY: every index gemm touches is inside the slices (asserted above); `dst` is a unique
-    // borrow, so it overlaps neither operand.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lcs as isize,
-            lrs as isize,
-            rhs.as_ptr(),
-            rcs as isize,
-            rrs as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            parallelism(m * n * k),
-        );
-    }
-}
-
-/// All threads for products worth splitting, one for small ones.
-fn parallelism(flops: usize) -> gemm::Parallelism {
-    if flops >= 1 << 20 {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        gemm::Parallelism::None
-    }
 }
 
 fn activate(z: &mut [f32], a: Activation) {

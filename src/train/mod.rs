@@ -480,7 +480,7 @@ impl<'a> PhaseRunner<'a> {
         let kind = self.plan.spec.train.loss;
         let seed = self.plan.spec.experiment.seed;
         let report_every = self.steps.div_ceil(10).max(1);
-        let read_every = if crate::device::is_cpu(self.device) {
+        let read_every = if crate::cpu::is_cpu(self.device) {
             1
         } else {
             report_every
@@ -591,7 +591,7 @@ impl<'a> PhaseRunner<'a> {
             TrainSource::Features(f) => {
                 // On a GPU the whole split stays in device memory for the phase (when it fits)
                 // and each batch is gathered there; on the CPU batches are copied out.
-                if self.resident.is_none() && !crate::device::is_cpu(device) {
+                if self.resident.is_none() && !crate::cpu::is_cpu(device) {
                     self.resident = Some(f.resident(&plain));
                 }
                 let resident = self.resident.clone().flatten();
@@ -605,7 +605,7 @@ impl<'a> PhaseRunner<'a> {
                 // On the CPU, on a worker of the thread pool: the parallel parts of each step
                 // then start there instead of waking the pool from outside and sleeping until
                 // it is done. (A GPU's work is queued from this thread.)
-                if crate::device::is_cpu(device) {
+                if crate::cpu::is_cpu(device) {
                     rayon::scope(|_| self.steps(model, progress, epoch, started, batches))
                 } else {
                     self.steps(model, progress, epoch, started, batches)

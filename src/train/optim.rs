@@ -9,7 +9,6 @@ use burn::optim::{
     RmsPropConfig, RmsPropState, SgdConfig, SquareAvgState,
 };
 use burn::prelude::*;
-use rayon::prelude::*;
 
 use crate::spec::{ADAMW_WEIGHT_DECAY, AdamSpec, OptimizerSpec, RmspropSpec, SgdSpec};
 
@@ -116,7 +115,7 @@ pub struct FusedRmsProp {
 impl FusedRmsProp {
     /// Whether `step` takes the fused path for a parameter on `device`.
     pub fn fuses(&self, device: &Device) -> bool {
-        self.fusable && crate::device::is_cpu(device)
+        self.fusable && crate::cpu::is_cpu(device)
     }
 
     /// The fused step: with `g' = g + wd p`, `s = alpha s + (1 - alpha) g'^2`,
@@ -148,17 +147,13 @@ impl FusedRmsProp {
         };
         let (alpha, eps, lr) = (self.alpha, self.epsilon, lr as f32);
         let wd = self.weight_decay.unwrap_or(0.0);
-        const CHUNK: usize = 1 << 14;
         let f32s = "parameters are f32";
-        let (pv, sv, gv) = (
+        crate::cpu::rmsprop::update(
             p.as_mut_slice::<f32>().expect(f32s),
             sq.as_mut_slice::<f32>().expect(f32s),
             g.as_slice::<f32>().expect(f32s),
+            [alpha, eps, lr, wd],
         );
-        pv.par_chunks_mut(CHUNK)
-            .zip(sv.par_chunks_mut(CHUNK))
-            .zip(gv.par_chunks(CHUNK))
-            .for_each(|((p, s), g)| rmsprop_update(p, s, g, [alpha, eps, lr, wd]));
         let square_avg = Tensor::from_data(sq, &device);
         let state = RmsPropState::new(
             SquareAvgState::new(square_avg.clone()),
@@ -166,18 +161,6 @@ impl FusedRmsProp {
             None,
         );
         (Tensor::from_data(p, &device), Some(state))
-    }
-}
-
-/// With `g' = g + wd p`: `s = alpha s + (1 - alpha) g'^2`, `p -= (g' / (sqrt(s) + eps)) lr`
-/// (`p * 0 + g` is `g`: one loop for both cases, which the compiler vectorises).
-fn rmsprop_update(p: &mut [f32], s: &mut [f32], g: &[f32], [alpha, eps, lr, wd]: [f32; 4]) {
-    let n = p.len();
-    let (s, g) = (&mut s[..n], &g[..n]);
-    for i in 0..n {
-        let gi = p[i] * wd + g[i];
-        s[i] = s[i] * alpha + gi * gi * (1.0 - alpha);
-        p[i] -= (gi / (s[i].sqrt() + eps)) * lr;
     }
 }
 
