@@ -4,8 +4,8 @@
 mod common;
 
 use burn::prelude::*;
+use runner::backbone;
 use runner::backbone::vgg::Vgg;
-use runner::backbone::{self, weights};
 use runner::model::TransferModel;
 use runner::spec::Preprocess;
 

@@ -410,6 +410,85 @@ fn load_parts(
         });
     }
 
+    let (env_problems, env_values) = environment();
+    let (figment, set_keys) = layers(path, &env_values, point, sets)?;
+    let sources = Sources {
+        figment: figment.clone(),
+        file: path.to_path_buf(),
+        sets: set_keys,
+        points: point.iter().map(|(k, _)| k.clone()).collect(),
+        env: env_values
+            .iter()
+            .map(|(k, n, _)| (k.clone(), n.clone()))
+            .collect(),
+    };
+
+    let root: Dict = figment.extract().map_err(|e| {
+        SpecError::Invalid(Problems(vec![Problem {
+            source: path.display().to_string(),
+            key: e.path.join("."),
+            message: e.kind.to_string(),
+        }]))
+    })?;
+
+    let mut problems = env_problems;
+    let mut stand_ins = Vec::new();
+    let mut report = |key: String, message: String| {
+        if message == STAND_IN {
+            stand_ins.push(key);
+            return;
+        }
+        problems.push(Problem {
+            source: sources.source_of(&key),
+            key,
+            message,
+        })
+    };
+    for key in root.keys() {
+        // `[sweep]` is read by `grid`; a point's values are already merged in.
+        if !SECTIONS.contains(&key.as_str()) && key != "sweep" {
+            let hint = closest(key, &SECTIONS);
+            report(
+                key.clone(),
+                format!(
+                    "unknown section [{key}]{hint}; expected one of {}",
+                    SECTIONS.map(|s| format!("[{s}]")).join(", ")
+                ),
+            );
+        }
+    }
+
+    let spec = sections(&root, &mut report);
+    // A placeholder is only ever put beside a reported problem; should one stand alone, it is
+    // reported itself, so a spec holding one can never run.
+    if problems.is_empty() {
+        for key in &stand_ins {
+            problems.push(Problem {
+                source: sources.source_of(key),
+                key: key.clone(),
+                message: "missing".into(),
+            });
+        }
+    }
+
+    match spec {
+        Some(spec) => Ok((
+            Loaded {
+                spec,
+                file: path.to_path_buf(),
+                point: point.to_vec(),
+                sources,
+            },
+            problems,
+            stand_ins,
+        )),
+        None => Err(SpecError::Invalid(Problems(problems))),
+    }
+}
+
+/// The `RUNNER_A__B` variables that name spec keys, read as `--set` values are; the problems of
+/// those that do not (an unknown section, an indexed key).
+fn environment() -> (Vec<Problem>, Vec<(String, String, toml::Value)>) {
     // A `RUNNER_A__B` variable names a spec key; one whose section is not a section is a
     // problem, not silence (plain `RUNNER_*` variables are runner's own settings).
     // Values are read as `--set` values are (TOML: `1e-3` is a number), not by figment's own
@@ -457,8 +536,19 @@ fn load_parts(
             });
         }
     }
+    (env_problems, env_values)
+}
+
+/// The layers over the built-in defaults: the file, the environment's values, the `[sweep]`
+/// point's and the `--set` values; and the `--set` keys.
+fn layers(
+    path: &Path,
+    env_values: &[(String, String, toml::Value)],
+    point: &[(String, toml::Value)],
+    sets: &[String],
+) -> Result<(Figment, Vec<String>), SpecError> {
     let mut figment = Figment::from(Toml::string(super::DEFAULTS)).merge(Toml::file_exact(path));
-    for (key, _, value) in &env_values {
+    for (key, _, value) in env_values {
         figment = figment.merge(Serialized::default(key, value.clone()));
     }
     for (key, value) in point {
@@ -484,52 +574,12 @@ fn load_parts(
         };
         set_keys.push(key);
     }
-    let sources = Sources {
-        figment: figment.clone(),
-        file: path.to_path_buf(),
-        sets: set_keys,
-        points: point.iter().map(|(k, _)| k.clone()).collect(),
-        env: env_values
-            .iter()
-            .map(|(k, n, _)| (k.clone(), n.clone()))
-            .collect(),
-    };
+    Ok((figment, set_keys))
+}
 
-    let root: Dict = figment.extract().map_err(|e| {
-        SpecError::Invalid(Problems(vec![Problem {
-            source: path.display().to_string(),
-            key: e.path.join("."),
-            message: e.kind.to_string(),
-        }]))
-    })?;
-
-    let mut problems = env_problems;
-    let mut stand_ins = Vec::new();
-    let mut report = |key: String, message: String| {
-        if message == STAND_IN {
-            stand_ins.push(key);
-            return;
-        }
-        problems.push(Problem {
-            source: sources.source_of(&key),
-            key,
-            message,
-        })
-    };
-    for key in root.keys() {
-        // `[sweep]` is read by `grid`; a point's values are already merged in.
-        if !SECTIONS.contains(&key.as_str()) && key != "sweep" {
-            let hint = closest(key, &SECTIONS);
-            report(
-                key.clone(),
-                format!(
-                    "unknown section [{key}]{hint}; expected one of {}",
-                    SECTIONS.map(|s| format!("[{s}]")).join(", ")
-                ),
-            );
-        }
-    }
-
+/// Every section of `root`, each checked on its own (every problem reported); the spec, when
+/// each could be made whole.
+fn sections(root: &Dict, report: &mut impl FnMut(String, String)) -> Option<Spec> {
     fn section<T: DeserializeOwned>(
         root: &Dict,
         name: &str,
@@ -542,43 +592,31 @@ fn load_parts(
         deserialize_at(value, name, report)
     }
 
-    let experiment = section(&root, "experiment", &mut report);
-    let data = section(&root, "data", &mut report);
-    let backbone = section(&root, "backbone", &mut report);
+    let experiment = section(root, "experiment", report);
+    let data = section(root, "data", report);
+    let backbone = section(root, "backbone", report);
     let optimizer = root
         .get("optimizer")
         .or_else(|| {
             report("optimizer".into(), "missing section [optimizer]".into());
             None
         })
-        .and_then(|v| optimizer_at(v, "optimizer", &mut report));
-    let train = section(&root, "train", &mut report);
-    let head = head_section(&root, &mut report);
+        .and_then(|v| optimizer_at(v, "optimizer", report));
+    let train = section(root, "train", report);
+    let head = head_section(root, report);
     let augment = match root.get("augment") {
         None => Some(None),
-        Some(v) => deserialize_at(v, "augment", &mut report).map(Some),
+        Some(v) => deserialize_at(v, "augment", report).map(Some),
     };
     let schedule = match root.get("schedule") {
         None => Some(None),
-        Some(v) => schedule_at(v, "schedule", &mut report).map(Some),
+        Some(v) => schedule_at(v, "schedule", report).map(Some),
     };
     let early_stopping = match root.get("early_stopping") {
         None => Some(None),
-        Some(v) => deserialize_at(v, "early_stopping", &mut report).map(Some),
+        Some(v) => deserialize_at(v, "early_stopping", report).map(Some),
     };
-    let phase = phases(&root, &mut report);
-    // A placeholder is only ever put beside a reported problem; should one stand alone, it is
-    // reported itself, so a spec holding one can never run.
-    if problems.is_empty() {
-        for key in &stand_ins {
-            problems.push(Problem {
-                source: sources.source_of(key),
-                key: key.clone(),
-                message: "missing".into(),
-            });
-        }
-    }
-
+    let phase = phases(root, report);
     match (
         (experiment, data, backbone, head),
         (augment, optimizer, schedule, early_stopping),
@@ -588,28 +626,19 @@ fn load_parts(
             (Some(experiment), Some(data), Some(backbone), Some(head)),
             (Some(augment), Some(optimizer), Some(schedule), Some(early_stopping)),
             (Some(train), Some(phase)),
-        ) => Ok((
-            Loaded {
-                spec: Spec {
-                    experiment,
-                    data,
-                    backbone,
-                    head,
-                    augment,
-                    optimizer,
-                    schedule,
-                    early_stopping,
-                    train,
-                    phase,
-                },
-                file: path.to_path_buf(),
-                point: point.to_vec(),
-                sources,
-            },
-            problems,
-            stand_ins,
-        )),
-        _ => Err(SpecError::Invalid(Problems(problems))),
+        ) => Some(Spec {
+            experiment,
+            data,
+            backbone,
+            head,
+            augment,
+            optimizer,
+            schedule,
+            early_stopping,
+            train,
+            phase,
+        }),
+        _ => None,
     }
 }
 
