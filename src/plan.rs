@@ -91,8 +91,51 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
     let spec = &loaded.spec;
     let mut problems: Vec<Problem> = Vec::new();
     let mut bad = |key: &str, message: String| problems.push(loaded.problem(key, message));
+    experiment_rules(spec, &mut bad);
+    let (def, weights, cutoff) = backbone_rules(spec, locations, &mut bad);
+    let (data_dir, splits, classes) = data_rules(spec, def, locations, &mut bad);
+    let (base_output, head_shapes) = head_rules(spec, def, &mut bad);
+    loss_rules(spec, &classes, &mut bad);
+    training_rules(spec, &mut bad);
+    let phases = phase_plans(spec, def, cutoff.as_ref(), &mut bad);
+    if !problems.is_empty() {
+        return Err(Problems(problems));
+    }
+    let (Some(def), Some(weights), Some(cutoff), Some(data_dir)) = (def, weights, cutoff, data_dir)
+    else {
+        unreachable!("every None above reported a problem");
+    };
+    let preprocess = spec
+        .backbone
+        .preprocess
+        .unwrap_or_else(|| def.preprocess_for(&weights));
+    Ok(Plan {
+        spec: spec.clone(),
+        file: loaded.file.clone(),
+        backbone: def,
+        weights,
+        preprocess,
+        cutoff,
+        data_dir,
+        splits,
+        classes,
+        base_output,
+        head_shapes,
+        config_hash: config_hash(spec),
+        phases,
+        sweep_point: (!loaded.point.is_empty()).then(|| {
+            loaded
+                .point
+                .iter()
+                .map(|(k, v)| format!("{k} = {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }),
+    })
+}
 
-    // [experiment]
+/// `[experiment]`: the name is usable in file names.
+fn experiment_rules(spec: &Spec, bad: &mut impl FnMut(&str, String)) {
     let name = &spec.experiment.name;
     if name.is_empty()
         || !name
@@ -106,8 +149,18 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
             ),
         );
     }
+}
 
-    // [backbone]
+/// `[backbone]`: a known backbone, its weights found, its freeze cutoff a layer of it.
+fn backbone_rules(
+    spec: &Spec,
+    locations: &Locations,
+    bad: &mut impl FnMut(&str, String),
+) -> (
+    Option<&'static BackboneDef>,
+    Option<PathBuf>,
+    Option<Cutoff>,
+) {
     let def = backbone::find(&spec.backbone.name);
     if def.is_none() {
         bad(
@@ -165,7 +218,17 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
             .ok()
     });
 
-    // [data]
+    (def, weights, cutoff)
+}
+
+/// `[data]`: image size and batch size in range, the folder with train/ and validation/ (test/
+/// optional), the same class folders in each, none empty, at least two.
+fn data_rules(
+    spec: &Spec,
+    def: Option<&'static BackboneDef>,
+    locations: &Locations,
+    bad: &mut impl FnMut(&str, String),
+) -> (Option<PathBuf>, Vec<SplitListing>, Vec<String>) {
     let [h, w] = spec.data.image_size;
     let min = def.map_or(1, |d| d.min_input);
     if h < min || w < min || h > 4096 || w > 4096 {
@@ -243,10 +306,22 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
         );
     }
 
-    // [head]
-    let base_output = match (def, &cutoff) {
-        (Some(def), _) => def.shape_at(def.layers().len(), [h, w]),
-        _ => [0, 0, 0],
+    (data_dir, splits, classes)
+}
+
+/// `[head]`: at least one layer, each layer's values, the shapes through the head from the
+/// backbone's output, and the head's size; the base's output shape and each layer's output shape
+/// and parameter count.
+fn head_rules(
+    spec: &Spec,
+    def: Option<&'static BackboneDef>,
+    bad: &mut impl FnMut(&str, String),
+) -> ([usize; 3], Vec<(Shape, usize)>) {
+    let [h, w] = spec.data.image_size;
+    let min = def.map_or(1, |d| d.min_input);
+    let base_output = match def {
+        Some(def) => def.shape_at(def.layers().len(), [h, w]),
+        None => [0, 0, 0],
     };
     let mut head_shapes = Vec::new();
     if spec.head.layers.is_empty() {
@@ -293,7 +368,11 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
         }
     }
 
-    // [train] and the loss against the last layer and the classes
+    (base_output, head_shapes)
+}
+
+/// `train.epochs`, and the loss against the last layer and the classes.
+fn loss_rules(spec: &Spec, classes: &[String], bad: &mut impl FnMut(&str, String)) {
     if spec.train.epochs == 0 {
         bad("train.epochs", "must be at least 1, got 0".into());
     }
@@ -351,11 +430,14 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
             ),
         }
     }
+}
 
-    // [optimizer], [augment] and the step counts
-    optimizer_rules(&spec.optimizer, "optimizer", &mut bad);
+/// `[optimizer]`, `[augment]`, the step counts, `[schedule]`, `[early_stopping]` and
+/// `train.clip_grad_norm`.
+fn training_rules(spec: &Spec, bad: &mut impl FnMut(&str, String)) {
+    optimizer_rules(&spec.optimizer, "optimizer", bad);
     if let Some(a) = &spec.augment {
-        augment_rules(a, "augment", &mut bad);
+        augment_rules(a, "augment", bad);
     }
     for (key, v) in [
         ("train.steps_per_epoch", spec.train.steps_per_epoch),
@@ -368,14 +450,24 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
 
     // [schedule], [early_stopping], [train] extras and [[phase]]
     if let Some(sch) = &spec.schedule {
-        schedule_rules(sch, "schedule", &mut bad);
+        schedule_rules(sch, "schedule", bad);
     }
     if let Some(es) = &spec.early_stopping {
-        stopping_rules(es, "early_stopping", &mut bad);
+        stopping_rules(es, "early_stopping", bad);
     }
     if let Some(c) = spec.train.clip_grad_norm {
-        ranged(&mut bad, "train")("clip_grad_norm", c, c > 0.0, "a positive number");
+        ranged(bad, "train")("clip_grad_norm", c, c > 0.0, "a positive number");
     }
+}
+
+/// `[[phase]]` (one phase named `train` without any): each phase's values, and its plan with
+/// what it does not set taken from the top-level sections.
+fn phase_plans(
+    spec: &Spec,
+    def: Option<&'static BackboneDef>,
+    cutoff: Option<&Cutoff>,
+    bad: &mut impl FnMut(&str, String),
+) -> Vec<PhasePlan> {
     let mut phases = Vec::new();
     let phase_specs = if spec.phase.is_empty() {
         vec![crate::spec::PhaseSpec {
@@ -410,22 +502,22 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
             bad(&format!("{at}.epochs"), "must be at least 1, got 0".into());
         }
         if let Some(o) = &p.optimizer {
-            optimizer_rules(o, &format!("{at}.optimizer"), &mut bad);
+            optimizer_rules(o, &format!("{at}.optimizer"), bad);
         }
         if let Some(sch) = &p.schedule {
-            schedule_rules(sch, &format!("{at}.schedule"), &mut bad);
+            schedule_rules(sch, &format!("{at}.schedule"), bad);
         }
         if let Some(es) = &p.early_stopping {
-            stopping_rules(es, &format!("{at}.early_stopping"), &mut bad);
+            stopping_rules(es, &format!("{at}.early_stopping"), bad);
         }
         if let Some(a) = &p.augment {
-            augment_rules(a, &format!("{at}.augment"), &mut bad);
+            augment_rules(a, &format!("{at}.augment"), bad);
         }
         let phase_cut = match (&p.trainable_from, def) {
             (Some(t), Some(def)) => Cutoff::resolve(def, t)
                 .map_err(|e| bad(&format!("{at}.trainable_from"), e))
                 .ok(),
-            (None, _) => cutoff.clone(),
+            (None, _) => cutoff.cloned(),
             (Some(_), None) => None,
         };
         if let Some(c) = phase_cut {
@@ -455,40 +547,7 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
         }
     }
 
-    if !problems.is_empty() {
-        return Err(Problems(problems));
-    }
-    let (Some(def), Some(weights), Some(cutoff), Some(data_dir)) = (def, weights, cutoff, data_dir)
-    else {
-        unreachable!("every None above reported a problem");
-    };
-    let preprocess = spec
-        .backbone
-        .preprocess
-        .unwrap_or_else(|| def.preprocess_for(&weights));
-    Ok(Plan {
-        spec: spec.clone(),
-        file: loaded.file.clone(),
-        backbone: def,
-        weights,
-        preprocess,
-        cutoff,
-        data_dir,
-        splits,
-        classes,
-        base_output,
-        head_shapes,
-        config_hash: config_hash(spec),
-        phases,
-        sweep_point: (!loaded.point.is_empty()).then(|| {
-            loaded
-                .point
-                .iter()
-                .map(|(k, v)| format!("{k} = {v}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        }),
-    })
+    phases
 }
 
 fn layer_rules(layer: &LayerSpec, at: &str, bad: &mut impl FnMut(&str, String)) {
