@@ -97,6 +97,39 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// On to the next phase: its epochs, steps, schedule and early stopping start afresh.
+    fn next_phase(&mut self) {
+        self.phase += 1;
+        self.epoch_in_phase = 0;
+        self.step = 0;
+        self.phase_done = false;
+        self.schedule = ScheduleState::default();
+        self.stopping = Tracker::default();
+    }
+
+    /// Records that the loss stopped being finite in epoch `epoch` (at `self.step`): the epoch's
+    /// partial training metrics with NaN validation, the status and the error.
+    fn diverged(&mut self, epoch: usize, lr: f64) {
+        let p = std::mem::take(&mut self.partial);
+        let n = p.seen.max(1) as f64;
+        self.history.push(EpochMetrics {
+            epoch,
+            phase: self.phase,
+            train_loss: p.loss_sum / n,
+            train_acc: p.correct as f64 / n,
+            val_loss: f64::NAN,
+            val_acc: f64::NAN,
+            lr,
+            seconds: p.seconds,
+        });
+        self.status = Status::Diverged;
+        self.diverged_at = Some((epoch, self.step));
+        self.error = Some(format!(
+            "diverged at epoch {epoch}, step {}: the training loss is not finite",
+            self.step
+        ));
+    }
+
     /// What the results table records of it.
     pub fn record(&self) -> crate::metrics::RunRecord<'_> {
         crate::metrics::RunRecord {
@@ -872,19 +905,8 @@ pub fn run(
     let mut phase_best: Option<TransferModel> = None;
     if let Some(ck) = opts.resume.take() {
         let path = checkpoint::last_path(&opts.results, run);
-        let restore = |m: TransferModel, bytes: &[u8]| {
-            load_model_bytes(m, bytes).map_err(|message| TrainError::Restore {
-                path: path.clone(),
-                message,
-            })
-        };
-        model = restore(model, &ck.model)?;
-        if !ck.phase_best.is_empty() {
-            phase_best = Some(restore(model.clone(), &ck.phase_best)?);
-        }
-        optimizer_state = Some(ck.optimizer).filter(|b| !b.is_empty());
-        progress = ck.state.progress;
-        progress.status = Status::Running;
+        let restored = restore(model, ck, &path)?;
+        (model, phase_best, optimizer_state, progress) = restored;
         info!(
             run,
             phase = %plan.phases.get(progress.phase).map_or("", |p| p.name.as_str()),
@@ -893,207 +915,44 @@ pub fn run(
             "Run resumed."
         );
     }
-
-    // Validation takes `validation_steps` batches of a fixed, seeded sample of the split.
-    let batch = spec.data.batch_size;
-    let validation = match spec.train.validation_steps {
-        Some(s) if s * batch < images[1].len() => {
-            let mut idx: Vec<usize> = shuffled(images[1].len(), spec.experiment.seed, 0)
-                .into_iter()
-                .take(s * batch)
-                .collect();
-            idx.sort_unstable();
-            std::borrow::Cow::Owned(images[1].subset(&idx))
-        }
-        _ => std::borrow::Cow::Borrowed(&images[1]),
-    };
+    let validation = validation_sample(plan, &images[1]);
 
     let mut cache = std::mem::take(&mut opts.cache);
     while progress.phase < plan.phases.len() {
         let ph = &plan.phases[progress.phase];
         if progress.phase_done || progress.epoch_in_phase >= ph.epochs {
-            progress.phase += 1;
-            progress.epoch_in_phase = 0;
-            progress.step = 0;
-            progress.phase_done = false;
-            progress.schedule = ScheduleState::default();
-            progress.stopping = Tracker::default();
+            progress.next_phase();
             optimizer_state = None;
             phase_best = None;
             continue;
         }
-        let phase_started = Instant::now();
-        model = model.with_cut(ph.cutoff.index);
-        info!(
+        let ctx = Ctx {
+            plan,
+            device,
+            opts: &opts,
+            images: &images,
+            validation: &validation,
             run,
-            phase = %ph.name,
-            epochs = ph.epochs,
-            trainable_from = %ph.cutoff.label,
-            optimizer = ph.optimizer.kind(),
-            lr = ph.optimizer.lr(),
-            schedule = ph.schedule.kind(),
-            augmented = ph.augment.is_some(),
-            "Phase started."
-        );
-        let train_feats = ph
-            .augment
-            .is_none()
-            .then(|| cache.features(&model, &images[0], plan, device, run))
-            .transpose()?;
-        let val_feats = cache.features(&model, &validation, plan, device, run)?;
-        let source = match (&ph.augment, &train_feats) {
-            (Some(aug), _) => TrainSource::Augmented {
-                images: &images[0],
-                spec: aug,
-                frozen: model.valid(),
-            },
-            (None, Some(f)) => TrainSource::Features(f),
-            (None, None) => unreachable!("features are extracted when there is no augmentation"),
         };
-        let steps = steps_per_epoch(plan, source.len());
-        let mut runner = PhaseRunner::new(plan, ph, steps, device, run);
-        runner.interrupt = opts.interrupt.clone();
-        runner.schedule.state = progress.schedule.clone();
-        if let Some(bytes) = optimizer_state.take() {
-            runner.optimizer = optim::build(&ph.optimizer, spec.train.clip_grad_norm)
-                .from_bytes(Bytes::from_bytes_vec(bytes))
-                .map_err(|e| TrainError::Restore {
-                    path: checkpoint::last_path(&opts.results, run),
-                    message: format!("optimizer state: {e}"),
-                })?;
+        let state = optimizer_state.take();
+        match run_phase(
+            ctx,
+            &mut cache,
+            &mut progress,
+            model,
+            state,
+            &mut phase_best,
+            &mut on_update,
+        )? {
+            PhaseEnd::Finished(m) => model = m,
+            PhaseEnd::Stopped(outcome) => return Ok(outcome),
         }
-        while progress.epoch_in_phase < ph.epochs && !progress.phase_done {
-            let epoch = progress.history.len() + 1;
-            match runner.epoch(model, &source, &mut progress, epoch) {
-                StepsEnd::Finished(m) => model = m,
-                StepsEnd::Interrupted(m) => {
-                    model = m;
-                    progress.status = Status::Interrupted;
-                    write_last(
-                        &opts,
-                        &progress,
-                        &model,
-                        &runner.optimizer,
-                        phase_best.as_ref(),
-                    )?;
-                    on_update(&progress);
-                    warn!(
-                        run,
-                        epoch,
-                        step = progress.step,
-                        "Interrupted; checkpoint written."
-                    );
-                    return Ok(Outcome::stopped(progress, model));
-                }
-                StepsEnd::Diverged(m) => {
-                    model = m;
-                    let p = std::mem::take(&mut progress.partial);
-                    let n = p.seen.max(1) as f64;
-                    progress.history.push(EpochMetrics {
-                        epoch,
-                        phase: progress.phase,
-                        train_loss: p.loss_sum / n,
-                        train_acc: p.correct as f64 / n,
-                        val_loss: f64::NAN,
-                        val_acc: f64::NAN,
-                        lr: runner.last_lr,
-                        seconds: p.seconds,
-                    });
-                    progress.status = Status::Diverged;
-                    progress.diverged_at = Some((epoch, progress.step));
-                    progress.error = Some(format!(
-                        "diverged at epoch {epoch}, step {}: the training loss is not finite",
-                        progress.step
-                    ));
-                    tracing::error!(
-                        run,
-                        epoch,
-                        step = progress.step,
-                        phase = %ph.name,
-                        lr = runner.last_lr,
-                        "Training diverged: the loss is not finite. The last good checkpoint is kept; try a lower learning rate or train.clip_grad_norm."
-                    );
-                    on_update(&progress);
-                    return Ok(Outcome::stopped(progress, model));
-                }
-            }
-            let m = finish_epoch(&mut progress, &runner, &model, &val_feats, epoch, run);
-            if let Some(lr) = runner.schedule.epoch_end(&m) {
-                info!(run, epoch, lr, "Learning rate reduced on plateau.");
-            }
-            progress.schedule = runner.schedule.state.clone();
-            if let Some(es) = &ph.early_stopping {
-                let d =
-                    schedule::early_stopping(es, spec.train.monitor, &mut progress.stopping, &m);
-                if d.improved && es.restore_best {
-                    phase_best = Some(model.clone());
-                }
-                if d.stop {
-                    progress.phase_done = true;
-                    let restored = es.restore_best && phase_best.is_some();
-                    if let Some(best) = phase_best.take().filter(|_| es.restore_best) {
-                        model = best;
-                    }
-                    info!(
-                        run,
-                        epoch,
-                        phase = %ph.name,
-                        best_epoch = progress.stopping.best_epoch,
-                        restored,
-                        "Early stopping."
-                    );
-                }
-            }
-            let improved = progress.best.update(
-                schedule::metric(&m, spec.train.monitor),
-                m.epoch,
-                spec.train.monitor,
-                0.0,
-            );
-            progress.history.push(m);
-            // A Ctrl-C during validation stops here, with this epoch's checkpoint.
-            let interrupted = runner.interrupted();
-            if interrupted {
-                progress.status = Status::Interrupted;
-            }
-            let ck = write_last(
-                &opts,
-                &progress,
-                &model,
-                &runner.optimizer,
-                phase_best.as_ref(),
-            )?;
-            if improved {
-                let last = checkpoint::last_path(&opts.results, run);
-                checkpoint::copy(&last, &checkpoint::best_path(&opts.results, run), &ck)?;
-            }
-            on_update(&progress);
-            if interrupted {
-                warn!(run, epoch, "Interrupted; checkpoint written.");
-                return Ok(Outcome::stopped(progress, model));
-            }
-        }
-        drop(source);
-        info!(
-            run,
-            phase = %ph.name,
-            seconds = phase_started.elapsed().as_secs_f64(),
-            "Phase finished."
-        );
     }
 
     progress.status = Status::Completed;
     let (test, predictions) = match images.get(2) {
         Some(t) => {
-            let f = cache.features(&model, t, plan, device, run)?;
-            let (e, p) = evaluate_with(&model, &f, plan, device, true);
-            info!(
-                run,
-                phase = "test",
-                test_loss = e.loss,
-                test_acc = e.acc,
-                "Test evaluation finished."
-            );
+            let (e, p) = test_evaluation(&mut cache, &model, t, plan, device, run)?;
             (Some(e), p)
         }
         None => (None, Vec::new()),
@@ -1104,6 +963,287 @@ pub fn run(
         predictions,
         model,
     })
+}
+
+/// What a run works with, phase after phase.
+#[derive(Clone, Copy)]
+struct Ctx<'a> {
+    plan: &'a Plan,
+    device: &'a Device,
+    opts: &'a RunOptions,
+    images: &'a [Images],
+    validation: &'a Images,
+    run: &'a str,
+}
+
+/// How a phase ended: with its model (the run goes on) or with the run stopped.
+enum PhaseEnd {
+    Finished(TransferModel),
+    Stopped(Outcome),
+}
+
+/// Runs the current phase of `progress` to its end (its epochs, or early stopping), from
+/// `model` (and a resumed optimizer state), writing a checkpoint and calling `on_update` after
+/// every epoch; stops the run when interrupted or diverged.
+fn run_phase(
+    ctx: Ctx<'_>,
+    cache: &mut FeatureCache,
+    progress: &mut Progress,
+    mut model: TransferModel,
+    optimizer_state: Option<Vec<u8>>,
+    phase_best: &mut Option<TransferModel>,
+    on_update: &mut impl FnMut(&Progress),
+) -> Result<PhaseEnd, TrainError> {
+    let Ctx {
+        plan,
+        device,
+        opts,
+        images,
+        validation,
+        run,
+    } = ctx;
+    let spec = &plan.spec;
+    let ph = &plan.phases[progress.phase];
+    let phase_started = Instant::now();
+    model = model.with_cut(ph.cutoff.index);
+    info!(
+        run,
+        phase = %ph.name,
+        epochs = ph.epochs,
+        trainable_from = %ph.cutoff.label,
+        optimizer = ph.optimizer.kind(),
+        lr = ph.optimizer.lr(),
+        schedule = ph.schedule.kind(),
+        augmented = ph.augment.is_some(),
+        "Phase started."
+    );
+    let train_feats = ph
+        .augment
+        .is_none()
+        .then(|| cache.features(&model, &images[0], plan, device, run))
+        .transpose()?;
+    let val_feats = cache.features(&model, &validation, plan, device, run)?;
+    let source = match (&ph.augment, &train_feats) {
+        (Some(aug), _) => TrainSource::Augmented {
+            images: &images[0],
+            spec: aug,
+            frozen: model.valid(),
+        },
+        (None, Some(f)) => TrainSource::Features(f),
+        (None, None) => unreachable!("features are extracted when there is no augmentation"),
+    };
+    let steps = steps_per_epoch(plan, source.len());
+    let mut runner = PhaseRunner::new(plan, ph, steps, device, run);
+    runner.interrupt = opts.interrupt.clone();
+    runner.schedule.state = progress.schedule.clone();
+    if let Some(bytes) = optimizer_state {
+        let path = checkpoint::last_path(&opts.results, run);
+        runner.optimizer = restore_optimizer(ph, spec, bytes, path)?;
+    }
+    while progress.epoch_in_phase < ph.epochs && !progress.phase_done {
+        let epoch = progress.history.len() + 1;
+        match runner.epoch(model, &source, progress, epoch) {
+            StepsEnd::Finished(m) => model = m,
+            StepsEnd::Interrupted(m) => {
+                progress.status = Status::Interrupted;
+                write_last(opts, progress, &m, &runner.optimizer, phase_best.as_ref())?;
+                on_update(progress);
+                let step = progress.step;
+                warn!(run, epoch, step, "Interrupted; checkpoint written.");
+                return Ok(PhaseEnd::Stopped(Outcome::stopped(
+                    std::mem::take(progress),
+                    m,
+                )));
+            }
+            StepsEnd::Diverged(m) => {
+                progress.diverged(epoch, runner.last_lr);
+                tracing::error!(
+                    run,
+                    epoch,
+                    step = progress.step,
+                    phase = %ph.name,
+                    lr = runner.last_lr,
+                    "Training diverged: the loss is not finite. The last good checkpoint is kept; try a lower learning rate or train.clip_grad_norm."
+                );
+                on_update(progress);
+                return Ok(PhaseEnd::Stopped(Outcome::stopped(
+                    std::mem::take(progress),
+                    m,
+                )));
+            }
+        }
+        let m = finish_epoch(progress, &runner, &model, &val_feats, epoch, run);
+        if let Some(lr) = runner.schedule.epoch_end(&m) {
+            info!(run, epoch, lr, "Learning rate reduced on plateau.");
+        }
+        progress.schedule = runner.schedule.state.clone();
+        if let Some(es) = &ph.early_stopping {
+            let at = (run, ph.name.as_str());
+            let monitor = spec.train.monitor;
+            model = early_stopping(es, monitor, progress, model, phase_best, &m, at);
+        }
+        let improved = progress.best.update(
+            schedule::metric(&m, spec.train.monitor),
+            m.epoch,
+            spec.train.monitor,
+            0.0,
+        );
+        progress.history.push(m);
+        // A Ctrl-C during validation stops here, with this epoch's checkpoint.
+        let interrupted = runner.interrupted();
+        if interrupted {
+            progress.status = Status::Interrupted;
+        }
+        let ck = write_last(
+            &opts,
+            &progress,
+            &model,
+            &runner.optimizer,
+            phase_best.as_ref(),
+        )?;
+        if improved {
+            let last = checkpoint::last_path(&opts.results, run);
+            checkpoint::copy(&last, &checkpoint::best_path(&opts.results, run), &ck)?;
+        }
+        on_update(progress);
+        if interrupted {
+            warn!(run, epoch, "Interrupted; checkpoint written.");
+            return Ok(PhaseEnd::Stopped(Outcome::stopped(
+                std::mem::take(progress),
+                model,
+            )));
+        }
+    }
+    drop(source);
+    info!(
+        run,
+        phase = %ph.name,
+        seconds = phase_started.elapsed().as_secs_f64(),
+        "Phase finished."
+    );
+    Ok(PhaseEnd::Finished(model))
+}
+
+/// Early stopping after epoch `m`: keeps the phase's best model when `restore_best` asks, and
+/// ends the phase (restoring that model) when the monitor stopped improving. Returns the model
+/// to go on with.
+fn early_stopping(
+    es: &crate::spec::EarlyStoppingSpec,
+    monitor: crate::spec::Monitor,
+    progress: &mut Progress,
+    mut model: TransferModel,
+    phase_best: &mut Option<TransferModel>,
+    m: &EpochMetrics,
+    (run, phase): (&str, &str),
+) -> TransferModel {
+    let d = schedule::early_stopping(es, monitor, &mut progress.stopping, m);
+    if d.improved && es.restore_best {
+        *phase_best = Some(model.clone());
+    }
+    if d.stop {
+        progress.phase_done = true;
+        let restored = es.restore_best && phase_best.is_some();
+        if let Some(best) = phase_best.take().filter(|_| es.restore_best) {
+            model = best;
+        }
+        let best_epoch = progress.stopping.best_epoch;
+        info!(
+            run,
+            epoch = m.epoch,
+            phase,
+            best_epoch,
+            restored,
+            "Early stopping."
+        );
+    }
+    model
+}
+
+/// A checkpoint's model, best-of-phase model, optimizer state and progress, onto `model`.
+#[allow(clippy::type_complexity)]
+fn restore(
+    model: TransferModel,
+    ck: Checkpoint,
+    path: &std::path::Path,
+) -> Result<
+    (
+        TransferModel,
+        Option<TransferModel>,
+        Option<Vec<u8>>,
+        Progress,
+    ),
+    TrainError,
+> {
+    let restore = |m: TransferModel, bytes: &[u8]| {
+        load_model_bytes(m, bytes).map_err(|message| TrainError::Restore {
+            path: path.to_path_buf(),
+            message,
+        })
+    };
+    let model = restore(model, &ck.model)?;
+    let phase_best = if ck.phase_best.is_empty() {
+        None
+    } else {
+        Some(restore(model.clone(), &ck.phase_best)?)
+    };
+    let mut progress = ck.state.progress;
+    progress.status = Status::Running;
+    let optimizer = Some(ck.optimizer).filter(|b| !b.is_empty());
+    Ok((model, phase_best, optimizer, progress))
+}
+
+/// The optimizer of phase `ph` with a checkpoint's state.
+fn restore_optimizer(
+    ph: &PhasePlan,
+    spec: &crate::spec::Spec,
+    bytes: Vec<u8>,
+    path: std::path::PathBuf,
+) -> Result<ModuleOptimizer, TrainError> {
+    optim::build(&ph.optimizer, spec.train.clip_grad_norm)
+        .from_bytes(Bytes::from_bytes_vec(bytes))
+        .map_err(|e| TrainError::Restore {
+            path,
+            message: format!("optimizer state: {e}"),
+        })
+}
+
+/// The validation images: `train.validation_steps` batches of a fixed, seeded sample of the
+/// split, or all of it.
+fn validation_sample<'a>(plan: &Plan, images: &'a Images) -> std::borrow::Cow<'a, Images> {
+    let spec = &plan.spec;
+    let batch = spec.data.batch_size;
+    match spec.train.validation_steps {
+        Some(s) if s * batch < images.len() => {
+            let mut idx: Vec<usize> = shuffled(images.len(), spec.experiment.seed, 0)
+                .into_iter()
+                .take(s * batch)
+                .collect();
+            idx.sort_unstable();
+            std::borrow::Cow::Owned(images.subset(&idx))
+        }
+        _ => std::borrow::Cow::Borrowed(images),
+    }
+}
+
+/// The test split's loss, accuracy and per-image predictions.
+fn test_evaluation(
+    cache: &mut FeatureCache,
+    model: &TransferModel,
+    images: &Images,
+    plan: &Plan,
+    device: &Device,
+    run: &str,
+) -> Result<(Evaluation, Vec<Prediction>), TrainError> {
+    let f = cache.features(model, images, plan, device, run)?;
+    let (e, p) = evaluate_with(model, &f, plan, device, true);
+    info!(
+        run,
+        phase = "test",
+        test_loss = e.loss,
+        test_acc = e.acc,
+        "Test evaluation finished."
+    );
+    Ok((e, p))
 }
 
 #[cfg(test)]
