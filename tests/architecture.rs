@@ -70,8 +70,8 @@ fn code(line: &str) -> String {
             '\'' => {
                 // A char literal ('{', '"', '\'') or a lifetime: skip a literal whole.
                 let rest: String = chars.clone().take(3).collect();
-                if rest.starts_with('\\') {
-                    let n = rest[1..].find('\'').map_or(0, |i| i + 2);
+                if let Some(escaped) = rest.strip_prefix('\\') {
+                    let n = escaped.find('\'').map_or(0, |i| i + 2);
                     for _ in 0..n {
                         chars.next();
                     }

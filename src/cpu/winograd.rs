@@ -417,6 +417,7 @@ mod tests {
     use super::*;
 
     /// Direct 3x3 same convolution + bias + ReLU, the definition.
+    #[allow(clippy::too_many_arguments)] // the definition, with every dimension named
     fn direct(
         x: &[f32],
         wt: &[f32],

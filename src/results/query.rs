@@ -415,12 +415,12 @@ pub fn render(df: &DataFrame, format: Format) -> Result<String, ResultsError> {
     })
 }
 
+/// Runs by config hash: `(run_id, status, started_at)`, oldest first.
+pub type RunsByHash = std::collections::HashMap<String, Vec<(String, String, String)>>;
+
 /// The runs recorded in `dir` by config hash: `(run_id, status, started_at)`, oldest first.
-pub fn runs_by_hash(
-    dir: &Path,
-) -> Result<std::collections::HashMap<String, Vec<(String, String, String)>>, ResultsError> {
-    let mut out: std::collections::HashMap<String, Vec<(String, String, String)>> =
-        Default::default();
+pub fn runs_by_hash(dir: &Path) -> Result<RunsByHash, ResultsError> {
+    let mut out = RunsByHash::default();
     let Some(lf) = scan(dir)? else {
         return Ok(out);
     };

@@ -911,9 +911,7 @@ fn deserialize_at<T: DeserializeOwned>(
         if let Some(slot) = placeholders.iter_mut().find(|(k, _)| *k == key) {
             // The placeholder tried here does not fit the key's type: the next one.
             slot.1 += 1;
-            let Some(next) = PLACEHOLDERS.get(slot.1) else {
-                return None;
-            };
+            let next = PLACEHOLDERS.get(slot.1)?;
             if !insert_path(&mut value, &keys, next()) {
                 return None;
             }

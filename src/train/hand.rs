@@ -189,11 +189,27 @@ impl HandPath {
     /// - labels: `[batch]`
     pub fn step(&self, model: &mut TransferModel, x: Tensor<4>, labels: &[usize]) -> Step {
         let device = x.device();
-        let mut dims = x.dims().to_vec();
+        let dims = x.dims().to_vec();
         let batch = dims[0];
         let input = x.into_data();
         let input = input.as_slice::<f32>().expect("activations are f32");
+        let params = self.take_params(model, &device);
+        let tape = self.forward(&params, input, dims);
+        let logits = value(input, &tape.outs, self.ops.len());
+        let classes = tape.dims[1..].iter().product::<usize>();
+        let (loss, correct, grad) = loss_and_grad(self.loss, logits, classes, labels);
+        let grads = self.backward(&params, input, &tape, batch, grad, &device);
+        self.put_back(model, params, &device);
+        Step {
+            loss,
+            correct,
+            grads,
+        }
+    }
 
+    /// Takes the trainable path's parameters out of `model` (stand-ins are left in their place
+    /// until [`HandPath::put_back`]).
+    fn take_params(&self, model: &mut TransferModel, device: &Device) -> Vec<Params> {
         let mut params: Vec<Params> = Vec::with_capacity(self.ops.len());
         for op in &self.ops {
             params.push(match *op {
@@ -220,7 +236,7 @@ impl HandPath {
                         unreachable!("the path was made from a VGG base")
                     };
                     let conv = &mut v.convs[index];
-                    let weight = Taken::new(std::mem::replace(&mut conv.weight, stand_in(&device)));
+                    let weight = Taken::new(std::mem::replace(&mut conv.weight, stand_in(device)));
                     let bias = conv.bias.take().map(Taken::new);
                     let [cout, cin, 3, 3] = weight.data.shape()[..] else {
                         unreachable!("VGG convolutions are 3x3")
@@ -236,6 +252,12 @@ impl HandPath {
             });
         }
 
+        params
+    }
+
+    /// The forward pass from `input` of shape `dims`, keeping what the backward pass needs.
+    fn forward(&self, params: &[Params], input: &[f32], mut dims: Vec<usize>) -> Tape {
+        let batch = dims[0];
         // Forward. `outs[i]` is op i's output; `None` where it is its input unchanged.
         let mut outs: Vec<Option<Vec<f32>>> = Vec::with_capacity(self.ops.len());
         let mut masks: Vec<Option<Vec<f32>>> = vec![None; self.ops.len()];
@@ -304,10 +326,30 @@ impl HandPath {
             outs.push(out);
         }
 
-        let logits = value(input, &outs, self.ops.len());
-        let classes = dims[1..].iter().product::<usize>();
-        let (loss, correct, mut grad) = loss_and_grad(self.loss, logits, classes, labels);
+        Tape {
+            outs,
+            masks,
+            in_dims,
+            dims,
+        }
+    }
 
+    /// The backward pass from `grad` (d loss / d logits): every trainable parameter's gradient.
+    fn backward(
+        &self,
+        params: &[Params],
+        input: &[f32],
+        tape: &Tape,
+        batch: usize,
+        mut grad: Vec<f32>,
+        device: &Device,
+    ) -> GradientsParams {
+        let Tape {
+            outs,
+            masks,
+            in_dims,
+            ..
+        } = tape;
         // Backward: `grad` is d loss / d (output of op i).
         let first_param = self
             .ops
@@ -321,11 +363,11 @@ impl HandPath {
                     let Params::Dense(p) = &params[i] else {
                         unreachable!("dense ops hold dense parameters")
                     };
-                    let out = value(input, &outs, i + 1);
+                    let out = value(input, outs, i + 1);
                     if !last {
                         activation_grad(&mut grad, out, p.activation);
                     }
-                    let x = value(input, &outs, i);
+                    let x = value(input, outs, i);
                     if p.weight.trainable {
                         let dw = cpu::gemm::xt_g(x, &grad, batch, p.inputs, p.units);
                         p.weight.register(&mut grads, dw, &inner);
@@ -356,8 +398,8 @@ impl HandPath {
                     };
                     let d = &in_dims[i];
                     let (h, w) = (d[2], d[3]);
-                    activation_grad(&mut grad, value(input, &outs, i + 1), Activation::Relu);
-                    let x = value(input, &outs, i);
+                    activation_grad(&mut grad, value(input, outs, i + 1), Activation::Relu);
+                    let x = value(input, outs, i);
                     let trainable_bias = p.bias.as_ref().filter(|b| b.trainable);
                     if p.weight.trainable || trainable_bias.is_some() {
                         let (dw, db) =
@@ -378,7 +420,7 @@ impl HandPath {
                 Op::Pool => {
                     let d = &in_dims[i];
                     grad = pool::max_pool_backward(
-                        value(input, &outs, i),
+                        value(input, outs, i),
                         &grad,
                         batch * d[1],
                         d[2],
@@ -398,31 +440,40 @@ impl HandPath {
             }
         }
 
+        grads
+    }
+
+    /// Puts the parameters taken by [`HandPath::take_params`] back into `model`.
+    fn put_back(&self, model: &mut TransferModel, params: Vec<Params>, device: &Device) {
         for (op, p) in self.ops.iter().zip(params) {
             match (op, p) {
                 (Op::Dense { layer, .. }, Params::Dense(p)) => {
                     let linear = Linear {
-                        weight: p.weight.back(&device),
-                        bias: p.bias.map(|b| b.back(&device)),
+                        weight: p.weight.back(device),
+                        bias: p.bias.map(|b| b.back(device)),
                     };
                     model.head.put_dense(*layer, linear, p.activation);
                 }
                 (Op::Conv { index }, Params::Conv(p)) => {
                     if let Backbone::Vgg(v) = &mut model.backbone {
                         let conv = &mut v.convs[*index];
-                        conv.weight = p.weight.back(&device);
-                        conv.bias = p.bias.map(|b| b.back(&device));
+                        conv.weight = p.weight.back(device);
+                        conv.bias = p.bias.map(|b| b.back(device));
                     }
                 }
                 _ => {}
             }
         }
-        Step {
-            loss,
-            correct,
-            grads,
-        }
     }
+}
+
+/// What the forward pass keeps for the backward pass: each op's output (`None` where it is its
+/// input unchanged), dropout masks, each op's input shape, and the output's shape.
+struct Tape {
+    outs: Vec<Option<Vec<f32>>>,
+    masks: Vec<Option<Vec<f32>>>,
+    in_dims: Vec<Vec<usize>>,
+    dims: Vec<usize>,
 }
 
 /// The output of op `i - 1` (the input for `i == 0`), skipping ops that pass it on unchanged.

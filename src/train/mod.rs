@@ -977,6 +977,7 @@ struct Ctx<'a> {
 }
 
 /// How a phase ended: with its model (the run goes on) or with the run stopped.
+#[allow(clippy::large_enum_variant)] // once per phase, moved once
 enum PhaseEnd {
     Finished(TransferModel),
     Stopped(Outcome),
@@ -1022,7 +1023,7 @@ fn run_phase(
         .is_none()
         .then(|| cache.features(&model, &images[0], plan, device, run))
         .transpose()?;
-    let val_feats = cache.features(&model, &validation, plan, device, run)?;
+    let val_feats = cache.features(&model, validation, plan, device, run)?;
     let source = match (&ph.augment, &train_feats) {
         (Some(aug), _) => TrainSource::Augmented {
             images: &images[0],
@@ -1095,8 +1096,8 @@ fn run_phase(
             progress.status = Status::Interrupted;
         }
         let ck = write_last(
-            &opts,
-            &progress,
+            opts,
+            progress,
             &model,
             &runner.optimizer,
             phase_best.as_ref(),
