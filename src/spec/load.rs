@@ -12,8 +12,8 @@ use figment::{Figment, Source};
 use serde::de::DeserializeOwned;
 
 use super::{
-    HeadSpec, LAYER_KINDS, LayerSpec, OPTIMIZER_KINDS, OptimizerSpec, PhaseSpec, SCHEDULE_KINDS,
-    SECTIONS, ScheduleSpec, Spec,
+    HeadSpec, LayerKind, LayerSpec, OptimizerKind, OptimizerSpec, PhaseSpec, SECTIONS,
+    ScheduleKind, ScheduleSpec, Spec,
 };
 
 /// One problem with a spec: where it came from, the key path and what is wrong.
@@ -693,13 +693,13 @@ fn head_section(root: &Dict, report: &mut impl FnMut(String, String)) -> Option<
 
 /// Splits a `kind`-tagged table into its kind and the other keys; reports a missing or unknown
 /// kind (listing the valid ones).
-fn tagged<'a>(
-    value: &'a Value,
+fn tagged<K: std::str::FromStr + strum::VariantNames>(
+    value: &Value,
     at: &str,
     what: &str,
-    kinds: &[&str],
     report: &mut impl FnMut(String, String),
-) -> Option<(&'a str, Value)> {
+) -> Option<(K, Value)> {
+    let kinds = K::VARIANTS;
     let Some(dict) = value.as_dict() else {
         report(at.to_string(), "expected a table".into());
         return None;
@@ -714,7 +714,7 @@ fn tagged<'a>(
         );
         return None;
     };
-    if !kinds.contains(&kind) {
+    let Ok(parsed) = kind.parse::<K>() else {
         report(
             format!("{at}.kind"),
             format!(
@@ -724,23 +724,25 @@ fn tagged<'a>(
             ),
         );
         return None;
-    }
+    };
     let mut rest = dict.clone();
     rest.remove("kind");
-    Some((kind, Value::from(rest)))
+    Some((parsed, Value::from(rest)))
 }
 
 /// One head layer: the kind picks the settings type, whose fields are checked with their paths.
 fn layer_at(value: &Value, at: &str, report: &mut impl FnMut(String, String)) -> Option<LayerSpec> {
-    let (kind, rest) = tagged(value, at, "layer", &LAYER_KINDS, report)?;
+    let (kind, rest) = tagged::<LayerKind>(value, at, "layer", report)?;
     let r = &rest;
     match kind {
-        "conv2d" => deserialize_at(r, at, report).map(LayerSpec::Conv2d),
-        "max_pool2d" => deserialize_at(r, at, report).map(LayerSpec::MaxPool2d),
-        "global_average_pool" => deserialize_at(r, at, report).map(LayerSpec::GlobalAveragePool),
-        "flatten" => deserialize_at(r, at, report).map(LayerSpec::Flatten),
-        "dense" => deserialize_at(r, at, report).map(LayerSpec::Dense),
-        _ => deserialize_at(r, at, report).map(LayerSpec::Dropout),
+        LayerKind::Conv2d => deserialize_at(r, at, report).map(LayerSpec::Conv2d),
+        LayerKind::MaxPool2d => deserialize_at(r, at, report).map(LayerSpec::MaxPool2d),
+        LayerKind::GlobalAveragePool => {
+            deserialize_at(r, at, report).map(LayerSpec::GlobalAveragePool)
+        }
+        LayerKind::Flatten => deserialize_at(r, at, report).map(LayerSpec::Flatten),
+        LayerKind::Dense => deserialize_at(r, at, report).map(LayerSpec::Dense),
+        LayerKind::Dropout => deserialize_at(r, at, report).map(LayerSpec::Dropout),
     }
 }
 
@@ -793,14 +795,16 @@ fn schedule_at(
     at: &str,
     report: &mut impl FnMut(String, String),
 ) -> Option<ScheduleSpec> {
-    let (kind, rest) = tagged(value, at, "schedule", &SCHEDULE_KINDS, report)?;
+    let (kind, rest) = tagged::<ScheduleKind>(value, at, "schedule", report)?;
     let r = &rest;
     match kind {
-        "constant" => deserialize_at(r, at, report).map(ScheduleSpec::Constant),
-        "step" => deserialize_at(r, at, report).map(ScheduleSpec::Step),
-        "exponential" => deserialize_at(r, at, report).map(ScheduleSpec::Exponential),
-        "cosine" => deserialize_at(r, at, report).map(ScheduleSpec::Cosine),
-        _ => deserialize_at(r, at, report).map(ScheduleSpec::ReduceOnPlateau),
+        ScheduleKind::Constant => deserialize_at(r, at, report).map(ScheduleSpec::Constant),
+        ScheduleKind::Step => deserialize_at(r, at, report).map(ScheduleSpec::Step),
+        ScheduleKind::Exponential => deserialize_at(r, at, report).map(ScheduleSpec::Exponential),
+        ScheduleKind::Cosine => deserialize_at(r, at, report).map(ScheduleSpec::Cosine),
+        ScheduleKind::ReduceOnPlateau => {
+            deserialize_at(r, at, report).map(ScheduleSpec::ReduceOnPlateau)
+        }
     }
 }
 
@@ -810,13 +814,13 @@ fn optimizer_at(
     at: &str,
     report: &mut impl FnMut(String, String),
 ) -> Option<OptimizerSpec> {
-    let (kind, rest) = tagged(value, at, "optimizer", &OPTIMIZER_KINDS, report)?;
+    let (kind, rest) = tagged::<OptimizerKind>(value, at, "optimizer", report)?;
     let r = &rest;
     match kind {
-        "rmsprop" => deserialize_at(r, at, report).map(OptimizerSpec::Rmsprop),
-        "adam" => deserialize_at(r, at, report).map(OptimizerSpec::Adam),
-        "adamw" => deserialize_at(r, at, report).map(OptimizerSpec::Adamw),
-        _ => deserialize_at(r, at, report).map(OptimizerSpec::Sgd),
+        OptimizerKind::Rmsprop => deserialize_at(r, at, report).map(OptimizerSpec::Rmsprop),
+        OptimizerKind::Adam => deserialize_at(r, at, report).map(OptimizerSpec::Adam),
+        OptimizerKind::Adamw => deserialize_at(r, at, report).map(OptimizerSpec::Adamw),
+        OptimizerKind::Sgd => deserialize_at(r, at, report).map(OptimizerSpec::Sgd),
     }
 }
 

@@ -189,8 +189,13 @@ pub struct PlateauScheduleSpec {
 }
 
 /// `[schedule]`: how the learning rate (`optimizer.lr`) changes over a phase, selected by `kind`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, strum::EnumDiscriminants)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+#[strum_discriminants(
+    name(ScheduleKind),
+    derive(strum::EnumString, strum::IntoStaticStr, strum::VariantNames),
+    strum(serialize_all = "snake_case")
+)]
 pub enum ScheduleSpec {
     /// The same rate throughout.
     Constant(NoSettings),
@@ -204,25 +209,10 @@ pub enum ScheduleSpec {
     ReduceOnPlateau(PlateauScheduleSpec),
 }
 
-/// The valid schedule kinds, for error messages.
-pub const SCHEDULE_KINDS: [&str; 5] = [
-    "constant",
-    "step",
-    "exponential",
-    "cosine",
-    "reduce_on_plateau",
-];
-
 impl ScheduleSpec {
     /// The `kind` string.
     pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Constant(_) => "constant",
-            Self::Step(_) => "step",
-            Self::Exponential(_) => "exponential",
-            Self::Cosine(_) => "cosine",
-            Self::ReduceOnPlateau(_) => "reduce_on_plateau",
-        }
+        ScheduleKind::from(self).into()
     }
 }
 
@@ -611,8 +601,13 @@ pub struct DropoutSpec {
 }
 
 /// One head layer, selected by `kind`. Input sizes are inferred, never written.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, strum::EnumDiscriminants)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+#[strum_discriminants(
+    name(LayerKind),
+    derive(strum::EnumString, strum::IntoStaticStr, strum::VariantNames),
+    strum(serialize_all = "snake_case")
+)]
 pub enum LayerSpec {
     /// 2D convolution.
     Conv2d(Conv2dSpec),
@@ -628,27 +623,10 @@ pub enum LayerSpec {
     Dropout(DropoutSpec),
 }
 
-/// The valid layer kinds, for error messages.
-pub const LAYER_KINDS: [&str; 6] = [
-    "conv2d",
-    "max_pool2d",
-    "global_average_pool",
-    "flatten",
-    "dense",
-    "dropout",
-];
-
 impl LayerSpec {
     /// The `kind` string of this layer.
     pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Conv2d(_) => "conv2d",
-            Self::MaxPool2d(_) => "max_pool2d",
-            Self::GlobalAveragePool(_) => "global_average_pool",
-            Self::Flatten(_) => "flatten",
-            Self::Dense(_) => "dense",
-            Self::Dropout(_) => "dropout",
-        }
+        LayerKind::from(self).into()
     }
 
     /// A compact one-line description, e.g. `dense(256, relu)`.
@@ -749,8 +727,13 @@ pub struct SgdSpec {
 }
 
 /// `[optimizer]`, selected by `kind`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, strum::EnumDiscriminants)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+#[strum_discriminants(
+    name(OptimizerKind),
+    derive(strum::EnumString, strum::IntoStaticStr, strum::VariantNames),
+    strum(serialize_all = "snake_case")
+)]
 pub enum OptimizerSpec {
     /// RMSprop.
     Rmsprop(RmspropSpec),
@@ -761,9 +744,6 @@ pub enum OptimizerSpec {
     /// SGD.
     Sgd(SgdSpec),
 }
-
-/// The valid optimizer kinds, for error messages.
-pub const OPTIMIZER_KINDS: [&str; 4] = ["rmsprop", "adam", "adamw", "sgd"];
 
 fn default_rho() -> f64 {
     0.9
@@ -783,12 +763,7 @@ pub const ADAMW_WEIGHT_DECAY: f64 = 0.004;
 impl OptimizerSpec {
     /// The `kind` string.
     pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Rmsprop(_) => "rmsprop",
-            Self::Adam(_) => "adam",
-            Self::Adamw(_) => "adamw",
-            Self::Sgd(_) => "sgd",
-        }
+        OptimizerKind::from(self).into()
     }
 
     /// The learning rate.
@@ -847,5 +822,35 @@ impl Loss {
             Self::BinaryCrossentropy => "binary_crossentropy",
             Self::CategoricalCrossentropy => "categorical_crossentropy",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether serde knows `kind` as a variant of `T` (a missing field is fine: the name is known).
+    fn serde_knows<T: serde::de::DeserializeOwned>(kind: &str) -> bool {
+        match toml::from_str::<T>(&format!("kind = \"{kind}\"")) {
+            Ok(_) => true,
+            Err(e) => !e.to_string().contains("unknown variant"),
+        }
+    }
+
+    #[test]
+    fn the_kind_names_are_the_ones_serde_reads() {
+        use strum::VariantNames;
+        for k in LayerKind::VARIANTS {
+            assert!(serde_knows::<LayerSpec>(k), "layer kind {k}");
+        }
+        for k in OptimizerKind::VARIANTS {
+            assert!(serde_knows::<OptimizerSpec>(k), "optimizer kind {k}");
+        }
+        for k in ScheduleKind::VARIANTS {
+            assert!(serde_knows::<ScheduleSpec>(k), "schedule kind {k}");
+        }
+        assert!(!serde_knows::<LayerSpec>("dense2"));
+        assert_eq!(LayerKind::VARIANTS.len(), 6);
+        assert_eq!(OptimizerKind::VARIANTS, ["rmsprop", "adam", "adamw", "sgd"]);
     }
 }
