@@ -103,11 +103,15 @@ pub struct RunRecord<'a> {
 
 /// The best validation accuracy of `history` (NaN when no epoch has a finite one).
 pub fn best_val_acc(history: &[EpochMetrics]) -> f64 {
-    history
-        .iter()
-        .map(|m| m.val_acc)
+    best_of(history.iter().map(|m| m.val_acc)).unwrap_or(f64::NAN)
+}
+
+/// The largest finite value (a diverged epoch's NaN is no best), if any.
+pub fn best_of(values: impl IntoIterator<Item = f64>) -> Option<f64> {
+    values
+        .into_iter()
         .filter(|v| v.is_finite())
-        .fold(f64::NAN, f64::max)
+        .fold(None, |b: Option<f64>, v| Some(b.map_or(v, |b| b.max(v))))
 }
 
 /// The predicted class: the index of the highest probability (the first of equals; 0 when

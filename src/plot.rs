@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
+use crate::results::schema::col as C;
 use crate::results::{self, ResultsError};
 
 /// DejaVu Sans (see fonts/DejaVuSans-LICENSE.txt).
@@ -69,28 +70,28 @@ pub fn load(files: &[PathBuf]) -> Result<Vec<Curves>, ResultsError> {
         };
         let text = |name: &str| results::strings(&df, name);
 
-        let epoch = num("epoch")?;
-        let phases = text("phase");
+        let epoch = num(C::EPOCH)?;
+        let phases = text(C::PHASE);
         let mut boundaries = Vec::new();
         for i in 1..phases.len().min(epoch.len()) {
             if phases[i] != phases[i - 1] {
                 boundaries.push((epoch[i] - 0.5, phases[i].clone()));
             }
         }
-        let run_id = text("run_id").first().cloned().unwrap_or_default();
-        let label = match text("sweep_point").first().filter(|s| !s.is_empty()) {
+        let run_id = text(C::RUN_ID).first().cloned().unwrap_or_default();
+        let label = match text(C::SWEEP_POINT).first().filter(|s| !s.is_empty()) {
             Some(p) => format!(
                 "{} ({p})",
-                text("experiment").first().cloned().unwrap_or_default()
+                text(C::EXPERIMENT).first().cloned().unwrap_or_default()
             ),
             None => run_id,
         };
         out.push(Curves {
             label,
-            train_acc: num("train_acc")?,
-            val_acc: num("val_acc")?,
-            train_loss: num("train_loss")?,
-            val_loss: num("val_loss")?,
+            train_acc: num(C::TRAIN_ACC)?,
+            val_acc: num(C::VAL_ACC)?,
+            train_loss: num(C::TRAIN_LOSS)?,
+            val_loss: num(C::VAL_LOSS)?,
             epoch,
             boundaries,
         });

@@ -143,7 +143,7 @@ fn latest_unfinished(results: &Path, experiment: &str) -> Result<String, Failure
 /// The `status` of a run's results table, if it has one.
 fn run_status(results: &Path, id: &str) -> Option<String> {
     let (df, _) = crate::results::read_run(&results.join(format!("{id}.parquet"))).ok()?;
-    let col = df.column("status").ok()?;
+    let col = df.column(crate::results::schema::col::STATUS).ok()?;
     col.str().ok()?.get(0).map(str::to_string)
 }
 

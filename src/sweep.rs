@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use crate::failure::{Failure, bad_input, failed};
 use crate::plan::{self, Plan};
+use crate::results::schema::col as C;
 use crate::results::{self, query};
 use crate::run;
 use crate::settings::Settings;
@@ -176,18 +177,15 @@ struct Row {
 /// Status, best val_acc and test_acc from a run's table.
 fn read_row(results: &Path, id: &str) -> Option<(String, Option<f64>, Option<f64>)> {
     let (df, _) = results::read_run(&results.join(format!("{id}.parquet"))).ok()?;
-    let status = df.column("status").ok()?.str().ok()?.get(0)?.to_string();
+    let status = df.column(C::STATUS).ok()?.str().ok()?.get(0)?.to_string();
     let f = |name: &str| -> Vec<f64> {
         df.column(name)
             .ok()
             .and_then(|c| c.f64().ok().map(|c| c.iter().flatten().collect()))
             .unwrap_or_default()
     };
-    let best = f("val_acc")
-        .into_iter()
-        .filter(|v| v.is_finite())
-        .fold(None, |b: Option<f64>, v| Some(b.map_or(v, |b| b.max(v))));
-    Some((status, best, f("test_acc").first().copied()))
+    let best = crate::metrics::best_of(f(C::VAL_ACC));
+    Some((status, best, f(C::TEST_ACC).first().copied()))
 }
 
 /// Records a run that stopped with an error: its progress so far (from the last checkpoint, if

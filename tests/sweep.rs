@@ -534,3 +534,24 @@ fn an_interrupted_sweep_resumes_where_it_stopped() {
     );
     assert!(r.iter().all(|x| x.1 == "completed"), "{r:?}");
 }
+
+#[test]
+fn the_writer_writes_the_one_schema_the_readers_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::make_dataset(&dir.path().join("data"), &["a", "b"], [1, 1, 1], 8);
+    let weights = dir.path().join("w.safetensors");
+    std::fs::write(&weights, b"not read by the plan").unwrap();
+    let plan = common::plan_for(dir.path(), &common::spec_text(&data, &weights, ""));
+    let progress = runner::train::Progress::default();
+    let df = runner::results::run_frame(&plan, "r", "t", &progress.record(), None).unwrap();
+    let got: Vec<(String, DataType)> = df
+        .schema()
+        .iter()
+        .map(|(n, d)| (n.to_string(), d.clone()))
+        .collect();
+    let want: Vec<(String, DataType)> = runner::results::schema::columns()
+        .into_iter()
+        .map(|(n, d)| (n.to_string(), d))
+        .collect();
+    assert_eq!(got, want);
+}

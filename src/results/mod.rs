@@ -33,8 +33,12 @@
 //! | `skipped_images` | u32 | images left out by `data.on_bad_image = "skip"` |
 //!
 //! File metadata: `runner.schema_version` and `runner.config` (the resolved spec as TOML).
+//! The column names and types are defined once, in [`schema`].
 
 pub mod query;
+pub mod schema;
+
+use schema::col as C;
 
 use std::fs::File;
 use std::io::Write;
@@ -124,34 +128,34 @@ pub fn run_frame(
         v
     };
     df! {
-        "schema_version" => vec![SCHEMA_VERSION; n],
-        "run_id" => s(run_id),
-        "experiment" => s(&spec.experiment.name),
-        "config_hash" => s(&plan.config_hash),
-        "status" => s(progress.status.as_str()),
-        "started_at" => s(started_at),
-        "backbone" => s(plan.backbone.name),
-        "weights" => s(&plan.weights.display().to_string()),
-        "preprocess" => s(plan.preprocess.as_str()),
-        "head" => s(&head),
-        "sweep_point" => vec![plan.sweep_point.clone(); n],
-        "phase" => per(&|p| p.name.clone()),
-        "trainable_from" => per(&|p| p.cutoff.label.clone()),
-        "optimizer" => per(&|p| p.optimizer.kind().to_string()),
-        "lr" => col(|m| m.lr),
-        "batch_size" => vec![spec.data.batch_size as u32; n],
-        "seed" => vec![spec.experiment.seed; n],
-        "image_size" => s(&format!("{h}x{w}")),
-        "epoch" => { let mut v: Vec<Option<u32>> = epochs.iter().map(|m| Some(m.epoch as u32)).collect(); v.resize(n, None); v },
-        "train_loss" => col(|m| m.train_loss),
-        "train_acc" => col(|m| m.train_acc),
-        "val_loss" => col(|m| m.val_loss),
-        "val_acc" => col(|m| m.val_acc),
-        "seconds" => col(|m| m.seconds),
-        "test_loss" => vec![test.map(|t| t.loss); n],
-        "test_acc" => vec![test.map(|t| t.acc); n],
-        "skipped_images" => vec![progress.skipped_images as u32; n],
-        "error" => vec![progress.error.map(str::to_string); n],
+        C::SCHEMA_VERSION => vec![SCHEMA_VERSION; n],
+        C::RUN_ID => s(run_id),
+        C::EXPERIMENT => s(&spec.experiment.name),
+        C::CONFIG_HASH => s(&plan.config_hash),
+        C::STATUS => s(progress.status.as_str()),
+        C::STARTED_AT => s(started_at),
+        C::BACKBONE => s(plan.backbone.name),
+        C::WEIGHTS => s(&plan.weights.display().to_string()),
+        C::PREPROCESS => s(plan.preprocess.as_str()),
+        C::HEAD => s(&head),
+        C::SWEEP_POINT => vec![plan.sweep_point.clone(); n],
+        C::PHASE => per(&|p| p.name.clone()),
+        C::TRAINABLE_FROM => per(&|p| p.cutoff.label.clone()),
+        C::OPTIMIZER => per(&|p| p.optimizer.kind().to_string()),
+        C::LR => col(|m| m.lr),
+        C::BATCH_SIZE => vec![spec.data.batch_size as u32; n],
+        C::SEED => vec![spec.experiment.seed; n],
+        C::IMAGE_SIZE => s(&format!("{h}x{w}")),
+        C::EPOCH => { let mut v: Vec<Option<u32>> = epochs.iter().map(|m| Some(m.epoch as u32)).collect(); v.resize(n, None); v },
+        C::TRAIN_LOSS => col(|m| m.train_loss),
+        C::TRAIN_ACC => col(|m| m.train_acc),
+        C::VAL_LOSS => col(|m| m.val_loss),
+        C::VAL_ACC => col(|m| m.val_acc),
+        C::SECONDS => col(|m| m.seconds),
+        C::TEST_LOSS => vec![test.map(|t| t.loss); n],
+        C::TEST_ACC => vec![test.map(|t| t.acc); n],
+        C::SKIPPED_IMAGES => vec![progress.skipped_images as u32; n],
+        C::ERROR => vec![progress.error.map(str::to_string); n],
     }
 }
 

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use polars::prelude::*;
 
+use super::schema::col as C;
+
 use super::ResultsError;
 
 /// How to print.
@@ -50,45 +52,6 @@ pub fn run_files(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-/// The schema this build writes; older files are read into it (missing columns are null).
-fn schema() -> Schema {
-    use DataType::*;
-    let mut s = Schema::default();
-    for (name, dt) in [
-        ("schema_version", UInt32),
-        ("run_id", String),
-        ("experiment", String),
-        ("config_hash", String),
-        ("status", String),
-        ("started_at", String),
-        ("backbone", String),
-        ("weights", String),
-        ("preprocess", String),
-        ("head", String),
-        ("sweep_point", String),
-        ("phase", String),
-        ("trainable_from", String),
-        ("optimizer", String),
-        ("lr", Float64),
-        ("batch_size", UInt32),
-        ("seed", UInt64),
-        ("image_size", String),
-        ("epoch", UInt32),
-        ("train_loss", Float64),
-        ("train_acc", Float64),
-        ("val_loss", Float64),
-        ("val_acc", Float64),
-        ("seconds", Float64),
-        ("test_loss", Float64),
-        ("test_acc", Float64),
-        ("skipped_images", UInt32),
-        ("error", String),
-    ] {
-        s.insert(name.into(), dt);
-    }
-    s
-}
-
 /// One lazy scan over every run table in `dir`. A file that is not a readable parquet table
 /// (junk, cut short) is left out with a warning naming it, so that it hides no good run.
 pub fn scan(dir: &Path) -> Result<Option<LazyFrame>, ResultsError> {
@@ -115,7 +78,7 @@ pub fn scan(dir: &Path) -> Result<Option<LazyFrame>, ResultsError> {
         .map(|p| PlRefPath::from(p.to_string_lossy().as_ref()))
         .collect();
     let args = ScanArgsParquet {
-        schema: Some(Arc::new(schema())),
+        schema: Some(Arc::new(super::schema::schema())),
         allow_missing_columns: true,
         ..Default::default()
     };
@@ -129,27 +92,27 @@ pub fn scan(dir: &Path) -> Result<Option<LazyFrame>, ResultsError> {
 
 /// One row per run: key config, status, best and final val_acc, test_acc, epochs, wall time.
 pub fn per_run(lf: LazyFrame) -> LazyFrame {
-    lf.sort(["run_id", "epoch"], SortMultipleOptions::default())
-        .group_by_stable([col("run_id")])
+    lf.sort([C::RUN_ID, C::EPOCH], SortMultipleOptions::default())
+        .group_by_stable([col(C::RUN_ID)])
         .agg([
-            col("experiment").first(),
-            col("status").first(),
-            col("sweep_point").first(),
-            col("backbone").first(),
-            col("trainable_from").last(),
-            col("optimizer").first(),
-            col("lr").first(),
-            col("phase").n_unique().alias("phases"),
-            col("epoch").max().alias("epochs"),
-            col("val_acc").max().alias("best_val_acc"),
-            col("val_acc").last().alias("final_val_acc"),
-            col("test_acc").first(),
-            col("seconds").sum().alias("seconds"),
-            col("started_at").first(),
-            col("config_hash").first(),
-            col("error").first(),
+            col(C::EXPERIMENT).first(),
+            col(C::STATUS).first(),
+            col(C::SWEEP_POINT).first(),
+            col(C::BACKBONE).first(),
+            col(C::TRAINABLE_FROM).last(),
+            col(C::OPTIMIZER).first(),
+            col(C::LR).first(),
+            col(C::PHASE).n_unique().alias("phases"),
+            col(C::EPOCH).max().alias("epochs"),
+            col(C::VAL_ACC).max().alias("best_val_acc"),
+            col(C::VAL_ACC).last().alias("final_val_acc"),
+            col(C::TEST_ACC).first(),
+            col(C::SECONDS).sum().alias(C::SECONDS),
+            col(C::STARTED_AT).first(),
+            col(C::CONFIG_HASH).first(),
+            col(C::ERROR).first(),
         ])
-        .sort(["started_at", "run_id"], SortMultipleOptions::default())
+        .sort([C::STARTED_AT, C::RUN_ID], SortMultipleOptions::default())
 }
 
 /// A parsed `--filter`: a polars expression, or a substring test (`~`) applied to the result.
@@ -256,15 +219,15 @@ pub fn query(dir: &Path, q: &Query) -> Result<Option<DataFrame>, ResultsError> {
             let log = std::fs::File::open(dir.join(format!("{id}.log.jsonl"))).ok()?;
             let free = log.try_lock_shared().is_ok();
             let _ = log.unlock();
-            free.then(|| col("run_id").eq(lit(id)))
+            free.then(|| col(C::RUN_ID).eq(lit(id)))
         })
         .collect();
     let lf = match stopped.into_iter().reduce(|a, b| a.or(b)) {
         Some(dead) => lf.with_column(
-            when(col("status").eq(lit("running")).and(dead))
+            when(col(C::STATUS).eq(lit("running")).and(dead))
                 .then(lit("stopped"))
-                .otherwise(col("status"))
-                .alias("status"),
+                .otherwise(col(C::STATUS))
+                .alias(C::STATUS),
         ),
         None => lf,
     };
@@ -426,10 +389,10 @@ pub fn runs_by_hash(dir: &Path) -> Result<RunsByHash, ResultsError> {
     };
     let df = lf
         .select([
-            col("run_id"),
-            col("config_hash"),
-            col("status"),
-            col("started_at"),
+            col(C::RUN_ID),
+            col(C::CONFIG_HASH),
+            col(C::STATUS),
+            col(C::STARTED_AT),
         ])
         .unique_stable(None, UniqueKeepStrategy::First)
         .sort(["started_at"], SortMultipleOptions::default())
