@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use anyhow::Context;
+
 use crate::device;
 use crate::failure::{Failure, bad_input, failed};
 use crate::settings::Settings;
@@ -179,7 +181,9 @@ pub fn logs(run_id: &str, follow: bool, settings: &Settings) -> Result<(), Failu
     match crate::logs::show(&path, follow, &mut std::io::stdout().lock()) {
         // `runner logs RUN | head`: the reader has what it wanted.
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        r => r.map_err(|e| failed(anyhow::anyhow!("{}: {e}", path.display()))),
+        r => r
+            .with_context(|| path.display().to_string())
+            .map_err(failed),
     }
 }
 

@@ -165,54 +165,81 @@ pub struct TransferModel {
     cut: usize,
 }
 
+/// What a transfer model is, without its weights: the backbone, the freeze cutoff, the head's
+/// layers, the input size and how BatchNorm runs. Made from a checked plan for training and from
+/// a checked `model.json` for `runner predict`; both build the model with [`ModelConfig::init`]
+/// (or [`ModelConfig::assemble`] around a loaded base), so that the two cannot drift apart.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    /// The backbone.
+    pub backbone: &'static BackboneDef,
+    /// Index of the first trainable backbone layer.
+    pub cut: usize,
+    /// The head's layers.
+    pub head: Vec<LayerSpec>,
+    /// `[height, width]` of the input.
+    pub image_size: [usize; 2],
+    /// BatchNorm on its running statistics even where layers train.
+    pub batchnorm_frozen: bool,
+}
+
+impl ModelConfig {
+    /// The model a plan trains: its first phase's cutoff.
+    pub fn from_plan(plan: &Plan) -> Self {
+        Self {
+            backbone: plan.backbone,
+            cut: plan
+                .phases
+                .first()
+                .map_or(plan.cutoff.index, |p| p.cutoff.index),
+            head: plan.spec.head.layers.clone(),
+            image_size: plan.spec.data.image_size,
+            batchnorm_frozen: plan.spec.backbone.batchnorm == crate::spec::BatchNormMode::Frozen,
+        }
+    }
+
+    /// The base with fresh weights (to load pretrained ones into).
+    pub fn init_backbone(&self, device: &Device) -> Backbone {
+        Backbone::init(self.backbone, device).with_batchnorm_frozen(self.batchnorm_frozen)
+    }
+
+    /// The model with fresh weights (to load a saved record into).
+    pub fn init(&self, device: &Device) -> TransferModel {
+        self.assemble(self.init_backbone(device), device)
+    }
+
+    /// The model around `backbone`, with a new head. The head's weights are drawn from the
+    /// host's random stream (then moved to `device`), so that a seed gives the same initial head
+    /// on every device. burn initialises parameters lazily, on first use: they are drawn now,
+    /// right after the seed, so that they do not depend on what runs first (a feature cache hit
+    /// or miss).
+    pub fn assemble(&self, backbone: Backbone, device: &Device) -> TransferModel {
+        let base_output = self
+            .backbone
+            .shape_at(self.backbone.layers().len(), self.image_size);
+        let head = Head::init(&self.head, Shape::Map(base_output), &crate::device::host());
+        head.visit(&mut Materialize);
+        TransferModel {
+            backbone: backbone.freeze_before(self.cut),
+            head: head.fork(device),
+            cut: self.cut,
+        }
+    }
+}
+
 impl TransferModel {
     /// Builds the model of `plan` on `device` and loads the backbone's pretrained weights.
     pub fn build(plan: &Plan, device: &Device) -> Result<Self, WeightsError> {
-        let backbone = Backbone::init(plan.backbone, device).with_batchnorm_frozen(
-            plan.spec.backbone.batchnorm == crate::spec::BatchNormMode::Frozen,
-        );
-        let backbone = backbone.load(plan.backbone, &plan.weights)?;
-        Ok(Self::from_parts(plan, backbone, device))
+        let config = ModelConfig::from_plan(plan);
+        let backbone = config
+            .init_backbone(device)
+            .load(plan.backbone, &plan.weights)?;
+        Ok(config.assemble(backbone, device))
     }
 
-    /// Assembles the model around an already loaded backbone.
+    /// Assembles the model of `plan` around an already loaded backbone.
     pub fn from_parts(plan: &Plan, backbone: Backbone, device: &Device) -> Self {
-        let cut = plan
-            .phases
-            .first()
-            .map_or(plan.cutoff.index, |p| p.cutoff.index);
-        // Drawn from the host's random stream (then moved to `device`), so that a seed gives the
-        // same initial head on every device. burn initialises parameters lazily, on first use:
-        // draw them now, right after the seed, so that they do not depend on what runs first (a
-        // feature cache hit or miss).
-        let head = Head::init(
-            &plan.spec.head.layers,
-            Shape::Map(plan.base_output),
-            &crate::device::host(),
-        );
-        head.visit(&mut Materialize);
-        let head = head.fork(device);
-        Self {
-            backbone: backbone.freeze_before(cut),
-            head,
-            cut,
-        }
-    }
-
-    /// A model of this architecture with fresh weights (to load a saved record into).
-    pub fn init(
-        def: &BackboneDef,
-        layers: &[LayerSpec],
-        image_size: [usize; 2],
-        cut: usize,
-        device: &Device,
-    ) -> Self {
-        let base_output = def.shape_at(def.layers().len(), image_size);
-        Self {
-            backbone: Backbone::init(def, device).freeze_before(cut),
-            head: Head::init(layers, Shape::Map(base_output), device),
-            cut,
-        }
+        ModelConfig::from_plan(plan).assemble(backbone, device)
     }
 
     /// Index of the first trainable backbone layer.

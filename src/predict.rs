@@ -52,6 +52,18 @@ pub struct ModelCard {
 }
 
 impl ModelCard {
+    /// The model this card describes (check it with [`ModelCard::validate`] first), built the
+    /// way training builds it.
+    pub fn model_config(&self, def: &'static backbone::BackboneDef) -> crate::model::ModelConfig {
+        crate::model::ModelConfig {
+            backbone: def,
+            cut: self.cut,
+            head: self.spec.head.layers.clone(),
+            image_size: self.spec.data.image_size,
+            batchnorm_frozen: self.spec.backbone.batchnorm == crate::spec::BatchNormMode::Frozen,
+        }
+    }
+
     /// Checks the card as a spec is checked: it is a file a user can edit, and the model is built
     /// from it. Returns what is wrong, naming the key.
     pub fn validate(&self, def: &backbone::BackboneDef) -> Result<(), String> {
@@ -359,13 +371,7 @@ pub fn load(
             (p, ck.model)
         }
     };
-    let model = TransferModel::init(
-        def,
-        &card.spec.head.layers,
-        card.spec.data.image_size,
-        card.cut,
-        device,
-    );
+    let model = card.model_config(def).init(device);
     let model = train::load_model_bytes(model, &bytes).map_err(|m| {
         unreadable(
             &path,

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
+use anyhow::Context;
+
 use tracing::info;
 
 use crate::device;
@@ -306,12 +308,9 @@ fn execute(
     }
     let log_path = settings.results.join(format!("{id}.log.jsonl"));
     // Closed on every way out of this function, by its drop.
-    let _log = crate::logging::RunLog::open(&log_path).map_err(|e| {
-        failed(anyhow::anyhow!(
-            "{}: cannot write the run log: {e}",
-            log_path.display()
-        ))
-    })?;
+    let _log = crate::logging::RunLog::open(&log_path)
+        .with_context(|| format!("{}: cannot write the run log", log_path.display()))
+        .map_err(failed)?;
     let started = Instant::now();
     let resuming = resume_from.is_some();
     info!(run = %id, experiment = %plan.spec.experiment.name, file = %plan.file.display(), device = selected.name.as_str(), config_hash = %plan.config_hash, resuming, "Run started.");
@@ -427,18 +426,20 @@ fn finish(
 ) -> Result<(), Failure> {
     let (results, plan, id) = (record.results, record.plan, record.id);
     let progress = &outcome.progress;
-    let fail = |e: &dyn std::fmt::Display| {
-        tracing::error!(run = %id, error = %e, "Run failed.");
-        record.failed(Some(progress), e);
-        failed(anyhow::anyhow!("{e}"))
+    let fail = |e: anyhow::Error| {
+        tracing::error!(run = %id, error = format!("{e:#}"), "Run failed.");
+        record.failed(Some(progress), &format!("{e:#}"));
+        failed(e)
     };
     if !outcome.predictions.is_empty() {
         crate::results::write_predictions(results, id, &plan.classes, &outcome.predictions)
-            .map_err(|e| fail(&e))?;
+            .map_err(|e| fail(e.into()))?;
     }
     let model_dir =
-        crate::predict::save(results, id, plan, &outcome.model).map_err(|e| fail(&e))?;
-    let written = record.write(progress, outcome.test).map_err(|e| fail(&e))?;
+        crate::predict::save(results, id, plan, &outcome.model).map_err(|e| fail(e.into()))?;
+    let written = record
+        .write(progress, outcome.test)
+        .map_err(|e| fail(e.into()))?;
     let history = &progress.history;
     let best = crate::metrics::best_val_acc(history);
     let last = history.last();

@@ -11,6 +11,8 @@
 //! they never overwrite each other.
 
 use std::path::{Path, PathBuf};
+
+use anyhow::Context;
 use std::time::Instant;
 
 use crate::failure::{Failure, bad_input, failed};
@@ -39,7 +41,8 @@ pub fn files_of(targets: &[PathBuf]) -> Result<Vec<PathBuf>, Failure> {
     for t in targets {
         if t.is_dir() {
             let mut v: Vec<PathBuf> = std::fs::read_dir(t)
-                .map_err(|e| bad_input(anyhow::anyhow!("{}: {e}", t.display())))?
+                .with_context(|| t.display().to_string())
+                .map_err(bad_input)?
                 .flatten()
                 .map(|e| e.path())
                 .filter(|p| p.extension().is_some_and(|e| e == "toml") && p.is_file())
@@ -259,7 +262,8 @@ pub fn run(
     );
     let results_dir = &settings.results;
     std::fs::create_dir_all(results_dir)
-        .map_err(|e| failed(anyhow::anyhow!("{}: {e}", results_dir.display())))?;
+        .with_context(|| results_dir.display().to_string())
+        .map_err(failed)?;
     let mut rows = Vec::new();
     let mut bad = 0;
     for (n, &k) in picked.iter().enumerate() {
@@ -286,7 +290,8 @@ pub fn run(
             });
         };
         let lock = claim(results_dir, &hash)
-            .map_err(|e| failed(anyhow::anyhow!("{}: {e}", results_dir.display())))?;
+            .with_context(|| results_dir.display().to_string())
+            .map_err(failed)?;
         let Some(_lock) = lock else {
             skip(
                 &mut rows,

@@ -302,7 +302,14 @@ activation = "sigmoid"
     // A base other than VGG with layers above the cutoff is not.
     let resnet = runner::backbone::find("resnet50").unwrap();
     let layers = &dense.spec.head.layers;
-    let model = TransferModel::init(resnet, layers, [64, 64], resnet.layers().len() - 1, &device);
+    let model = runner::model::ModelConfig {
+        backbone: resnet,
+        cut: resnet.layers().len() - 1,
+        head: layers.clone(),
+        image_size: [64, 64],
+        batchnorm_frozen: false,
+    }
+    .init(&device);
     assert!(!model.head_starts_at_cut());
     assert!(HandPath::of(&model, &device, Loss::BinaryCrossentropy).is_none());
 }

@@ -10,6 +10,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use anyhow::Context;
+
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
 
@@ -220,10 +222,12 @@ fn matmul(opts: &Options, device: &Device) -> Report {
 /// The plan of `experiments/<file>`, its assets resolved through `$RUNNER_ASSETS`.
 fn plan_of(opts: &Options, file: &str) -> anyhow::Result<Plan> {
     let path = opts.experiments.join(file);
-    let loaded = crate::spec::load::load(&path, &opts.sets)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    crate::plan::build(&loaded, &crate::assets::Locations::new(None))
-        .map_err(|e| anyhow::anyhow!("{e}"))
+    let loaded =
+        crate::spec::load::load(&path, &opts.sets).with_context(|| path.display().to_string())?;
+    Ok(crate::plan::build(
+        &loaded,
+        &crate::assets::Locations::new(None),
+    )?)
 }
 
 /// The first `n` images of split `name`, decoded and resized.
