@@ -234,10 +234,13 @@ fn data_rules(
     if h < min || w < min || h > 4096 || w > 4096 {
         bad(
             "data.image_size",
-            format!(
-                "each side must be in [{min}, 4096] for {}, got [{h}, {w}]",
-                spec.backbone.name
-            ),
+            match def {
+                Some(d) => format!(
+                    "each side must be in [{min}, 4096] for {}, got [{h}, {w}]",
+                    d.name
+                ),
+                None => format!("each side must be in [{min}, 4096], got [{h}, {w}]"),
+            },
         );
     }
     if spec.data.batch_size == 0 {

@@ -259,8 +259,21 @@ pub fn load(
     };
     let (card, bytes) = if cp.exists() {
         let text = std::fs::read_to_string(&cp).map_err(|e| unreadable(&cp, e.to_string()))?;
+        // The key a bad value is at, as a spec's problems name it (`bpk_sha256: invalid type`).
         let card: ModelCard =
-            serde_json::from_str(&text).map_err(|e| unreadable(&cp, e.to_string()))?;
+            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(&text))
+                .map_err(|e| {
+                    let at = e.path().to_string();
+                    let m = e.into_inner().to_string();
+                    unreadable(
+                        &cp,
+                        if at == "." || at == "?" {
+                            m
+                        } else {
+                            format!("{at}: {m}")
+                        },
+                    )
+                })?;
         if !(1..=CARD_VERSION).contains(&card.card_version) {
             return Err(unreadable(
                 &cp,

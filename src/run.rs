@@ -427,8 +427,9 @@ fn finish(
     let (results, plan, id) = (record.results, record.plan, record.id);
     let progress = &outcome.progress;
     let fail = |e: anyhow::Error| {
-        tracing::error!(run = %id, error = format!("{e:#}"), "Run failed.");
-        record.failed(Some(progress), &format!("{e:#}"));
+        let message = format!("{e:#}");
+        tracing::error!(run = %id, error = %message, "Run failed.");
+        record.failed(Some(progress), &message);
         failed(e)
     };
     if !outcome.predictions.is_empty() {

@@ -351,7 +351,7 @@ pub fn run(
             }
             Err(f) => {
                 bad += 1;
-                eprintln!("  {}", f.error);
+                eprintln!("  {:#}", f.error);
                 // A diverged run has recorded itself; anything else is recorded as failed.
                 let recorded = read_row(results_dir, &id).map(|r| r.0);
                 if matches!(recorded.as_deref(), None | Some("running")) {

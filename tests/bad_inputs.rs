@@ -101,6 +101,8 @@ fn run_all(p: &Project, cases: Vec<Case>) -> String {
             c.name
         );
         assert!(!stderr.contains("panicked"), "case {}: {stderr}", c.name);
+        // A stand-in for a bad required value is never shown to the user.
+        assert!(!stderr.contains("placeholder"), "case {}: {stderr}", c.name);
         if c.logs_only {
             let written: Vec<PathBuf> = std::fs::read_dir(&results)
                 .unwrap()
@@ -356,6 +358,11 @@ fn bad_specs() {
         case(
             "required_key_misspelt_and_a_rule",
             r("name = \"vgg16\"", "nmae = \"vgg16\"").replace("batch_size = 4", "batch_size = 0"),
+        ),
+        case(
+            "required_key_misspelt_and_a_rule_that_names_it",
+            r("name = \"vgg16\"", "nmae = \"vgg16\"")
+                .replace("image_size = [32, 32]", "image_size = [0, 32]"),
         ),
         case(
             "required_key_missing_and_a_rule",
@@ -750,6 +757,9 @@ fn bad_arguments_and_results_folders() {
     );
     add("device_unknown", &["check", "{spec}", "--device", "tpu"]);
     add("spec_file_missing", &["check", "{dir}/nothing.toml"]);
+    // Run and plan print the error with its chain: the cause once, not twice.
+    add("spec_file_missing_run", &["{dir}/nothing.toml"]);
+    add("spec_file_missing_plan", &["plan", "{dir}/nothing.toml"]);
     add(
         "results_sort_unknown_column",
         &["results", "{dir}/junk", "--sort", "accuracy"],
@@ -877,6 +887,11 @@ fn bad_saved_models() {
         (
             "model_json_checksum_not_hex",
             with("bpk_sha256", serde_json::json!("not-a-checksum")),
+            bpk.clone(),
+        ),
+        (
+            "model_json_checksum_not_a_string",
+            with("bpk_sha256", serde_json::json!(5)),
             bpk.clone(),
         ),
         (

@@ -16,12 +16,13 @@ pub const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// A folder could not be listed.
-    #[error("{path}: cannot list folder: {source}")]
+    // The cause is in the message (not a `source`, which `{:#}` would print a second time).
+    #[error("{path}: cannot list folder: {error}")]
     List {
         /// The folder.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Images that could not be decoded; every one is listed.
     #[error("{} image{} cannot be decoded:\n{}", .0.len(), if .0.len() == 1 { "" } else { "s" }, .0.iter().map(|(p, e)| format!("  {}: {e}\n", p.display())).collect::<String>())]
@@ -54,9 +55,9 @@ pub struct SplitListing {
 }
 
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
-    let rd = std::fs::read_dir(dir).map_err(|source| DataError::List {
+    let rd = std::fs::read_dir(dir).map_err(|error| DataError::List {
         path: dir.to_path_buf(),
-        source,
+        error,
     })?;
     let mut out: Vec<PathBuf> = rd
         .filter_map(|e| e.ok().map(|e| e.path()))

@@ -62,12 +62,13 @@ impl std::error::Error for Problems {}
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
     /// The file could not be read.
-    #[error("{path}: cannot read the experiment file: {source}")]
+    // The cause is in the message (not a `source`, which `{:#}` would print a second time).
+    #[error("{path}: cannot read the experiment file: {error}")]
     Read {
         /// The spec file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file is not valid TOML.
     #[error("{path}: not valid TOML: {message}")]
@@ -261,9 +262,9 @@ pub const MAX_GRID_POINTS: usize = 10_000;
 /// The points of the file's `[sweep]` grid: the cartesian product of its value lists, in key
 /// order; one empty point without a grid.
 pub fn grid(path: &Path) -> Result<Vec<Vec<(String, toml::Value)>>, SpecError> {
-    let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+    let text = std::fs::read_to_string(path).map_err(|error| SpecError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     let table = toml::from_str::<toml::Table>(&text).map_err(|e| SpecError::Syntax {
         path: path.to_path_buf(),
@@ -399,9 +400,9 @@ fn load_parts(
     sets: &[String],
     point: &[(String, toml::Value)],
 ) -> Result<(Loaded, Vec<Problem>, Vec<String>), SpecError> {
-    let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+    let text = std::fs::read_to_string(path).map_err(|error| SpecError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     if let Err(e) = toml::from_str::<toml::Table>(&text) {
         return Err(SpecError::Syntax {
@@ -953,7 +954,7 @@ fn deserialize_at<T: DeserializeOwned>(
 /// The message that marks a key as holding a placeholder (see [`deserialize_at`]): not a
 /// problem of its own (the key's problem, or its misspelling's, is reported), but the rules'
 /// problems about it are left out.
-const STAND_IN: &str = "";
+const STAND_IN: &str = "\u{0}stands in for a bad or missing required value";
 
 /// Stand-ins for a required key whose value was bad or missing, tried in turn until one has the
 /// key's type (the first a float fits, an integer where a float does not, ...). Only ever seen

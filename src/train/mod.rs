@@ -1151,7 +1151,7 @@ fn early_stopping(
         info!(
             run,
             epoch = m.epoch,
-            phase,
+            phase = %phase,
             best_epoch,
             restored,
             "Early stopping."
