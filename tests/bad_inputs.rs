@@ -911,11 +911,8 @@ fn bad_saved_models() {
             bpk[..bpk.len() / 3].to_vec(),
         ),
     ];
-    let mut report = String::new();
-    for (name, card_text, bpk_bytes) in cases.drain(..) {
-        std::fs::write(&card_path, &card_text).unwrap();
-        std::fs::write(&bpk_path, &bpk_bytes).unwrap();
-        let out = common::cli::runner(
+    let predict = || {
+        common::cli::runner(
             &[
                 "predict",
                 &id,
@@ -926,7 +923,13 @@ fn bad_saved_models() {
                 runs.to_str().unwrap(),
             ],
             p.path(),
-        );
+        )
+    };
+    let mut report = String::new();
+    for (name, card_text, bpk_bytes) in cases.drain(..) {
+        std::fs::write(&card_path, &card_text).unwrap();
+        std::fs::write(&bpk_path, &bpk_bytes).unwrap();
+        let out = predict();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{name}: {err}");
         assert!(!err.contains("panicked"), "{name}: {err}");
@@ -957,36 +960,14 @@ fn bad_saved_models() {
     // `bpk_sha256`) is still read, with a warning that model.bpk is not verified.
     std::fs::write(&card_path, without(&["card_version", "bpk_sha256"])).unwrap();
     std::fs::write(&bpk_path, &bpk).unwrap();
-    let out = common::cli::runner(
-        &[
-            "predict",
-            &id,
-            image.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--results",
-            runs.to_str().unwrap(),
-        ],
-        p.path(),
-    );
+    let out = predict();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("model.bpk is not verified"), "{err}");
     // Restored, the model predicts again.
     std::fs::write(&card_path, &card).unwrap();
     std::fs::write(&bpk_path, &bpk).unwrap();
-    let out = common::cli::runner(
-        &[
-            "predict",
-            &id,
-            image.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--results",
-            runs.to_str().unwrap(),
-        ],
-        p.path(),
-    );
+    let out = predict();
     assert!(
         out.status.success(),
         "{}",

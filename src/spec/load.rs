@@ -967,49 +967,32 @@ const PLACEHOLDERS: [fn() -> Value; 5] = [
     || Value::from(Vec::<Value>::new()),
 ];
 
-/// Sets the key at `path` (map keys, outermost first) in `value`; whether its parent was there.
-fn insert_path(value: &mut Value, path: &[String], new: Value) -> bool {
-    let Some((last, parents)) = path.split_last() else {
-        return false;
-    };
+/// The table holding the key at `path` (map keys, outermost first), and the key.
+fn parent_of<'a>(value: &'a mut Value, path: &'a [String]) -> Option<(&'a mut Dict, &'a String)> {
+    let (last, parents) = path.split_last()?;
     let mut v = value;
     for k in parents {
         match v {
-            Value::Dict(_, d) => match d.get_mut(k) {
-                Some(next) => v = next,
-                None => return false,
-            },
-            _ => return false,
+            Value::Dict(_, d) => v = d.get_mut(k)?,
+            _ => return None,
         }
     }
     match v {
-        Value::Dict(_, d) => {
-            d.insert(last.clone(), new);
-            true
-        }
-        _ => false,
+        Value::Dict(_, d) => Some((d, last)),
+        _ => None,
     }
 }
 
-/// Removes the key at `path` (map keys, outermost first) from `value`; whether it was there.
+/// Sets the key at `path` in `value`; whether its parent was there.
+fn insert_path(value: &mut Value, path: &[String], new: Value) -> bool {
+    parent_of(value, path)
+        .map(|(d, k)| d.insert(k.clone(), new))
+        .is_some()
+}
+
+/// Removes the key at `path` from `value`; whether it was there.
 fn remove_path(value: &mut Value, path: &[String]) -> bool {
-    let Some((last, parents)) = path.split_last() else {
-        return false;
-    };
-    let mut v = value;
-    for k in parents {
-        match v {
-            Value::Dict(_, d) => match d.get_mut(k) {
-                Some(next) => v = next,
-                None => return false,
-            },
-            _ => return false,
-        }
-    }
-    match v {
-        Value::Dict(_, d) => d.remove(last).is_some(),
-        _ => false,
-    }
+    parent_of(value, path).is_some_and(|(d, k)| d.remove(k).is_some())
 }
 
 /// ` (did you mean "x"?)` when a candidate is close to `word`, else empty.
