@@ -244,6 +244,51 @@ pub enum Which {
     Last,
 }
 
+/// Reads a run's `model.json`: a bad value is named by its key, a card of an unknown version
+/// refused, and a version-2 card must record model.bpk's checksum.
+fn read_card(cp: &Path) -> Result<ModelCard, ModelError> {
+    let unreadable = |path: &Path, message: String| ModelError::Unreadable {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(cp).map_err(|e| unreadable(cp, e.to_string()))?;
+    // The key a bad value is at, as a spec's problems name it (`bpk_sha256: invalid type`).
+    let card: ModelCard = serde_path_to_error::deserialize(
+        &mut serde_json::Deserializer::from_str(&text),
+    )
+    .map_err(|e| {
+        let at = e.path().to_string();
+        let m = e.into_inner().to_string();
+        unreadable(
+            cp,
+            if at == "." || at == "?" {
+                m
+            } else {
+                format!("{at}: {m}")
+            },
+        )
+    })?;
+    if !(1..=CARD_VERSION).contains(&card.card_version) {
+        return Err(unreadable(
+            cp,
+            format!(
+                "card_version = {}, but this runner reads versions 1 to {CARD_VERSION} (written by a newer runner, or edited?)",
+                card.card_version
+            ),
+        ));
+    }
+    if card.bpk_sha256.is_none() && card.card_version >= 2 {
+        return Err(unreadable(
+            cp,
+            format!(
+                "bpk_sha256 is missing, but a version {} card always records model.bpk's checksum; the saved model description does not fit the model (was it edited?)",
+                card.card_version
+            ),
+        ));
+    }
+    Ok(card)
+}
+
 /// Loads a run's model on `device`.
 pub fn load(
     results: &Path,
@@ -258,41 +303,7 @@ pub fn load(
         message,
     };
     let (card, bytes) = if cp.exists() {
-        let text = std::fs::read_to_string(&cp).map_err(|e| unreadable(&cp, e.to_string()))?;
-        // The key a bad value is at, as a spec's problems name it (`bpk_sha256: invalid type`).
-        let card: ModelCard =
-            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(&text))
-                .map_err(|e| {
-                    let at = e.path().to_string();
-                    let m = e.into_inner().to_string();
-                    unreadable(
-                        &cp,
-                        if at == "." || at == "?" {
-                            m
-                        } else {
-                            format!("{at}: {m}")
-                        },
-                    )
-                })?;
-        if !(1..=CARD_VERSION).contains(&card.card_version) {
-            return Err(unreadable(
-                &cp,
-                format!(
-                    "card_version = {}, but this runner reads versions 1 to {CARD_VERSION} (written by a newer runner, or edited?)",
-                    card.card_version
-                ),
-            ));
-        }
-        if card.bpk_sha256.is_none() && card.card_version >= 2 {
-            return Err(unreadable(
-                &cp,
-                format!(
-                    "bpk_sha256 is missing, but a version {} card always records model.bpk's checksum; the saved model description does not fit the model (was it edited?)",
-                    card.card_version
-                ),
-            ));
-        }
-        (card, None)
+        (read_card(&cp)?, None)
     } else {
         // A run that has not finished: the card comes from the config and the checkpoint.
         let config = results.join(format!("{run_id}.toml"));
@@ -461,7 +472,11 @@ pub fn predict(
     for chunk in files.chunks(batch) {
         let decoded: Vec<Result<Vec<u8>, String>> = chunk
             .iter()
-            .map(|p| folder::decode(p, [h, w], spec.data.interpolation).map(|d| d.pixels))
+            .map(|p| {
+                folder::decode(p, [h, w], spec.data.interpolation)
+                    .map(|d| d.pixels)
+                    .map_err(|e| e.to_string())
+            })
             .collect();
         let good: Vec<u8> = decoded
             .iter()

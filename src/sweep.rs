@@ -217,6 +217,20 @@ fn record_failure(point: &Point, settings: &Settings, id: &str, message: &str) {
     }
 }
 
+impl Row {
+    /// A point not run, and why.
+    fn skipped(run: String, note: &str) -> Self {
+        Row {
+            run,
+            status: "skipped".into(),
+            best: None,
+            test: None,
+            seconds: 0.0,
+            note: note.into(),
+        }
+    }
+}
+
 fn summary(rows: &[Row]) -> String {
     let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
     let width = rows.iter().map(|r| r.run.len()).max().unwrap_or(3).max(3);
@@ -278,26 +292,13 @@ pub fn run(
             &hash[..8]
         );
         let started = Instant::now();
-        let skip = |rows: &mut Vec<Row>, run: String, note: String| {
-            println!("  skipped: {note}");
-            rows.push(Row {
-                run,
-                status: "skipped".into(),
-                best: None,
-                test: None,
-                seconds: 0.0,
-                note,
-            });
-        };
         let lock = claim(results_dir, &hash)
             .with_context(|| results_dir.display().to_string())
             .map_err(failed)?;
         let Some(_lock) = lock else {
-            skip(
-                &mut rows,
-                format!("{name}-{}", &hash[..8]),
-                "running in another process".into(),
-            );
+            let note = "running in another process";
+            println!("  skipped: {note}");
+            rows.push(Row::skipped(format!("{name}-{}", &hash[..8]), note));
             continue;
         };
         let known = query::runs_by_hash(results_dir)

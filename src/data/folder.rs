@@ -293,33 +293,77 @@ pub struct Decoded {
     pub digest: [u8; 32],
 }
 
+/// Why an image file cannot be used; the text is what runner reports beside the file's name.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// A symbolic link to nothing.
+    #[error("a symbolic link that leads nowhere (dangling, or a loop): {0}")]
+    Dangling(std::io::Error),
+    /// The file could not be read.
+    #[error("{0}")]
+    Io(std::io::Error),
+    /// A folder, a device, a pipe.
+    #[error("not a regular file")]
+    NotAFile,
+    /// Larger than [`MAX_IMAGE_FILE_BYTES`].
+    #[error(
+        "a file of {mib} MiB, more than the {max} MiB an image file may have",
+        mib = .0 >> 20,
+        max = MAX_IMAGE_FILE_BYTES >> 20
+    )]
+    FileTooLarge(u64),
+    /// Zero bytes.
+    #[error("empty file (0 bytes)")]
+    Empty,
+    /// A JPEG without its end-of-image marker.
+    #[error("truncated JPEG (no end-of-image marker)")]
+    TruncatedJpeg,
+    /// The decoder refused it.
+    #[error("not a readable image: {0}")]
+    Unreadable(image::ImageError),
+    /// More pixels than [`MAX_IMAGE_PIXELS`], by its header.
+    #[error(
+        "its header says {0}x{1} pixels ({mp:.0} megapixels), more than the {max} megapixels an image may have; resize it",
+        mp = megapixels(.0, .1),
+        max = MAX_IMAGE_PIXELS / 1_000_000
+    )]
+    TooManyPixels(u32, u32),
+    /// Resizing failed.
+    #[error("{0}")]
+    Resize(String),
+}
+
+fn megapixels(w: &u32, h: &u32) -> f64 {
+    f64::from(*w) * f64::from(*h) / 1e6
+}
+
 /// Decodes one file to RGB and resizes it to `[height, width]`.
-pub fn decode(path: &Path, [h, w]: [usize; 2], interp: Interpolation) -> Result<Decoded, String> {
+pub fn decode(
+    path: &Path,
+    [h, w]: [usize; 2],
+    interp: Interpolation,
+) -> Result<Decoded, DecodeError> {
     use image::{ExtendedColorType as C, ImageDecoder};
     let meta = std::fs::metadata(path).map_err(|e| {
         if std::fs::symlink_metadata(path).is_ok() {
-            format!("a symbolic link that leads nowhere (dangling, or a loop): {e}")
+            DecodeError::Dangling(e)
         } else {
-            e.to_string()
+            DecodeError::Io(e)
         }
     })?;
     if !meta.is_file() {
-        return Err("not a regular file".into());
+        return Err(DecodeError::NotAFile);
     }
     if meta.len() > MAX_IMAGE_FILE_BYTES {
-        return Err(format!(
-            "a file of {} MiB, more than the {} MiB an image file may have",
-            meta.len() >> 20,
-            MAX_IMAGE_FILE_BYTES >> 20
-        ));
+        return Err(DecodeError::FileTooLarge(meta.len()));
     }
-    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    let bytes = std::fs::read(path).map_err(DecodeError::Io)?;
     if bytes.is_empty() {
-        return Err("empty file (0 bytes)".into());
+        return Err(DecodeError::Empty);
     }
     let mut reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
         .with_guessed_format()
-        .map_err(|e| e.to_string())?;
+        .map_err(DecodeError::Io)?;
     // A decoder allocates what the header claims: bound it (the header check below says why in
     // plain words; this catches what a decoder allocates besides the pixels).
     let mut limits = image::Limits::default();
@@ -331,22 +375,15 @@ pub fn decode(path: &Path, [h, w]: [usize; 2], interp: Interpolation) -> Result<
             .windows(2)
             .any(|w| w == [0xFF, 0xD9])
     {
-        return Err("truncated JPEG (no end-of-image marker)".into());
+        return Err(DecodeError::TruncatedJpeg);
     }
-    let decoder = reader
-        .into_decoder()
-        .map_err(|e| format!("not a readable image: {e}"))?;
+    let decoder = reader.into_decoder().map_err(DecodeError::Unreadable)?;
     let (dw, dh) = decoder.dimensions();
     if u64::from(dw) * u64::from(dh) > MAX_IMAGE_PIXELS {
-        return Err(format!(
-            "its header says {dw}x{dh} pixels ({:.0} megapixels), more than the {} megapixels an image may have; resize it",
-            f64::from(dw) * f64::from(dh) / 1e6,
-            MAX_IMAGE_PIXELS / 1_000_000
-        ));
+        return Err(DecodeError::TooManyPixels(dw, dh));
     }
     let original = decoder.original_color_type();
-    let img = image::DynamicImage::from_decoder(decoder)
-        .map_err(|e| format!("not a readable image: {e}"))?;
+    let img = image::DynamicImage::from_decoder(decoder).map_err(DecodeError::Unreadable)?;
     let from = match original {
         _ if is_jpeg && jpeg_components(&bytes) == Some(4) => Some("CMYK"),
         C::L8 | C::L1 | C::L2 | C::L4 => Some("grayscale"),
@@ -360,7 +397,7 @@ pub fn decode(path: &Path, [h, w]: [usize; 2], interp: Interpolation) -> Result<
     let pixels = if rgb.dimensions() == (w as u32, h as u32) {
         rgb.into_raw()
     } else {
-        resize(rgb, [h, w], interp)?
+        resize(rgb, [h, w], interp).map_err(DecodeError::Resize)?
     };
     Ok(Decoded {
         digest: Sha256::digest(&bytes).into(),
@@ -396,7 +433,7 @@ pub fn load_split_with(
     interp: Interpolation,
     keep: bool,
 ) -> (Images, Preflight) {
-    let decoded: Vec<Result<Decoded, String>> = listing
+    let decoded: Vec<Result<Decoded, DecodeError>> = listing
         .files
         .par_iter()
         .map(|(p, _)| {
@@ -434,7 +471,7 @@ pub fn load_split_with(
                     report.converted.push((path.clone(), note));
                 }
             }
-            Err(e) => report.bad.push((path.clone(), e)),
+            Err(e) => report.bad.push((path.clone(), e.to_string())),
         }
     }
     for p in &listing.ignored {
@@ -708,7 +745,9 @@ mod preflight_tests {
         let bytes = std::fs::read(&p).unwrap();
         std::fs::write(&p, &bytes[..bytes.len() * 2 / 3]).unwrap();
         assert_eq!(
-            decode(&p, [8, 8], Interpolation::Bilinear).unwrap_err(),
+            decode(&p, [8, 8], Interpolation::Bilinear)
+                .unwrap_err()
+                .to_string(),
             "truncated JPEG (no end-of-image marker)"
         );
     }

@@ -55,10 +55,10 @@ pub fn grid(
     };
     for &i in &picks {
         let (path, label) = &train[i];
-        let d = folder::decode(path, [h, w], spec.data.interpolation).map_err(|message| {
+        let d = folder::decode(path, [h, w], spec.data.interpolation).map_err(|e| {
             PreviewError::Image {
                 path: path.display().to_string(),
-                message,
+                message: e.to_string(),
             }
         })?;
         images.pixels.extend_from_slice(&d.pixels);
