@@ -655,6 +655,29 @@ fn bad_images_and_folders() {
             b.replace(&p.data.display().to_string(), &root.display().to_string()),
         )
     };
+    // Weights files that cannot be used: refused when the run loads them, naming the file
+    // (only the run log is written).
+    for (name, bytes) in [
+        ("weights_junk", b"not a weights file".to_vec()),
+        ("weights_cut_short", {
+            let w = std::fs::read(&p.weights).unwrap();
+            w[..w.len() / 2].to_vec()
+        }),
+    ] {
+        let file = p.path().join(format!("{name}.safetensors"));
+        std::fs::write(&file, bytes).unwrap();
+        let mut c = layout(name, &|_| {});
+        c.name = name.into();
+        c.spec = c.spec.map(|t| {
+            t.replace(
+                &p.weights.display().to_string(),
+                &file.display().to_string(),
+            )
+        });
+        c.args = vec!["{spec}".into(), "--device".into(), "cpu".into()];
+        c.logs_only = true;
+        cases.push(c);
+    }
     cases.push(layout("no_validation_folder", &|r| {
         std::fs::remove_dir_all(r.join("validation")).unwrap()
     }));
