@@ -359,17 +359,24 @@ mod imp {
         })
     }
 
+    /// A panic's message.
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    pub(super) struct Panic(String);
+
     /// Runs `f`, turning a panic into its message (wgpu reports some driver failures by panicking).
-    fn catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    fn catch<T>(f: impl FnOnce() -> T) -> Result<T, Panic> {
         let hook = std::panic::take_hook();
         std::panic::set_hook(Box::new(|_| {}));
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
         std::panic::set_hook(hook);
         r.map_err(|p| {
-            p.downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panic".into())
+            Panic(
+                p.downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "panic".into()),
+            )
         })
     }
 }

@@ -78,44 +78,94 @@ pub fn thousands(n: usize) -> String {
     out
 }
 
+/// Why a layer cannot take its input: a shape that does not fit, or a size beyond the limits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShapeError {
+    /// A size of zero (`filters`, `kernel`, `stride`, `pool` or `units`).
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+    /// A valid convolution's kernel is larger than the feature map.
+    #[error(
+        "a {}x{} valid convolution cannot run on a {}x{} feature map; use padding = \"same\", a smaller kernel or a larger image_size",
+        kernel[0], kernel[1], map[0], map[1]
+    )]
+    ConvTooLarge {
+        /// Kernel height and width.
+        kernel: [usize; 2],
+        /// Feature map height and width.
+        map: [usize; 2],
+    },
+    /// A pool window is larger than the feature map.
+    #[error("a {}x{} pool cannot run on a {}x{} feature map", pool[0], pool[1], map[0], map[1])]
+    PoolTooLarge {
+        /// Pool height and width.
+        pool: [usize; 2],
+        /// Feature map height and width.
+        map: [usize; 2],
+    },
+    /// More parameters than a head may have.
+    #[error(
+        "{} parameters (about {:.0} GiB as f32, up to four times that while training), more than the {} a head may have",
+        thousands(*.0), gib(*.0), thousands(MAX_HEAD_PARAMS)
+    )]
+    TooManyParams(usize),
+    /// So many parameters that the count overflows.
+    #[error(
+        "more parameters than can be counted, far more than the {} a head may have",
+        thousands(MAX_HEAD_PARAMS)
+    )]
+    ParamsUncountable,
+    /// A larger output per image than a layer may have.
+    #[error(
+        "its output has {} values per image (about {:.1} GiB as f32 per image), more than the {} a layer may have",
+        thousands(*.0), gib(*.0), thousands(MAX_VALUES_PER_IMAGE)
+    )]
+    TooManyValues(usize),
+    /// So many output values that the count overflows.
+    #[error("its output has more values than can be counted")]
+    ValuesUncountable,
+    /// A dense layer after a feature map.
+    #[error(
+        "dense needs a vector but gets a feature map; put a flatten or global_average_pool layer before it"
+    )]
+    DenseNeedsVector,
+    /// A spatial layer after a vector.
+    #[error(
+        "{kind} needs a feature map but gets a vector of {len}; put it before flatten/global_average_pool"
+    )]
+    NeedsMap {
+        /// The layer's kind.
+        kind: &'static str,
+        /// The vector's length.
+        len: usize,
+    },
+}
+
+/// `n` f32 values in GiB.
+fn gib(n: usize) -> f64 {
+    n as f64 * 4.0 / (1u64 << 30) as f64
+}
+
 /// `Err` when `params` parameters or `values` output values per image are beyond the limits.
 fn sized(
     out: Shape,
     params: Option<usize>,
     values: Option<usize>,
-) -> Result<(Shape, usize), String> {
-    let gib = |n: usize| n as f64 * 4.0 / (1u64 << 30) as f64;
+) -> Result<(Shape, usize), ShapeError> {
     match params {
         Some(p) if p <= MAX_HEAD_PARAMS => {}
-        Some(p) => {
-            return Err(format!(
-                "{} parameters (about {:.0} GiB as f32, up to four times that while training), more than the {} a head may have",
-                thousands(p),
-                gib(p),
-                thousands(MAX_HEAD_PARAMS)
-            ));
-        }
-        None => {
-            return Err(format!(
-                "more parameters than can be counted, far more than the {} a head may have",
-                thousands(MAX_HEAD_PARAMS)
-            ));
-        }
+        Some(p) => return Err(ShapeError::TooManyParams(p)),
+        None => return Err(ShapeError::ParamsUncountable),
     }
     match values {
         Some(v) if v <= MAX_VALUES_PER_IMAGE => Ok((out, params.unwrap_or(0))),
-        Some(v) => Err(format!(
-            "its output has {} values per image (about {:.1} GiB as f32 per image), more than the {} a layer may have",
-            thousands(v),
-            gib(v),
-            thousands(MAX_VALUES_PER_IMAGE)
-        )),
-        None => Err("its output has more values than can be counted".into()),
+        Some(v) => Err(ShapeError::TooManyValues(v)),
+        None => Err(ShapeError::ValuesUncountable),
     }
 }
 
 /// The output shape and parameter count of one layer, or why it cannot take `input`.
-pub fn infer(layer: &LayerSpec, input: Shape) -> Result<(Shape, usize), String> {
+pub fn infer(layer: &LayerSpec, input: Shape) -> Result<(Shape, usize), ShapeError> {
     match (layer, input) {
         (
             LayerSpec::Conv2d(Conv2dSpec {
@@ -130,7 +180,7 @@ pub fn infer(layer: &LayerSpec, input: Shape) -> Result<(Shape, usize), String> 
             let [kh, kw] = kernel.hw();
             let [sh, sw] = stride.hw();
             if [*filters, kh, kw, sh, sw].contains(&0) {
-                return Err("filters, kernel and stride must be at least 1".into());
+                return Err(ShapeError::Zero("filters, kernel and stride"));
             }
             match (window(h, kh, sh, *padding), window(w, kw, sw, *padding)) {
                 (Some((oh, ..)), Some((ow, ..))) => sized(
@@ -138,31 +188,38 @@ pub fn infer(layer: &LayerSpec, input: Shape) -> Result<(Shape, usize), String> 
                     product(&[*filters, c, kh, kw]).and_then(|p| p.checked_add(*filters)),
                     product(&[*filters, oh, ow]),
                 ),
-                _ => Err(format!(
-                    "a {kh}x{kw} valid convolution cannot run on a {h}x{w} feature map; use padding = \"same\", a smaller kernel or a larger image_size"
-                )),
+                _ => Err(ShapeError::ConvTooLarge {
+                    kernel: [kh, kw],
+                    map: [h, w],
+                }),
             }
         }
         (LayerSpec::MaxPool2d(MaxPool2dSpec { pool, stride }), Shape::Map([c, h, w])) => {
             let [ph, pw] = pool.hw();
             let [sh, sw] = stride.unwrap_or(*pool).hw();
             if [ph, pw, sh, sw].contains(&0) {
-                return Err("pool and stride must be at least 1".into());
+                return Err(ShapeError::Zero("pool and stride"));
             }
-            match (window(h, ph, sh, Padding::Valid), window(w, pw, sw, Padding::Valid)) {
+            match (
+                window(h, ph, sh, Padding::Valid),
+                window(w, pw, sw, Padding::Valid),
+            ) {
                 (Some((oh, ..)), Some((ow, ..))) => Ok((Shape::Map([c, oh, ow]), 0)),
-                _ => Err(format!("a {ph}x{pw} pool cannot run on a {h}x{w} feature map")),
+                _ => Err(ShapeError::PoolTooLarge {
+                    pool: [ph, pw],
+                    map: [h, w],
+                }),
             }
         }
         (LayerSpec::GlobalAveragePool(_), Shape::Map([c, ..])) => Ok((Shape::Flat(c), 0)),
         (LayerSpec::Flatten(_), Shape::Map([c, h, w])) => match product(&[c, h, w]) {
             Some(n) => Ok((Shape::Flat(n), 0)),
-            None => Err("its output has more values than can be counted".into()),
+            None => Err(ShapeError::ValuesUncountable),
         },
         (LayerSpec::Flatten(_), Shape::Flat(n)) => Ok((Shape::Flat(n), 0)),
         (LayerSpec::Dense(DenseSpec { units, .. }), Shape::Flat(n)) => {
             if *units == 0 {
-                return Err("units must be at least 1".into());
+                return Err(ShapeError::Zero("units"));
             }
             sized(
                 Shape::Flat(*units),
@@ -170,15 +227,12 @@ pub fn infer(layer: &LayerSpec, input: Shape) -> Result<(Shape, usize), String> 
                 Some(*units),
             )
         }
-        (LayerSpec::Dense(_), Shape::Map(_)) => Err(
-            "dense needs a vector but gets a feature map; put a flatten or global_average_pool layer before it"
-                .into(),
-        ),
+        (LayerSpec::Dense(_), Shape::Map(_)) => Err(ShapeError::DenseNeedsVector),
         (LayerSpec::Dropout(_), s) => Ok((s, 0)),
-        (l, Shape::Flat(n)) => Err(format!(
-            "{} needs a feature map but gets a vector of {n}; put it before flatten/global_average_pool",
-            l.kind()
-        )),
+        (l, Shape::Flat(n)) => Err(ShapeError::NeedsMap {
+            kind: l.kind(),
+            len: n,
+        }),
     }
 }
 

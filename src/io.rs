@@ -5,32 +5,46 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+/// Any error, typed (downcast it to see which).
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
 /// A file that could not be written (the earlier version, if any, is untouched).
+// The cause is in the message (not a `source`, which `{:#}` would print a second time).
 #[derive(Debug, thiserror::Error)]
-#[error("{}: cannot write: {message}", path.display())]
+#[error("{}: cannot write: {cause}", path.display())]
 pub struct WriteError {
     /// The file.
     pub path: PathBuf,
-    /// What went wrong.
-    pub message: String,
+    /// What went wrong: the I/O, encoder or format error.
+    pub cause: Cause,
+}
+
+impl WriteError {
+    /// `path` could not be written because of `cause`.
+    pub fn new(path: &Path, cause: impl Into<Cause>) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            cause: cause.into(),
+        }
+    }
 }
 
 /// Writes `path` atomically: a uniquely named temporary file in the same folder
 /// (`.<name>.<random>.tmp`), synced, renamed over `path`, and the folder synced so that the rename
 /// survives a power cut. On an error the temporary file is removed and `path` is untouched.
-pub fn write_atomic(
+pub fn write_atomic<E: Into<Cause>>(
     path: &Path,
-    write: impl FnOnce(&mut File) -> Result<(), String>,
+    write: impl FnOnce(&mut File) -> Result<(), E>,
 ) -> Result<(), WriteError> {
-    let err = |message: String| WriteError {
+    let err = |cause: Cause| WriteError {
         path: path.to_path_buf(),
-        message,
+        cause,
     };
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    std::fs::create_dir_all(dir).map_err(|e| err(e.into()))?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -44,16 +58,20 @@ pub fn write_atomic(
         .prefix(&format!(".{name}."))
         .suffix(".tmp")
         .tempfile_in(dir)
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| err(e.into()))?;
     if inject.is_some() {
-        return Err(err(format!(
-            "{} (injected by RUNNER_FAIL_WRITE)",
-            std::io::Error::from(std::io::ErrorKind::StorageFull)
-        )));
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            format!(
+                "{} (injected by RUNNER_FAIL_WRITE)",
+                std::io::Error::from(std::io::ErrorKind::StorageFull)
+            ),
+        )
+        .into()));
     }
-    write(tmp.as_file_mut()).map_err(err)?;
-    tmp.as_file().sync_all().map_err(|e| err(e.to_string()))?;
-    tmp.persist(path).map_err(|e| err(e.error.to_string()))?;
+    write(tmp.as_file_mut()).map_err(|e| err(e.into()))?;
+    tmp.as_file().sync_all().map_err(|e| err(e.into()))?;
+    tmp.persist(path).map_err(|e| err(e.error.into()))?;
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }

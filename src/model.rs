@@ -83,7 +83,10 @@ impl Backbone {
 
     /// The base's tensors as safetensors bytes under the names its published weights use (Keras'
     /// for VGG, torchvision's with its conventions otherwise).
-    pub fn to_published_safetensors(&self, def: &BackboneDef) -> Result<Vec<u8>, String> {
+    pub fn to_published_safetensors(
+        &self,
+        def: &BackboneDef,
+    ) -> Result<Vec<u8>, weights::ExportError> {
         let torch = def.family != Family::Vgg;
         weights::to_safetensors(self, self.variant(), &self.key_map(def), torch, &[])
     }

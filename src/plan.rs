@@ -214,7 +214,7 @@ fn backbone_rules(
     });
     let cutoff = def.and_then(|def| {
         Cutoff::resolve(def, &spec.backbone.trainable_from)
-            .map_err(|e| bad("backbone.trainable_from", e))
+            .map_err(|e| bad("backbone.trainable_from", e.to_string()))
             .ok()
     });
 
@@ -518,7 +518,7 @@ fn phase_plans(
         }
         let phase_cut = match (&p.trainable_from, def) {
             (Some(t), Some(def)) => Cutoff::resolve(def, t)
-                .map_err(|e| bad(&format!("{at}.trainable_from"), e))
+                .map_err(|e| bad(&format!("{at}.trainable_from"), e.to_string()))
                 .ok(),
             (None, _) => cutoff.cloned(),
             (Some(_), None) => None,

@@ -117,9 +117,9 @@ fn color(i: usize) -> RGBColor {
     RGBColor(r, g, b)
 }
 
-type DrawResult<T> = Result<T, String>;
+type DrawResult<T> = Result<T, crate::io::Cause>;
 
-fn panel<DB: DrawingBackend>(
+fn panel<DB: DrawingBackend<ErrorType: 'static>>(
     area: &DrawingArea<DB, Shift>,
     runs: &[Curves],
     title: &str,
@@ -128,7 +128,6 @@ fn panel<DB: DrawingBackend>(
     smoothing: Option<f64>,
     legend_at: SeriesLabelPosition,
 ) -> DrawResult<()> {
-    let e = |x: &dyn std::fmt::Display| x.to_string();
     let series = |c: &Curves| {
         let (t, v) = pick(c);
         match smoothing {
@@ -161,7 +160,7 @@ fn panel<DB: DrawingBackend>(
         .x_label_area_size(40)
         .y_label_area_size(56)
         .build_cartesian_2d(0.5..max_epoch + 0.5, (lo - pad)..(hi + pad))
-        .map_err(|x| e(&x))?;
+        .map_err(crate::io::Cause::from)?;
     chart
         .configure_mesh()
         .x_desc("epoch")
@@ -180,7 +179,7 @@ fn panel<DB: DrawingBackend>(
         .label_style(("sans-serif", 14))
         .axis_desc_style(("sans-serif", 15))
         .draw()
-        .map_err(|x| e(&x))?;
+        .map_err(crate::io::Cause::from)?;
     for c in runs {
         for (x, name) in &c.boundaries {
             chart
@@ -190,14 +189,14 @@ fn panel<DB: DrawingBackend>(
                     4,
                     BLACK.mix(0.45).stroke_width(1),
                 ))
-                .map_err(|x| e(&x))?;
+                .map_err(crate::io::Cause::from)?;
             chart
                 .draw_series([Text::new(
                     format!(" {name}"),
                     (*x, hi + pad * 0.6),
                     ("sans-serif", 13).into_font().color(&BLACK.mix(0.6)),
                 )])
-                .map_err(|x| e(&x))?;
+                .map_err(crate::io::Cause::from)?;
         }
     }
     let several = runs.len() > 1;
@@ -220,7 +219,7 @@ fn panel<DB: DrawingBackend>(
             .collect();
         chart
             .draw_series(pts.iter().map(|&p| Circle::new(p, 3, col.filled())))
-            .map_err(|x| e(&x))?
+            .map_err(crate::io::Cause::from)?
             .label(name("training"))
             .legend(move |(x, y)| Circle::new((x + 10, y), 3, col.filled()));
         let line: Vec<(f64, f64)> = c
@@ -232,7 +231,7 @@ fn panel<DB: DrawingBackend>(
             .collect();
         chart
             .draw_series(LineSeries::new(line, col.stroke_width(2)))
-            .map_err(|x| e(&x))?
+            .map_err(crate::io::Cause::from)?
             .label(name("validation"))
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], col.stroke_width(2)));
     }
@@ -243,16 +242,16 @@ fn panel<DB: DrawingBackend>(
         .border_style(BLACK.mix(0.3))
         .label_font(("sans-serif", 13))
         .draw()
-        .map_err(|x| e(&x))?;
+        .map_err(crate::io::Cause::from)?;
     Ok(())
 }
 
-fn draw<DB: DrawingBackend>(
+fn draw<DB: DrawingBackend<ErrorType: 'static>>(
     root: DrawingArea<DB, Shift>,
     runs: &[Curves],
     smoothing: Option<f64>,
 ) -> DrawResult<()> {
-    root.fill(&WHITE).map_err(|x| x.to_string())?;
+    root.fill(&WHITE)?;
     let title = match smoothing {
         Some(f) => format!(" (smoothed, factor {f})"),
         None => String::new(),
@@ -277,15 +276,12 @@ fn draw<DB: DrawingBackend>(
         smoothing,
         SeriesLabelPosition::UpperRight,
     )?;
-    root.present().map_err(|x| x.to_string())
+    Ok(root.present()?)
 }
 
 /// Draws `runs` into `out` (`.png` or `.svg`), atomically.
 pub fn plot(runs: &[Curves], out: &Path, smoothing: Option<f64>) -> Result<(), ResultsError> {
-    let fail = |message: String| ResultsError::Write {
-        path: out.to_path_buf(),
-        message,
-    };
+    let fail = |cause: crate::io::Cause| ResultsError::from(crate::io::WriteError::new(out, cause));
     let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
     let (w, h) = (1400u32, 520u32);
     let ext = out
@@ -301,10 +297,8 @@ pub fn plot(runs: &[Curves], out: &Path, smoothing: Option<f64>) -> Result<(), R
                 smoothing,
             )
             .map_err(fail)?;
-            results::write_atomic(out, |f| {
-                std::io::Write::write_all(f, svg.as_bytes()).map_err(|e| e.to_string())
-            })
-            .map_err(Into::into)
+            results::write_atomic(out, |f| std::io::Write::write_all(f, svg.as_bytes()))
+                .map_err(Into::into)
         }
         "png" => {
             let mut buf = vec![0u8; (w * h * 3) as usize];
@@ -318,12 +312,11 @@ pub fn plot(runs: &[Curves], out: &Path, smoothing: Option<f64>) -> Result<(), R
                 .ok_or_else(|| fail("image buffer of the wrong size".into()))?;
             results::write_atomic(out, |f| {
                 img.write_to(&mut std::io::BufWriter::new(f), image::ImageFormat::Png)
-                    .map_err(|e| e.to_string())
             })
             .map_err(Into::into)
         }
-        _ => Err(fail(format!(
-            "unknown image format \".{ext}\": use a .png or .svg file name"
-        ))),
+        _ => Err(fail(
+            format!("unknown image format \".{ext}\": use a .png or .svg file name").into(),
+        )),
     }
 }

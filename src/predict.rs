@@ -14,7 +14,7 @@ use sha2::Digest;
 
 use crate::backbone;
 use crate::data::folder;
-use crate::io::write_atomic;
+use crate::io::{WriteError, write_atomic};
 use crate::model::TransferModel;
 use crate::plan::Plan;
 use crate::results::ResultsError;
@@ -66,64 +66,61 @@ impl ModelCard {
 
     /// Checks the card as a spec is checked: it is a file a user can edit, and the model is built
     /// from it. Returns what is wrong, naming the key.
-    pub fn validate(&self, def: &backbone::BackboneDef) -> Result<(), String> {
+    pub fn validate(&self, def: &backbone::BackboneDef) -> Result<(), CardError> {
         match &self.bpk_sha256 {
             Some(h) if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) => {
-                return Err(format!(
-                    "bpk_sha256 = \"{h}\" is not a SHA-256 (64 hexadecimal digits)"
-                ));
+                return Err(CardError::Checksum(h.clone()));
             }
             _ => {}
         }
+        let lower = |p: Preprocess| format!("{p:?}").to_lowercase();
         if let Some(p) = self
             .spec
             .backbone
             .preprocess
             .filter(|p| *p != self.preprocess)
         {
-            return Err(format!(
-                "preprocess = \"{}\" contradicts spec.backbone.preprocess = \"{}\"",
-                format!("{:?}", self.preprocess).to_lowercase(),
-                format!("{p:?}").to_lowercase()
-            ));
+            return Err(CardError::Preprocess {
+                card: lower(self.preprocess),
+                spec: lower(p),
+            });
         }
         let layers = def.layers().len();
         if self.cut > layers {
-            return Err(format!(
-                "cut = {}, but {} has {layers} layers (0 to {layers})",
-                self.cut, def.name
-            ));
+            return Err(CardError::Cut {
+                cut: self.cut,
+                backbone: def.name,
+                layers,
+            });
         }
         let [h, w] = self.spec.data.image_size;
         if !(def.min_input..=4096).contains(&h) || !(def.min_input..=4096).contains(&w) {
-            return Err(format!(
-                "spec.data.image_size = [{h}, {w}]: each side must be in [{}, 4096] for {}",
-                def.min_input, def.name
-            ));
+            return Err(CardError::ImageSize {
+                size: [h, w],
+                min: def.min_input,
+                backbone: def.name,
+            });
         }
         if self.spec.head.layers.is_empty() {
-            return Err("spec.head.layers is empty".into());
+            return Err(CardError::EmptyHead);
         }
         let mut shape = crate::head::Shape::Map(def.shape_at(layers, [h, w]));
         let mut params = 0usize;
-        for (i, layer) in self.spec.head.layers.iter().enumerate() {
-            let (out, n) = crate::head::infer(layer, shape)
-                .map_err(|e| format!("spec.head.layers[{i}]: {e} (input {})", shape.keras()))?;
+        for (index, layer) in self.spec.head.layers.iter().enumerate() {
+            let (out, n) = crate::head::infer(layer, shape).map_err(|error| CardError::Layer {
+                index,
+                error,
+                input: shape.keras(),
+            })?;
             params = params.saturating_add(n);
             if params > crate::head::MAX_HEAD_PARAMS {
-                return Err(format!(
-                    "spec.head.layers[{i}]: the head is too large ({params} parameters)"
-                ));
+                return Err(CardError::HeadTooLarge { index, params });
             }
             shape = out;
         }
         let units = match shape {
             crate::head::Shape::Flat(n) => n,
-            crate::head::Shape::Map(_) => {
-                return Err(
-                    "spec.head.layers: the last layer must give a vector (a dense layer)".into(),
-                );
-            }
+            crate::head::Shape::Map(_) => return Err(CardError::LastNotVector),
         };
         let n = self.classes.len();
         let fits = match self.spec.train.loss {
@@ -131,19 +128,97 @@ impl ModelCard {
             crate::spec::Loss::CategoricalCrossentropy => n >= 2 && units == n,
         };
         if !fits {
-            return Err(format!(
-                "classes: {n} class names ({}) for a head with {units} output{} under {:?}",
-                self.classes.join(", "),
-                if units == 1 { "" } else { "s" },
-                self.spec.train.loss
-            ));
+            return Err(CardError::Classes {
+                classes: self.classes.clone(),
+                units,
+                loss: self.spec.train.loss,
+            });
         }
         let mut seen = std::collections::HashSet::new();
         if let Some(dup) = self.classes.iter().find(|c| !seen.insert(c.as_str())) {
-            return Err(format!("classes: \"{dup}\" appears twice"));
+            return Err(CardError::Duplicate(dup.clone()));
         }
         Ok(())
     }
+}
+
+/// What is wrong in a `model.json`, named by its key.
+#[derive(Debug, thiserror::Error)]
+pub enum CardError {
+    /// `bpk_sha256` is not 64 hexadecimal digits.
+    #[error("bpk_sha256 = \"{0}\" is not a SHA-256 (64 hexadecimal digits)")]
+    Checksum(String),
+    /// `preprocess` and the spec's `backbone.preprocess` disagree.
+    #[error("preprocess = \"{card}\" contradicts spec.backbone.preprocess = \"{spec}\"")]
+    Preprocess {
+        /// The card's value.
+        card: String,
+        /// The spec's value.
+        spec: String,
+    },
+    /// `cut` beyond the backbone's layers.
+    #[error("cut = {cut}, but {backbone} has {layers} layers (0 to {layers})")]
+    Cut {
+        /// The card's cut.
+        cut: usize,
+        /// The backbone.
+        backbone: &'static str,
+        /// Its number of layers.
+        layers: usize,
+    },
+    /// An image size the backbone cannot take.
+    #[error(
+        "spec.data.image_size = [{}, {}]: each side must be in [{min}, 4096] for {backbone}",
+        size[0], size[1]
+    )]
+    ImageSize {
+        /// Height and width.
+        size: [usize; 2],
+        /// The backbone's smallest input side.
+        min: usize,
+        /// The backbone.
+        backbone: &'static str,
+    },
+    /// No head layers.
+    #[error("spec.head.layers is empty")]
+    EmptyHead,
+    /// A head layer that cannot take its input.
+    #[error("spec.head.layers[{index}]: {error} (input {input})")]
+    Layer {
+        /// The layer's index.
+        index: usize,
+        /// Why.
+        error: crate::head::ShapeError,
+        /// Its input shape, Keras style.
+        input: String,
+    },
+    /// The head's parameters beyond the limit.
+    #[error("spec.head.layers[{index}]: the head is too large ({params} parameters)")]
+    HeadTooLarge {
+        /// The layer where the limit is passed.
+        index: usize,
+        /// The parameters up to it.
+        params: usize,
+    },
+    /// The head ends on a feature map.
+    #[error("spec.head.layers: the last layer must give a vector (a dense layer)")]
+    LastNotVector,
+    /// The classes do not fit the head's outputs and the loss.
+    #[error(
+        "classes: {} class names ({}) for a head with {units} output{} under {loss:?}",
+        classes.len(), classes.join(", "), if *units == 1 { "" } else { "s" }
+    )]
+    Classes {
+        /// The card's classes.
+        classes: Vec<String>,
+        /// The head's outputs.
+        units: usize,
+        /// The loss.
+        loss: crate::spec::Loss,
+    },
+    /// A class name given twice.
+    #[error("classes: \"{0}\" appears twice")]
+    Duplicate(String),
 }
 
 /// Errors saving or using a model.
@@ -191,28 +266,20 @@ pub fn save(
         bpk_sha256: None,
     };
     let bpk = dir.join("model.bpk");
-    let bytes = train::model_bytes(model).map_err(|message| ResultsError::Write {
-        path: bpk.clone(),
-        message,
-    })?;
+    let bytes = train::model_bytes(model).map_err(|e| WriteError::new(&bpk, e))?;
     let card = ModelCard {
         bpk_sha256: Some(hex(&sha2::Sha256::digest(&bytes))),
         ..card
     };
-    write_atomic(&bpk, |f| {
-        std::io::Write::write_all(f, &bytes).map_err(|e| e.to_string())
-    })?;
+    write_atomic(&bpk, |f| std::io::Write::write_all(f, &bytes))?;
     // The card after the weights it describes, so that a card is never there without them.
     let json = serde_json::to_string_pretty(&card).unwrap_or_default();
     write_atomic(&card_path(results, run_id), |f| {
-        std::io::Write::write_all(f, json.as_bytes()).map_err(|e| e.to_string())
+        std::io::Write::write_all(f, json.as_bytes())
     })?;
 
     let st = dir.join("model.safetensors");
-    let fail = |message: String| ResultsError::Write {
-        path: st.clone(),
-        message,
-    };
+    let fail = |e: crate::backbone::weights::ExportError| WriteError::new(&st, e);
     let root = format!("backbone.{}", model.backbone.variant());
     let bytes = crate::backbone::weights::to_safetensors(
         model,
@@ -227,9 +294,7 @@ pub fn save(
         ],
     )
     .map_err(fail)?;
-    write_atomic(&st, |f| {
-        std::io::Write::write_all(f, &bytes).map_err(|e| e.to_string())
-    })?;
+    write_atomic(&st, |f| std::io::Write::write_all(f, &bytes))?;
     Ok(dir)
 }
 
@@ -455,7 +520,7 @@ pub fn predict(
     model: &TransferModel,
     files: &[PathBuf],
     device: &Device,
-) -> Vec<(PathBuf, Result<Vec<f32>, String>)> {
+) -> Vec<(PathBuf, Result<Vec<f32>, folder::DecodeError>)> {
     let spec = &card.spec;
     let m = model.valid();
     let plain = device.clone().without_autodiff();
@@ -470,13 +535,9 @@ pub fn predict(
         .min(crate::device::batch_that_fits(device, per_image))
         .max(1);
     for chunk in files.chunks(batch) {
-        let decoded: Vec<Result<Vec<u8>, String>> = chunk
+        let decoded: Vec<Result<Vec<u8>, folder::DecodeError>> = chunk
             .iter()
-            .map(|p| {
-                folder::decode(p, [h, w], spec.data.interpolation)
-                    .map(|d| d.pixels)
-                    .map_err(|e| e.to_string())
-            })
+            .map(|p| folder::decode(p, [h, w], spec.data.interpolation).map(|d| d.pixels))
             .collect();
         let good: Vec<u8> = decoded
             .iter()

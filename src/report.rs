@@ -151,7 +151,10 @@ pub fn summary(plan: &Plan) -> String {
 /// predicted class), and a line per image that could not be read.
 pub fn predictions(
     classes: &[String],
-    rows: &[(std::path::PathBuf, Result<Vec<f32>, String>)],
+    rows: &[(
+        std::path::PathBuf,
+        Result<Vec<f32>, crate::data::folder::DecodeError>,
+    )],
 ) -> (String, Vec<String>) {
     let width = rows
         .iter()

@@ -129,23 +129,33 @@ pub fn shard_indices(len: usize, i: usize, n: usize) -> Vec<usize> {
     (0..len).filter(|k| k % n.max(1) == i).collect()
 }
 
+/// A `--shard` that is not `i/n` with `0 <= i < n`.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ShardError {
+    /// No `/`.
+    #[error("expected i/n, e.g. 0/4, got \"{0}\"")]
+    Form(String),
+    /// A side that is not a number.
+    #[error("\"{0}\" is not a number")]
+    NotNumber(String),
+    /// `i` not below `n`.
+    #[error("shard {0}/{1}: i counts from 0 and must be below n (e.g. 0/4 .. 3/4)")]
+    Range(usize, usize),
+}
+
 /// Parses `i/n` with `0 <= i < n`.
-pub fn parse_shard(s: &str) -> Result<(usize, usize), String> {
+pub fn parse_shard(s: &str) -> Result<(usize, usize), ShardError> {
     let (i, n) = s
         .split_once('/')
-        .ok_or_else(|| format!("expected i/n, e.g. 0/4, got \"{s}\""))?;
-    let (i, n): (usize, usize) = (
-        i.trim()
-            .parse()
-            .map_err(|_| format!("\"{i}\" is not a number"))?,
-        n.trim()
-            .parse()
-            .map_err(|_| format!("\"{n}\" is not a number"))?,
-    );
+        .ok_or_else(|| ShardError::Form(s.to_string()))?;
+    let number = |x: &str| {
+        x.trim()
+            .parse::<usize>()
+            .map_err(|_| ShardError::NotNumber(x.to_string()))
+    };
+    let (i, n) = (number(i)?, number(n)?);
     if n == 0 || i >= n {
-        return Err(format!(
-            "shard {i}/{n}: i counts from 0 and must be below n (e.g. 0/4 .. 3/4)"
-        ));
+        return Err(ShardError::Range(i, n));
     }
     Ok((i, n))
 }

@@ -305,8 +305,41 @@ fn no_function_is_longer_than_150_lines() {
     );
 }
 
+/// A `Result<_, String>` in a signature or type (the error type is the last argument).
+fn string_errors(code: &str) -> Vec<String> {
+    code.lines()
+        .filter(|l| {
+            let l = l.replace(' ', "");
+            l.contains("Result<") && (l.contains(",String>") || l.contains("Result<String>"))
+        })
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+#[test]
+fn errors_are_typed_not_strings() {
+    let mut found = Vec::new();
+    for (file, _, code) in sources() {
+        for l in string_errors(&code) {
+            found.push(format!(
+                "{}: {l}",
+                file.strip_prefix(src()).unwrap().display()
+            ));
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "errors are thiserror types that keep their cause, not strings:\n{}",
+        found.join("\n")
+    );
+}
+
 #[test]
 fn the_checks_see_what_they_check() {
+    assert_eq!(
+        string_errors("fn f() -> Result<(usize, usize), String> {\nfn g() -> Result<String, E> {"),
+        ["fn f() -> Result<(usize, usize), String> {"]
+    );
     // The parsing the tests above rely on: a comment or a string is no import, a use group is.
     assert_eq!(
         after(

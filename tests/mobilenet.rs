@@ -108,7 +108,9 @@ fn mobilenet_v2_is_a_backbone_of_the_spec_and_fine_tunes_only_above_its_cutoff()
         summary.contains("features.16.*") && !summary.contains("features.17.*"),
         "{summary}"
     );
-    let e = runner::backbone::Cutoff::resolve(plan.backbone, "features.19").unwrap_err();
+    let e = runner::backbone::Cutoff::resolve(plan.backbone, "features.19")
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("not a layer of mobilenet_v2") && e.contains("features.1"),
         "{e}"

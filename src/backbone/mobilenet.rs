@@ -11,7 +11,6 @@ use std::path::Path;
 
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
-use burn::store::KeyRemapper;
 
 use super::conv_bn::{Act, ConvBn};
 use super::weights::{KeyMap, WeightsError};
@@ -263,12 +262,6 @@ impl MobileNetV2 {
             },
             keras: false,
         }
-    }
-
-    /// The module path -> torchvision key map for a MobileNetV2 at `root` (e.g.
-    /// `backbone.MobileNetV2`), to export under torchvision's names.
-    pub fn export_remapper(root: &str) -> Result<KeyRemapper, String> {
-        super::weights::export_remapper(root, &Self::key_pairs())
     }
 
     /// Loads torchvision's MobileNetV2 state dict (safetensors or `.pth`); every tensor of the

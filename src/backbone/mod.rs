@@ -258,6 +258,21 @@ impl BackboneDef {
     }
 }
 
+/// A `trainable_from` that names no layer of the backbone.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "\"{name}\" is not a layer of {backbone}; nearest layer names: {}; or use \"none\" (all frozen) or \"all\" (all trainable)",
+    nearest.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ")
+)]
+pub struct UnknownLayer {
+    /// The name given.
+    pub name: String,
+    /// The backbone's name.
+    pub backbone: String,
+    /// The three nearest layer names, nearest first.
+    pub nearest: Vec<String>,
+}
+
 /// Where training starts in the backbone: layers before `index` are frozen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cutoff {
@@ -269,7 +284,7 @@ pub struct Cutoff {
 
 impl Cutoff {
     /// Resolves `trainable_from` against the backbone's layer names.
-    pub fn resolve(def: &BackboneDef, trainable_from: &str) -> Result<Self, String> {
+    pub fn resolve(def: &BackboneDef, trainable_from: &str) -> Result<Self, UnknownLayer> {
         let layers = def.layers();
         let index = match trainable_from {
             "none" => layers.len(),
@@ -289,16 +304,11 @@ impl Cutoff {
                         .map(|l| (strsim::damerau_levenshtein(name, &l.name), l.name.as_str()))
                         .collect();
                     names.sort();
-                    let near: Vec<String> = names
-                        .iter()
-                        .take(3)
-                        .map(|(_, n)| format!("\"{n}\""))
-                        .collect();
-                    return Err(format!(
-                        "\"{name}\" is not a layer of {}; nearest layer names: {}; or use \"none\" (all frozen) or \"all\" (all trainable)",
-                        def.name,
-                        near.join(", ")
-                    ));
+                    return Err(UnknownLayer {
+                        name: name.to_string(),
+                        backbone: def.name.to_string(),
+                        nearest: names.iter().take(3).map(|(_, n)| n.to_string()).collect(),
+                    });
                 }
             },
         };

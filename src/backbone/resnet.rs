@@ -283,10 +283,4 @@ impl ResNet50 {
             keras: false,
         }
     }
-
-    /// The module path -> torchvision key map for a ResNet50 at `root` (e.g.
-    /// `backbone.ResNet50`), to export under torchvision's names.
-    pub fn export_remapper(root: &str) -> Result<burn::store::KeyRemapper, String> {
-        super::weights::export_remapper(root, &Self::key_pairs())
-    }
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use burn::module::Module;
 use burn::store::{
     ApplyError, ApplyResult, KeyRemapper, ModuleSnapshot, PyTorchToBurnAdapter, PytorchStore,
-    SafetensorsStore,
+    SafetensorsStore, SafetensorsStoreError,
 };
 
 /// Errors from loading backbone weights.
@@ -98,7 +98,7 @@ pub struct KeyMap {
 }
 
 impl KeyMap {
-    fn remapper(&self) -> Result<KeyRemapper, String> {
+    fn remapper(&self) -> Result<KeyRemapper, regex::Error> {
         KeyRemapper::from_patterns(
             self.pairs
                 .iter()
@@ -110,7 +110,6 @@ impl KeyMap {
                 })
                 .collect(),
         )
-        .map_err(|e| e.to_string())
     }
 
     /// The file's name for the module tensor at `path`.
@@ -135,7 +134,10 @@ impl KeyMap {
 
 /// The module path -> file name map for a model at `root` (e.g. `backbone.ResNet50`), to export
 /// under the file's names.
-pub fn export_remapper(root: &str, pairs: &[(String, String)]) -> Result<KeyRemapper, String> {
+pub fn export_remapper(
+    root: &str,
+    pairs: &[(String, String)],
+) -> Result<KeyRemapper, regex::Error> {
     let root = if root.is_empty() {
         String::new()
     } else {
@@ -155,7 +157,6 @@ pub fn export_remapper(root: &str, pairs: &[(String, String)]) -> Result<KeyRema
             })
             .collect(),
     )
-    .map_err(|e| e.to_string())
 }
 
 fn regex_escape(s: &str) -> String {
@@ -180,7 +181,7 @@ pub fn load<M: Module>(
         message,
     };
     let format = Format::detect(path)?;
-    let remap = map.remapper().map_err(unreadable)?;
+    let remap = map.remapper().map_err(|e| unreadable(e.to_string()))?;
     let result = match format {
         Format::Safetensors => {
             let mut store = SafetensorsStore::from_file(path)
@@ -206,7 +207,7 @@ pub fn load<M: Module>(
                      weights as .pth or .safetensors"
                 )));
             }
-            let bytes = keras_h5_to_safetensors(path).map_err(unreadable)?;
+            let bytes = keras_h5_to_safetensors(path).map_err(|e| unreadable(e.to_string()))?;
             let mut store = SafetensorsStore::from_bytes(Some(bytes))
                 .remap(remap)
                 .validate(false)
@@ -229,7 +230,7 @@ pub fn to_safetensors<M: Module>(
     map: &KeyMap,
     torch: bool,
     metadata: &[(&str, String)],
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, ExportError> {
     let mut store = SafetensorsStore::from_bytes(None).remap(export_remapper(root, &map.pairs)?);
     for (k, v) in metadata {
         store = store.metadata(*k, v.clone());
@@ -237,8 +238,59 @@ pub fn to_safetensors<M: Module>(
     if torch {
         store = store.with_to_adapter(burn::store::BurnToPyTorchAdapter);
     }
-    module.save_into(&mut store).map_err(|e| e.to_string())?;
-    store.get_bytes().map_err(|e| e.to_string())
+    module.save_into(&mut store)?;
+    Ok(store.get_bytes()?)
+}
+
+/// Why a module could not be written as safetensors.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// A key pattern is not a valid regular expression.
+    #[error("{0}")]
+    Remap(#[from] regex::Error),
+    /// The store could not collect or encode the tensors.
+    #[error("{0}")]
+    Store(#[from] SafetensorsStoreError),
+}
+
+/// Why a Keras HDF5 file could not be read; `at` is the group or dataset.
+#[derive(Debug, thiserror::Error)]
+pub enum H5Error {
+    /// Not an HDF5 file.
+    #[error("HDF5: {0}")]
+    Open(hdf5_pure::Error),
+    /// A group, attribute or dataset could not be read.
+    #[error("{}{error}", if at.is_empty() { String::new() } else { format!("{at}: ") })]
+    Read {
+        /// Where in the file (`""` at the root).
+        at: String,
+        /// The reader's error.
+        error: hdf5_pure::Error,
+    },
+    /// A dataset's declared size is beyond any weight's.
+    #[error(
+        "{at}: the file declares a tensor of shape {shape:?}, more than the {MAX_TENSOR_VALUES} values a weight may have (a damaged file?)"
+    )]
+    TooLarge {
+        /// The dataset.
+        at: String,
+        /// Its declared shape.
+        shape: Vec<usize>,
+    },
+    /// No weights at all.
+    #[error("no layer weights in the file (not a Keras weights file?)")]
+    Empty,
+    /// A tensor could not be encoded.
+    #[error("{name}: {error}")]
+    Encode {
+        /// The tensor.
+        name: String,
+        /// The encoder's error.
+        error: safetensors::SafeTensorError,
+    },
+    /// The tensors could not be written as safetensors.
+    #[error("{0}")]
+    Serialize(safetensors::SafeTensorError),
 }
 
 /// Every problem of a load, one line each, named as the file names them.
@@ -303,28 +355,32 @@ pub const MAX_TENSOR_VALUES: usize = 1 << 28;
 /// Both layouts Keras writes are read: Keras 2's (`save_weights("x.h5")`, the files in
 /// `~/.keras/models`: `/<layer>/<layer>/kernel:0`, under `/model_weights` in a whole-model file)
 /// and Keras 3's `.weights.h5` (`/layers/<layer>/vars/0` kernel, `/vars/1` bias).
-pub fn keras_h5_to_safetensors(path: &Path) -> Result<Vec<u8>, String> {
-    let file = hdf5_pure::File::open(path).map_err(|e| format!("HDF5: {e}"))?;
+pub fn keras_h5_to_safetensors(path: &Path) -> Result<Vec<u8>, H5Error> {
+    let file = hdf5_pure::File::open(path).map_err(H5Error::Open)?;
+    let root_err = |error| H5Error::Read {
+        at: String::new(),
+        error,
+    };
     let mut root = file.root();
-    let top = root.groups().map_err(|e| e.to_string())?;
+    let top = root.groups().map_err(root_err)?;
     if top.iter().any(|g| g == "model_weights") {
-        root = root.group("model_weights").map_err(|e| e.to_string())?;
+        root = root.group("model_weights").map_err(root_err)?;
     }
     let keras3 = root
         .groups()
-        .map_err(|e| e.to_string())?
+        .map_err(root_err)?
         .iter()
         .any(|g| g == "layers")
-        && !root
-            .attrs()
-            .map_err(|e| e.to_string())?
-            .contains_key("layer_names");
+        && !root.attrs().map_err(root_err)?.contains_key("layer_names");
     if keras3 {
-        root = root.group("layers").map_err(|e| e.to_string())?;
+        root = root.group("layers").map_err(root_err)?;
     }
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-    for key in root.groups().map_err(|e| e.to_string())? {
-        let group = root.group(&key).map_err(|e| format!("{key}: {e}"))?;
+    for key in root.groups().map_err(root_err)? {
+        let group = root.group(&key).map_err(|error| H5Error::Read {
+            at: key.clone(),
+            error,
+        })?;
         // Keras 3 keys its groups by class (`conv2d_3`); the layer's name is an attribute of
         // `vars`.
         let layer = if keras3 {
@@ -343,7 +399,10 @@ pub fn keras_h5_to_safetensors(path: &Path) -> Result<Vec<u8>, String> {
             key.clone()
         };
         let mut found: Vec<(String, hdf5_pure::Dataset)> = Vec::new();
-        collect_datasets(&group, "", &mut found).map_err(|e| format!("{layer}: {e}"))?;
+        collect_datasets(&group, "", &mut found).map_err(|error| H5Error::Read {
+            at: layer.clone(),
+            error,
+        })?;
         for (name, ds) in found {
             let leaf = name.rsplit('/').next().unwrap_or(&name);
             let leaf = leaf.strip_suffix(":0").unwrap_or(leaf);
@@ -356,7 +415,10 @@ pub fn keras_h5_to_safetensors(path: &Path) -> Result<Vec<u8>, String> {
             let at = format!("{key}/{name}");
             let shape: Vec<usize> = ds
                 .shape()
-                .map_err(|e| format!("{at}: {e}"))?
+                .map_err(|error| H5Error::Read {
+                    at: at.clone(),
+                    error,
+                })?
                 .into_iter()
                 .map(|d| d as usize)
                 .collect();
@@ -367,11 +429,9 @@ pub fn keras_h5_to_safetensors(path: &Path) -> Result<Vec<u8>, String> {
                 .try_fold(1usize, |a, &d| a.checked_mul(d))
                 .filter(|&n| n <= MAX_TENSOR_VALUES);
             if values_declared.is_none() {
-                return Err(format!(
-                    "{at}: the file declares a tensor of shape {shape:?}, more than the {MAX_TENSOR_VALUES} values a weight may have (a damaged file?)"
-                ));
+                return Err(H5Error::TooLarge { at, shape });
             }
-            let values = ds.read_f32().map_err(|e| format!("{at}: {e}"))?;
+            let values = ds.read_f32().map_err(|error| H5Error::Read { at, error })?;
             let (shape, values) = match (role, shape.as_slice()) {
                 ("weight", &[h, w, i, o]) => {
                     (vec![o, i, h, w], hwio_to_oihw(&values, [h, w, i, o]))
@@ -383,7 +443,7 @@ pub fn keras_h5_to_safetensors(path: &Path) -> Result<Vec<u8>, String> {
         }
     }
     if tensors.is_empty() {
-        return Err("no layer weights in the file (not a Keras weights file?)".into());
+        return Err(H5Error::Empty);
     }
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
@@ -391,10 +451,13 @@ pub fn keras_h5_to_safetensors(path: &Path) -> Result<Vec<u8>, String> {
             let bytes: &[u8] = bytemuck_f32(values);
             safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
                 .map(|v| (name.clone(), v))
-                .map_err(|e| format!("{name}: {e}"))
+                .map_err(|error| H5Error::Encode {
+                    name: name.clone(),
+                    error,
+                })
         })
         .collect::<Result<_, _>>()?;
-    safetensors::serialize(views, None).map_err(|e| e.to_string())
+    safetensors::serialize(views, None).map_err(H5Error::Serialize)
 }
 
 fn collect_datasets(

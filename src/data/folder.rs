@@ -235,7 +235,7 @@ fn resize(
     rgb: image::RgbImage,
     [h, w]: [usize; 2],
     interp: Interpolation,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, ResizeError> {
     use fast_image_resize::{
         FilterType as F, PixelType, ResizeAlg, ResizeOptions, Resizer, images::Image,
     };
@@ -245,12 +245,12 @@ fn resize(
         Interpolation::Bilinear => {
             let (sw, sh) = rgb.dimensions();
             let src = Image::from_vec_u8(sw, sh, rgb.into_raw(), PixelType::U8x3)
-                .map_err(|e| e.to_string())?;
+                .map_err(ResizeError::Buffer)?;
             let mut dst = Image::new(w as u32, h as u32, PixelType::U8x3);
             let alg = ResizeAlg::Convolution(F::Bilinear);
             Resizer::new()
                 .resize(&src, &mut dst, &ResizeOptions::new().resize_alg(alg))
-                .map_err(|e| format!("cannot resize: {e}"))?;
+                .map_err(ResizeError::Resize)?;
             return Ok(dst.into_vec());
         }
     };
@@ -330,7 +330,18 @@ pub enum DecodeError {
     TooManyPixels(u32, u32),
     /// Resizing failed.
     #[error("{0}")]
-    Resize(String),
+    Resize(ResizeError),
+}
+
+/// Why pixels could not be resized (`fast_image_resize`'s errors).
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeError {
+    /// The pixels do not fit their declared size.
+    #[error("{0}")]
+    Buffer(fast_image_resize::ImageBufferError),
+    /// The resizer refused.
+    #[error("cannot resize: {0}")]
+    Resize(fast_image_resize::ResizeError),
 }
 
 fn megapixels(w: &u32, h: &u32) -> f64 {

@@ -54,31 +54,17 @@ pub const SCHEMA_VERSION: u32 = 3;
 /// Parquet metadata key holding the resolved config.
 pub const CONFIG_KEY: &str = "runner.config";
 
-pub use crate::io::{remove_stale_temporaries, write_atomic};
-
-impl From<crate::io::WriteError> for ResultsError {
-    fn from(e: crate::io::WriteError) -> Self {
-        ResultsError::Write {
-            path: e.path,
-            message: e.message,
-        }
-    }
-}
+pub use crate::io::{WriteError, remove_stale_temporaries, write_atomic};
 
 /// Errors writing or reading results.
 #[derive(Debug, thiserror::Error)]
 pub enum ResultsError {
     /// A file could not be written.
-    #[error("{path}: cannot write: {message}")]
-    Write {
-        /// The file.
-        path: PathBuf,
-        /// What went wrong.
-        message: String,
-    },
+    #[error(transparent)]
+    Write(#[from] crate::io::WriteError),
     /// A results query is malformed.
-    #[error("{0}")]
-    Query(String),
+    #[error(transparent)]
+    Query(#[from] query::QueryError),
     /// A file could not be read.
     #[error("{path}: cannot read results: {message}")]
     Read {
@@ -170,14 +156,11 @@ pub fn write_run(
 ) -> Result<PathBuf, ResultsError> {
     let config = config_toml(plan);
     write_atomic(&dir.join(format!("{run_id}.toml")), |f| {
-        f.write_all(config.as_bytes()).map_err(|e| e.to_string())
+        f.write_all(config.as_bytes())
     })?;
     let path = dir.join(format!("{run_id}.parquet"));
-    let mut df =
-        run_frame(plan, run_id, started_at, progress, test).map_err(|e| ResultsError::Write {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+    let mut df = run_frame(plan, run_id, started_at, progress, test)
+        .map_err(|e| WriteError::new(&path, e))?;
     write_atomic(&path, |f| {
         ParquetWriter::new(f)
             .with_key_value_metadata(Some(KeyValueMetadata::from_static(vec![
@@ -186,7 +169,6 @@ pub fn write_run(
             ])))
             .finish(&mut df)
             .map(|_| ())
-            .map_err(|e| e.to_string())
     })?;
     Ok(path)
 }
@@ -201,10 +183,7 @@ pub fn write_predictions(
     predictions: &[Prediction],
 ) -> Result<PathBuf, ResultsError> {
     let path = dir.join(format!("{run_id}.predictions.parquet"));
-    let fail = |e: &dyn std::fmt::Display| ResultsError::Write {
-        path: path.clone(),
-        message: e.to_string(),
-    };
+    let fail = |e: PolarsError| WriteError::new(&path, e);
     let predicted: Vec<usize> = predictions
         .iter()
         .map(|p| crate::metrics::predicted_class(&p.probabilities))
@@ -255,13 +234,8 @@ pub fn write_predictions(
                 .collect::<Vec<_>>(),
         ));
     }
-    let mut df = DataFrame::new(predictions.len(), columns).map_err(|e| fail(&e))?;
-    write_atomic(&path, |f| {
-        ParquetWriter::new(f)
-            .finish(&mut df)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    })?;
+    let mut df = DataFrame::new(predictions.len(), columns).map_err(fail)?;
+    write_atomic(&path, |f| ParquetWriter::new(f).finish(&mut df).map(|_| ()))?;
     Ok(path)
 }
 

@@ -121,27 +121,70 @@ enum Filter {
     Contains(String, String),
 }
 
+/// A `--filter` or `--sort` that does not fit the table.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// No operator.
+    #[error("--filter {0}: expected COLUMN OP VALUE with OP one of = != > >= < <= ~")]
+    NoOperator(String),
+    /// A column the table does not have.
+    #[error("--{flag} {given}: no column \"{name}\"{hint}; columns: {}", columns.join(", "))]
+    NoColumn {
+        /// `filter` or `sort`.
+        flag: &'static str,
+        /// The argument as given.
+        given: String,
+        /// The column it names.
+        name: String,
+        /// `; did you mean ...?`, or empty.
+        hint: String,
+        /// The table's columns.
+        columns: Vec<String>,
+    },
+    /// An order comparison on a text column.
+    #[error("--filter {given}: {name} is text; compare it with =, != or ~ (contains)")]
+    TextOrder {
+        /// The argument as given.
+        given: String,
+        /// The column.
+        name: String,
+    },
+    /// A number column compared with text.
+    #[error("--filter {given}: {name} is a number; \"{raw}\" is not one")]
+    NotNumber {
+        /// The argument as given.
+        given: String,
+        /// The column.
+        name: String,
+        /// The value given.
+        raw: String,
+    },
+    /// The table could not be written as CSV.
+    #[error("{0}")]
+    Csv(PolarsError),
+}
+
 /// Parses `column OP value`.
-fn filter_expr(f: &str, columns: &[String], types: &[DataType]) -> Result<Filter, String> {
+fn filter_expr(f: &str, columns: &[String], types: &[DataType]) -> Result<Filter, QueryError> {
     const OPS: [&str; 7] = [">=", "<=", "!=", "=", ">", "<", "~"];
     let (at, op) = OPS
         .iter()
         .filter_map(|op| f.find(op).map(|i| (i, *op)))
         .min_by_key(|(i, op)| (*i, std::cmp::Reverse(op.len())))
-        .ok_or_else(|| {
-            format!("--filter {f}: expected COLUMN OP VALUE with OP one of = != > >= < <= ~")
-        })?;
+        .ok_or_else(|| QueryError::NoOperator(f.to_string()))?;
     let name = f[..at].trim();
     let raw = f[at + op.len()..].trim().trim_matches('"');
     if !columns.iter().any(|c| c == name) {
-        return Err(format!(
-            "--filter {f}: no column \"{name}\"{}; columns: {}",
-            crate::spec::load::closest(
+        return Err(QueryError::NoColumn {
+            flag: "filter",
+            given: f.to_string(),
+            name: name.to_string(),
+            hint: crate::spec::load::closest(
                 name,
-                &columns.iter().map(String::as_str).collect::<Vec<_>>()
+                &columns.iter().map(String::as_str).collect::<Vec<_>>(),
             ),
-            columns.join(", ")
-        ));
+            columns: columns.to_vec(),
+        });
     }
     if op == "~" {
         return Ok(Filter::Contains(name.to_string(), raw.to_string()));
@@ -152,14 +195,17 @@ fn filter_expr(f: &str, columns: &[String], types: &[DataType]) -> Result<Filter
         .any(|(c, t)| c == name && matches!(t, DataType::String));
     let number = raw.parse::<f64>().ok();
     if text && matches!(op, ">" | ">=" | "<" | "<=") {
-        return Err(format!(
-            "--filter {f}: {name} is text; compare it with =, != or ~ (contains)"
-        ));
+        return Err(QueryError::TextOrder {
+            given: f.to_string(),
+            name: name.to_string(),
+        });
     }
     if !text && number.is_none() {
-        return Err(format!(
-            "--filter {f}: {name} is a number; \"{raw}\" is not one"
-        ));
+        return Err(QueryError::NotNumber {
+            given: f.to_string(),
+            name: name.to_string(),
+            raw: raw.to_string(),
+        });
     }
     let c = col(name);
     let v = match (text, number) {
@@ -237,7 +283,7 @@ pub fn query(dir: &Path, q: &Query) -> Result<Option<DataFrame>, ResultsError> {
     let types: Vec<DataType> = schema.iter_fields().map(|f| f.dtype().clone()).collect();
     let mut substrings = Vec::new();
     for f in &q.filters {
-        match filter_expr(f, &columns, &types).map_err(ResultsError::Query)? {
+        match filter_expr(f, &columns, &types)? {
             Filter::Expr(e) => lf = lf.filter(e),
             Filter::Contains(c, n) => substrings.push((c, n)),
         }
@@ -248,10 +294,14 @@ pub fn query(dir: &Path, q: &Query) -> Result<Option<DataFrame>, ResultsError> {
             None => (s.as_str(), false),
         };
         if !columns.iter().any(|c| c == name) {
-            return Err(ResultsError::Query(format!(
-                "--sort {s}: no column \"{name}\"; columns: {}",
-                columns.join(", ")
-            )));
+            return Err(QueryError::NoColumn {
+                flag: "sort",
+                given: s.clone(),
+                name: name.to_string(),
+                hint: String::new(),
+                columns,
+            }
+            .into());
         }
         lf = lf.sort(
             [name],
@@ -361,7 +411,7 @@ pub fn render(df: &DataFrame, format: Format) -> Result<String, ResultsError> {
             CsvWriter::new(&mut buf)
                 .include_header(true)
                 .finish(&mut df)
-                .map_err(|e| ResultsError::Query(e.to_string()))?;
+                .map_err(QueryError::Csv)?;
             String::from_utf8_lossy(&buf).into_owned()
         }
         Format::Json => {

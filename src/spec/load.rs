@@ -82,8 +82,13 @@ pub enum SpecError {
     #[error("--set {0}: expected key.path=value, e.g. --set optimizer.lr=1e-4")]
     BadSet(String),
     /// An indexed `--set` (`head.layers[1].units=8`) that does not fit the spec.
-    #[error("--set {0}")]
-    BadSetIndex(String),
+    #[error("--set {set}: {why}")]
+    BadSetIndex {
+        /// The `--set` argument.
+        set: String,
+        /// Why it does not fit.
+        why: IndexError,
+    },
     /// Problems with keys or values.
     #[error("{0}")]
     Invalid(Problems),
@@ -172,6 +177,56 @@ impl Sources {
     }
 }
 
+/// Why an indexed `--set` (`head.layers[1].units=8`) does not fit the spec.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    /// `[` without `]`.
+    #[error("an index needs its closing bracket, e.g. head.layers[1].units=8")]
+    Unclosed,
+    /// An index that is not a number.
+    #[error("the index `{0}` is not a number")]
+    NotNumber(String),
+    /// Two indices in one key.
+    #[error("only one index per key is supported")]
+    Nested,
+    /// No value at the key.
+    #[error("there is no array `{0}` to index")]
+    Missing(String),
+    /// A value that cannot be turned into TOML.
+    #[error("`{array}` cannot be indexed: {error}")]
+    Unindexable {
+        /// The key.
+        array: String,
+        /// The conversion's error.
+        error: toml::ser::Error,
+    },
+    /// A value that is not an array.
+    #[error("`{0}` is not an array")]
+    NotArray(String),
+    /// An index past the end.
+    #[error(
+        "`{array}` has {len} entr{}, so indices 0 to {}",
+        if *len == 1 { "y" } else { "ies" },
+        len.saturating_sub(1)
+    )]
+    OutOfRange {
+        /// The key.
+        array: String,
+        /// The array's length.
+        len: usize,
+    },
+    /// A key below an entry that is not a table.
+    #[error("`{array}[{index}]` has no table at `{key}`")]
+    NoTable {
+        /// The key.
+        array: String,
+        /// The index.
+        index: usize,
+        /// The key within the entry.
+        key: String,
+    },
+}
+
 /// The array at `array` as layered in `figment`, with `rest` (`1].units`: the index, then the key
 /// within that element) set to `value`.
 fn set_in_array(
@@ -179,32 +234,30 @@ fn set_in_array(
     array: &str,
     rest: &str,
     value: toml::Value,
-) -> Result<toml::Value, String> {
-    let (index, within) = rest
-        .split_once(']')
-        .ok_or("an index needs its closing bracket, e.g. head.layers[1].units=8")?;
+) -> Result<toml::Value, IndexError> {
+    let (index, within) = rest.split_once(']').ok_or(IndexError::Unclosed)?;
     let index: usize = index
         .parse()
-        .map_err(|_| format!("the index `{index}` is not a number"))?;
+        .map_err(|_| IndexError::NotNumber(index.to_string()))?;
     let within = within.strip_prefix('.').unwrap_or(within);
     if within.contains('[') {
-        return Err("only one index per key is supported".into());
+        return Err(IndexError::Nested);
     }
     let current: Value = figment
         .find_value(array)
-        .map_err(|_| format!("there is no array `{array}` to index"))?;
+        .map_err(|_| IndexError::Missing(array.to_string()))?;
     let mut list: toml::Value =
-        toml::Value::try_from(&current).map_err(|e| format!("`{array}` cannot be indexed: {e}"))?;
+        toml::Value::try_from(&current).map_err(|error| IndexError::Unindexable {
+            array: array.to_string(),
+            error,
+        })?;
     let items = list
         .as_array_mut()
-        .ok_or_else(|| format!("`{array}` is not an array"))?;
+        .ok_or_else(|| IndexError::NotArray(array.to_string()))?;
     let n = items.len();
-    let item = items.get_mut(index).ok_or_else(|| {
-        format!(
-            "`{array}` has {n} entr{}, so indices 0 to {}",
-            if n == 1 { "y" } else { "ies" },
-            n.saturating_sub(1)
-        )
+    let item = items.get_mut(index).ok_or_else(|| IndexError::OutOfRange {
+        array: array.to_string(),
+        len: n,
     })?;
     if within.is_empty() {
         *item = value;
@@ -213,9 +266,11 @@ fn set_in_array(
     let mut at = item;
     let keys: Vec<&str> = within.split('.').collect();
     for (i, k) in keys.iter().enumerate() {
-        let table = at
-            .as_table_mut()
-            .ok_or_else(|| format!("`{array}[{index}]` has no table at `{k}`"))?;
+        let table = at.as_table_mut().ok_or_else(|| IndexError::NoTable {
+            array: array.to_string(),
+            index,
+            key: k.to_string(),
+        })?;
         if i + 1 == keys.len() {
             table.insert(k.to_string(), value);
             break;
@@ -568,8 +623,12 @@ fn layers(
             // `head.layers[1].units`: figment's paths have no indices, so the whole array is
             // taken as layered so far, changed at the index, and laid over.
             Some((array, rest)) => {
-                let new = set_in_array(&figment, array, rest, value)
-                    .map_err(|why| SpecError::BadSetIndex(format!("{s}: {why}")))?;
+                let new = set_in_array(&figment, array, rest, value).map_err(|why| {
+                    SpecError::BadSetIndex {
+                        set: s.clone(),
+                        why,
+                    }
+                })?;
                 figment.merge(Serialized::default(array, new))
             }
         };

@@ -99,10 +99,7 @@ pub fn best_path(results: &Path, run_id: &str) -> PathBuf {
 
 /// Writes `ck` to `path` atomically.
 pub fn write(path: &Path, ck: &Checkpoint) -> Result<(), WriteError> {
-    let json = serde_json::to_vec(&ck.state).map_err(|e| WriteError {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    let json = serde_json::to_vec(&ck.state).map_err(|e| WriteError::new(path, e))?;
     let mut buf = Vec::with_capacity(
         MAGIC.len() + 32 + 32 + json.len() + ck.model.len() + ck.optimizer.len(),
     );
@@ -113,7 +110,7 @@ pub fn write(path: &Path, ck: &Checkpoint) -> Result<(), WriteError> {
     }
     let digest = Sha256::digest(&buf);
     buf.extend_from_slice(&digest);
-    write_atomic(path, |f| f.write_all(&buf).map_err(|e| e.to_string()))
+    write_atomic(path, |f| f.write_all(&buf))
 }
 
 /// Makes `to` a copy of the checkpoint just written at `from`: a hard link renamed into place

@@ -217,7 +217,7 @@ impl FeatureCache {
                     Some(f)
                 }
                 Err(reason) => {
-                    warn!(run, split = %images.split, file = %path.display(), reason, "Feature cache file is corrupt; rebuilding it.");
+                    warn!(run, split = %images.split, file = %path.display(), %reason, "Feature cache file is corrupt; rebuilding it.");
                     let _ = std::fs::remove_file(&path);
                     None
                 }
@@ -292,32 +292,69 @@ fn le_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
+/// Why a cache entry cannot be used (it is then rebuilt).
+#[derive(Debug, thiserror::Error)]
+pub enum CacheEntryError {
+    /// The file could not be read.
+    #[error("{0}")]
+    Read(std::io::Error),
+    /// Not a safetensors file.
+    #[error("not a safetensors file: {0}")]
+    Format(safetensors::SafeTensorError),
+    /// The key inside is not the file's name.
+    #[error("its key does not match its file name")]
+    Key,
+    /// A tensor is missing.
+    #[error("no {name} tensor: {error}")]
+    Missing {
+        /// The tensor.
+        name: &'static str,
+        /// The reader's error.
+        error: safetensors::SafeTensorError,
+    },
+    /// The features' checksum does not match.
+    #[error("checksum mismatch")]
+    Checksum,
+    /// The features are not `[images, c, h, w]` f32.
+    #[error("expected f32 [{images}, c, h, w], found {dtype:?} {shape:?}")]
+    Shape {
+        /// The number of images.
+        images: usize,
+        /// The stored dtype.
+        dtype: Dtype,
+        /// The stored shape.
+        shape: Vec<usize>,
+    },
+    /// The labels are not the images'.
+    #[error("labels differ from the images'")]
+    Labels,
+}
+
 /// Reads and checks one cache entry against the key and the images it should describe.
-pub fn read(path: &Path, key: &str, images: &Images) -> Result<Features, String> {
-    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    let st =
-        SafeTensors::deserialize(&bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| e.to_string())?;
+pub fn read(path: &Path, key: &str, images: &Images) -> Result<Features, CacheEntryError> {
+    let bytes = std::fs::read(path).map_err(CacheEntryError::Read)?;
+    let st = SafeTensors::deserialize(&bytes).map_err(CacheEntryError::Format)?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(CacheEntryError::Format)?;
     let meta = meta.metadata().clone().unwrap_or_default();
     if meta.get("runner.key").map(String::as_str) != Some(key) {
-        return Err("its key does not match its file name".into());
+        return Err(CacheEntryError::Key);
     }
-    let feats = st
-        .tensor("features")
-        .map_err(|e| format!("no features tensor: {e}"))?;
-    let labels = st
-        .tensor("labels")
-        .map_err(|e| format!("no labels tensor: {e}"))?;
+    let tensor = |name: &'static str| {
+        st.tensor(name)
+            .map_err(|error| CacheEntryError::Missing { name, error })
+    };
+    let feats = tensor("features")?;
+    let labels = tensor("labels")?;
     if meta.get("runner.sha256") != Some(&hex(&Sha256::digest(feats.data()))) {
-        return Err("checksum mismatch".into());
+        return Err(CacheEntryError::Checksum);
     }
     let shape = feats.shape();
     if feats.dtype() != Dtype::F32 || shape.len() != 4 || shape[0] != images.len() {
-        return Err(format!(
-            "expected f32 [{}, c, h, w], found {:?} {shape:?}",
-            images.len(),
-            feats.dtype()
-        ));
+        return Err(CacheEntryError::Shape {
+            images: images.len(),
+            dtype: feats.dtype(),
+            shape: shape.to_vec(),
+        });
     }
     let stored: Vec<usize> = labels
         .data()
@@ -325,7 +362,7 @@ pub fn read(path: &Path, key: &str, images: &Images) -> Result<Features, String>
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
         .collect();
     if stored != images.labels {
-        return Err("labels differ from the images'".into());
+        return Err(CacheEntryError::Labels);
     }
     Ok(Features {
         values: feats

@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
-use burn::store::ModuleRecord;
+use burn::store::{ModuleRecord, RecordError};
 use burn::tensor::Bytes;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
@@ -52,12 +52,14 @@ pub enum TrainError {
         dir: std::path::PathBuf,
     },
     /// A checkpoint's tensors do not fit this model.
-    #[error("{path}: cannot restore the checkpoint: {message}")]
+    #[error("{path}: cannot restore the checkpoint: {part}{error}")]
     Restore {
         /// The checkpoint.
         path: std::path::PathBuf,
-        /// What went wrong.
-        message: String,
+        /// Which part: `""` for the model, `"optimizer state: "`.
+        part: &'static str,
+        /// burn's error.
+        error: RecordError,
     },
     /// A checkpoint or result file could not be written.
     #[error(transparent)]
@@ -183,24 +185,15 @@ pub struct RunOptions {
 }
 
 /// A model's weights as burnpack bytes.
-pub fn model_bytes(model: &TransferModel) -> Result<Vec<u8>, String> {
-    model
-        .clone()
-        .into_record()
-        .into_bytes()
-        .map(|b| b.to_vec())
-        .map_err(|e| e.to_string())
+pub fn model_bytes(model: &TransferModel) -> Result<Vec<u8>, RecordError> {
+    model.clone().into_record().into_bytes().map(|b| b.to_vec())
 }
 
 /// Loads burnpack bytes into `model` (parameter ids included, so optimizer state still fits).
-pub fn load_model_bytes(model: TransferModel, bytes: &[u8]) -> Result<TransferModel, String> {
-    let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(bytes.to_vec()))
-        .map_err(|e| e.to_string())?;
+pub fn load_model_bytes(model: TransferModel, bytes: &[u8]) -> Result<TransferModel, RecordError> {
+    let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(bytes.to_vec()))?;
     let cut = model.cut();
-    model
-        .try_load_record(record)
-        .map(|m| m.with_cut(cut))
-        .map_err(|e| e.to_string())
+    model.try_load_record(record).map(|m| m.with_cut(cut))
 }
 
 /// The seed of the device before step `step` of epoch `epoch` (dropout masks).
@@ -847,12 +840,8 @@ fn checkpoint_of(
     phase_best: Option<&TransferModel>,
 ) -> Result<Checkpoint, TrainError> {
     let path = checkpoint::last_path(&opts.results, &opts.run_id);
-    let fail = |message: String| {
-        TrainError::Write(crate::io::WriteError {
-            path: path.clone(),
-            message,
-        })
-    };
+    let fail =
+        |e: burn::store::RecordError| TrainError::Write(crate::io::WriteError::new(&path, e));
     Ok(Checkpoint {
         state: checkpoint::State {
             run_id: opts.run_id.clone(),
@@ -860,10 +849,7 @@ fn checkpoint_of(
             progress: progress.clone(),
         },
         model: model_bytes(model).map_err(fail)?,
-        optimizer: optimizer
-            .into_bytes()
-            .map(|b| b.to_vec())
-            .map_err(|e| fail(e.to_string()))?,
+        optimizer: optimizer.into_bytes().map(|b| b.to_vec()).map_err(fail)?,
         phase_best: match phase_best {
             Some(m) => model_bytes(m).map_err(fail)?,
             None => Vec::new(),
@@ -1176,9 +1162,10 @@ fn restore(
     TrainError,
 > {
     let restore = |m: TransferModel, bytes: &[u8]| {
-        load_model_bytes(m, bytes).map_err(|message| TrainError::Restore {
+        load_model_bytes(m, bytes).map_err(|error| TrainError::Restore {
             path: path.to_path_buf(),
-            message,
+            part: "",
+            error,
         })
     };
     let model = restore(model, &ck.model)?;
@@ -1202,9 +1189,10 @@ fn restore_optimizer(
 ) -> Result<ModuleOptimizer, TrainError> {
     optim::build(&ph.optimizer, spec.train.clip_grad_norm)
         .from_bytes(Bytes::from_bytes_vec(bytes))
-        .map_err(|e| TrainError::Restore {
+        .map_err(|error| TrainError::Restore {
             path,
-            message: format!("optimizer state: {e}"),
+            part: "optimizer state: ",
+            error,
         })
 }
 
