@@ -187,15 +187,18 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// The model a plan trains: its first phase's cutoff.
+    /// The model a plan trains: its first phase's cutoff and head.
     pub fn from_plan(plan: &Plan) -> Self {
+        Self::for_phase(plan, 0)
+    }
+
+    /// The model of phase `phase` of a plan: its cutoff and its head.
+    pub fn for_phase(plan: &Plan, phase: usize) -> Self {
+        let ph = plan.phases.get(phase);
         Self {
             backbone: plan.backbone,
-            cut: plan
-                .phases
-                .first()
-                .map_or(plan.cutoff.index, |p| p.cutoff.index),
-            head: plan.spec.head.layers.clone(),
+            cut: ph.map_or(plan.cutoff.index, |p| p.cutoff.index),
+            head: ph.map_or_else(|| plan.spec.head.layers.clone(), |p| p.head.clone()),
             image_size: plan.spec.data.image_size,
             batchnorm_frozen: plan.spec.backbone.batchnorm == crate::spec::BatchNormMode::Frozen,
         }

@@ -70,6 +70,13 @@ pub struct PhasePlan {
     pub augment: Option<AugmentSpec>,
     /// Early stopping.
     pub early_stopping: Option<EarlyStoppingSpec>,
+    /// The head's layers in this phase.
+    pub head: Vec<LayerSpec>,
+    /// Output shape and parameter count of each of them.
+    pub head_shapes: Vec<(Shape, usize)>,
+    /// The phase that declared this head (`[[phase.head.layers]]`), 0 for `[[head.layers]]`; a
+    /// phase whose `head_from` differs from the one before starts a fresh head there.
+    pub head_from: usize,
 }
 
 impl Plan {
@@ -94,10 +101,14 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
     experiment_rules(spec, &mut bad);
     let (def, weights, cutoff) = backbone_rules(spec, locations, &mut bad);
     let (data_dir, splits, classes) = data_rules(spec, def, locations, &mut bad);
-    let (base_output, head_shapes) = head_rules(spec, def, &mut bad);
-    loss_rules(spec, &classes, &mut bad);
+    let (base_output, head_shapes) = head_rules(spec, &spec.head.layers, "head", def, &mut bad);
+    if spec.train.epochs == 0 {
+        bad("train.epochs", "must be at least 1, got 0".into());
+    }
+    loss_rules(spec, &spec.head.layers, "head", &classes, &mut bad);
     training_rules(spec, &mut bad);
-    let phases = phase_plans(spec, def, cutoff.as_ref(), &mut bad);
+    let first_head = (spec.head.layers.clone(), head_shapes.clone());
+    let phases = phase_plans(spec, def, cutoff.as_ref(), &classes, first_head, &mut bad);
     if !problems.is_empty() {
         return Err(Problems(problems));
     }
@@ -317,6 +328,8 @@ fn data_rules(
 /// and parameter count.
 fn head_rules(
     spec: &Spec,
+    layers: &[LayerSpec],
+    prefix: &str,
     def: Option<&'static BackboneDef>,
     bad: &mut impl FnMut(&str, String),
 ) -> ([usize; 3], Vec<(Shape, usize)>) {
@@ -327,14 +340,17 @@ fn head_rules(
         None => [0, 0, 0],
     };
     let mut head_shapes = Vec::new();
-    if spec.head.layers.is_empty() {
-        bad("head.layers", "the head needs at least one layer".into());
+    if layers.is_empty() {
+        bad(
+            &format!("{prefix}.layers"),
+            "the head needs at least one layer".into(),
+        );
     }
     let mut shape = Some(Shape::Map(base_output))
         .filter(|_| def.is_some() && (min..=4096).contains(&h) && (min..=4096).contains(&w));
     let mut head_params = 0usize;
-    for (i, layer) in spec.head.layers.iter().enumerate() {
-        let at = format!("head.layers[{i}]");
+    for (i, layer) in layers.iter().enumerate() {
+        let at = format!("{prefix}.layers[{i}]");
         let mut layer_ok = true;
         layer_rules(layer, &at, &mut |key: &str, msg: String| {
             layer_ok = false;
@@ -374,13 +390,16 @@ fn head_rules(
     (base_output, head_shapes)
 }
 
-/// `train.epochs`, and the loss against the last layer and the classes.
-fn loss_rules(spec: &Spec, classes: &[String], bad: &mut impl FnMut(&str, String)) {
-    if spec.train.epochs == 0 {
-        bad("train.epochs", "must be at least 1, got 0".into());
-    }
-    if let Some(last) = spec.head.layers.last() {
-        let at = format!("head.layers[{}]", spec.head.layers.len() - 1);
+/// The loss against the last layer of a head (at `prefix`) and the classes.
+fn loss_rules(
+    spec: &Spec,
+    layers: &[LayerSpec],
+    prefix: &str,
+    classes: &[String],
+    bad: &mut impl FnMut(&str, String),
+) {
+    if let Some(last) = layers.last() {
+        let at = format!("{prefix}.layers[{}]", layers.len() - 1);
         let n = classes.len();
         match (spec.train.loss, last) {
             (
@@ -469,9 +488,13 @@ fn phase_plans(
     spec: &Spec,
     def: Option<&'static BackboneDef>,
     cutoff: Option<&Cutoff>,
+    classes: &[String],
+    first_head: (Vec<LayerSpec>, Vec<(Shape, usize)>),
     bad: &mut impl FnMut(&str, String),
 ) -> Vec<PhasePlan> {
     let mut phases = Vec::new();
+    // The head each phase trains, and the phase that declared it (0: the first head).
+    let (mut head, mut head_from) = (first_head, 0);
     let phase_specs = if spec.phase.is_empty() {
         vec![crate::spec::PhaseSpec {
             name: "train".into(),
@@ -516,6 +539,19 @@ fn phase_plans(
         if let Some(a) = &p.augment {
             augment_rules(a, &format!("{at}.augment"), bad);
         }
+        match &p.head {
+            Some(_) if i == 0 => bad(
+                &format!("{at}.head"),
+                "the first phase trains the head of [[head.layers]]; a phase's own head replaces the one trained before it, so declare it on a later phase".into(),
+            ),
+            Some(h) => {
+                let prefix = format!("{at}.head");
+                let (_, shapes) = head_rules(spec, &h.layers, &prefix, def, bad);
+                loss_rules(spec, &h.layers, &prefix, classes, bad);
+                (head, head_from) = ((h.layers.clone(), shapes), i);
+            }
+            None => {}
+        }
         let phase_cut = match (&p.trainable_from, def) {
             (Some(t), Some(def)) => Cutoff::resolve(def, t)
                 .map_err(|e| bad(&format!("{at}.trainable_from"), e.to_string()))
@@ -546,6 +582,9 @@ fn phase_plans(
                     .early_stopping
                     .clone()
                     .or_else(|| spec.early_stopping.clone()),
+                head: head.0.clone(),
+                head_shapes: head.1.clone(),
+                head_from,
             });
         }
     }

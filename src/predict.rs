@@ -58,7 +58,7 @@ impl ModelCard {
         crate::model::ModelConfig {
             backbone: def,
             cut: self.cut,
-            head: self.spec.head.layers.clone(),
+            head: self.spec.final_head().1.to_vec(),
             image_size: self.spec.data.image_size,
             batchnorm_frozen: self.spec.backbone.batchnorm == crate::spec::BatchNormMode::Frozen,
         }
@@ -101,26 +101,28 @@ impl ModelCard {
                 backbone: def.name,
             });
         }
-        if self.spec.head.layers.is_empty() {
-            return Err(CardError::EmptyHead);
+        let (at, head) = self.spec.final_head();
+        if head.is_empty() {
+            return Err(CardError::EmptyHead(at));
         }
         let mut shape = crate::head::Shape::Map(def.shape_at(layers, [h, w]));
         let mut params = 0usize;
-        for (index, layer) in self.spec.head.layers.iter().enumerate() {
+        for (index, layer) in head.iter().enumerate() {
             let (out, n) = crate::head::infer(layer, shape).map_err(|error| CardError::Layer {
+                at: at.clone(),
                 index,
                 error,
                 input: shape.keras(),
             })?;
             params = params.saturating_add(n);
             if params > crate::head::MAX_HEAD_PARAMS {
-                return Err(CardError::HeadTooLarge { index, params });
+                return Err(CardError::HeadTooLarge { at, index, params });
             }
             shape = out;
         }
         let units = match shape {
             crate::head::Shape::Flat(n) => n,
-            crate::head::Shape::Map(_) => return Err(CardError::LastNotVector),
+            crate::head::Shape::Map(_) => return Err(CardError::LastNotVector(at)),
         };
         let n = self.classes.len();
         let fits = match self.spec.train.loss {
@@ -180,11 +182,13 @@ pub enum CardError {
         backbone: &'static str,
     },
     /// No head layers.
-    #[error("spec.head.layers is empty")]
-    EmptyHead,
+    #[error("spec.{0}.layers is empty")]
+    EmptyHead(String),
     /// A head layer that cannot take its input.
-    #[error("spec.head.layers[{index}]: {error} (input {input})")]
+    #[error("spec.{at}.layers[{index}]: {error} (input {input})")]
     Layer {
+        /// `head`, or `phase[i].head`.
+        at: String,
         /// The layer's index.
         index: usize,
         /// Why.
@@ -193,16 +197,18 @@ pub enum CardError {
         input: String,
     },
     /// The head's parameters beyond the limit.
-    #[error("spec.head.layers[{index}]: the head is too large ({params} parameters)")]
+    #[error("spec.{at}.layers[{index}]: the head is too large ({params} parameters)")]
     HeadTooLarge {
+        /// `head`, or `phase[i].head`.
+        at: String,
         /// The layer where the limit is passed.
         index: usize,
         /// The parameters up to it.
         params: usize,
     },
     /// The head ends on a feature map.
-    #[error("spec.head.layers: the last layer must give a vector (a dense layer)")]
-    LastNotVector,
+    #[error("spec.{0}.layers: the last layer must give a vector (a dense layer)")]
+    LastNotVector(String),
     /// The classes do not fit the head's outputs and the loss.
     #[error(
         "classes: {} class names ({}) for a head with {units} output{} under {loss:?}",

@@ -105,15 +105,45 @@ pub fn summary(plan: &Plan) -> String {
             .map(|(n, _)| n)
             .collect()
     };
-    let head_params: usize = plan.head_shapes.iter().map(|(_, p)| p).sum();
-    s += &format!("Phases ({}):\n", plan.phases.len());
+    s += &phase_lines(plan);
+    s += &format!(
+        "Frozen tensors ({}): {}\n",
+        frozen_tensors.len(),
+        if frozen_tensors.is_empty() {
+            "none".into()
+        } else {
+            frozen_tensors.join(", ")
+        }
+    );
+    s
+}
+
+/// One line per phase: epochs, cutoff, trainable parameters, optimizer, schedule, augmentation,
+/// early stopping, and the new head of a phase that starts one.
+fn phase_lines(plan: &Plan) -> String {
+    let def = plan.backbone;
+    let mut s = format!("Phases ({}):\n", plan.phases.len());
     for (i, ph) in plan.phases.iter().enumerate() {
         let base_trainable: usize = def.layers()[ph.cutoff.index..]
             .iter()
             .map(|l| l.num_params())
             .sum();
+        let head_params: usize = ph.head_shapes.iter().map(|(_, p)| p).sum();
+        let new_head = if i > 0 && ph.head_from == i {
+            format!(
+                ", a new head: {} ({} params)",
+                ph.head
+                    .iter()
+                    .map(|l| l.describe())
+                    .collect::<Vec<_>>()
+                    .join(" > "),
+                thousands(head_params)
+            )
+        } else {
+            String::new()
+        };
         s += &format!(
-            "  {}. {}: {} epochs, trainable from {} ({} trainable params), {} lr {}, schedule {}, {}{}\n",
+            "  {}. {}: {} epochs, trainable from {} ({} trainable params), {} lr {}, schedule {}, {}{}{new_head}\n",
             i + 1,
             ph.name,
             ph.epochs,
@@ -135,15 +165,6 @@ pub fn summary(plan: &Plan) -> String {
                 ))
         );
     }
-    s += &format!(
-        "Frozen tensors ({}): {}\n",
-        frozen_tensors.len(),
-        if frozen_tensors.is_empty() {
-            "none".into()
-        } else {
-            frozen_tensors.join(", ")
-        }
-    );
     s
 }
 

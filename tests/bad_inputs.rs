@@ -504,6 +504,22 @@ fn bad_specs() {
             "phase_names_repeat",
             "[[phase]]\nname = \"a\"\nepochs = 1\n[[phase]]\nname = \"a\"\nepochs = 1",
         ),
+        (
+            "phase_head_on_the_first_phase",
+            "[[phase]]\nname = \"a\"\nepochs = 1\n[[phase.head.layers]]\nkind = \"flatten\"\n[[phase.head.layers]]\nkind = \"dense\"\nunits = 1\nactivation = \"sigmoid\"",
+        ),
+        (
+            "phase_head_layers_bad",
+            "[[phase]]\nname = \"a\"\nepochs = 1\n[[phase]]\nname = \"b\"\nepochs = 1\n[[phase.head.layers]]\nkind = \"dense\"\nunits = 0\n[[phase.head.layers]]\nkind = \"pool\"\n[[phase.head.layers]]\nkind = \"dense\"\nunits = 3\nactivation = \"softmax\"",
+        ),
+        (
+            "phase_head_shape_and_loss",
+            "[[phase]]\nname = \"a\"\nepochs = 1\n[[phase]]\nname = \"b\"\nepochs = 1\n[[phase.head.layers]]\nkind = \"dense\"\nunits = 8\n[[phase.head.layers]]\nkind = \"dense\"\nunits = 1\nactivation = \"relu\"",
+        ),
+        (
+            "phase_head_without_layers",
+            "[[phase]]\nname = \"a\"\nepochs = 1\n[[phase]]\nname = \"b\"\nepochs = 1\n[phase.head]\nunits = 3",
+        ),
     ] {
         cases.push(case(name, add(section)));
     }

@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
@@ -163,11 +163,10 @@ fn spec_loading_and_checks() {
     let data = common::make_dataset(&dir.path().join("data"), &["cats", "dogs"], [1, 1, 1], 8);
     let weights = dir.path().join("w.safetensors");
     std::fs::write(&weights, b"not read by the plan").unwrap();
-    let mut seeds: Vec<Vec<u8>> =
-        std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments"))
-            .unwrap()
-            .map(|e| std::fs::read(e.unwrap().path()).unwrap())
-            .collect();
+    let mut seeds: Vec<Vec<u8>> = common::shipped_experiments()
+        .iter()
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
     seeds.push(common::spec_text(&data, &weights, "").into_bytes());
     seeds.push(
         format!(

@@ -670,14 +670,8 @@ fn the_seed_experiments_validate_against_the_mirror() {
         eprintln!("skipped: no asset mirror");
         return;
     };
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
-    let mut names: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-        .collect();
-    names.sort();
-    assert!(names.len() >= 3);
+    let names = common::shipped_experiments();
+    assert!(names.len() >= 9, "{names:?}");
     for p in names {
         let loaded = load::load(&p, &[]).unwrap_or_else(|e| panic!("{e}"));
         plan::build(

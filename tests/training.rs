@@ -669,3 +669,190 @@ fn killed_again_and_again_at_random_points_it_still_resumes_to_the_same_run() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// The notebook's chain of cells: a dense head over the frozen base, then a fresh conv head on
+/// the same base, trainable from block5_conv3 (`[[phase.head.layers]]`).
+const NEW_HEAD: &str = r#"
+[[phase]]
+name = "dense"
+epochs = 2
+
+[[phase]]
+name = "conv"
+epochs = 2
+trainable_from = "block5_conv3"
+
+[[phase.head.layers]]
+kind = "conv2d"
+filters = 4
+kernel = 1
+activation = "relu"
+[[phase.head.layers]]
+kind = "flatten"
+[[phase.head.layers]]
+kind = "dense"
+units = 1
+activation = "sigmoid"
+"#;
+
+#[test]
+fn a_phase_with_its_own_head_starts_it_fresh_on_the_trained_base_and_predict_uses_it() {
+    let s = with_extra(&[], NEW_HEAD);
+    ok(&run(&s, &[]));
+    let (id, df) = only_run(&s.results);
+    assert_eq!(strs(&df, "phase"), ["dense", "dense", "conv", "conv"]);
+    let heads = strs(&df, "head");
+    assert!(heads[0].starts_with("flatten > dense(16"), "{heads:?}");
+    assert_eq!(heads[0], heads[1]);
+    assert_eq!(
+        heads[2],
+        "conv2d(4, 1x1, stride 1x1, valid, relu) > flatten > dense(1, sigmoid)"
+    );
+    assert_eq!(heads[2], heads[3]);
+    let ev = events(&s.results, &id);
+    let new: Vec<&serde_json::Value> = ev.iter().filter(|e| e["message"] == "New head.").collect();
+    assert_eq!(new.len(), 1);
+    assert_eq!(new[0]["phase"], "conv");
+    assert_eq!(new[0]["params"], 4 * 512 + 4 + 4 + 1);
+
+    // The saved model is the conv head on a base whose block5_conv3 alone was trained.
+    let model = s.results.join(&id).join("model.safetensors");
+    let head: Vec<(String, usize)> = tensors(&model, "head.")
+        .into_iter()
+        .map(|(n, v)| (n, v.len()))
+        .collect();
+    assert_eq!(
+        head.iter()
+            .map(|h| h.1)
+            .collect::<Vec<_>>()
+            .iter()
+            .sum::<usize>(),
+        4 * 512 + 4 + 4 + 1,
+        "{head:?}"
+    );
+    let (before, after) = (tensors(&s.weights, "block"), tensors(&model, "block"));
+    for ((name, a), (_, b)) in before.iter().zip(&after) {
+        assert_eq!(a == b, !name.starts_with("block5_conv3"), "{name}");
+    }
+    // The best checkpoint is of the final head: its tracking starts again with the new head.
+    let best = runner::train::checkpoint::read(&s.results.join(&id).join("best.ckpt")).unwrap();
+    assert_eq!(best.state.progress.head_from, 1);
+    assert!(best.state.progress.best.best_epoch >= 3);
+    for which in ["final", "best", "last"] {
+        let out = runner(
+            &[
+                "predict",
+                &id,
+                s.data.join("test").to_str().unwrap(),
+                "--weights",
+                which,
+                "--results",
+                s.results.to_str().unwrap(),
+            ],
+            s.dir.path(),
+        );
+        ok(&out);
+        assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 9);
+    }
+    // The plan shows it.
+    let out = runner(&["plan", s.spec.to_str().unwrap()], s.dir.path());
+    ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "2. conv: 2 epochs, trainable from block5_conv3 (2,361,865 trainable params)"
+        ) && text.contains(
+            "a new head: conv2d(4, 1x1, stride 1x1, valid, relu) > flatten > dense(1, sigmoid) (2,057 params)"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_run_stopped_before_or_after_a_new_head_resumes_to_the_same_run() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let s = with_extra(&[], NEW_HEAD);
+    let plan = common::plan_for(s.dir.path(), &std::fs::read_to_string(&s.spec).unwrap());
+    let device = burn::prelude::Device::flex().autodiff();
+    let whole = common::train(&plan, &device, &s.dir.path().join("whole"));
+    assert_eq!(whole.progress.history.len(), 4);
+    let opts = |results: &Path, resume, interrupt| runner::train::RunOptions {
+        run_id: "test".into(),
+        results: results.to_path_buf(),
+        origin: runner::train::Origin {
+            file: plan.file.clone(),
+            sets: Vec::new(),
+            config: String::new(),
+            config_hash: plan.config_hash.clone(),
+            started_at: String::new(),
+            classes: plan.classes.clone(),
+        },
+        cache: runner::train::FeatureCache::new(None),
+        resume,
+        interrupt,
+    };
+    // Stopped in the first steps of the new head's phase and after its first epoch; and the
+    // checkpoint of epoch 2, before the new head was drawn.
+    let boundary = s.dir.path().join("epoch2.ckpt");
+    let mut checkpoints = Vec::new();
+    for stop_after in [2, 3] {
+        let results = s.dir.path().join(format!("stop{stop_after}"));
+        let flag = Arc::new(AtomicBool::new(false));
+        let last = results.join("test").join("last.ckpt");
+        let stopped = runner::train::run(
+            &plan,
+            &device,
+            opts(&results, None, Some(flag.clone())),
+            |p| {
+                if p.history.len() == stop_after {
+                    if stop_after == 2 && !boundary.exists() {
+                        std::fs::copy(&last, &boundary).unwrap();
+                    }
+                    flag.store(true, Ordering::SeqCst);
+                }
+            },
+        )
+        .unwrap();
+        assert_eq!(stopped.progress.history.len(), stop_after);
+        checkpoints.push((results, runner::train::checkpoint::read(&last).unwrap()));
+    }
+    let at_boundary = runner::train::checkpoint::read(&boundary).unwrap();
+    checkpoints.push((s.dir.path().join("stop2"), at_boundary));
+    let froms: Vec<usize> = checkpoints
+        .iter()
+        .map(|(_, c)| c.state.progress.head_from)
+        .collect();
+    let info: Vec<_> = checkpoints
+        .iter()
+        .map(|(_, c)| {
+            (
+                c.state.progress.history.len(),
+                c.state.progress.phase,
+                c.state.progress.epoch_in_phase,
+                c.state.progress.step,
+            )
+        })
+        .collect();
+    assert_eq!(froms, [1, 1, 0], "{info:?}");
+    for (results, ck) in checkpoints {
+        let stop_after = ck.state.progress.history.len();
+        let resumed =
+            runner::train::run(&plan, &device, opts(&results, Some(ck), None), |_| {}).unwrap();
+        let metrics = |o: &runner::train::Outcome| {
+            o.progress
+                .history
+                .iter()
+                .map(|m| (m.epoch, m.train_loss, m.val_loss, m.val_acc))
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (metrics(&resumed), metrics(&whole));
+        assert_eq!(a.len(), 4);
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                x.0 == y.0 && (x.1 - y.1).abs() < 1e-5 && (x.2 - y.2).abs() < 1e-5 && x.3 == y.3,
+                "stopped after {stop_after}: {a:?} vs {b:?}"
+            );
+        }
+    }
+}

@@ -315,7 +315,9 @@ fn head_tensors(model: &TransferModel) -> Vec<(String, Vec<usize>, Vec<f32>)> {
 /// The plan with dropout off (for the check, whose random masks no two libraries share).
 fn without_dropout(plan: &Plan) -> Plan {
     let mut p = plan.clone();
-    for l in &mut p.spec.head.layers {
+    let heads =
+        std::iter::once(&mut p.spec.head.layers).chain(p.phases.iter_mut().map(|ph| &mut ph.head));
+    for l in heads.flatten() {
         if let LayerSpec::Dropout(d) = l {
             d.rate = 0.0;
         }
@@ -328,6 +330,8 @@ fn one_phase(plan: &Plan, phase: Option<usize>, epochs: usize, steps: usize) -> 
     let mut p = plan.clone();
     let ph = p.phases[phase.unwrap_or(0)].clone();
     p.phases = vec![ph];
+    // The phase's head is the run's first.
+    p.phases[0].head_from = 0;
     p.phases[0].epochs = epochs;
     p.phases[0].early_stopping = None;
     p.spec.train.steps_per_epoch = Some(steps);

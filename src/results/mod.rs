@@ -94,13 +94,6 @@ pub fn run_frame(
     let phase = |m: &EpochMetrics| &plan.phases[m.phase.min(plan.phases.len() - 1)];
     let spec = &plan.spec;
     let s = |v: &str| vec![v.to_string(); n];
-    let head = spec
-        .head
-        .layers
-        .iter()
-        .map(|l| l.describe())
-        .collect::<Vec<_>>()
-        .join(" > ");
     let [h, w] = spec.data.image_size;
     let col = |f: fn(&EpochMetrics) -> f64| {
         let mut v: Vec<Option<f64>> = epochs.iter().map(|m| Some(f(m))).collect();
@@ -123,7 +116,7 @@ pub fn run_frame(
         C::BACKBONE => s(plan.backbone.name),
         C::WEIGHTS => s(&plan.weights.display().to_string()),
         C::PREPROCESS => s(plan.preprocess.as_str()),
-        C::HEAD => s(&head),
+        C::HEAD => per(&|p| p.head.iter().map(|l| l.describe()).collect::<Vec<_>>().join(" > ")),
         C::SWEEP_POINT => vec![plan.sweep_point.clone(); n],
         C::PHASE => per(&|p| p.name.clone()),
         C::TRAINABLE_FROM => per(&|p| p.cutoff.label.clone()),

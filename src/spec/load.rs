@@ -711,34 +711,45 @@ fn head_section(root: &Dict, report: &mut impl FnMut(String, String)) -> Option<
         );
         return None;
     };
+    head_at(value, "head", report)
+}
+
+/// A head table at `at` (`head`, `phase[1].head`), layer by layer.
+fn head_at(value: &Value, at: &str, report: &mut impl FnMut(String, String)) -> Option<HeadSpec> {
     let Some(dict) = value.as_dict() else {
-        report("head".into(), "expected a table with `layers`".into());
+        report(at.into(), "expected a table with `layers`".into());
         return None;
+    };
+    // How the table is written in TOML: `[[phase.head.layers]]` under its `[[phase]]`.
+    let table = if at.starts_with("phase[") {
+        "phase.head"
+    } else {
+        at
     };
     let mut ok = true;
     for key in dict.keys().filter(|k| k.as_str() != "layers") {
         report(
-            format!("head.{key}"),
+            format!("{at}.{key}"),
             format!("unknown field `{key}`, expected `layers`"),
         );
     }
     let Some(layers) = dict.get("layers") else {
         report(
-            "head.layers".into(),
-            "missing: the head needs at least one layer ([[head.layers]])".into(),
+            format!("{at}.layers"),
+            format!("missing: the head needs at least one layer ([[{table}.layers]])"),
         );
         return None;
     };
     let Some(array) = layers.as_array() else {
         report(
-            "head.layers".into(),
-            "expected an array of tables ([[head.layers]])".into(),
+            format!("{at}.layers"),
+            format!("expected an array of tables ([[{table}.layers]])"),
         );
         return None;
     };
     let mut out = Vec::with_capacity(array.len());
     for (i, layer) in array.iter().enumerate() {
-        match layer_at(layer, &format!("head.layers[{i}]"), report) {
+        match layer_at(layer, &format!("{at}.layers[{i}]"), report) {
             Some(l) => out.push(l),
             // Reported; a shape-neutral stand-in lets the other layers (and the plan's rules)
             // still be checked in the same pass. The spec is invalid either way.
@@ -835,12 +846,18 @@ fn phases(root: &Dict, report: &mut impl FnMut(String, String)) -> Option<Vec<Ph
         let schedule = rest
             .remove("schedule")
             .map(|v| schedule_at(&v, &format!("{at}.schedule"), report));
+        let head = rest
+            .remove("head")
+            .map(|v| head_at(&v, &format!("{at}.head"), report));
         let phase: Option<PhaseSpec> = deserialize_at(&Value::from(rest), &at, report);
-        let failed = matches!(optimizer, Some(None)) || matches!(schedule, Some(None));
+        let failed = matches!(optimizer, Some(None))
+            || matches!(schedule, Some(None))
+            || matches!(head, Some(None));
         match phase {
             Some(mut p) if !failed => {
                 p.optimizer = optimizer.flatten();
                 p.schedule = schedule.flatten();
+                p.head = head.flatten();
                 out.push(p);
             }
             _ => ok = false,

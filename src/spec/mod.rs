@@ -96,6 +96,11 @@ pub struct PhaseSpec {
     /// Early stopping of this phase (default `[early_stopping]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub early_stopping: Option<EarlyStoppingSpec>,
+    /// A new head for this phase (`[[phase.head.layers]]`), freshly initialised on the backbone
+    /// as the earlier phases left it, as a notebook builds a new model on the same `conv_base`;
+    /// later phases keep it. Default: the head trained so far goes on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<HeadSpec>,
 }
 
 /// A metric computed every epoch, to monitor.
@@ -111,6 +116,23 @@ pub enum Monitor {
     TrainLoss,
     /// Training accuracy (higher is better).
     TrainAcc,
+}
+
+impl Spec {
+    /// The head the last phase trains, and where it is declared (`head`, or `phase[i].head`
+    /// for the last `[[phase]]` that declares one): the model a finished run saves.
+    pub fn final_head(&self) -> (String, &[LayerSpec]) {
+        match self
+            .phase
+            .iter()
+            .enumerate()
+            .rev()
+            .find_map(|(i, p)| p.head.as_ref().map(|h| (i, h)))
+        {
+            Some((i, h)) => (format!("phase[{i}].head"), &h.layers),
+            None => ("head".into(), &self.head.layers),
+        }
+    }
 }
 
 impl Monitor {

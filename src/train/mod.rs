@@ -96,6 +96,9 @@ pub struct Progress {
     /// What stopped a diverged or failed run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The phase whose head the model carries (`PhasePlan::head_from`; 0 for the first head).
+    #[serde(default)]
+    pub head_from: usize,
 }
 
 impl Progress {
@@ -891,6 +894,12 @@ pub fn run(
     let mut phase_best: Option<TransferModel> = None;
     if let Some(ck) = opts.resume.take() {
         let path = checkpoint::last_path(&opts.results, run);
+        let from = ck.state.progress.head_from;
+        if from != 0 {
+            // The checkpoint holds the head a later phase started: that model's shape.
+            model =
+                crate::model::ModelConfig::for_phase(plan, from).assemble(model.backbone, device);
+        }
         let restored = restore(model, ck, &path)?;
         (model, phase_best, optimizer_state, progress) = restored;
         info!(
@@ -911,6 +920,9 @@ pub fn run(
             optimizer_state = None;
             phase_best = None;
             continue;
+        }
+        if ph.head_from != progress.head_from {
+            model = new_head(plan, &mut progress, model, device, run);
         }
         let ctx = Ctx {
             plan,
@@ -949,6 +961,38 @@ pub fn run(
         predictions,
         model,
     })
+}
+
+/// The model with the fresh head of the current phase (`[[phase.head.layers]]`) on the
+/// backbone as trained so far. Its weights are drawn from a seed of its own (the experiment's
+/// and the phase's), so a resumed run draws the same. The run's best checkpoint starts again
+/// with it: `best.ckpt` is always a model of the head the run ends with.
+fn new_head(
+    plan: &Plan,
+    progress: &mut Progress,
+    model: TransferModel,
+    device: &Device,
+    run: &str,
+) -> TransferModel {
+    let ph = &plan.phases[progress.phase];
+    crate::device::seed_host(step_seed(
+        plan.spec.experiment.seed,
+        ph.head_from,
+        usize::MAX,
+    ));
+    let config = crate::model::ModelConfig::for_phase(plan, progress.phase);
+    let model = config.assemble(model.backbone, device);
+    progress.head_from = ph.head_from;
+    progress.best = Tracker::default();
+    let params: usize = ph.head_shapes.iter().map(|(_, p)| p).sum();
+    info!(
+        run,
+        phase = %ph.name,
+        head = %ph.head.iter().map(|l| l.describe()).collect::<Vec<_>>().join(" > "),
+        params,
+        "New head."
+    );
+    model
 }
 
 /// What a run works with, phase after phase.

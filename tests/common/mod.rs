@@ -283,3 +283,22 @@ pub fn write_torchvision_weights(path: &Path, keys: &[(String, Vec<usize>)], see
 pub fn pattern(k: usize, j: usize) -> f32 {
     (k as f64 + (j % 97) as f64 / 1000.0) as f32
 }
+
+/// The experiment files this repository ships: `experiments/*.toml` and one folder down
+/// (`experiments/notebook/`), sorted.
+#[allow(dead_code)]
+pub fn shipped_experiments() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&root).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            out.push(p);
+        }
+    }
+    out.retain(|p| p.extension().is_some_and(|e| e == "toml"));
+    out.sort();
+    out
+}
