@@ -480,6 +480,9 @@ fn training_rules(spec: &Spec, bad: &mut impl FnMut(&str, String)) {
     if let Some(c) = spec.train.clip_grad_norm {
         ranged(bad, "train")("clip_grad_norm", c, c > 0.0, "a positive number");
     }
+    if let Some(e) = spec.train.label_smoothing {
+        ranged(bad, "train")("label_smoothing", e, (0.0..1.0).contains(&e), "in [0, 1)");
+    }
 }
 
 /// `[[phase]]` (one phase named `train` without any): each phase's values, and its plan with

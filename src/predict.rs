@@ -554,8 +554,22 @@ pub fn predict(
         let n = decoded.iter().filter(|d| d.is_ok()).count();
         let mut probs = if n > 0 {
             let x = crate::data::pixels_tensor(&good, n, [h, w], card.preprocess, &plain);
-            let logits = m.forward_from_cut(m.frozen_features(x));
-            loss::probabilities(spec.train.loss, logits).into_iter()
+            let probs = |x| {
+                let logits = m.forward_from_cut(m.frozen_features(x));
+                loss::probabilities(spec.train.loss, logits)
+            };
+            match spec.train.test_time_augmentation {
+                crate::spec::TestTimeAugmentation::None => probs(x).into_iter(),
+                crate::spec::TestTimeAugmentation::HorizontalFlip => {
+                    // As the test split was evaluated: the image and its mirror, averaged.
+                    let mirrored = probs(x.clone().flip([3]));
+                    let mut out = probs(x);
+                    for (p, q) in out.iter_mut().zip(mirrored) {
+                        p.iter_mut().zip(q).for_each(|(a, b)| *a = (*a + b) / 2.0);
+                    }
+                    out.into_iter()
+                }
+            }
         } else {
             Vec::new().into_iter()
         };

@@ -545,6 +545,16 @@ fn bad_specs() {
             "epochs = 2\nclip_grad_norm = -1.0",
         ),
         (
+            "train_label_smoothing_one",
+            "epochs = 2",
+            "epochs = 2\nlabel_smoothing = 1.0",
+        ),
+        (
+            "train_test_time_augmentation_unknown",
+            "epochs = 2",
+            "epochs = 2\ntest_time_augmentation = \"vertical_flip\"",
+        ),
+        (
             "train_cache_unknown",
             "epochs = 2",
             "epochs = 2\ncache = \"always\"",

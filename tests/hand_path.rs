@@ -126,6 +126,13 @@ fn cut_shape(plan: &Plan) -> [usize; 3] {
 /// One step both ways on the same batch and seed: same loss, predictions and gradients, for
 /// `params` parameters.
 fn same_step(plan: &Plan, kind: Loss, classes: usize, params: usize) {
+    // Plain targets, and label-smoothed ones (`train.label_smoothing`).
+    for eps in [0.0, 0.2] {
+        same_step_with(plan, kind, classes, params, eps);
+    }
+}
+
+fn same_step_with(plan: &Plan, kind: Loss, classes: usize, params: usize, eps: f32) {
     let _turn = turn();
     let device = Device::flex().autodiff();
     let mut model = TransferModel::build(plan, &device).unwrap();
@@ -136,12 +143,14 @@ fn same_step(plan: &Plan, kind: Loss, classes: usize, params: usize) {
     device.seed(42);
     let logits = model.forward_from_cut(x.clone());
     let want_correct = loss::correct(kind, logits.clone().without_autodiff(), &labels);
-    let l = loss::loss(kind, logits, &labels);
+    let l = loss::smoothed(kind, logits, &labels, eps);
     let want = GradientsParams::from_grads(l.backward(), &model);
     let want_loss = l.into_scalar::<f32>();
 
     let before = trainable_values(&model);
-    let path = HandPath::of(&model, &device, kind).expect("a head of dense layers");
+    let path = HandPath::of(&model, &device, kind)
+        .expect("a head of dense layers")
+        .with_label_smoothing(eps);
     device.seed(42);
     let got = path.step(&mut model, x, &labels);
 

@@ -856,3 +856,104 @@ fn a_run_stopped_before_or_after_a_new_head_resumes_to_the_same_run() {
         }
     }
 }
+
+/// The `p_dogs` column of a run's test predictions, by file name (class/file).
+fn test_dogs(results: &Path, id: &str) -> Vec<(String, f64)> {
+    let table = runner::results::read_run(&results.join(format!("{id}.predictions.parquet")))
+        .unwrap()
+        .0;
+    let names = strs(&table, "path").into_iter().map(|p| {
+        let p = Path::new(&p);
+        let class = p.parent().unwrap().file_name().unwrap().to_string_lossy();
+        format!("{class}/{}", p.file_name().unwrap().to_string_lossy())
+    });
+    names.zip(f64s(&table, "p_dogs")).collect()
+}
+
+#[test]
+fn test_time_flips_average_each_image_with_its_mirror_and_leave_training_alone() {
+    let tta_line = "test_time_augmentation = \"horizontal_flip\"";
+    let plain = setup(&[]);
+    let tta = with_extra(&[], tta_line);
+    // The same data with every test image mirrored: the plain model's view of the mirrors.
+    let mirrored = setup(&[]);
+    for class in ["cats", "dogs"] {
+        for e in std::fs::read_dir(mirrored.data.join("test").join(class)).unwrap() {
+            let p = e.unwrap().path();
+            let img = image::open(&p).unwrap().to_rgb8();
+            image::imageops::flip_horizontal(&img).save(&p).unwrap();
+        }
+    }
+    for s in [&plain, &tta, &mirrored] {
+        ok(&run(s, &[]));
+    }
+    let (a_id, a) = only_run(&plain.results);
+    let (b_id, b) = only_run(&tta.results);
+    let (c_id, _) = only_run(&mirrored.results);
+    // Training and validation are the same run (same seed, one view); the configs differ.
+    assert_eq!(f64s(&a, "val_loss"), f64s(&b, "val_loss"));
+    assert_eq!(f64s(&a, "train_loss"), f64s(&b, "train_loss"));
+    assert_ne!(strs(&a, "config_hash")[0], strs(&b, "config_hash")[0]);
+
+    // Each test image's probability is the mean of the plain model's on it and on its mirror.
+    let (on_image, on_mirror, both) = (
+        test_dogs(&plain.results, &a_id),
+        test_dogs(&mirrored.results, &c_id),
+        test_dogs(&tta.results, &b_id),
+    );
+    assert_eq!(both.len(), 8);
+    let mut differs = 0;
+    for ((name, p), ((n1, x), (n2, y))) in both.iter().zip(on_image.iter().zip(&on_mirror)) {
+        assert!(name == n1 && name == n2);
+        assert!(
+            (p - (x + y) / 2.0).abs() < 1e-6,
+            "{name}: {p} vs ({x} + {y}) / 2"
+        );
+        differs += usize::from((x - y).abs() > 1e-5);
+    }
+    assert!(
+        differs > 0,
+        "a mirror is another view: {on_image:?} vs {on_mirror:?}"
+    );
+    // test_acc is the averaged probabilities' accuracy.
+    let correct = both
+        .iter()
+        .filter(|(n, p)| (*p > 0.5) == n.starts_with("dogs/"))
+        .count();
+    assert!((correct as f64 / 8.0 - f64s(&b, "test_acc")[0]).abs() < 1e-9);
+    // `runner predict` sees the same two views (the saved model's card says so).
+    let device = burn::prelude::Device::flex();
+    let (card, model) =
+        runner::predict::load(&tta.results, &b_id, runner::predict::Which::Final, &device).unwrap();
+    let files: Vec<std::path::PathBuf> = both
+        .iter()
+        .map(|(n, _)| tta.data.join("test").join(n))
+        .collect();
+    let rows = runner::predict::predict(&card, &model, &files, &device);
+    for ((_, p), (path, r)) in both.iter().zip(rows) {
+        let q = f64::from(r.unwrap()[1]);
+        assert!((q - p).abs() < 1e-6, "{}: {q} vs {p}", path.display());
+    }
+}
+
+#[test]
+fn label_smoothing_trains_against_softened_targets() {
+    // Against targets 0.9 / 0.1 the training loss cannot fall below their entropy, H(0.9).
+    let s = with_extra(&[], "label_smoothing = 0.2");
+    ok(&run(&s, &[]));
+    let plain = setup(&[]);
+    ok(&run(&plain, &[]));
+    let ((_, a), (_, b)) = (only_run(&s.results), only_run(&plain.results));
+    let floor = -(0.9f64 * 0.9f64.ln() + 0.1 * 0.1f64.ln());
+    assert!(
+        f64s(&a, "train_loss").iter().all(|l| *l >= floor - 1e-6),
+        "{:?} under {floor}",
+        f64s(&a, "train_loss")
+    );
+    assert_ne!(f64s(&a, "train_loss"), f64s(&b, "train_loss"));
+    assert_ne!(
+        f64s(&a, "val_loss"),
+        f64s(&b, "val_loss"),
+        "the head trained differently"
+    );
+}

@@ -417,6 +417,7 @@ mod tests {
             paths: vec![Default::default(); 4],
             digests: vec![[0; 32]; 4],
             on_demand: None,
+            mirrored: false,
         };
         let a = augment_batch(&images, &[0, 1, 2, 3], &spec, 42, 1);
         assert_eq!(a, augment_batch(&images, &[0, 1, 2, 3], &spec, 42, 1));

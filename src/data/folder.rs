@@ -131,9 +131,21 @@ pub struct Images {
     /// decoded again from `paths` when it is needed (a split that is only read once per phase,
     /// through the feature extraction, so memory does not grow with the split).
     pub on_demand: Option<Interpolation>,
+    /// Every image is seen mirrored left to right (test-time augmentation's second view).
+    pub mirrored: bool,
 }
 
 impl Images {
+    /// The same images seen mirrored left to right (for `train.test_time_augmentation`); their
+    /// activations are cached apart from the originals'.
+    pub fn mirrored(&self) -> Self {
+        Self {
+            split: format!("{} (mirrored)", self.split),
+            mirrored: true,
+            ..self.clone()
+        }
+    }
+
     /// Number of images.
     pub fn len(&self) -> usize {
         self.labels.len()
@@ -162,6 +174,7 @@ impl Images {
             paths: indices.iter().map(|&i| self.paths[i].clone()).collect(),
             digests: indices.iter().map(|&i| self.digests[i]).collect(),
             on_demand: self.on_demand,
+            mirrored: self.mirrored,
         }
     }
 
@@ -469,6 +482,7 @@ pub fn load_split_with(
         paths: Vec::with_capacity(listing.files.len()),
         digests: Vec::with_capacity(listing.files.len()),
         on_demand: (!keep).then_some(interp),
+        mirrored: false,
     };
     let mut report = Preflight::default();
     for ((path, label), r) in listing.files.iter().zip(decoded) {

@@ -48,7 +48,7 @@ pub fn batch_tensor(
     device: &Device,
 ) -> Result<Tensor<4>, DataError> {
     let size = [images.height, images.width];
-    Ok(match images.on_demand {
+    let x = match images.on_demand {
         None => to_tensor(
             indices.iter().map(|&i| images.image(i)),
             indices.len(),
@@ -63,7 +63,9 @@ pub fn batch_tensor(
             pre,
             device,
         ),
-    })
+    };
+    // Mirrored left to right: the width axis reversed.
+    Ok(if images.mirrored { x.flip([3]) } else { x })
 }
 
 /// `n` HWC RGB u8 images stored back to back, as network input.

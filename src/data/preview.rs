@@ -52,6 +52,7 @@ pub fn grid(
         paths: Vec::new(),
         digests: Vec::new(),
         on_demand: None,
+        mirrored: false,
     };
     for &i in &picks {
         let (path, label) = &train[i];

@@ -265,6 +265,36 @@ pub struct EarlyStoppingSpec {
     pub restore_best: bool,
 }
 
+/// Test-time augmentation: the views of each image whose probabilities are averaged.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    Serialize,
+    Deserialize,
+    PartialEq,
+    Eq,
+    strum::EnumString,
+    strum::VariantNames,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum TestTimeAugmentation {
+    /// The image alone.
+    #[default]
+    None,
+    /// The image and its left-right mirror.
+    HorizontalFlip,
+}
+
+impl TestTimeAugmentation {
+    /// Whether it is `none`.
+    pub fn is_none(&self) -> bool {
+        *self == Self::None
+    }
+}
+
 /// Whether activations at the freeze cutoff are kept on disk between runs.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -822,6 +852,17 @@ pub struct TrainSpec {
     /// Clip each parameter's gradient to this L2 norm (Keras `clipnorm`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_grad_norm: Option<f64>,
+    /// Label smoothing of the training targets, in [0, 1) (Keras' `label_smoothing`: a binary
+    /// label becomes `y (1 - e) + e / 2`, a one-hot one `y (1 - e) + e / classes`). Only the
+    /// training loss uses it: validation and test losses stay the plain cross-entropy, so that
+    /// they compare across runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_smoothing: Option<f64>,
+    /// `horizontal_flip`: the test split's evaluation and `runner predict` average the
+    /// probabilities of each image and of its left-right mirror (validation stays one view, as
+    /// training sees it). Default `none`.
+    #[serde(default, skip_serializing_if = "TestTimeAugmentation::is_none")]
+    pub test_time_augmentation: TestTimeAugmentation,
     /// `auto`: reuse activations at the cutoff from the on-disk cache; `off`: never touch it.
     #[serde(default)]
     pub cache: CacheMode,

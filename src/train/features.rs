@@ -157,6 +157,10 @@ pub fn key(model: &TransferModel, images: &Images, plan: &Plan) -> String {
         )
         .as_bytes(),
     );
+    if images.mirrored {
+        // Only then, so that the keys of existing entries stay what they were.
+        h.update(b"mirrored\n");
+    }
     h.update(model.frozen_digest());
     for (digest, label) in images.digests.iter().zip(&images.labels) {
         h.update(digest);

@@ -57,6 +57,7 @@ enum Op {
 pub struct HandPath {
     ops: Vec<Op>,
     loss: Loss,
+    smoothing: f32,
 }
 
 /// What one step computed.
@@ -177,7 +178,19 @@ impl HandPath {
         }
         ops.iter()
             .any(|o| matches!(o, Op::Dense { .. } | Op::Conv { .. }))
-            .then_some(Self { ops, loss })
+            .then_some(Self {
+                ops,
+                loss,
+                smoothing: 0.0,
+            })
+    }
+
+    /// The same path against label-smoothed targets (`train.label_smoothing`).
+    pub fn with_label_smoothing(self, eps: f32) -> Self {
+        Self {
+            smoothing: eps,
+            ..self
+        }
     }
 
     /// One training step: loss, correct predictions and gradients of `model` on `x`, with the
@@ -197,7 +210,8 @@ impl HandPath {
         let tape = self.forward(&params, input, dims);
         let logits = value(input, &tape.outs, self.ops.len());
         let classes = tape.dims[1..].iter().product::<usize>();
-        let (loss, correct, grad) = loss_and_grad(self.loss, logits, classes, labels);
+        let (loss, correct, grad) =
+            loss_and_grad(self.loss, logits, classes, labels, self.smoothing);
         let grads = self.backward(&params, input, &tape, batch, grad, &device);
         self.put_back(model, params, &device);
         Step {
@@ -561,7 +575,9 @@ fn loss_and_grad(
     logits: &[f32],
     classes: usize,
     labels: &[usize],
+    eps: f32,
 ) -> (f32, usize, Vec<f32>) {
+    let target = |label: usize, j: usize| super::loss::target(kind, label, j, classes, eps);
     let batch = labels.len();
     let mut grad = vec![0f32; logits.len()];
     let (mut sum, mut correct) = (0f32, 0usize);
@@ -569,7 +585,7 @@ fn loss_and_grad(
         Loss::BinaryCrossentropy => {
             let n = logits.len() as f32;
             for (i, (&z, g)) in logits.iter().zip(grad.iter_mut()).enumerate() {
-                let y = labels[i / classes] as f32;
+                let y = target(labels[i / classes], 0);
                 sum += z.max(0.0) - z * y + (-z.abs()).exp().ln_1p();
                 *g = (1.0 / (1.0 + (-z).exp()) - y) / n;
             }
@@ -595,10 +611,11 @@ fn loss_and_grad(
                 correct += usize::from(best == label);
                 let total: f32 = row.iter().map(|v| (v - max).exp()).sum();
                 let lse = max + total.ln();
-                sum += lse - row[label];
                 for (j, (v, gj)) in row.iter().zip(g.iter_mut()).enumerate() {
                     let p = (v - lse).exp();
-                    *gj = (p - f32::from(u8::from(j == label))) / batch as f32;
+                    let y = target(label, j);
+                    sum += y * (lse - v);
+                    *gj = (p - y) / batch as f32;
                 }
             }
             (sum / batch as f32, correct, grad)

@@ -14,12 +14,32 @@ use crate::spec::Loss;
 /// - labels: `[batch]` class indices
 /// - output: `[1]`
 pub fn loss(kind: Loss, logits: Tensor<2>, labels: &[usize]) -> Tensor<1> {
+    smoothed(kind, logits, labels, 0.0)
+}
+
+/// The target of class `label` among `classes` (1 output for binary) at output `j`, with label
+/// smoothing `eps` as Keras applies it: `y (1 - eps) + eps / 2` for a binary label,
+/// `onehot (1 - eps) + eps / classes` for a categorical one.
+pub fn target(kind: Loss, label: usize, j: usize, classes: usize, eps: f32) -> f32 {
+    let y = match kind {
+        Loss::BinaryCrossentropy => label as f32,
+        Loss::CategoricalCrossentropy => f32::from(u8::from(j == label)),
+    };
+    let k = match kind {
+        Loss::BinaryCrossentropy => 2.0,
+        Loss::CategoricalCrossentropy => classes as f32,
+    };
+    y * (1.0 - eps) + eps / k
+}
+
+/// Mean loss over the batch against label-smoothed targets ([`target`]; `eps = 0` is [`loss`]).
+pub fn smoothed(kind: Loss, logits: Tensor<2>, labels: &[usize], eps: f32) -> Tensor<1> {
     let device = logits.device();
     let [batch, classes] = logits.dims();
     match kind {
         Loss::BinaryCrossentropy => {
             // max(z, 0) - z*y + log(1 + exp(-|z|)): sigmoid + cross-entropy without overflow.
-            let y: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
+            let y: Vec<f32> = labels.iter().map(|&l| target(kind, l, 0, 1, eps)).collect();
             let y = Tensor::<2>::from_data(TensorData::new(y, [batch, 1]), &device);
             let z = logits;
             (z.clone().clamp_min(0.0) - z.clone() * y + z.abs().neg().exp().log1p()).mean()
@@ -27,7 +47,9 @@ pub fn loss(kind: Loss, logits: Tensor<2>, labels: &[usize]) -> Tensor<1> {
         Loss::CategoricalCrossentropy => {
             let mut onehot = vec![0f32; batch * classes];
             for (i, &l) in labels.iter().enumerate() {
-                onehot[i * classes + l] = 1.0;
+                for j in 0..classes {
+                    onehot[i * classes + j] = target(kind, l, j, classes, eps);
+                }
             }
             let y = Tensor::<2>::from_data(TensorData::new(onehot, [batch, classes]), &device);
             (log_softmax(logits, 1) * y).sum_dim(1).mean().neg()
@@ -146,6 +168,27 @@ mod tests {
             &[2],
         ));
         assert!((l - 3f32.ln()).abs() < 1e-6, "{l}");
+    }
+
+    #[test]
+    fn label_smoothing_moves_the_targets_and_the_loss_minimum() {
+        let b = Loss::BinaryCrossentropy;
+        let near = |a: f32, b: f32| (a - b).abs() < 1e-6;
+        assert!(near(target(b, 1, 0, 1, 0.2), 0.9));
+        assert!(near(target(b, 0, 0, 1, 0.2), 0.1));
+        assert_eq!(target(b, 1, 0, 1, 0.0), 1.0);
+        let c = Loss::CategoricalCrossentropy;
+        let t: Vec<f32> = (0..4).map(|j| target(c, 2, j, 4, 0.4)).collect();
+        assert!(t.iter().zip([0.1, 0.1, 0.7, 0.1]).all(|(a, b)| near(*a, b)), "{t:?}");
+        // The binary loss against 0.9 is lowest at the logit of 0.9, not at +infinity.
+        let at = |z: f32| scalar(smoothed(b, logits(&[z], 1), &[1], 0.2));
+        let best = (0.9f32 / 0.1).ln();
+        assert!(at(best) < at(best - 0.5) && at(best) < at(best + 0.5));
+        assert!(at(8.0) > at(best));
+        assert_eq!(
+            scalar(smoothed(b, logits(&[1.5], 1), &[1], 0.0)),
+            scalar(loss(b, logits(&[1.5], 1), &[1]))
+        );
     }
 
     #[test]

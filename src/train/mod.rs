@@ -314,6 +314,26 @@ pub fn evaluate_with(
     (e, out)
 }
 
+/// The predictions of two views of the same images averaged, with the loss (`-ln p(label)`,
+/// `p` clipped to Keras' 1e-7) and accuracy of the averaged probabilities.
+pub fn averaged(mut a: Vec<Prediction>, b: &[Prediction]) -> (Evaluation, Vec<Prediction>) {
+    let (mut loss, mut correct) = (0.0, 0usize);
+    for (p, q) in a.iter_mut().zip(b) {
+        for (x, y) in p.probabilities.iter_mut().zip(&q.probabilities) {
+            *x = (*x + *y) / 2.0;
+        }
+        let at = p.probabilities.get(p.label).copied().unwrap_or(0.0);
+        loss -= f64::from(at.clamp(1e-7, 1.0)).ln();
+        correct += usize::from(crate::metrics::predicted_class(&p.probabilities) == p.label);
+    }
+    let n = a.len().max(1) as f64;
+    let e = Evaluation {
+        loss: loss / n,
+        acc: correct as f64 / n,
+    };
+    (e, a)
+}
+
 /// Loss and accuracy of `model` (in validation mode) over a split's features.
 pub fn evaluate(
     model: &TransferModel,
@@ -507,6 +527,7 @@ impl<'a> PhaseRunner<'a> {
         batches: impl Iterator<Item = (Tensor<4>, Vec<usize>)>,
     ) -> StepsEnd {
         let kind = self.plan.spec.train.loss;
+        let eps = self.plan.spec.train.label_smoothing.unwrap_or(0.0) as f32;
         let seed = self.plan.spec.experiment.seed;
         let report_every = self.steps.div_ceil(10).max(1);
         let read_every = if crate::cpu::is_cpu(self.device) {
@@ -517,7 +538,8 @@ impl<'a> PhaseRunner<'a> {
         let hand = self
             .by_hand
             .then(|| hand::HandPath::of(&model, self.device, kind))
-            .flatten();
+            .flatten()
+            .map(|p| p.with_label_smoothing(eps));
         let mut pending = Pending::default();
         for (x, y) in batches {
             let at = progress.epoch_in_phase * self.steps + progress.step;
@@ -532,7 +554,7 @@ impl<'a> PhaseRunner<'a> {
                     let logits = model.forward_from_cut(x);
                     let correct =
                         loss::correct_on_device(kind, logits.clone().without_autodiff(), &y);
-                    let l = loss::loss(kind, logits, &y);
+                    let l = loss::smoothed(kind, logits, &y, eps);
                     let grads = l.backward();
                     let stat = Tensor::cat(vec![l.without_autodiff(), correct], 0);
                     (
@@ -1268,7 +1290,15 @@ fn test_evaluation(
     run: &str,
 ) -> Result<(Evaluation, Vec<Prediction>), TrainError> {
     let f = cache.features(model, images, plan, device, run)?;
-    let (e, p) = evaluate_with(model, &f, plan, device, true);
+    let (e, p) = match plan.spec.train.test_time_augmentation {
+        crate::spec::TestTimeAugmentation::None => evaluate_with(model, &f, plan, device, true),
+        crate::spec::TestTimeAugmentation::HorizontalFlip => {
+            let mirrored = cache.features(model, &images.mirrored(), plan, device, run)?;
+            let (_, a) = evaluate_with(model, &f, plan, device, true);
+            let (_, b) = evaluate_with(model, &mirrored, plan, device, true);
+            averaged(a, &b)
+        }
+    };
     info!(
         run,
         phase = "test",
