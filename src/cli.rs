@@ -100,6 +100,10 @@ enum Command {
         /// One row per epoch instead of one per run.
         #[arg(long)]
         epochs: bool,
+        /// Only these columns, in this order (comma-separated), e.g.
+        /// `--columns experiment,best_val_acc,test_acc`.
+        #[arg(long, value_name = "COLUMNS", value_delimiter = ',')]
+        columns: Vec<String>,
     },
     /// Plot training and validation accuracy and loss per epoch (PNG or SVG).
     Plot {
@@ -272,6 +276,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 sort,
                 format,
                 epochs,
+                columns,
             }),
             _,
         ) => {
@@ -280,6 +285,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 sort,
                 epochs,
                 format,
+                columns,
             };
             commands::results(dir.as_deref().unwrap_or(&s.results), &q)
         }

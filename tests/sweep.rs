@@ -211,6 +211,7 @@ fn a_failed_run_is_recorded_and_the_sweep_goes_on() {
             sort: Some("experiment".into()),
             epochs: false,
             format: runner::results::query::Format::Table,
+            columns: vec![],
         },
     )
     .unwrap()
@@ -306,6 +307,28 @@ fn results_reads_older_schemas_and_filters_sorts_and_formats() {
     let out = results(&["--filter", "val_accc>1"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no column \"val_accc\""));
+
+    // A Markdown table of chosen columns, in their order, numbers right-aligned.
+    let out = results(&[
+        "--format",
+        "markdown",
+        "--columns",
+        "experiment,epochs,best_val_acc",
+        "--sort",
+        "experiment",
+    ]);
+    ok(&out);
+    let md = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = md.lines().collect();
+    assert_eq!(lines[0], "| experiment | epochs | best_val_acc |", "{md}");
+    assert_eq!(lines[1], "| --- | ---: | ---: |", "{md}");
+    assert_eq!(lines[2], "| old | 2 | 0.8500 |", "{md}");
+    assert!(lines[3].starts_with("| tiny | 2 | "), "{md}");
+    assert_eq!(lines.len(), 4);
+    let out = results(&["--columns", "experiment,best_val_accc"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--columns experiment,best_val_accc: no column \"best_val_accc\" (did you mean \"best_val_acc\"?)"), "{err}");
 }
 
 #[test]

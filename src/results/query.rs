@@ -18,6 +18,8 @@ pub enum Format {
     Csv,
     /// One JSON object per row, in an array.
     Json,
+    /// A Markdown (GitHub) table, to paste into a README or an issue.
+    Markdown,
 }
 
 /// What to show.
@@ -32,6 +34,8 @@ pub struct Query {
     pub epochs: bool,
     /// Output format.
     pub format: Format,
+    /// The columns to show, in this order (empty: all).
+    pub columns: Vec<String>,
 }
 
 /// The run tables in `dir` (`<run_id>.parquet`; per-image predictions are left out), sorted.
@@ -310,9 +314,29 @@ pub fn query(dir: &Path, q: &Query) -> Result<Option<DataFrame>, ResultsError> {
                 .with_nulls_last(true),
         );
     }
+    for name in &q.columns {
+        if !columns.contains(name) {
+            return Err(QueryError::NoColumn {
+                flag: "columns",
+                given: q.columns.join(","),
+                name: name.clone(),
+                hint: crate::spec::load::closest(
+                    name,
+                    &columns.iter().map(String::as_str).collect::<Vec<_>>(),
+                ),
+                columns,
+            }
+            .into());
+        }
+    }
     let mut df = lf.collect().map_err(|e| fail(dir, e))?;
     for (c, n) in substrings {
         df = contains(df, &c, &n).map_err(|e| fail(dir, e))?;
+    }
+    if !q.columns.is_empty() {
+        df = df
+            .select(q.columns.iter().map(String::as_str))
+            .map_err(|e| fail(dir, e))?;
     }
     Ok(Some(df))
 }
@@ -402,6 +426,30 @@ pub fn render(df: &DataFrame, format: Format) -> Result<String, ResultsError> {
                 + "\n");
             for r in &cells {
                 out += &(line(r) + "\n");
+            }
+            out
+        }
+        Format::Markdown => {
+            // A `|` inside a cell would end it.
+            let esc = |c: String| c.replace('|', "\\|");
+            let row = |cells: Vec<String>| format!("| {} |\n", cells.join(" | "));
+            let mut out = row(names.iter().cloned().map(esc).collect());
+            out += &row(rows
+                .iter()
+                .next()
+                .map_or(vec!["---".to_string(); names.len()], |r| {
+                    r.iter()
+                        .map(|v| {
+                            if matches!(v, AnyValue::String(_) | AnyValue::StringOwned(_)) {
+                                "---".to_string()
+                            } else {
+                                "---:".to_string()
+                            }
+                        })
+                        .collect()
+                }));
+            for r in &rows {
+                out += &row(r.iter().map(|v| esc(cell(v))).collect());
             }
             out
         }

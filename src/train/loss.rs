@@ -179,7 +179,10 @@ mod tests {
         assert_eq!(target(b, 1, 0, 1, 0.0), 1.0);
         let c = Loss::CategoricalCrossentropy;
         let t: Vec<f32> = (0..4).map(|j| target(c, 2, j, 4, 0.4)).collect();
-        assert!(t.iter().zip([0.1, 0.1, 0.7, 0.1]).all(|(a, b)| near(*a, b)), "{t:?}");
+        assert!(
+            t.iter().zip([0.1, 0.1, 0.7, 0.1]).all(|(a, b)| near(*a, b)),
+            "{t:?}"
+        );
         // The binary loss against 0.9 is lowest at the logit of 0.9, not at +infinity.
         let at = |z: f32| scalar(smoothed(b, logits(&[z], 1), &[1], 0.2));
         let best = (0.9f32 / 0.1).ln();
