@@ -435,8 +435,7 @@ pub fn render(df: &DataFrame, format: Format) -> Result<String, ResultsError> {
             let row = |cells: Vec<String>| format!("| {} |\n", cells.join(" | "));
             let mut out = row(names.iter().cloned().map(esc).collect());
             out += &row(rows
-                .iter()
-                .next()
+                .first()
                 .map_or(vec!["---".to_string(); names.len()], |r| {
                     r.iter()
                         .map(|v| {
