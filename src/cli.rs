@@ -285,7 +285,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 sort,
                 epochs,
                 format,
-                columns,
+                columns: columns.iter().map(|c| c.trim().to_string()).collect(),
             };
             commands::results(dir.as_deref().unwrap_or(&s.results), &q)
         }

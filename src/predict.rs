@@ -55,10 +55,24 @@ impl ModelCard {
     /// The model this card describes (check it with [`ModelCard::validate`] first), built the
     /// way training builds it.
     pub fn model_config(&self, def: &'static backbone::BackboneDef) -> crate::model::ModelConfig {
+        self.model_config_at(def, None)
+    }
+
+    /// The model whose weights a checkpoint holds: the head of phase `head_from` (the
+    /// checkpoint's `head_from`), or the final head (`None`).
+    pub fn model_config_at(
+        &self,
+        def: &'static backbone::BackboneDef,
+        head_from: Option<usize>,
+    ) -> crate::model::ModelConfig {
+        let head = match head_from {
+            Some(from) => self.spec.head_of_phase(from),
+            None => self.spec.final_head().1,
+        };
         crate::model::ModelConfig {
             backbone: def,
             cut: self.cut,
-            head: self.spec.final_head().1.to_vec(),
+            head: head.to_vec(),
             image_size: self.spec.data.image_size,
             batchnorm_frozen: self.spec.backbone.batchnorm == crate::spec::BatchNormMode::Frozen,
         }
@@ -395,6 +409,7 @@ pub fn load(
         let def = backbone::find(&spec.backbone.name)
             .ok_or_else(|| unreadable(&config, "unknown backbone".into()))?;
         let classes = ck.state.origin.classes.clone();
+        let from = ck.state.progress.head_from;
         let card = ModelCard {
             card_version: CARD_VERSION,
             run_id: run_id.to_string(),
@@ -406,7 +421,7 @@ pub fn load(
             spec,
             bpk_sha256: None,
         };
-        (card, Some(ck.model))
+        (card, Some((ck.model, from)))
     };
     let def = backbone::find(&card.spec.backbone.name).ok_or_else(|| {
         unreadable(
@@ -432,8 +447,9 @@ pub fn load(
             format!("{m}; the saved model description does not fit the model (was it edited?)"),
         )
     })?;
-    let (path, bytes) = match (which, bytes) {
-        (Which::Final, Some(b)) => (checkpoint::last_path(results, run_id), b),
+    // The weights, and the phase whose head they hold (`None`: the final model's).
+    let (path, bytes, head_from) = match (which, bytes) {
+        (Which::Final, Some((b, from))) => (checkpoint::last_path(results, run_id), b, Some(from)),
         (Which::Final, None) => {
             let p = dir.join("model.bpk");
             let b = std::fs::read(&p).map_err(|e| unreadable(&p, e.to_string()))?;
@@ -454,7 +470,7 @@ pub fn load(
                     ));
                 }
             }
-            (p, b)
+            (p, b, None)
         }
         (Which::Best | Which::Last, _) => {
             let p = if which == Which::Best {
@@ -463,16 +479,22 @@ pub fn load(
                 checkpoint::last_path(results, run_id)
             };
             let ck = checkpoint::read(&p).map_err(|e| ModelError::Missing(e.to_string()))?;
-            (p, ck.model)
+            let from = ck.state.progress.head_from;
+            (p, ck.model, Some(from))
         }
     };
-    let model = card.model_config(def).init(device);
+    let model = card.model_config_at(def, head_from).init(device);
+    let described = if cp.exists() {
+        cp
+    } else {
+        results.join(format!("{run_id}.toml"))
+    };
     let model = train::load_model_bytes(model, &bytes).map_err(|m| {
         unreadable(
             &path,
             format!(
                 "these weights do not fit the model {} describes (was it edited?): {m}",
-                cp.display()
+                described.display()
             ),
         )
     })?;

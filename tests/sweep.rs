@@ -325,6 +325,14 @@ fn results_reads_older_schemas_and_filters_sorts_and_formats() {
     assert_eq!(lines[2], "| old | 2 | 0.8500 |", "{md}");
     assert!(lines[3].starts_with("| tiny | 2 | "), "{md}");
     assert_eq!(lines.len(), 4);
+    // Alignment follows the column's type, not its first value (a null error is still text).
+    let out = results(&["--format", "markdown", "--columns", "experiment, error"]);
+    ok(&out);
+    let md = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(md.lines().nth(1), Some("| --- | --- |"), "{md}");
+    let out = results(&["--columns", "experiment,experiment"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"experiment\" is given twice"));
     let out = results(&["--columns", "experiment,best_val_accc"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);

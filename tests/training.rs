@@ -957,3 +957,66 @@ fn label_smoothing_trains_against_softened_targets() {
         "the head trained differently"
     );
 }
+
+#[test]
+fn predict_builds_the_head_a_checkpoint_holds_before_and_after_a_new_head() {
+    // Interrupted in the long first phase: the checkpoints hold the dense head, and there is no
+    // model.json yet. Resumed to the end: the final model is the conv head.
+    let long_first = NEW_HEAD.replacen("epochs = 2", "epochs = 8", 1);
+    let s = with_extra(
+        &[("epochs = 2", "epochs = 2\nsteps_per_epoch = 40")],
+        &long_first,
+    );
+    let mut child = spawn(&s, &s.results);
+    let id = wait_for_checkpoint(&s.results, &mut child);
+    signal(&child, "-INT");
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    let ck = runner::train::checkpoint::read(&s.results.join(&id).join("last.ckpt")).unwrap();
+    assert_eq!(ck.state.progress.phase, 0);
+    assert!(!s.results.join(&id).join("model.json").exists());
+    let predict = |which: &str| {
+        runner(
+            &[
+                "predict",
+                &id,
+                s.data.join("test").to_str().unwrap(),
+                "--weights",
+                which,
+                "--results",
+                s.results.to_str().unwrap(),
+            ],
+            s.dir.path(),
+        )
+    };
+    for which in ["final", "best", "last"] {
+        let out = predict(which);
+        ok(&out);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).lines().count(),
+            9,
+            "{which}"
+        );
+    }
+    ok(&run(&s, &["--resume"]));
+    let (_, df) = only_run(&s.results);
+    assert!(strs(&df, "status").iter().all(|s| s == "completed"));
+    let device = burn::prelude::Device::flex();
+    for (which, from) in [
+        (runner::predict::Which::Final, None),
+        (runner::predict::Which::Best, Some(1)),
+        (runner::predict::Which::Last, Some(1)),
+    ] {
+        let (card, model) = runner::predict::load(&s.results, &id, which, &device).unwrap();
+        assert_eq!(card.spec.final_head().0, "phase[1].head");
+        assert_eq!(model.head.layers.len(), 3, "{which:?}: the conv head");
+        if let Some(from) = from {
+            let path = if which == runner::predict::Which::Best {
+                "best.ckpt"
+            } else {
+                "last.ckpt"
+            };
+            let ck = runner::train::checkpoint::read(&s.results.join(&id).join(path)).unwrap();
+            assert_eq!(ck.state.progress.head_from, from);
+        }
+    }
+}

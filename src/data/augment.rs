@@ -263,6 +263,8 @@ pub fn augment_pass_batch(
     seed: u64,
     epoch: usize,
 ) -> Vec<u8> {
+    // The mirrored view exists for test-time augmentation only, which `batch_tensor` applies.
+    debug_assert!(!images.mirrored, "augmentation reads the pixels as stored");
     let size = [images.height, images.width];
     let n = images.height * images.width * 3;
     let mut out = vec![0u8; items.len() * n];

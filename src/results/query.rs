@@ -163,6 +163,9 @@ pub enum QueryError {
         /// The value given.
         raw: String,
     },
+    /// `--columns` names a column twice.
+    #[error("--columns: \"{0}\" is given twice")]
+    Repeated(String),
     /// The table could not be written as CSV.
     #[error("{0}")]
     Csv(PolarsError),
@@ -314,7 +317,11 @@ pub fn query(dir: &Path, q: &Query) -> Result<Option<DataFrame>, ResultsError> {
                 .with_nulls_last(true),
         );
     }
+    let mut seen = std::collections::HashSet::new();
     for name in &q.columns {
+        if !seen.insert(name) {
+            return Err(QueryError::Repeated(name.clone()).into());
+        }
         if !columns.contains(name) {
             return Err(QueryError::NoColumn {
                 flag: "columns",
@@ -430,23 +437,23 @@ pub fn render(df: &DataFrame, format: Format) -> Result<String, ResultsError> {
             out
         }
         Format::Markdown => {
-            // A `|` inside a cell would end it.
-            let esc = |c: String| c.replace('|', "\\|");
+            // A `|` inside a cell would end it, a line break the row.
+            let esc = |c: String| c.replace('|', "\\|").replace(['\n', '\r'], " ");
             let row = |cells: Vec<String>| format!("| {} |\n", cells.join(" | "));
             let mut out = row(names.iter().cloned().map(esc).collect());
-            out += &row(rows
-                .first()
-                .map_or(vec!["---".to_string(); names.len()], |r| {
-                    r.iter()
-                        .map(|v| {
-                            if matches!(v, AnyValue::String(_) | AnyValue::StringOwned(_)) {
-                                "---".to_string()
-                            } else {
-                                "---:".to_string()
-                            }
-                        })
-                        .collect()
-                }));
+            // Numbers right-aligned, text left, by the column's type.
+            out += &row(df
+                .dtypes()
+                .iter()
+                .map(|t| {
+                    if t.is_primitive_numeric() {
+                        "---:"
+                    } else {
+                        "---"
+                    }
+                    .to_string()
+                })
+                .collect());
             for r in &rows {
                 out += &row(r.iter().map(|v| esc(cell(v))).collect());
             }

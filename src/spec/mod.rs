@@ -119,6 +119,15 @@ pub enum Monitor {
 }
 
 impl Spec {
+    /// The head of the model as phase `from` starts it (`PhasePlan::head_from`, a checkpoint's
+    /// `head_from`): `[[head.layers]]` for 0, else that phase's `[[phase.head.layers]]`.
+    pub fn head_of_phase(&self, from: usize) -> &[LayerSpec] {
+        match self.phase.get(from).and_then(|p| p.head.as_ref()) {
+            Some(h) if from > 0 => &h.layers,
+            _ => &self.head.layers,
+        }
+    }
+
     /// The head the last phase trains, and where it is declared (`head`, or `phase[i].head`
     /// for the last `[[phase]]` that declares one): the model a finished run saves.
     pub fn final_head(&self) -> (String, &[LayerSpec]) {

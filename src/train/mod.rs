@@ -988,7 +988,8 @@ pub fn run(
 /// The model with the fresh head of the current phase (`[[phase.head.layers]]`) on the
 /// backbone as trained so far. Its weights are drawn from a seed of its own (the experiment's
 /// and the phase's), so a resumed run draws the same. The run's best checkpoint starts again
-/// with it: `best.ckpt` is always a model of the head the run ends with.
+/// with it: the new head's first improving epoch replaces `best.ckpt` (each checkpoint records
+/// its `head_from`, so `runner predict` builds the head it holds).
 fn new_head(
     plan: &Plan,
     progress: &mut Progress,
