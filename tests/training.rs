@@ -695,6 +695,22 @@ units = 1
 activation = "sigmoid"
 "#;
 
+/// `runner predict RUN test/ --weights WHICH`.
+fn predict_test_split(s: &Setup, id: &str, which: &str) -> std::process::Output {
+    runner(
+        &[
+            "predict",
+            id,
+            s.data.join("test").to_str().unwrap(),
+            "--weights",
+            which,
+            "--results",
+            s.results.to_str().unwrap(),
+        ],
+        s.dir.path(),
+    )
+}
+
 #[test]
 fn a_phase_with_its_own_head_starts_it_fresh_on_the_trained_base_and_predict_uses_it() {
     let s = with_extra(&[], NEW_HEAD);
@@ -739,18 +755,7 @@ fn a_phase_with_its_own_head_starts_it_fresh_on_the_trained_base_and_predict_use
     assert_eq!(best.state.progress.head_from, 1);
     assert!(best.state.progress.best.best_epoch >= 3);
     for which in ["final", "best", "last"] {
-        let out = runner(
-            &[
-                "predict",
-                &id,
-                s.data.join("test").to_str().unwrap(),
-                "--weights",
-                which,
-                "--results",
-                s.results.to_str().unwrap(),
-            ],
-            s.dir.path(),
-        );
+        let out = predict_test_split(&s, &id, which);
         ok(&out);
         assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 9);
     }
@@ -777,21 +782,8 @@ fn a_run_stopped_before_or_after_a_new_head_resumes_to_the_same_run() {
     let device = burn::prelude::Device::flex().autodiff();
     let whole = common::train(&plan, &device, &s.dir.path().join("whole"));
     assert_eq!(whole.progress.history.len(), 4);
-    let opts = |results: &Path, resume, interrupt| runner::train::RunOptions {
-        run_id: "test".into(),
-        results: results.to_path_buf(),
-        origin: runner::train::Origin {
-            file: plan.file.clone(),
-            sets: Vec::new(),
-            config: String::new(),
-            config_hash: plan.config_hash.clone(),
-            started_at: String::new(),
-            classes: plan.classes.clone(),
-        },
-        cache: runner::train::FeatureCache::new(None),
-        resume,
-        interrupt,
-    };
+    let opts =
+        |results: &Path, resume, interrupt| common::run_options(&plan, results, resume, interrupt);
     // Stopped in the first steps of the new head's phase and after its first epoch; and the
     // checkpoint of epoch 2, before the new head was drawn.
     let boundary = s.dir.path().join("epoch2.ckpt");
@@ -974,22 +966,8 @@ fn predict_builds_the_head_a_checkpoint_holds_before_and_after_a_new_head() {
     let ck = runner::train::checkpoint::read(&s.results.join(&id).join("last.ckpt")).unwrap();
     assert_eq!(ck.state.progress.phase, 0);
     assert!(!s.results.join(&id).join("model.json").exists());
-    let predict = |which: &str| {
-        runner(
-            &[
-                "predict",
-                &id,
-                s.data.join("test").to_str().unwrap(),
-                "--weights",
-                which,
-                "--results",
-                s.results.to_str().unwrap(),
-            ],
-            s.dir.path(),
-        )
-    };
     for which in ["final", "best", "last"] {
-        let out = predict(which);
+        let out = predict_test_split(&s, &id, which);
         ok(&out);
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).lines().count(),

@@ -201,7 +201,19 @@ pub fn train(
     device: &burn::prelude::Device,
     results: &Path,
 ) -> runner::train::Outcome {
-    let opts = runner::train::RunOptions {
+    runner::train::run(plan, device, run_options(plan, results, None, None), |_| {}).unwrap()
+}
+
+/// The options of an in-process run `test` of `plan`: checkpoints under `results`, no feature
+/// cache on disk, optionally resumed from a checkpoint or stopped by a flag.
+#[allow(dead_code)]
+pub fn run_options(
+    plan: &runner::plan::Plan,
+    results: &Path,
+    resume: Option<runner::train::Checkpoint>,
+    interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+) -> runner::train::RunOptions {
+    runner::train::RunOptions {
         run_id: "test".into(),
         results: results.to_path_buf(),
         origin: runner::train::Origin {
@@ -213,10 +225,9 @@ pub fn train(
             classes: plan.classes.clone(),
         },
         cache: runner::train::FeatureCache::new(None),
-        resume: None,
-        interrupt: None,
-    };
-    runner::train::run(plan, device, opts, |_| {}).unwrap()
+        resume,
+        interrupt,
+    }
 }
 
 /// `|got - want| / |want|` in the L2 norm.
