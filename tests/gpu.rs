@@ -966,3 +966,55 @@ fn a_run_that_diverges_on_the_gpu_stops_at_the_step_the_cpu_stops_at() {
         "the epoch and step where the loss stopped being finite"
     );
 }
+
+#[test]
+fn a_new_head_label_smoothing_and_test_time_flips_run_alike_on_the_gpu() {
+    let Some(_) = gpu() else { return };
+    let _turn = turn();
+    // A dense head, then a fresh conv head on a base trainable from block5_conv3.
+    let s = cli::setup(&[(
+        "epochs = 2",
+        "epochs = 2\nlabel_smoothing = 0.1\ntest_time_augmentation = \"horizontal_flip\"",
+    )]);
+    let text = std::fs::read_to_string(&s.spec).unwrap();
+    std::fs::write(
+        &s.spec,
+        text + r#"
+[[phase]]
+name = "dense"
+epochs = 1
+
+[[phase]]
+name = "conv"
+epochs = 1
+trainable_from = "block5_conv3"
+
+[[phase.head.layers]]
+kind = "conv2d"
+filters = 4
+kernel = 1
+activation = "relu"
+[[phase.head.layers]]
+kind = "flatten"
+[[phase.head.layers]]
+kind = "dense"
+units = 1
+activation = "sigmoid"
+"#,
+    )
+    .unwrap();
+    let (on_cpu, on_gpu) = (s.dir.path().join("cpu"), s.dir.path().join("gpu"));
+    cli::ok(&run_on(&s, "cpu", &on_cpu, &[]));
+    cli::ok(&run_on(&s, "wgpu", &on_gpu, &[]));
+    let (id_cpu, t_cpu) = cli::only_run(&on_cpu);
+    let (id_gpu, t_gpu) = cli::only_run(&on_gpu);
+    assert_eq!(cli::strs(&t_gpu, "phase"), ["dense", "conv"]);
+    assert_same_metrics("a new head", &t_cpu, &t_gpu, 1e-3);
+    // The averaged views, on either device, from either model.
+    let a = predict(&s, &on_cpu, &id_cpu, "cpu");
+    let b = predict(&s, &on_gpu, &id_gpu, "wgpu");
+    assert_eq!(a.len(), 8);
+    for (x, y) in a.iter().zip(&b) {
+        assert!(x.0 == y.0 && (x.2 - y.2).abs() <= 2e-3, "{x:?} {y:?}");
+    }
+}
