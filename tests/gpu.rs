@@ -977,32 +977,7 @@ fn a_new_head_label_smoothing_and_test_time_flips_run_alike_on_the_gpu() {
         "epochs = 2\nlabel_smoothing = 0.1\ntest_time_augmentation = \"horizontal_flip\"",
     )]);
     let text = std::fs::read_to_string(&s.spec).unwrap();
-    std::fs::write(
-        &s.spec,
-        text + r#"
-[[phase]]
-name = "dense"
-epochs = 1
-
-[[phase]]
-name = "conv"
-epochs = 1
-trainable_from = "block5_conv3"
-
-[[phase.head.layers]]
-kind = "conv2d"
-filters = 4
-kernel = 1
-activation = "relu"
-[[phase.head.layers]]
-kind = "flatten"
-[[phase.head.layers]]
-kind = "dense"
-units = 1
-activation = "sigmoid"
-"#,
-    )
-    .unwrap();
+    std::fs::write(&s.spec, text + &common::new_head_phases(1, 1)).unwrap();
     let (on_cpu, on_gpu) = (s.dir.path().join("cpu"), s.dir.path().join("gpu"));
     cli::ok(&run_on(&s, "cpu", &on_cpu, &[]));
     cli::ok(&run_on(&s, "wgpu", &on_gpu, &[]));

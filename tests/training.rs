@@ -670,31 +670,6 @@ fn killed_again_and_again_at_random_points_it_still_resumes_to_the_same_run() {
     assert!(left.is_empty(), "{left:?}");
 }
 
-/// The notebook's chain of cells: a dense head over the frozen base, then a fresh conv head on
-/// the same base, trainable from block5_conv3 (`[[phase.head.layers]]`).
-const NEW_HEAD: &str = r#"
-[[phase]]
-name = "dense"
-epochs = 2
-
-[[phase]]
-name = "conv"
-epochs = 2
-trainable_from = "block5_conv3"
-
-[[phase.head.layers]]
-kind = "conv2d"
-filters = 4
-kernel = 1
-activation = "relu"
-[[phase.head.layers]]
-kind = "flatten"
-[[phase.head.layers]]
-kind = "dense"
-units = 1
-activation = "sigmoid"
-"#;
-
 /// `runner predict RUN test/ --weights WHICH`.
 fn predict_test_split(s: &Setup, id: &str, which: &str) -> std::process::Output {
     runner(
@@ -713,7 +688,7 @@ fn predict_test_split(s: &Setup, id: &str, which: &str) -> std::process::Output 
 
 #[test]
 fn a_phase_with_its_own_head_starts_it_fresh_on_the_trained_base_and_predict_uses_it() {
-    let s = with_extra(&[], NEW_HEAD);
+    let s = with_extra(&[], &common::new_head_phases(2, 2));
     ok(&run(&s, &[]));
     let (id, df) = only_run(&s.results);
     assert_eq!(strs(&df, "phase"), ["dense", "dense", "conv", "conv"]);
@@ -777,7 +752,7 @@ fn a_phase_with_its_own_head_starts_it_fresh_on_the_trained_base_and_predict_use
 fn a_run_stopped_before_or_after_a_new_head_resumes_to_the_same_run() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
-    let s = with_extra(&[], NEW_HEAD);
+    let s = with_extra(&[], &common::new_head_phases(2, 2));
     let plan = common::plan_for(s.dir.path(), &std::fs::read_to_string(&s.spec).unwrap());
     let device = burn::prelude::Device::flex().autodiff();
     let whole = common::train(&plan, &device, &s.dir.path().join("whole"));
@@ -954,7 +929,7 @@ fn label_smoothing_trains_against_softened_targets() {
 fn predict_builds_the_head_a_checkpoint_holds_before_and_after_a_new_head() {
     // Interrupted in the long first phase: the checkpoints hold the dense head, and there is no
     // model.json yet. Resumed to the end: the final model is the conv head.
-    let long_first = NEW_HEAD.replacen("epochs = 2", "epochs = 8", 1);
+    let long_first = common::new_head_phases(8, 2);
     let s = with_extra(
         &[("epochs = 2", "epochs = 2\nsteps_per_epoch = 40")],
         &long_first,

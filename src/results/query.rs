@@ -171,6 +171,22 @@ pub enum QueryError {
     Csv(PolarsError),
 }
 
+impl QueryError {
+    /// `--flag given` names `name`, which is none of `columns` (the nearest is suggested).
+    fn no_column(flag: &'static str, given: &str, name: &str, columns: &[String]) -> Self {
+        Self::NoColumn {
+            flag,
+            given: given.to_string(),
+            name: name.to_string(),
+            hint: crate::spec::load::closest(
+                name,
+                &columns.iter().map(String::as_str).collect::<Vec<_>>(),
+            ),
+            columns: columns.to_vec(),
+        }
+    }
+}
+
 /// Parses `column OP value`.
 fn filter_expr(f: &str, columns: &[String], types: &[DataType]) -> Result<Filter, QueryError> {
     const OPS: [&str; 7] = [">=", "<=", "!=", "=", ">", "<", "~"];
@@ -182,16 +198,7 @@ fn filter_expr(f: &str, columns: &[String], types: &[DataType]) -> Result<Filter
     let name = f[..at].trim();
     let raw = f[at + op.len()..].trim().trim_matches('"');
     if !columns.iter().any(|c| c == name) {
-        return Err(QueryError::NoColumn {
-            flag: "filter",
-            given: f.to_string(),
-            name: name.to_string(),
-            hint: crate::spec::load::closest(
-                name,
-                &columns.iter().map(String::as_str).collect::<Vec<_>>(),
-            ),
-            columns: columns.to_vec(),
-        });
+        return Err(QueryError::no_column("filter", f, name, columns));
     }
     if op == "~" {
         return Ok(Filter::Contains(name.to_string(), raw.to_string()));
@@ -301,14 +308,7 @@ pub fn query(dir: &Path, q: &Query) -> Result<Option<DataFrame>, ResultsError> {
             None => (s.as_str(), false),
         };
         if !columns.iter().any(|c| c == name) {
-            return Err(QueryError::NoColumn {
-                flag: "sort",
-                given: s.clone(),
-                name: name.to_string(),
-                hint: String::new(),
-                columns,
-            }
-            .into());
+            return Err(QueryError::no_column("sort", s, name, &columns).into());
         }
         lf = lf.sort(
             [name],
@@ -323,17 +323,9 @@ pub fn query(dir: &Path, q: &Query) -> Result<Option<DataFrame>, ResultsError> {
             return Err(QueryError::Repeated(name.clone()).into());
         }
         if !columns.contains(name) {
-            return Err(QueryError::NoColumn {
-                flag: "columns",
-                given: q.columns.join(","),
-                name: name.clone(),
-                hint: crate::spec::load::closest(
-                    name,
-                    &columns.iter().map(String::as_str).collect::<Vec<_>>(),
-                ),
-                columns,
-            }
-            .into());
+            return Err(
+                QueryError::no_column("columns", &q.columns.join(","), name, &columns).into(),
+            );
         }
     }
     let mut df = lf.collect().map_err(|e| fail(dir, e))?;

@@ -275,20 +275,8 @@ pub struct EarlyStoppingSpec {
 }
 
 /// Test-time augmentation: the views of each image whose probabilities are averaged.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    Serialize,
-    Deserialize,
-    PartialEq,
-    Eq,
-    strum::EnumString,
-    strum::VariantNames,
-)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-#[strum(serialize_all = "snake_case")]
 pub enum TestTimeAugmentation {
     /// The image alone.
     #[default]

@@ -313,3 +313,34 @@ pub fn shipped_experiments() -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// The notebook's chain of cells as `[[phase]]` tables: `dense` epochs of the dense head over the
+/// frozen base, then `conv` epochs of a fresh conv head (`[[phase.head.layers]]`) on the same
+/// base, trainable from block5_conv3.
+#[allow(dead_code)]
+pub fn new_head_phases(dense: usize, conv: usize) -> String {
+    format!(
+        r#"
+[[phase]]
+name = "dense"
+epochs = {dense}
+
+[[phase]]
+name = "conv"
+epochs = {conv}
+trainable_from = "block5_conv3"
+
+[[phase.head.layers]]
+kind = "conv2d"
+filters = 4
+kernel = 1
+activation = "relu"
+[[phase.head.layers]]
+kind = "flatten"
+[[phase.head.layers]]
+kind = "dense"
+units = 1
+activation = "sigmoid"
+"#
+    )
+}
