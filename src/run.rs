@@ -398,6 +398,14 @@ impl Recorder<'_> {
 fn stopped_early(progress: &train::Progress, id: &str, results: &Path) -> Result<(), Failure> {
     let epochs = progress.history.len();
     match progress.status {
+        train::Status::Interrupted if !checkpoint::last_path(results, id).exists() => {
+            Err(Failure {
+                code: 130,
+                error: anyhow::anyhow!(
+                    "{id}: interrupted before its first epoch ended (while extracting features); the results table says \"interrupted\"; there is no checkpoint, so start the experiment again"
+                ),
+            })
+        }
         train::Status::Interrupted => Err(Failure {
             code: 130,
             error: anyhow::anyhow!(

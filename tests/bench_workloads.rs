@@ -89,7 +89,8 @@ trainable_from = "block5_conv1"
         plan.spec.data.image_size,
         plan.spec.data.interpolation,
     );
-    let feats = runner::train::features::extract(&model, &images, &plan, &plain, "test").unwrap();
+    let feats =
+        runner::train::features::extract(&model, &images, &plan, &plain, "test", None).unwrap();
     // The workload takes the listing's first two and last two, the last ones from the end.
     let per = feats.values.len() / feats.len();
     let rows: Vec<f32> = [0, 1, 3, 2]

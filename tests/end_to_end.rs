@@ -397,3 +397,91 @@ fn an_unwritable_results_folder_is_named_and_nothing_is_trained() {
     assert!(!err.contains("Epoch finished"), "{err}");
     assert_eq!(std::fs::read(&blocker).unwrap(), b"keep me");
 }
+
+/// Every experiment this repository ships runs end to end, so none of them rots: each with its
+/// own backbone, head, phases, augmentation, optimizer, schedule and evaluation, on a generated
+/// dataset and random weights of its backbone, at 96x96 (the smallest size every shipped head
+/// fits: VGG16's block5_pool is 3x3 there, for the conv heads), one epoch per phase of two steps.
+#[test]
+fn every_shipped_experiment_runs_a_few_steps_on_tiny_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::make_dataset(&dir.path().join("data"), &["cats", "dogs"], [8, 4, 4], 40);
+    let results = dir.path().join("results");
+    let mut weights = std::collections::HashMap::new();
+    let files = common::shipped_experiments();
+    assert!(files.len() >= 12, "{files:?}");
+    for file in files {
+        let loaded = runner::spec::load::load(&file, &[]).unwrap();
+        let spec = &loaded.spec;
+        let backbone = spec.backbone.name.clone();
+        let w = weights
+            .entry(backbone.clone())
+            .or_insert_with(|| {
+                let path = dir.path().join(format!("{backbone}.safetensors"));
+                match backbone.as_str() {
+                    "vgg16" => common::write_vgg_weights(
+                        &path,
+                        runner::backbone::find("vgg16").unwrap(),
+                        3,
+                    ),
+                    name => {
+                        common::write_torchvision_weights(&path, &common::torchvision_keys(name), 3)
+                    }
+                }
+                path
+            })
+            .clone();
+        let mut sets = vec![
+            format!("data.dir={}", data.display()),
+            "data.image_size=[96, 96]".to_string(),
+            "data.batch_size=4".to_string(),
+            format!("backbone.weights={}", w.display()),
+            "train.epochs=1".to_string(),
+            "train.steps_per_epoch=2".to_string(),
+            "train.validation_steps=1".to_string(),
+        ];
+        sets.extend((0..spec.phase.len()).map(|i| format!("phase[{i}].epochs=1")));
+        let mut args = vec![
+            file.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--results",
+            results.to_str().unwrap(),
+        ];
+        for s in &sets {
+            args.extend(["--set", s.as_str()]);
+        }
+        let out = runner(&args, dir.path());
+        assert!(
+            out.status.success(),
+            "{}: exit {:?}\n{}",
+            file.display(),
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let name = &spec.experiment.name;
+        let table = files_with(&results, ".parquet")
+            .into_iter()
+            .find(|p| {
+                let f = p.file_name().unwrap().to_string_lossy();
+                f.strip_prefix(name.as_str())
+                    .is_some_and(|rest| rest.starts_with("-20"))
+            })
+            .unwrap_or_else(|| panic!("{}: no results table for {name}", file.display()));
+        let (df, _) = runner::results::read_run(&table).unwrap();
+        let epochs = spec.phase.len().max(1);
+        assert_eq!(df.height(), epochs, "{}: one row per phase", file.display());
+        assert_eq!(
+            strs(&df, "status"),
+            vec!["completed".to_string(); epochs],
+            "{}",
+            file.display()
+        );
+        let test_acc = f64s(&df, "test_acc");
+        assert!(
+            test_acc.iter().all(|v| (0.0..=1.0).contains(v)),
+            "{}: test_acc {test_acc:?}",
+            file.display()
+        );
+    }
+}

@@ -423,6 +423,69 @@ fn ctrl_c_checkpoints_mid_epoch_and_resume_continues_exactly() {
 }
 
 #[test]
+fn ctrl_c_during_a_feature_extraction_stops_at_the_next_batch() {
+    // 600 training images at 64x64: minutes on a real dataset, seconds here, but long after
+    // the extraction's first progress line.
+    let s = setup(&[("image_size = [32, 32]", "image_size = [64, 64]")]);
+    common::make_dataset(&s.data, &["cats", "dogs"], [300, 4, 4], 40);
+    let mut child = spawn(&s, &s.results);
+    let started = std::time::Instant::now();
+    let log = loop {
+        let log = files_with(&s.results, ".log.jsonl").pop();
+        if let Some(log) = log.filter(|l| {
+            std::fs::read_to_string(l).is_ok_and(|t| t.contains("Extracting features."))
+        }) {
+            break log;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "ended before extracting"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(300));
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    signal(&child, "-INT");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("interrupted before its first epoch ended")
+            && err.contains("start the experiment again"),
+        "{err}"
+    );
+    let id = log
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .trim_end_matches(".log.jsonl")
+        .to_string();
+    let ev = events(&s.results, &id);
+    assert_eq!(count(&ev, "Interrupted while extracting features."), 1);
+    assert_eq!(count(&ev, "Epoch finished."), 0);
+    assert_eq!(
+        count(&ev, "Feature cache written."),
+        0,
+        "no partial cache entry"
+    );
+    let stopped_at = ev
+        .iter()
+        .find(|e| e["message"] == "Interrupted while extracting features.")
+        .unwrap();
+    assert_eq!(stopped_at["split"], "train");
+    assert!(stopped_at["done"].as_u64().unwrap() < 600, "{stopped_at}");
+    // The table says so; there is no checkpoint to resume.
+    let (_, table) = only_run(&s.results);
+    assert_eq!(strs(&table, "status"), vec!["interrupted".to_string()]);
+    assert!(!s.results.join(&id).join("last.ckpt").exists());
+    let out = runner(
+        &["resume", &id, "--results", s.results.to_str().unwrap()],
+        s.dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no checkpoint"));
+}
+
+#[test]
 fn a_second_ctrl_c_stops_at_once_and_leaves_no_half_written_file() {
     let s = setup(&LONG);
     let mut child = spawn(&s, &s.results);

@@ -76,7 +76,12 @@ pub fn run(plan: &Plan, device: &Device, steps: usize) -> Result<String, TrainEr
     let val = &images[1];
     let few: Vec<usize> = (0..spec.data.batch_size.min(val.len())).collect();
     let small = val.subset(&few);
-    let val_feats = train::features::extract(&model, &small, plan, device, "bench")?;
+    let val_feats = train::features::extract(&model, &small, plan, device, "bench", None).map_err(
+        |e| match e {
+            train::ExtractError::Data(e) => TrainError::Data(e),
+            train::ExtractError::Interrupted => unreachable!("no interrupt flag was given"),
+        },
+    )?;
     let mut bench_plan = plan.clone();
     bench_plan.phases.truncate(1);
     bench_plan.phases[0].epochs = 1;

@@ -374,7 +374,7 @@ fn train_step(
     crate::device::seed_host(plan.spec.experiment.seed);
     let model = TransferModel::build(&check_plan, device)?;
     let head = head_tensors(&model);
-    let feats = train::features::extract(&model, &images, &check_plan, device, "bench")?;
+    let feats = train::features::extract(&model, &images, &check_plan, device, "bench", None)?;
     let (_, history) = train::fit(
         model,
         &TrainSource::Features(&feats),
@@ -640,7 +640,7 @@ fn extract(opts: &Options, device: &Device) -> anyhow::Result<Report> {
         let size = plan.spec.data.image_size;
         let images = folder::load_split_with(&l, size, plan.spec.data.interpolation, false).0;
         n += images.len();
-        let f = train::features::extract(&model, &images, &plan, &plain, "bench")?;
+        let f = train::features::extract(&model, &images, &plan, &plain, "bench", None)?;
         let key = train::features::key(&model, &images, &plan);
         train::features::write(&dir.join(format!("{key}.safetensors")), &key, &f)?;
     }

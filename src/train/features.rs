@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::prelude::*;
@@ -104,15 +105,29 @@ impl Features {
     }
 }
 
+/// Why a split's activations could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ExtractError {
+    /// An image could not be read.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// Ctrl-C (or SIGTERM) during the extraction: it stops at the next batch, so that a stop
+    /// asked for during a long extraction is not kept waiting for minutes.
+    #[error("interrupted while extracting features")]
+    Interrupted,
+}
+
 /// Runs the frozen part of the base once over a split, batch by batch (a split decoded on demand
-/// is decoded one batch at a time, so only the activations at the cutoff accumulate).
+/// is decoded one batch at a time, so only the activations at the cutoff accumulate). Stops
+/// between batches once `interrupt` is set.
 pub fn extract(
     model: &TransferModel,
     images: &Images,
     plan: &Plan,
     device: &Device,
     run: &str,
-) -> Result<Features, DataError> {
+    interrupt: Option<&AtomicBool>,
+) -> Result<Features, ExtractError> {
     let frozen = model.valid();
     let plain = device.clone().without_autodiff();
     let batch = plan.spec.data.batch_size;
@@ -124,6 +139,10 @@ pub fn extract(
     let n_batches = images.len().div_ceil(batch);
     let indices: Vec<usize> = (0..images.len()).collect();
     for (b, chunk) in indices.chunks(batch).enumerate() {
+        if interrupt.is_some_and(|f| f.load(Ordering::Relaxed)) {
+            warn!(run, split = %images.split, done = b * batch, total = images.len(), "Interrupted while extracting features.");
+            return Err(ExtractError::Interrupted);
+        }
         let x = data::batch_tensor(images, chunk, plan.preprocess, &plain)?;
         let y = frozen.frozen_features(x);
         values.extend(y.into_data().iter::<f32>());
@@ -178,6 +197,7 @@ fn hex(bytes: &[u8]) -> String {
 pub struct FeatureCache {
     dir: Option<PathBuf>,
     memo: HashMap<String, Arc<Features>>,
+    interrupt: Option<Arc<AtomicBool>>,
 }
 
 impl FeatureCache {
@@ -186,7 +206,13 @@ impl FeatureCache {
         Self {
             dir,
             memo: HashMap::new(),
+            interrupt: None,
         }
+    }
+
+    /// Extractions stop at the next batch once `flag` is set (the run's Ctrl-C flag).
+    pub fn interrupt_on(&mut self, flag: Option<Arc<AtomicBool>>) {
+        self.interrupt = flag;
     }
 
     /// The file holding `key`.
@@ -205,7 +231,7 @@ impl FeatureCache {
         plan: &Plan,
         device: &Device,
         run: &str,
-    ) -> Result<Arc<Features>, DataError> {
+    ) -> Result<Arc<Features>, ExtractError> {
         let key = key(model, images, plan);
         if let Some(f) = self.memo.get(&key) {
             return Ok(f.clone());
@@ -233,7 +259,7 @@ impl FeatureCache {
                 if self.dir.is_some() {
                     info!(run, split = %images.split, cut = model.cut(), key = short, "Feature cache miss.");
                 }
-                let f = extract(model, images, plan, device, run)?;
+                let f = extract(model, images, plan, device, run, self.interrupt.as_deref())?;
                 if let Some(path) = self.path(&key) {
                     match write(&path, &key, &f) {
                         Ok(()) => {

@@ -33,7 +33,7 @@ use crate::model::TransferModel;
 use crate::plan::{PhasePlan, Plan};
 use crate::spec::{AugmentSpec, OnBadImage};
 pub use checkpoint::{Checkpoint, Origin};
-pub use features::{FeatureCache, Features};
+pub use features::{ExtractError, FeatureCache, Features};
 use schedule::{Schedule, ScheduleState, Tracker};
 
 /// Errors that stop a run.
@@ -935,6 +935,7 @@ pub fn run(
     let validation = validation_sample(plan, &images[1]);
 
     let mut cache = std::mem::take(&mut opts.cache);
+    cache.interrupt_on(opts.interrupt.clone());
     while progress.phase < plan.phases.len() {
         let ph = &plan.phases[progress.phase];
         if progress.phase_done || progress.epoch_in_phase >= ph.epochs {
@@ -971,10 +972,13 @@ pub fn run(
 
     progress.status = Status::Completed;
     let (test, predictions) = match images.get(2) {
-        Some(t) => {
-            let (e, p) = test_evaluation(&mut cache, &model, t, plan, device, run)?;
-            (Some(e), p)
-        }
+        Some(t) => match test_evaluation(&mut cache, &model, t, plan, device, run) {
+            Ok((e, p)) => (Some(e), p),
+            Err(ExtractError::Data(e)) => return Err(e.into()),
+            Err(ExtractError::Interrupted) => {
+                return Ok(interrupted(&mut progress, model, &mut on_update));
+            }
+        },
         None => (None, Vec::new()),
     };
     Ok(Outcome {
@@ -1071,12 +1075,24 @@ fn run_phase(
         augmented = ph.augment.is_some(),
         "Phase started."
     );
-    let train_feats = ph
-        .augment
-        .is_none()
-        .then(|| cache.features(&model, &images[0], plan, device, run))
-        .transpose()?;
-    let val_feats = cache.features(&model, validation, plan, device, run)?;
+    let mut extract = || -> Result<_, ExtractError> {
+        let train = ph
+            .augment
+            .is_none()
+            .then(|| cache.features(&model, &images[0], plan, device, run))
+            .transpose()?;
+        Ok((
+            train,
+            cache.features(&model, validation, plan, device, run)?,
+        ))
+    };
+    let (train_feats, val_feats) = match extract() {
+        Ok(f) => f,
+        Err(ExtractError::Data(e)) => return Err(e.into()),
+        Err(ExtractError::Interrupted) => {
+            return Ok(PhaseEnd::Stopped(interrupted(progress, model, on_update)));
+        }
+    };
     let source = match (&ph.augment, &train_feats) {
         (Some(aug), _) => TrainSource::Augmented {
             images: &images[0],
@@ -1281,6 +1297,18 @@ fn validation_sample<'a>(plan: &Plan, images: &'a Images) -> std::borrow::Cow<'a
     }
 }
 
+/// A run stopped by Ctrl-C during a feature extraction: recorded as interrupted, with the
+/// epochs it finished (their checkpoint is already written).
+fn interrupted(
+    progress: &mut Progress,
+    model: TransferModel,
+    on_update: &mut impl FnMut(&Progress),
+) -> Outcome {
+    progress.status = Status::Interrupted;
+    on_update(progress);
+    Outcome::stopped(std::mem::take(progress), model)
+}
+
 /// The test split's loss, accuracy and per-image predictions.
 fn test_evaluation(
     cache: &mut FeatureCache,
@@ -1289,7 +1317,7 @@ fn test_evaluation(
     plan: &Plan,
     device: &Device,
     run: &str,
-) -> Result<(Evaluation, Vec<Prediction>), TrainError> {
+) -> Result<(Evaluation, Vec<Prediction>), ExtractError> {
     let f = cache.features(model, images, plan, device, run)?;
     let (e, p) = match plan.spec.train.test_time_augmentation {
         crate::spec::TestTimeAugmentation::None => evaluate_with(model, &f, plan, device, true),
