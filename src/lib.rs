@@ -9,6 +9,7 @@ pub mod backbone;
 pub mod bench;
 pub mod cli;
 pub mod commands;
+pub mod console;
 pub mod cpu;
 pub mod data;
 pub mod device;

@@ -22,12 +22,26 @@ fn stderr_is_terminal() -> bool {
 /// Shows the training progress of the current epoch: a bar with steps, images/s, running loss
 /// and accuracy and the ETA on a terminal; nothing otherwise (the log has `Training.` events).
 pub fn progress(epoch: usize, step: usize, steps: usize, loss: f64, acc: f64, images_per_s: f64) {
+    bar(
+        format!("epoch {epoch}"),
+        step,
+        steps,
+        format!(
+            "loss {}  acc {}  {images_per_s:.1} images/s",
+            crate::console::significant(loss),
+            crate::console::significant(acc)
+        ),
+    );
+}
+
+/// Sets the terminal's progress bar (nothing when stderr is not a terminal).
+fn bar(prefix: String, pos: usize, len: usize, message: String) {
     if !stderr_is_terminal() {
         return;
     }
     let Ok(mut g) = BAR.lock() else { return };
     let bar = g.get_or_insert_with(|| {
-        let b = indicatif::ProgressBar::new(steps as u64);
+        let b = indicatif::ProgressBar::new(len as u64);
         b.set_style(
             indicatif::ProgressStyle::with_template(
                 "{prefix:>10} [{bar:30}] {pos}/{len} {msg} ETA {eta}",
@@ -37,12 +51,10 @@ pub fn progress(epoch: usize, step: usize, steps: usize, loss: f64, acc: f64, im
         );
         b
     });
-    bar.set_length(steps as u64);
-    bar.set_prefix(format!("epoch {epoch}"));
-    bar.set_position(step as u64);
-    bar.set_message(format!(
-        "loss {loss:.4} acc {acc:.4} {images_per_s:.1} img/s"
-    ));
+    bar.set_length(len as u64);
+    bar.set_prefix(prefix);
+    bar.set_position(pos as u64);
+    bar.set_message(message);
 }
 
 /// Removes the progress bar (the epoch is over).
@@ -145,23 +157,94 @@ pub fn close_run_log() {
     }
 }
 
-/// Installs the console and run-log layers. `RUNNER_LOG` sets the console filter (default info).
-pub fn init() {
-    // On a terminal the progress bar shows what the `Training.` events say.
-    // cubecl says "Tuning <key>" at info for every kernel it autotunes: that is debug detail.
-    let mut filter = EnvFilter::try_from_env("RUNNER_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,cubecl_runtime::tune=warn"));
-    if stderr_is_terminal()
-        && let Ok(d) = "runner::progress=off".parse()
-    {
-        filter = filter.add_directive(d);
+/// An event's fields as JSON values, as the run log writes them.
+#[derive(Default)]
+struct Fields(serde_json::Map<String, serde_json::Value>);
+
+impl tracing::field::Visit for Fields {
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        self.0.insert(field.name().into(), value.into());
     }
-    let console = tracing_subscriber::fmt::layer()
-        .with_writer(|| Console)
-        .with_ansi(stderr_is_terminal())
-        .with_target(false)
-        .compact()
-        .with_filter(filter);
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0
+            .insert(field.name().into(), format!("{value:?}").into());
+    }
+}
+
+/// The console a person reads ([`crate::console`]): short lines, the progress bars on a
+/// terminal.
+struct Human {
+    terminal: bool,
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Human {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        let f = fields.0;
+        let message = f
+            .get("message")
+            .and_then(|m| m.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let level = event.metadata().level().as_str();
+        if self.terminal && message == "Extracting features." {
+            let n = |k: &str| f.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+            let (done, total) = (n("done"), n("total"));
+            let split = f.get("split").and_then(|v| v.as_str()).unwrap_or_default();
+            let rate = f
+                .get("images_per_s")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default();
+            bar(split.to_string(), done, total, format!("{rate} images/s"));
+            if done >= total {
+                progress_done();
+            }
+        }
+        if let Some(line) = crate::console::line(level, &message, &f, self.terminal) {
+            let _ = Console.write_all(format!("{line}\n").as_bytes());
+        }
+    }
+}
+
+/// Installs the console and run-log layers. `RUNNER_LOG` sets the console filter (default info);
+/// `RUNNER_LOG_FORMAT=fields` prints every event with all its fields and a timestamp instead of
+/// the short lines.
+pub fn init() {
+    let terminal = stderr_is_terminal();
+    let fields = std::env::var("RUNNER_LOG_FORMAT").is_ok_and(|v| v == "fields");
+    let filter = || {
+        // cubecl says "Tuning <key>" at info for every kernel it autotunes: debug detail.
+        let mut filter = EnvFilter::try_from_env("RUNNER_LOG")
+            .unwrap_or_else(|_| EnvFilter::new("info,cubecl_runtime::tune=warn"));
+        // On a terminal the progress bar shows what the `Training.` events say.
+        if terminal && let Ok(d) = "runner::progress=off".parse() {
+            filter = filter.add_directive(d);
+        }
+        filter
+    };
+    let (full, human) = if fields {
+        let layer = tracing_subscriber::fmt::layer()
+            .with_writer(|| Console)
+            .with_ansi(terminal)
+            .with_target(false)
+            .compact();
+        (Some(layer), None)
+    } else {
+        (None, Some(Human { terminal }))
+    };
     let json = tracing_subscriber::fmt::layer()
         .json()
         .flatten_event(true)
@@ -170,7 +253,8 @@ pub fn init() {
         .with_writer(RunLogWriter)
         .with_filter(EnvFilter::new("runner=debug"));
     let _ = tracing_subscriber::registry()
-        .with(console)
+        .with(full.with_filter(filter()))
+        .with(human.with_filter(filter()))
         .with(json)
         .try_init();
 }

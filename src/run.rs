@@ -463,7 +463,7 @@ fn finish(
         "Run finished."
     );
     println!(
-        "{id}: best val_acc {best:.4}, final val_acc {:.4}, test_acc {} -> {}",
+        "{id}: best val_acc {best:.4}, final val_acc {:.4}, test_acc {}\n  results: {}",
         last.map_or(f64::NAN, |m| m.val_acc),
         outcome
             .test

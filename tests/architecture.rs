@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     // Import nothing of runner.
     &[
-        "io", "metrics", "cpu", "failure", "logs", "logging", "spec", "assets",
+        "io", "metrics", "cpu", "failure", "console", "spec", "assets",
     ],
-    &["device", "fetch"],
+    &["device", "fetch", "logs", "logging"],
     &["backbone", "head", "data", "settings"],
     &["plan"],
     &["model", "results"],

@@ -485,3 +485,172 @@ fn every_shipped_experiment_runs_a_few_steps_on_tiny_images() {
         );
     }
 }
+
+/// The console of a run, not on a terminal (a pipe, a CI log): one short line per event, the
+/// run id once, no timestamps or `key=value` fields, Keras-style epoch lines with four
+/// significant digits, nothing wider than 160 columns.
+#[test]
+fn the_console_is_short_lines_a_person_reads() {
+    let s = setup(&[]);
+    let out = run(&s, &[]);
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let (id, _) = only_run(&s.results);
+    // The run id where the run starts, and in the model's folder where it ends.
+    let naming: Vec<&str> = err.lines().filter(|l| l.contains(id.as_str())).collect();
+    assert_eq!(naming.len(), 2, "{err}");
+    assert!(naming[1].starts_with("Finished in "), "{err}");
+    assert!(
+        err.lines()
+            .next()
+            .unwrap()
+            .starts_with(&format!("Run {id} (")),
+        "{err}"
+    );
+    for l in err.lines() {
+        assert!(l.chars().count() <= 160, "wider than 160 columns: {l}");
+        assert!(!l.contains("run="), "{l}");
+        assert!(!l.starts_with("20"), "a timestamp: {l}");
+        assert!(!l.contains(".safetensors\"") && !l.contains("key="), "{l}");
+    }
+    let epochs: Vec<&str> = err.lines().filter(|l| l.starts_with("Epoch ")).collect();
+    assert_eq!(epochs.len(), 2, "{err}");
+    // 16 training images in batches of 4.
+    assert!(epochs[1].starts_with("Epoch 2/2  4/4  "), "{}", epochs[1]);
+    for key in ["loss", "acc", "val_loss", "val_acc", "lr"] {
+        let value = epochs[0]
+            .split(&format!("  {key} "))
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no {key}: {}", epochs[0]));
+        let digits = value
+            .trim_start_matches(['0', '.', '-'])
+            .split('e')
+            .next()
+            .unwrap()
+            .replace('.', "");
+        assert!(
+            digits.len() <= 4,
+            "{key} {value}: more than 4 significant digits"
+        );
+    }
+    assert!(err.contains("Test: loss "), "{err}");
+    assert!(err.contains("Finished in "), "{err}");
+    // The run log still has every field of every event.
+    let ev = events(&s.results, &id);
+    let e = ev
+        .iter()
+        .find(|e| e["message"] == "Epoch finished.")
+        .unwrap();
+    for k in [
+        "run",
+        "epoch",
+        "epochs",
+        "steps",
+        "train_loss",
+        "val_acc",
+        "timestamp",
+    ] {
+        assert!(!e[k].is_null(), "{k}: {e}");
+    }
+    // RUNNER_LOG_FORMAT=fields puts the full lines back on the console.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args([s.spec.to_str().unwrap(), "--device", "cpu", "--results"])
+        .arg(s.dir.path().join("fields"))
+        .current_dir(s.dir.path())
+        .env("RUNNER_CACHE", s.dir.path().join("cache"))
+        .env("RUNNER_LOG_FORMAT", "fields")
+        .output()
+        .unwrap();
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Epoch finished. run=") && err.contains("val_acc="),
+        "{err}"
+    );
+}
+
+/// The same run in a real terminal (tmux, 160x50): a progress bar while an epoch runs, gone
+/// once it ends; epoch lines; no `Training.` step lines.
+#[test]
+fn on_a_terminal_a_run_prints_epoch_lines_and_clears_its_progress_bar() {
+    if std::process::Command::new("tmux")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var_os("RUNNER_REQUIRE_TOOLS").is_none_or(|v| v != "1"),
+            "RUNNER_REQUIRE_TOOLS=1 but tmux is not installed"
+        );
+        eprintln!("skipped: no tmux");
+        return;
+    }
+    // Epochs of a few seconds, so that the bar is on the screen long enough to be seen.
+    let s = setup(&[("epochs = 2", "epochs = 3\nsteps_per_epoch = 1500")]);
+    let socket = format!("runner-test-{}", std::process::id());
+    let tmux = |args: &[&str]| {
+        std::process::Command::new("tmux")
+            .args(["-L", &socket])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let done = s.dir.path().join("done");
+    let command = format!(
+        "cd {dir} && RUNNER_CACHE={dir}/cache {bin} {spec} --device cpu --results {results}; touch {done}; sleep 120",
+        dir = s.dir.path().display(),
+        bin = env!("CARGO_BIN_EXE_runner"),
+        spec = s.spec.display(),
+        results = s.results.display(),
+        done = done.display(),
+    );
+    ok(&tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        "run",
+        "-x",
+        "160",
+        "-y",
+        "50",
+        &command,
+    ]));
+    let screen =
+        || String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", "run"]).stdout).into_owned();
+    let started = std::time::Instant::now();
+    let mut bar = None;
+    while !done.exists() {
+        let now = screen();
+        if bar.is_none() && now.contains("ETA") {
+            bar = now.lines().find(|l| l.contains("ETA")).map(str::to_string);
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(300),
+            "{now}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let screen = screen();
+    tmux(&["kill-server"]);
+    let bar = bar.unwrap_or_else(|| panic!("no progress bar was seen:\n{screen}"));
+    assert!(
+        bar.contains("epoch ") && bar.contains("/1500") && bar.contains("images/s"),
+        "{bar}"
+    );
+    let (id, _) = only_run(&s.results);
+    assert!(screen.contains(&format!("Run {id} (")), "{screen}");
+    let epochs: Vec<&str> = screen.lines().filter(|l| l.starts_with("Epoch ")).collect();
+    assert_eq!(epochs.len(), 3, "{screen}");
+    assert!(epochs[2].starts_with("Epoch 3/3  1500/1500  "), "{screen}");
+    assert!(
+        !screen
+            .lines()
+            .any(|l| l.trim_start().starts_with("150/1500")),
+        "no step lines on a terminal:\n{screen}"
+    );
+    assert!(
+        !screen.contains("ETA"),
+        "the progress bar is cleared:\n{screen}"
+    );
+}

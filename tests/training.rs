@@ -818,10 +818,22 @@ fn a_run_stopped_before_or_after_a_new_head_resumes_to_the_same_run() {
     let s = with_extra(&[], &common::new_head_phases(2, 2));
     let plan = common::plan_for(s.dir.path(), &std::fs::read_to_string(&s.spec).unwrap());
     let device = burn::prelude::Device::flex().autodiff();
-    let whole = common::train(&plan, &device, &s.dir.path().join("whole"));
+    // One feature cache on disk for every run: the activations of the new head's phase are
+    // then read, not extracted, so a Ctrl-C at the phase boundary lands in its first steps
+    // (during an extraction it stops before them: ctrl_c_during_a_feature_extraction_...).
+    let cache = s.dir.path().join("features");
+    let opts = |results: &Path, resume, interrupt| runner::train::RunOptions {
+        cache: runner::train::FeatureCache::new(Some(cache.clone())),
+        ..common::run_options(&plan, results, resume, interrupt)
+    };
+    let whole = runner::train::run(
+        &plan,
+        &device,
+        opts(&s.dir.path().join("whole"), None, None),
+        |_| {},
+    )
+    .unwrap();
     assert_eq!(whole.progress.history.len(), 4);
-    let opts =
-        |results: &Path, resume, interrupt| common::run_options(&plan, results, resume, interrupt);
     // Stopped in the first steps of the new head's phase and after its first epoch; and the
     // checkpoint of epoch 2, before the new head was drawn.
     let boundary = s.dir.path().join("epoch2.ckpt");

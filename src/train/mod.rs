@@ -783,6 +783,8 @@ fn finish_epoch(
         phase = %phase.name,
         phase_epoch = progress.epoch_in_phase,
         phase_epochs = phase.epochs,
+        epochs = runner.plan.phases.iter().map(|p| p.epochs).sum::<usize>(),
+        steps = runner.steps,
         train_loss = m.train_loss,
         train_acc = m.train_acc,
         val_loss = m.val_loss,
