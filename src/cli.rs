@@ -217,6 +217,19 @@ enum Command {
         #[arg(long, default_value_t = 7)]
         variants: usize,
     },
+    /// Print the shell completion script, e.g. `runner completions bash >
+    /// ~/.local/share/bash-completion/completions/runner`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (runner.1 and one runner-COMMAND.1 per command) into a folder, e.g.
+    /// `runner manpages ~/.local/share/man/man1`; `man runner` then shows them.
+    Manpages {
+        /// The folder to write into (created if missing).
+        dir: PathBuf,
+    },
 }
 impl Common {
     /// The settings every command is given: the asset mirror resolved, the cache folder's
@@ -343,8 +356,29 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             };
             commands::bench_workload(&workload, &opts, s)
         }
+        (Some(Command::Completions { shell }), _) => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "runner", &mut std::io::stdout());
+            Ok(())
+        }
+        (Some(Command::Manpages { dir }), _) => manpages(&dir),
         (None, None) => Err(bad_input(anyhow::anyhow!(
             "no experiment given; try `runner experiments/feature_extraction.toml` or `runner --help`"
         ))),
     }
+}
+
+/// Writes `runner.1` and one `runner-<command>.1` per command into `dir`.
+fn manpages(dir: &std::path::Path) -> Result<(), Failure> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    std::fs::create_dir_all(dir)
+        .and_then(|()| clap_mangen::generate_to(cmd, dir))
+        .map_err(|e| {
+            bad_input(anyhow::anyhow!(
+                "{}: cannot write the man pages: {e}",
+                dir.display()
+            ))
+        })?;
+    println!("man pages written to {}", dir.display());
+    Ok(())
 }

@@ -654,3 +654,62 @@ fn on_a_terminal_a_run_prints_epoch_lines_and_clears_its_progress_bar() {
         "the progress bar is cleared:\n{screen}"
     );
 }
+
+/// `runner completions SHELL` prints a script the shell really completes with, and `runner
+/// manpages DIR` writes a page per command.
+#[test]
+fn shell_completions_complete_and_man_pages_are_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = runner(&["completions", "bash"], dir.path());
+    ok(&out);
+    let script = dir.path().join("runner.bash");
+    std::fs::write(&script, &out.stdout).unwrap();
+    // What bash offers after `runner pre` and after `runner results --for`.
+    let complete = |line: &str| {
+        let words: Vec<&str> = line.split(' ').collect();
+        let program = format!(
+            "source {}; COMP_WORDS=({}); COMP_CWORD={}; COMP_LINE='{line}'; COMP_POINT={}; _runner runner '{}' '{}'; echo \"${{COMPREPLY[@]}}\"",
+            script.display(),
+            words.join(" "),
+            words.len() - 1,
+            line.len(),
+            words[words.len() - 1],
+            words[words.len() - 2],
+        );
+        let out = std::process::Command::new("bash")
+            .args(["-c", &program])
+            .output()
+            .unwrap();
+        ok(&out);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(complete("runner pre"), "predict");
+    assert_eq!(complete("runner results --for"), "--format");
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
+        let out = runner(&["completions", shell], dir.path());
+        ok(&out);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("augment-preview"),
+            "{shell}"
+        );
+    }
+    let out = runner(&["completions", "tcsh"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+
+    let man = dir.path().join("man1");
+    ok(&runner(&["manpages", man.to_str().unwrap()], dir.path()));
+    let page = std::fs::read_to_string(man.join("runner.1")).unwrap();
+    assert!(page.contains(".TH runner 1"), "{page}");
+    assert!(page.contains("Transfer learning on images from a TOML file"));
+    let predict = std::fs::read_to_string(man.join("runner-predict.1")).unwrap();
+    assert!(predict.contains("\\-\\-weights"), "{predict}");
+    // A folder that cannot be made is named.
+    let blocked = dir.path().join("file");
+    std::fs::write(&blocked, "").unwrap();
+    let out = runner(
+        &["manpages", blocked.join("man1").to_str().unwrap()],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot write the man pages"));
+}
