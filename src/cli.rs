@@ -217,6 +217,15 @@ enum Command {
         #[arg(long, default_value_t = 7)]
         variants: usize,
     },
+    /// Write an experiment file for a data folder (train/, validation/, test/ optional, with one
+    /// folder per class): its classes, sizes and loss filled in, commented.
+    Init {
+        /// The data folder.
+        data: PathBuf,
+        /// The file to write (default: experiments/<folder name>.toml); never overwritten.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Print the shell completion script, e.g. `runner completions bash >
     /// ~/.local/share/bash-completion/completions/runner`.
     Completions {
@@ -362,6 +371,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         (Some(Command::Manpages { dir }), _) => manpages(&dir),
+        (Some(Command::Init { data, out }), _) => crate::init::init(&data, out.as_deref()),
         (None, None) => Err(bad_input(anyhow::anyhow!(
             "no experiment given; try `runner experiments/feature_extraction.toml` or `runner --help`"
         ))),

@@ -16,6 +16,7 @@ pub mod device;
 pub mod failure;
 pub mod fetch;
 pub mod head;
+pub mod init;
 pub mod io;
 pub mod logging;
 pub mod logs;

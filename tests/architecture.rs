@@ -20,7 +20,7 @@ const LAYERS: &[&[&str]] = &[
     &["predict", "bench"],
     &["run"],
     &["sweep"],
-    &["commands"],
+    &["commands", "init"],
     &["cli"],
 ];
 

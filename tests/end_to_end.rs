@@ -713,3 +713,81 @@ fn shell_completions_complete_and_man_pages_are_written() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot write the man pages"));
 }
+
+/// `runner init DATA_DIR` writes an experiment that validates, with the classes' loss and head,
+/// and never overwrites; a folder it cannot use is named.
+#[test]
+fn init_scaffolds_an_experiment_that_validates_and_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("mnv2.safetensors");
+    common::write_torchvision_weights(&weights, &common::torchvision_keys("mobilenet_v2"), 3);
+    let set_weights = format!("backbone.weights={}", weights.display());
+    for classes in [&["cats", "dogs"][..], &["a", "b", "c"]] {
+        let data = dir.path().join(format!("data{}", classes.len()));
+        common::make_dataset(&data, classes, [3, 2, 1], 40);
+        let out = dir.path().join(format!("exp{}.toml", classes.len()));
+        ok(&runner(
+            &[
+                "init",
+                data.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            dir.path(),
+        ));
+        let text = std::fs::read_to_string(&out).unwrap();
+        assert!(text.contains(&format!(
+            "# Classes ({}): {}.",
+            classes.len(),
+            classes.join(", ")
+        )));
+        assert!(
+            text.contains("Median training image: 40x40 pixels"),
+            "{text}"
+        );
+        let (units, loss) = if classes.len() == 2 {
+            ("units = 1 ", "binary_crossentropy")
+        } else {
+            ("units = 3 ", "categorical_crossentropy")
+        };
+        assert!(text.contains(units) && text.contains(loss), "{text}");
+        let check = runner(
+            &["check", out.to_str().unwrap(), "--set", &set_weights],
+            dir.path(),
+        );
+        ok(&check);
+        // Never over an existing file.
+        let again = runner(
+            &[
+                "init",
+                data.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            dir.path(),
+        );
+        assert_eq!(again.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), text);
+    }
+    // The default file name; a folder of class folders without splits; a missing folder.
+    let data = dir.path().join("data2");
+    ok(&runner(&["init", data.to_str().unwrap()], dir.path()));
+    assert!(dir.path().join("experiments/data2.toml").is_file());
+    for (bad, says) in [
+        (data.join("train"), "missing the train/ folder"),
+        (dir.path().join("nowhere"), "not a folder"),
+        (
+            common::make_dataset(&dir.path().join("empty"), &["a", "b"], [2, 2, 0], 40),
+            "test: class folder a/ has no images",
+        ),
+    ] {
+        let out = runner(&["init", bad.to_str().unwrap()], dir.path());
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(says) && err.contains(bad.to_str().unwrap()),
+            "{err}"
+        );
+    }
+}
