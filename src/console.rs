@@ -8,8 +8,8 @@
 
 use serde_json::{Map, Value};
 
-/// Fields a generic line leaves out: the run id (named once, when the run starts) and cache
-/// keys (kept for the run log).
+/// Fields a generic INFO line leaves out: the run id (named once, when the run starts) and
+/// cache keys (kept for the run log). Warnings and errors keep them.
 const QUIET: [&str; 3] = ["run", "key", "target"];
 
 /// The console line of one event, or `None` for an event the console leaves to the run log
@@ -91,7 +91,8 @@ pub fn line(level: &str, message: &str, f: &Map<String, Value>, terminal: bool) 
             format!("  {}: computing the activations at the cutoff", s("split"))
         }
         ("INFO", "Feature cache written." | "Backbone weights loaded.") => return None,
-        ("INFO", "Extracting features.") if terminal => return None,
+        // On a terminal the bar shows the extraction; its last event stays as a line.
+        ("INFO", "Extracting features.") if terminal && s("done") != s("total") => return None,
         ("INFO", "Extracting features.") => format!(
             "  {}: {}/{} images, {} images/s",
             s("split"),
@@ -168,14 +169,22 @@ pub fn generic(level: &str, message: &str, f: &Map<String, Value>) -> String {
         "TRACE" => "trace: ",
         _ => "",
     };
-    let mut out = format!("{mark}{message}");
+    // A record of the `log` crate (wgpu, cubecl): its origin as a prefix, not four fields.
+    let origin = match f.get("log.target").and_then(Value::as_str) {
+        Some(t) => format!("{t}: "),
+        None => String::new(),
+    };
+    let mut out = format!("{mark}{origin}{message}");
     // The file first: it is what a person acts on (the fields come sorted by name).
     let ordered = f
         .iter()
         .filter(|(k, _)| *k == "file")
         .chain(f.iter().filter(|(k, _)| *k != "file"));
     for (k, v) in ordered {
-        if k == "message" || (QUIET.contains(&k.as_str()) && level != "DEBUG") {
+        if k == "message"
+            || k.starts_with("log.")
+            || (QUIET.contains(&k.as_str()) && level == "INFO")
+        {
             continue;
         }
         out += &format!(" {k}={}", text(Some(v)));
@@ -193,17 +202,22 @@ fn text(v: Option<&Value>) -> String {
     }
 }
 
-/// `v` to four significant digits: `0.8950`, `12.35`, `2.000e-5`.
+/// `v` to four significant digits: `0.8950`, `12.35`, `2.000e-5`, `1.235e4`.
 pub fn significant(v: f64) -> String {
     if v == 0.0 || !v.is_finite() {
         return format!("{v}");
     }
-    let magnitude = v.abs().log10().floor() as i32;
-    if (-3..5).contains(&magnitude) {
-        let decimals = (3 - magnitude).max(0) as usize;
+    // The exponent after rounding to four digits (0.99996 is 1.000, not 0.10000e1).
+    let e = format!("{v:.3e}");
+    let exponent: i32 = e
+        .split_once('e')
+        .and_then(|(_, x)| x.parse().ok())
+        .unwrap_or(0);
+    if (-3..4).contains(&exponent) {
+        let decimals = (3 - exponent) as usize;
         format!("{v:.decimals$}")
     } else {
-        format!("{v:.3e}")
+        e
     }
 }
 
@@ -222,7 +236,7 @@ pub fn short(v: f64) -> String {
 
 /// Seconds as a person reads them: `0.45s`, `12s`, `3m 05s`, `1h 02m`.
 pub fn duration(seconds: f64) -> String {
-    if seconds < 10.0 {
+    if seconds < 9.995 {
         return format!("{seconds:.2}s");
     }
     let s = seconds.round() as u64;

@@ -163,7 +163,13 @@ struct Fields(serde_json::Map<String, serde_json::Value>);
 
 impl tracing::field::Visit for Fields {
     fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
-        self.0.insert(field.name().into(), value.into());
+        // JSON has no NaN or infinity: keep them as text rather than as a blank.
+        let v = if value.is_finite() {
+            value.into()
+        } else {
+            format!("{value}").into()
+        };
+        self.0.insert(field.name().into(), v);
     }
     fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
         self.0.insert(field.name().into(), value.into());

@@ -9,6 +9,7 @@ fn main() -> ExitCode {
     match runner::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
+            runner::logging::progress_done();
             eprintln!("error: {:#}", f.error);
             ExitCode::from(f.code)
         }

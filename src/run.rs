@@ -355,7 +355,7 @@ fn execute(
             }
         }
     })?;
-    stopped_early(&outcome.progress, id, &settings.results)?;
+    stopped_early(&outcome.progress, plan, id, &settings.results)?;
     finish(&record, &outcome, started)
 }
 
@@ -395,8 +395,21 @@ impl Recorder<'_> {
 }
 
 /// The failure of a run that stopped before its end: interrupted (130) or diverged (1).
-fn stopped_early(progress: &train::Progress, id: &str, results: &Path) -> Result<(), Failure> {
+fn stopped_early(
+    progress: &train::Progress,
+    plan: &Plan,
+    id: &str,
+    results: &Path,
+) -> Result<(), Failure> {
     let epochs = progress.history.len();
+    let total: usize = plan.phases.iter().map(|p| p.epochs).sum();
+    let at = if progress.step > 0 {
+        format!("step {} of the next", progress.step)
+    } else if epochs >= total || progress.phase >= plan.phases.len() {
+        "during the test evaluation".to_string()
+    } else {
+        "before the next one's first step".to_string()
+    };
     match progress.status {
         train::Status::Interrupted if !checkpoint::last_path(results, id).exists() => {
             Err(Failure {
@@ -409,8 +422,7 @@ fn stopped_early(progress: &train::Progress, id: &str, results: &Path) -> Result
         train::Status::Interrupted => Err(Failure {
             code: 130,
             error: anyhow::anyhow!(
-                "{id}: interrupted after {epochs} epochs (step {} of the next); checkpoint and results written. Resume with: runner resume {id} --results {}",
-                progress.step,
+                "{id}: interrupted after {epochs} epochs ({at}); checkpoint and results written. Resume with: runner resume {id} --results {}",
                 results.display()
             ),
         }),

@@ -349,13 +349,18 @@ pub fn run(
         let seconds = started.elapsed().as_secs_f64();
         match &result {
             Err(f) if f.code == 130 => {
+                let resumable = crate::train::checkpoint::last_path(results_dir, &id).exists();
                 rows.push(Row {
                     run: id,
                     status: "interrupted".into(),
                     best: None,
                     test: None,
                     seconds,
-                    note: "Ctrl-C: the sweep stops; run it again to resume".into(),
+                    note: if resumable {
+                        "Ctrl-C: the sweep stops; run it again to resume".into()
+                    } else {
+                        "Ctrl-C before its first checkpoint: running the sweep again starts this point anew".into()
+                    },
                 });
                 print!("{}", summary(&rows));
                 return result;

@@ -560,6 +560,7 @@ fn the_console_is_short_lines_a_person_reads() {
         .current_dir(s.dir.path())
         .env("RUNNER_CACHE", s.dir.path().join("cache"))
         .env("RUNNER_LOG_FORMAT", "fields")
+        .env("RUNNER_LOG", "info")
         .output()
         .unwrap();
     ok(&out);
@@ -598,13 +599,21 @@ fn on_a_terminal_a_run_prints_epoch_lines_and_clears_its_progress_bar() {
     };
     let done = s.dir.path().join("done");
     let command = format!(
-        "cd {dir} && RUNNER_CACHE={dir}/cache {bin} {spec} --device cpu --results {results}; touch {done}; sleep 120",
+        "cd {dir} && RUNNER_LOG=info RUNNER_CACHE={dir}/cache {bin} {spec} --device cpu --results {results}; touch {done}; sleep 120",
         dir = s.dir.path().display(),
         bin = env!("CARGO_BIN_EXE_runner"),
         spec = s.spec.display(),
         results = s.results.display(),
         done = done.display(),
     );
+    // The server goes with the test, passed or failed.
+    struct Server<'a>(&'a dyn Fn(&[&str]) -> std::process::Output);
+    impl Drop for Server<'_> {
+        fn drop(&mut self) {
+            (self.0)(&["kill-server"]);
+        }
+    }
+    let _server = Server(&tmux);
     ok(&tmux(&[
         "new-session",
         "-d",
@@ -622,8 +631,11 @@ fn on_a_terminal_a_run_prints_epoch_lines_and_clears_its_progress_bar() {
     let mut bar = None;
     while !done.exists() {
         let now = screen();
-        if bar.is_none() && now.contains("ETA") {
-            bar = now.lines().find(|l| l.contains("ETA")).map(str::to_string);
+        if bar.is_none() {
+            bar = now
+                .lines()
+                .find(|l| l.contains("ETA") && l.contains("epoch "))
+                .map(str::to_string);
         }
         assert!(
             started.elapsed() < std::time::Duration::from_secs(300),
@@ -632,7 +644,6 @@ fn on_a_terminal_a_run_prints_epoch_lines_and_clears_its_progress_bar() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let screen = screen();
-    tmux(&["kill-server"]);
     let bar = bar.unwrap_or_else(|| panic!("no progress bar was seen:\n{screen}"));
     assert!(
         bar.contains("epoch ") && bar.contains("/1500") && bar.contains("images/s"),
@@ -790,4 +801,45 @@ fn init_scaffolds_an_experiment_that_validates_and_never_overwrites() {
             "{err}"
         );
     }
+}
+
+/// Numbers on the console: four significant digits after rounding, NaN and infinities shown;
+/// records of the `log` crate (wgpu, cubecl) without their bookkeeping fields.
+#[test]
+fn console_numbers_have_four_significant_digits_and_log_records_their_origin() {
+    use runner::console::{duration, significant};
+    for (v, want) in [
+        (0.8950, "0.8950"),
+        (0.39016962839, "0.3902"),
+        (12.3456, "12.35"),
+        (0.99996, "1.000"),
+        (9.9996, "10.00"),
+        (9999.6, "1.000e4"),
+        (12345.6, "1.235e4"),
+        (2e-5, "2.000e-5"),
+        (-0.5, "-0.5000"),
+        (0.0, "0"),
+        (f64::NAN, "NaN"),
+        (f64::INFINITY, "inf"),
+    ] {
+        assert_eq!(significant(v), want, "{v}");
+    }
+    for (s, want) in [
+        (0.45, "0.45s"),
+        (9.996, "10s"),
+        (59.6, "1m 00s"),
+        (3725.0, "1h 02m"),
+    ] {
+        assert_eq!(duration(s), want, "{s}");
+    }
+    let fields: serde_json::Map<String, serde_json::Value> = serde_json::from_str(
+        r#"{"message": "Missing downlevel flags", "log.target": "wgpu_core::instance",
+            "log.module_path": "wgpu_core::instance", "log.file": "/x/instance.rs", "log.line": 12,
+            "run": "r1"}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        runner::console::generic("WARN", "Missing downlevel flags", &fields),
+        "warning: wgpu_core::instance: Missing downlevel flags run=r1"
+    );
 }

@@ -476,6 +476,7 @@ fn ctrl_c_during_a_feature_extraction_stops_at_the_next_batch() {
     // The table says so; there is no checkpoint to resume.
     let (_, table) = only_run(&s.results);
     assert_eq!(strs(&table, "status"), vec!["interrupted".to_string()]);
+    assert!(strs(&table, "error")[0].contains("nothing to resume"));
     assert!(!s.results.join(&id).join("last.ckpt").exists());
     let out = runner(
         &["resume", &id, "--results", s.results.to_str().unwrap()],
@@ -896,6 +897,71 @@ fn a_run_stopped_before_or_after_a_new_head_resumes_to_the_same_run() {
                 "stopped after {stop_after}: {a:?} vs {b:?}"
             );
         }
+    }
+}
+
+#[test]
+fn ctrl_c_during_a_later_extraction_or_the_test_evaluation_resumes_to_the_same_run() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let s = with_extra(&[], &common::new_head_phases(2, 2));
+    let plan = common::plan_for(s.dir.path(), &std::fs::read_to_string(&s.spec).unwrap());
+    let device = burn::prelude::Device::flex().autodiff();
+    let whole = common::train(&plan, &device, &s.dir.path().join("whole"));
+    // Activations in memory only: the second phase's new cutoff and the test split are
+    // extracted, and the Ctrl-C of epoch 2 (4) lands in that extraction.
+    for (stop_after, during) in [
+        (2, "the second phase's extraction"),
+        (4, "the test evaluation"),
+    ] {
+        let results = s.dir.path().join(format!("stop{stop_after}"));
+        let flag = Arc::new(AtomicBool::new(false));
+        let stopped = runner::train::run(
+            &plan,
+            &device,
+            common::run_options(&plan, &results, None, Some(flag.clone())),
+            |p| {
+                if p.history.len() == stop_after {
+                    flag.store(true, Ordering::SeqCst);
+                }
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            stopped.progress.status,
+            runner::train::Status::Interrupted,
+            "{during}"
+        );
+        assert_eq!(stopped.progress.history.len(), stop_after, "{during}");
+        assert!(stopped.test.is_none(), "{during}");
+        assert!(
+            stopped.progress.error.is_none(),
+            "{during}: it has a checkpoint"
+        );
+        let ck = runner::train::checkpoint::read(&results.join("test").join("last.ckpt")).unwrap();
+        assert_eq!(ck.state.progress.history.len(), stop_after, "{during}");
+        // Stopped before any step of the next phase (not after its first one, as when the
+        // extraction ran to its end): the checkpoint is still epoch 2's, before the new head.
+        assert_eq!(ck.state.progress.step, 0, "{during}");
+        if stop_after == 2 {
+            assert_eq!(ck.state.progress.head_from, 0, "{during}");
+        }
+        let resumed = runner::train::run(
+            &plan,
+            &device,
+            common::run_options(&plan, &results, Some(ck), None),
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(resumed.progress.history.len(), 4, "{during}");
+        for (a, b) in resumed.progress.history.iter().zip(&whole.progress.history) {
+            assert!(
+                (a.val_loss - b.val_loss).abs() < 1e-5 && a.val_acc == b.val_acc,
+                "{during}"
+            );
+        }
+        let (t, w) = (resumed.test.unwrap(), whole.test.unwrap());
+        assert!((t.loss - w.loss).abs() < 1e-5 && t.acc == w.acc, "{during}");
     }
 }
 

@@ -136,10 +136,19 @@ pub fn extract(
         .shape_at(model.cut(), [images.height, images.width]);
     let mut values = Vec::with_capacity(images.len() * shape.iter().product::<usize>());
     let started = Instant::now();
+    // The terminal's extraction bar goes on every way out (an interruption, a bad image).
+    struct ClearBar;
+    impl Drop for ClearBar {
+        fn drop(&mut self) {
+            crate::logging::progress_done();
+        }
+    }
+    let _bar = ClearBar;
     let n_batches = images.len().div_ceil(batch);
     let indices: Vec<usize> = (0..images.len()).collect();
     for (b, chunk) in indices.chunks(batch).enumerate() {
         if interrupt.is_some_and(|f| f.load(Ordering::Relaxed)) {
+            crate::logging::progress_done();
             warn!(run, split = %images.split, done = b * batch, total = images.len(), "Interrupted while extracting features.");
             return Err(ExtractError::Interrupted);
         }

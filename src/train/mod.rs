@@ -978,7 +978,8 @@ pub fn run(
             Ok((e, p)) => (Some(e), p),
             Err(ExtractError::Data(e)) => return Err(e.into()),
             Err(ExtractError::Interrupted) => {
-                return Ok(interrupted(&mut progress, model, &mut on_update));
+                let at = (opts.results.as_path(), run);
+                return Ok(interrupted(&mut progress, model, &mut on_update, at));
             }
         },
         None => (None, Vec::new()),
@@ -1092,7 +1093,10 @@ fn run_phase(
         Ok(f) => f,
         Err(ExtractError::Data(e)) => return Err(e.into()),
         Err(ExtractError::Interrupted) => {
-            return Ok(PhaseEnd::Stopped(interrupted(progress, model, on_update)));
+            let at = (opts.results.as_path(), run);
+            return Ok(PhaseEnd::Stopped(interrupted(
+                progress, model, on_update, at,
+            )));
         }
     };
     let source = match (&ph.augment, &train_feats) {
@@ -1305,8 +1309,14 @@ fn interrupted(
     progress: &mut Progress,
     model: TransferModel,
     on_update: &mut impl FnMut(&Progress),
+    (results, run): (&std::path::Path, &str),
 ) -> Outcome {
     progress.status = Status::Interrupted;
+    if !checkpoint::last_path(results, run).exists() {
+        progress.error = Some(
+            "interrupted while extracting features, before the first checkpoint: nothing to resume; start the experiment again".into(),
+        );
+    }
     on_update(progress);
     Outcome::stopped(std::mem::take(progress), model)
 }
