@@ -484,12 +484,7 @@ fn logs_follow_a_live_run_until_it_ends() {
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     };
-    let id = log
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .trim_end_matches(".log.jsonl")
-        .to_string();
+    let id = run_id_of_log(&log);
     let out = runner(
         &[
             "logs",

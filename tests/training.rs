@@ -453,12 +453,7 @@ fn ctrl_c_during_a_feature_extraction_stops_at_the_next_batch() {
             && err.contains("start the experiment again"),
         "{err}"
     );
-    let id = log
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .trim_end_matches(".log.jsonl")
-        .to_string();
+    let id = run_id_of_log(&log);
     let ev = events(&s.results, &id);
     assert_eq!(count(&ev, "Interrupted while extracting features."), 1);
     assert_eq!(count(&ev, "Epoch finished."), 0);

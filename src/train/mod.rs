@@ -1060,8 +1060,8 @@ fn run_phase(
         device,
         opts,
         images,
-        validation,
         run,
+        ..
     } = ctx;
     let spec = &plan.spec;
     let ph = &plan.phases[progress.phase];
@@ -1078,18 +1078,8 @@ fn run_phase(
         augmented = ph.augment.is_some(),
         "Phase started."
     );
-    let mut extract = || -> Result<_, ExtractError> {
-        let train = ph
-            .augment
-            .is_none()
-            .then(|| cache.features(&model, &images[0], plan, device, run))
-            .transpose()?;
-        Ok((
-            train,
-            cache.features(&model, validation, plan, device, run)?,
-        ))
-    };
-    let (train_feats, val_feats) = match extract() {
+    let extracted = phase_features(cache, &model, ph.augment.is_none(), ctx);
+    let (train_feats, val_feats) = match extracted {
         Ok(f) => f,
         Err(ExtractError::Data(e)) => return Err(e.into()),
         Err(ExtractError::Interrupted) => {
@@ -1301,6 +1291,31 @@ fn validation_sample<'a>(plan: &Plan, images: &'a Images) -> std::borrow::Cow<'a
         }
         _ => std::borrow::Cow::Borrowed(images),
     }
+}
+
+/// The training split's activations (when cached) and the validation split's.
+type PhaseFeatures = (Option<Arc<Features>>, Arc<Features>);
+
+/// The phase's activations at the cutoff: the training split's when it is not augmented, and
+/// the validation split's.
+fn phase_features(
+    cache: &mut FeatureCache,
+    model: &TransferModel,
+    cached_training: bool,
+    ctx: Ctx<'_>,
+) -> Result<PhaseFeatures, ExtractError> {
+    let Ctx {
+        plan,
+        device,
+        images,
+        validation,
+        run,
+        ..
+    } = ctx;
+    let train = cached_training
+        .then(|| cache.features(model, &images[0], plan, device, run))
+        .transpose()?;
+    Ok((train, cache.features(model, validation, plan, device, run)?))
 }
 
 /// A run stopped by Ctrl-C during a feature extraction: recorded as interrupted, with the

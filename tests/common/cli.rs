@@ -197,3 +197,12 @@ pub fn signal(child: &Child, sig: &str) {
         .success();
     assert!(ok);
 }
+
+/// The run id of a run log `<results>/<run_id>.log.jsonl`.
+pub fn run_id_of_log(log: &Path) -> String {
+    log.file_name()
+        .unwrap()
+        .to_string_lossy()
+        .trim_end_matches(".log.jsonl")
+        .to_string()
+}
