@@ -18,18 +18,22 @@ const QUIET: [&str; 3] = ["run", "key", "target"];
 pub fn line(level: &str, message: &str, f: &Map<String, Value>, terminal: bool) -> Option<String> {
     let s = |k: &str| text(f.get(k));
     let n = |k: &str| f.get(k).and_then(Value::as_f64);
+    // `text` where the boolean field `k` is true.
+    let when = |k: &str, text: &'static str| {
+        if f.get(k) == Some(&Value::Bool(true)) {
+            text
+        } else {
+            ""
+        }
+    };
     let line = match (level, message) {
         ("INFO", "Run started.") => {
-            let resuming = if f.get("resuming") == Some(&Value::Bool(true)) {
-                ", resuming"
-            } else {
-                ""
-            };
             format!(
-                "Run {} ({}) on {}{resuming}",
+                "Run {} ({}) on {}{}",
                 s("run"),
                 s("file"),
-                s("device")
+                s("device"),
+                when("resuming", ", resuming")
             )
         }
         ("INFO", "Run resumed.") => format!(
@@ -41,21 +45,15 @@ pub fn line(level: &str, message: &str, f: &Map<String, Value>, terminal: bool) 
         ("INFO", "Phase started.") => match s("phase").as_str() {
             "load_data" => format!("Reading images from {}", s("dir")),
             "build_model" => format!("Building the model ({})", s("weights")),
-            phase => {
-                let augmented = if f.get("augmented") == Some(&Value::Bool(true)) {
-                    ", augmented"
-                } else {
-                    ""
-                };
-                format!(
-                    "Phase {phase}: {} epochs, trainable from {}, {} lr {}, {} schedule{augmented}",
-                    s("epochs"),
-                    s("trainable_from"),
-                    s("optimizer"),
-                    n("lr").map(short).unwrap_or_default(),
-                    s("schedule")
-                )
-            }
+            phase => format!(
+                "Phase {phase}: {} epochs, trainable from {}, {} lr {}, {} schedule{}",
+                s("epochs"),
+                s("trainable_from"),
+                s("optimizer"),
+                n("lr").map(short).unwrap_or_default(),
+                s("schedule"),
+                when("augmented", ", augmented")
+            ),
         },
         ("INFO", "Phase finished.") => match s("phase").as_str() {
             "load_data" => {

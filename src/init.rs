@@ -68,53 +68,19 @@ fn survey(data: &Path) -> anyhow::Result<Survey> {
     if !data.is_dir() {
         anyhow::bail!("{}: not a folder", data.display());
     }
-    let mut splits = Vec::new();
-    for split in crate::plan::SPLITS {
-        let dir = data.join(split);
-        if !dir.is_dir() {
-            if split == "test" {
-                continue;
-            }
-            let hint = if scan_split(split, data).is_ok_and(|l| !l.files.is_empty()) {
-                format!(
-                    "; {} holds class folders directly: put them under {0}/train/ and {0}/validation/ (and test/, optional), each with the same class folders",
-                    data.display()
-                )
-            } else {
-                String::new()
-            };
-            anyhow::bail!("{}: missing the {split}/ folder{hint}", data.display());
-        }
-        splits.push(scan_split(split, &dir)?);
-    }
-    let train = &splits[0];
-    if train.classes.len() < 2 {
+    if !data.join("train").is_dir() && scan_split("train", data).is_ok_and(|l| !l.files.is_empty())
+    {
         anyhow::bail!(
-            "{}: {} class folder(s); a classifier needs at least two",
-            train.dir.display(),
-            train.classes.len()
+            "{}: missing the train/ folder; it holds class folders directly: put them under {0}/train/ and {0}/validation/ (and test/, optional), each with the same class folders",
+            data.display()
         );
     }
-    for s in &splits[1..] {
-        if s.classes != train.classes {
-            anyhow::bail!(
-                "{}: its class folders ({}) are not those of train/ ({})",
-                s.dir.display(),
-                s.classes.join(", "),
-                train.classes.join(", ")
-            );
-        }
+    let mut problems = Vec::new();
+    let (splits, _) = crate::plan::data_folder(data, &mut |why| problems.push(why));
+    if !problems.is_empty() {
+        anyhow::bail!("{}", problems.join("\n"));
     }
-    for s in &splits {
-        for (label, class) in s.classes.iter().enumerate() {
-            if !s.files.iter().any(|(_, l)| *l == label) {
-                anyhow::bail!(
-                    "{}: class folder {class}/ has no images (jpg, jpeg, png)",
-                    s.dir.display()
-                );
-            }
-        }
-    }
+    let train = &splits[0];
     let step = train.files.len().div_ceil(SIZE_SAMPLE).max(1);
     let mut sizes: Vec<(u32, u32)> = train
         .files

@@ -1,7 +1,7 @@
 //! Spec -> Plan: every value checked, every path resolved, every problem collected (each with its
 //! file and key path) before anything runs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
@@ -261,23 +261,29 @@ fn data_rules(
         .path(&spec.data.dir, "data folder", true)
         .map_err(|e| bad("data.dir", e.to_string().trim_end().to_string()))
         .ok();
+    let (splits, classes) = match &data_dir {
+        Some(dir) => data_folder(dir, &mut |why| bad("data.dir", why)),
+        None => (Vec::new(), Vec::new()),
+    };
+    (data_dir, splits, classes)
+}
+
+/// The splits of a data folder (train/ and validation/, test/ optional) and their classes, with
+/// every problem given to `bad`: a missing split, class folders that differ from train/'s, an
+/// empty class folder, fewer than two classes. `runner init` checks a folder with it too.
+pub fn data_folder(dir: &Path, bad: &mut impl FnMut(String)) -> (Vec<SplitListing>, Vec<String>) {
     let mut splits = Vec::new();
-    if let Some(dir) = &data_dir {
-        for split in SPLITS {
-            let p = dir.join(split);
-            if !p.is_dir() {
-                if split != "test" {
-                    bad(
-                        "data.dir",
-                        format!("{}: missing the {split}/ folder", dir.display()),
-                    );
-                }
-                continue;
+    for split in SPLITS {
+        let p = dir.join(split);
+        if !p.is_dir() {
+            if split != "test" {
+                bad(format!("{}: missing the {split}/ folder", dir.display()));
             }
-            match folder::scan_split(split, &p) {
-                Ok(l) => splits.push(l),
-                Err(e) => bad("data.dir", e.to_string()),
-            }
+            continue;
+        }
+        match folder::scan_split(split, &p) {
+            Ok(l) => splits.push(l),
+            Err(e) => bad(e.to_string()),
         }
     }
     let classes = splits
@@ -286,41 +292,32 @@ fn data_rules(
         .unwrap_or_default();
     for s in &splits {
         if s.classes != classes {
-            bad(
-                "data.dir",
-                format!(
-                    "{}: class folders {:?} differ from train/'s {:?}",
-                    s.dir.display(),
-                    s.classes,
-                    classes
-                ),
-            );
+            bad(format!(
+                "{}: class folders {:?} differ from train/'s {:?}",
+                s.dir.display(),
+                s.classes,
+                classes
+            ));
         }
         for (label, class) in s.classes.iter().enumerate() {
             if !s.files.iter().any(|(_, l)| *l == label) {
-                bad(
-                    "data.dir",
-                    format!(
-                        "{}: class folder {class}/ has no images ({})",
-                        s.dir.display(),
-                        folder::IMAGE_EXTENSIONS.join(", ")
-                    ),
-                );
+                bad(format!(
+                    "{}: class folder {class}/ has no images ({})",
+                    s.dir.display(),
+                    folder::IMAGE_EXTENSIONS.join(", ")
+                ));
             }
         }
     }
     if !splits.is_empty() && classes.len() < 2 {
-        bad(
-            "data.dir",
-            format!(
-                "{}: needs at least two class folders in train/, found {:?}",
-                splits[0].dir.display(),
-                classes
-            ),
-        );
+        bad(format!(
+            "{}: needs at least two class folders in train/, found {:?}",
+            splits[0].dir.display(),
+            classes
+        ));
     }
 
-    (data_dir, splits, classes)
+    (splits, classes)
 }
 
 /// `[head]`: at least one layer, each layer's values, the shapes through the head from the
