@@ -64,6 +64,11 @@ pub struct Common {
     /// ~/.cache/runner/features).
     #[arg(long, global = true, env = "RUNNER_CACHE", value_name = "DIR")]
     pub(crate) cache: Option<PathBuf>,
+    /// Also write TensorBoard event files per run, in results/<run_id>/tensorboard/ (Keras'
+    /// layout: train/, validation/, test/, and the HParams session), for
+    /// `tensorboard --logdir results`.
+    #[arg(long, global = true, env = "RUNNER_TENSORBOARD", value_parser = clap::builder::FalseyValueParser::new())]
+    pub(crate) tensorboard: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -253,6 +258,7 @@ impl Common {
                 .cache
                 .clone()
                 .unwrap_or_else(crate::settings::default_cache_dir),
+            tensorboard: self.tensorboard,
         }
     }
 }

@@ -31,4 +31,5 @@ pub mod run;
 pub mod settings;
 pub mod spec;
 pub mod sweep;
+pub mod tensorboard;
 pub mod train;

@@ -51,6 +51,8 @@ pub struct Plan {
     pub phases: Vec<PhasePlan>,
     /// The `[sweep]` point, e.g. `optimizer.lr = 1e-5, backbone.trainable_from = "none"`.
     pub sweep_point: Option<String>,
+    /// The same point, key by key (empty outside a grid).
+    pub sweep_values: Vec<(String, toml::Value)>,
 }
 
 /// One resolved training phase: every setting filled in from the experiment's defaults.
@@ -142,6 +144,7 @@ pub fn build(loaded: &Loaded, locations: &Locations) -> Result<Plan, Problems> {
                 .collect::<Vec<_>>()
                 .join(", ")
         }),
+        sweep_values: loaded.point.clone(),
     })
 }
 

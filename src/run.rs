@@ -314,6 +314,14 @@ fn execute(
     let started = Instant::now();
     let resuming = resume_from.is_some();
     info!(run = %id, experiment = %plan.spec.experiment.name, file = %plan.file.display(), device = selected.name.as_str(), config_hash = %plan.config_hash, resuming, "Run started.");
+    let epochs_done = resume_from
+        .as_ref()
+        .map_or(0, |ck| ck.state.progress.history.len());
+    let _tensorboard = settings.tensorboard.then(|| {
+        let dir = settings.results.join(id).join("tensorboard");
+        info!(run = %id, dir = %dir.display(), "TensorBoard events.");
+        crate::tensorboard::open(&dir, &hparams(plan), &plan.config_hash, epochs_done)
+    });
     let cache_dir = match plan.spec.train.cache {
         crate::spec::CacheMode::Off => None,
         crate::spec::CacheMode::Auto => Some(settings.cache.clone()),
@@ -337,6 +345,7 @@ fn execute(
     let last = std::cell::RefCell::new(None::<train::Progress>);
     let result = train::run(plan, &selected.device, opts, |progress| {
         *last.borrow_mut() = Some(progress.clone());
+        crate::tensorboard::epochs(&progress.history, &|i| phase_text(plan, i));
         if let Err(e) = record.write(progress, None) {
             tracing::warn!(run = %id, error = %e, "Cannot write the results table.");
         }
@@ -391,7 +400,95 @@ impl Recorder<'_> {
         if let Err(w) = self.write(&p, None) {
             tracing::warn!(run = %self.id, error = %w, "Cannot record the failed run either.");
         }
+        crate::tensorboard::end(crate::tensorboard::Ending::Failure);
     }
+}
+
+/// The HParams dashboard's columns for `plan`: what the results table records of its config
+/// (the first phase's optimizer, the cutoff), each later phase's settings under its name, and
+/// every key of its `[sweep]` point.
+fn hparams(plan: &Plan) -> Vec<(String, crate::tensorboard::HParam)> {
+    use crate::tensorboard::HParam::{Number, Text};
+    let spec = &plan.spec;
+    let [h, w] = spec.data.image_size;
+    let text = |k: &str, v: String| (k.to_string(), Text(v));
+    let first = &plan.phases[0];
+    let mut out = vec![
+        text("experiment", spec.experiment.name.clone()),
+        text("backbone", plan.backbone.name.to_string()),
+        text("preprocess", plan.preprocess.as_str().to_string()),
+        text("image_size", format!("{h}x{w}")),
+        ("batch_size".into(), Number(spec.data.batch_size as f64)),
+        ("seed".into(), Number(spec.experiment.seed as f64)),
+        (
+            "epochs".into(),
+            Number(plan.phases.iter().map(|p| p.epochs).sum::<usize>() as f64),
+        ),
+        text("head", describe_head(&first.head)),
+        text("trainable_from", first.cutoff.label.clone()),
+        text("optimizer", first.optimizer.kind().to_string()),
+        ("lr".into(), Number(first.optimizer.lr())),
+        text("schedule", first.schedule.kind().to_string()),
+        (
+            "augmented".into(),
+            crate::tensorboard::HParam::Bool(first.augment.is_some()),
+        ),
+    ];
+    for p in &plan.phases[1..] {
+        out.push(text(
+            &format!("{}.trainable_from", p.name),
+            p.cutoff.label.clone(),
+        ));
+        out.push(text(
+            &format!("{}.optimizer", p.name),
+            p.optimizer.kind().to_string(),
+        ));
+        out.push((format!("{}.lr", p.name), Number(p.optimizer.lr())));
+        out.push((format!("{}.epochs", p.name), Number(p.epochs as f64)));
+    }
+    for (k, v) in &plan.sweep_values {
+        let value = match v {
+            toml::Value::Integer(i) => Number(*i as f64),
+            toml::Value::Float(x) => Number(*x),
+            toml::Value::Boolean(b) => crate::tensorboard::HParam::Bool(*b),
+            toml::Value::String(s) => Text(s.clone()),
+            other => Text(other.to_string()),
+        };
+        out.retain(|(name, _)| name != k);
+        out.push((k.clone(), value));
+    }
+    out
+}
+
+fn describe_head(head: &[crate::spec::LayerSpec]) -> String {
+    head.iter()
+        .map(|l| l.describe())
+        .collect::<Vec<_>>()
+        .join(" > ")
+}
+
+/// The phase as TensorBoard's text dashboard shows it at the phase's first epoch.
+fn phase_text(plan: &Plan, i: usize) -> String {
+    let Some(p) = plan.phases.get(i) else {
+        return format!("phase {}", i + 1);
+    };
+    format!(
+        "phase {} of {}, `{}`: {} epochs, trainable from `{}`, {} lr {} ({} schedule), {}; head {}",
+        i + 1,
+        plan.phases.len(),
+        p.name,
+        p.epochs,
+        p.cutoff.label,
+        p.optimizer.kind(),
+        p.optimizer.lr(),
+        p.schedule.kind(),
+        if p.augment.is_some() {
+            "augmented"
+        } else {
+            "not augmented"
+        },
+        describe_head(&p.head)
+    )
 }
 
 /// The failure of a run that stopped before its end: interrupted (130) or diverged (1).
@@ -427,6 +524,7 @@ fn stopped_early(
             ),
         }),
         train::Status::Diverged => {
+            crate::tensorboard::end(crate::tensorboard::Ending::Failure);
             let (epoch, step) = progress.diverged_at.unwrap_or_default();
             Err(failed(anyhow::anyhow!(
                 "{id}: diverged at epoch {epoch}, step {step} (the loss is not finite); results written with status \"diverged\". Try a lower learning rate or train.clip_grad_norm."
@@ -464,6 +562,10 @@ fn finish(
     let history = &progress.history;
     let best = crate::metrics::best_val_acc(history);
     let last = history.last();
+    if let (Some(test), Some(m)) = (outcome.test, last) {
+        crate::tensorboard::test(m.epoch, test);
+    }
+    crate::tensorboard::end(crate::tensorboard::Ending::Success);
     info!(
         run = %id,
         results = %written.display(),

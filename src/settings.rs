@@ -19,6 +19,8 @@ pub struct Settings {
     pub locations: Locations,
     /// Folder of the feature cache.
     pub cache: PathBuf,
+    /// Write TensorBoard event files per run (`results/<run_id>/tensorboard/`).
+    pub tensorboard: bool,
 }
 
 /// The default feature cache folder.

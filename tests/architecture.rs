@@ -12,7 +12,7 @@ const LAYERS: &[&[&str]] = &[
     &[
         "io", "metrics", "cpu", "failure", "console", "spec", "assets",
     ],
-    &["device", "fetch", "logs", "logging"],
+    &["device", "fetch", "logs", "logging", "tensorboard"],
     &["backbone", "head", "data", "settings"],
     &["plan"],
     &["model", "results"],

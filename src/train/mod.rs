@@ -607,6 +607,10 @@ impl<'a> PhaseRunner<'a> {
             p.correct as f64 / seen,
             rate,
         );
+        if progress.step.is_multiple_of(report_every) || progress.step == self.steps {
+            let (loss, acc) = (p.loss_sum / seen, p.correct as f64 / seen);
+            crate::tensorboard::batch(epoch, progress.step, self.steps, loss, acc, lr);
+        }
         if progress.step.is_multiple_of(report_every) && progress.step < self.steps {
             info!(
                 target: "runner::progress",
