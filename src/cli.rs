@@ -165,6 +165,27 @@ enum Command {
         #[arg(long, value_enum, default_value_t = crate::predict::Which::Final)]
         weights: crate::predict::Which,
     },
+    /// Export a trained run's model for deployment (ONNX: preprocessing, base, head and
+    /// probabilities in one file) and check it against runner's own predictions.
+    Export {
+        /// The run id.
+        run_id: String,
+        /// The format (ONNX, opset 13).
+        #[arg(long, value_enum, default_value_t = ExportFormat::Onnx)]
+        format: ExportFormat,
+        /// Where the file goes (default: results/<run_id>/model.onnx).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Which weights: the final model, or the best or last checkpoint.
+        #[arg(long, value_enum, default_value_t = crate::predict::Which::Final)]
+        weights: crate::predict::Which,
+        /// Images to check the file on (default: the run's validation split).
+        #[arg(long, value_name = "PATH")]
+        images: Vec<PathBuf>,
+        /// Check on at most this many of them (default: all).
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+    },
     /// Validate experiment files without running them.
     Check {
         /// Experiment files.
@@ -245,6 +266,13 @@ enum Command {
         dir: PathBuf,
     },
 }
+/// `runner export --format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// ONNX (opset 13), for ONNX Runtime, tract, OpenVINO, TensorRT...
+    Onnx,
+}
+
 impl Common {
     /// The settings every command is given: the asset mirror resolved, the cache folder's
     /// default filled in.
@@ -338,6 +366,17 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             }),
             _,
         ) => commands::predict(&run_id, &inputs, weights, s),
+        (
+            Some(Command::Export {
+                run_id,
+                format: ExportFormat::Onnx,
+                out,
+                weights,
+                images,
+                limit,
+            }),
+            _,
+        ) => commands::export(&run_id, out, weights, (&images, limit), s),
         (Some(Command::Check { experiments }), _) => sweep::check(&experiments, s),
         (Some(Command::Plan { experiment }), _) => commands::plan(&experiment, s),
         (

@@ -119,6 +119,88 @@ pub fn plot(
     Ok(())
 }
 
+/// `runner export`: writes the run's model as ONNX and checks it with tract on the run's
+/// validation images (or `images`), against runner's own predictions; a file that disagrees is
+/// kept, named, and the command fails.
+pub fn export(
+    run_id: &str,
+    out: Option<PathBuf>,
+    which: crate::predict::Which,
+    (images, limit): (&[PathBuf], Option<usize>),
+    settings: &Settings,
+) -> Result<(), Failure> {
+    use crate::export;
+    let device = burn::prelude::Device::flex();
+    let (card, model) =
+        crate::predict::load(&settings.results, run_id, which, &device).map_err(bad_input)?;
+    let mut files = if images.is_empty() {
+        export::validation_images(&card, &settings.locations).ok_or_else(|| {
+            bad_input(anyhow::anyhow!(
+                "{run_id}: the run's validation images ({}/validation) are not there to check the exported model on; name images with --images",
+                card.spec.data.dir
+            ))
+        })?
+    } else {
+        crate::predict::collect_images(images).map_err(bad_input)?
+    };
+    if let Some(n) = limit {
+        files.truncate(n.max(1));
+    }
+    let out = out.unwrap_or_else(|| {
+        crate::train::checkpoint::run_dir(&settings.results, run_id).join("model.onnx")
+    });
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(dir) = parent.filter(|p| !p.is_dir()) {
+        return Err(bad_input(anyhow::anyhow!(
+            "--out {}: the folder {} does not exist",
+            out.display(),
+            dir.display()
+        )));
+    }
+    let (nodes, bytes) = export::write(&model, &card, which, &out)
+        .with_context(|| format!("{}: cannot write the ONNX file", out.display()))
+        .map_err(failed)?;
+    println!(
+        "{}: ONNX (opset {}), {nodes} nodes, {:.1} MB; input pixels [batch, {}, {}, 3] (RGB 0-255, resized), output probabilities over {}",
+        out.display(),
+        crate::onnx::OPSET,
+        bytes as f64 / 1e6,
+        card.spec.data.image_size[0],
+        card.spec.data.image_size[1],
+        card.classes.join(", ")
+    );
+    let (files, expected) = export::runner_probabilities(&card, &model, &files, &device);
+    let agreement = export::check(&out, &card, &files, &expected).map_err(failed)?;
+    let pct = 100.0 * agreement.same_label as f64 / agreement.images.max(1) as f64;
+    println!(
+        "checked with tract (an ONNX runtime independent of burn) on {} images: labels agree on {} ({pct:.2} %), largest probability difference {:.2e} (tolerance {:.0e})",
+        agreement.images,
+        agreement.same_label,
+        agreement.max_difference,
+        export::TOLERANCE
+    );
+    if agreement.images == 0 {
+        return Err(bad_input(anyhow::anyhow!(
+            "{}: none of the images could be read to check the exported model on",
+            out.display()
+        )));
+    }
+    if !agreement.passed() {
+        return Err(failed(anyhow::anyhow!(
+            "{}: the exported model disagrees with runner ({} of {} labels the same, largest difference {:.2e} at {}); the file is kept for inspection, do not deploy it",
+            out.display(),
+            agreement.same_label,
+            agreement.images,
+            agreement.max_difference,
+            agreement
+                .worst
+                .as_ref()
+                .map_or("?".into(), |p| p.display().to_string())
+        )));
+    }
+    Ok(())
+}
+
 /// `runner predict`: class probabilities for images with a run's model, as a table.
 pub fn predict(
     run_id: &str,

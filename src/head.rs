@@ -247,6 +247,20 @@ fn activate<const D: usize>(x: Tensor<D>, a: Activation) -> Tensor<D> {
     }
 }
 
+/// [`activate`] as an ONNX node (none for `linear`).
+fn activation_onnx(g: &mut crate::onnx::Graph, x: String, a: Activation) -> String {
+    let op = match a {
+        Activation::Linear => return x,
+        Activation::Relu => "Relu",
+        Activation::Sigmoid => "Sigmoid",
+        Activation::Softmax => {
+            return g.node("Softmax", &[&x], &[("axis", crate::onnx::Attr::Int(-1))]);
+        }
+        Activation::Tanh => "Tanh",
+    };
+    g.node(op, &[&x], &[])
+}
+
 /// Activations between layers: a feature map or a batch of vectors.
 #[derive(Debug, Clone)]
 pub enum Act {
@@ -280,6 +294,13 @@ pub struct DenseLayer {
     linear: Linear,
     #[module(skip)]
     activation: Activation,
+}
+
+impl DenseLayer {
+    /// Output units.
+    pub fn units(&self) -> usize {
+        self.linear.weight.dims()[1]
+    }
 }
 
 /// A parameter-free reshaping layer.
@@ -507,6 +528,40 @@ impl Head {
     /// Puts the parameters of dense layer `i` back.
     pub fn put_dense(&mut self, i: usize, linear: Linear, activation: Activation) {
         self.layers[i] = Layer::Dense(DenseLayer { linear, activation });
+    }
+
+    /// The layers as ONNX nodes on `x` (the backbone's output), as [`Head::forward_logits`]
+    /// runs them at inference (dropout is the identity): logits out.
+    pub fn to_onnx(&self, g: &mut crate::onnx::Graph, x: &str) -> String {
+        use crate::onnx::Attr;
+        let n = self.layers.len();
+        let mut y = x.to_string();
+        for (i, l) in self.layers.iter().enumerate() {
+            y = match l {
+                Layer::Conv(c) => {
+                    let z = g.conv(&c.conv, &y);
+                    activation_onnx(g, z, c.activation)
+                }
+                Layer::Pool(p) => g.max_pool(p, &y),
+                Layer::Reshape(r) if r.global_average => {
+                    let z = g.node("GlobalAveragePool", &[&y], &[]);
+                    g.node("Flatten", &[&z], &[("axis", Attr::Int(1))])
+                }
+                Layer::Reshape(_) => g.node("Flatten", &[&y], &[("axis", Attr::Int(1))]),
+                Layer::Dense(d) => {
+                    // A dense layer flattens a feature map first (a no-op on a vector).
+                    let flat = g.node("Flatten", &[&y], &[("axis", Attr::Int(1))]);
+                    let z = g.linear(&d.linear, &flat);
+                    if i + 1 < n {
+                        activation_onnx(g, z, d.activation)
+                    } else {
+                        z
+                    }
+                }
+                Layer::Dropout(_) => y,
+            };
+        }
+        g.node("Flatten", &[&y], &[("axis", Attr::Int(1))])
     }
 
     /// Logits: every layer, with the last layer's activation left out.

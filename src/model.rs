@@ -233,7 +233,111 @@ impl ModelConfig {
     }
 }
 
+/// How an exported model is fed and what it answers: its input size and preprocessing, its
+/// loss (the probabilities' form) and test-time flips.
+#[derive(Debug, Clone, Copy)]
+pub struct OnnxSignature {
+    /// `[height, width]` of the input.
+    pub image_size: [usize; 2],
+    /// The preprocessing folded into the graph.
+    pub preprocess: crate::spec::Preprocess,
+    /// Sigmoid (two classes) or softmax probabilities.
+    pub loss: crate::spec::Loss,
+    /// Average each image's probabilities with its mirror's.
+    pub flip: bool,
+}
+
 impl TransferModel {
+    /// The whole model as an ONNX graph, as `runner predict` runs it: `pixels` in (`[batch,
+    /// height, width, 3]`, RGB values 0-255 of the resized image, float32), the preprocessing,
+    /// the base, the head, and `probabilities` out (`[batch, classes]`, one per class, averaged
+    /// with the mirror's when `flip`).
+    pub fn to_onnx(&self, sig: OnnxSignature) -> crate::onnx::Graph {
+        use crate::onnx::{Attr, Dim};
+        let [h, w] = sig.image_size;
+        let mut g = crate::onnx::Graph::default();
+        let batch = Dim::Named("batch");
+        let pixels = g.input(
+            "pixels",
+            &[batch.clone(), Dim::Fixed(h), Dim::Fixed(w), Dim::Fixed(3)],
+            "RGB pixel values 0-255 (float32) of images resized to the model's input size, NHWC",
+        );
+        let mut x = g.node(
+            "Transpose",
+            &[&pixels],
+            &[("perm", Attr::Ints(vec![0, 3, 1, 2]))],
+        );
+        let affine = crate::data::preprocess_affine(sig.preprocess);
+        let sources: Vec<i64> = affine.iter().map(|a| a.0 as i64).collect();
+        if sources != [0, 1, 2] {
+            let idx = g.constant_i64("channels", &sources);
+            x = g.node("Gather", &[&x, &idx], &[("axis", Attr::Int(1))]);
+        }
+        let scale = g.constant("scale", &[1, 3, 1, 1], &affine.map(|a| a.1));
+        let shift = g.constant("shift", &[1, 3, 1, 1], &affine.map(|a| a.2));
+        x = g.node("Mul", &[&x, &scale], &[]);
+        x = g.node("Add", &[&x, &shift], &[]);
+        if sig.flip {
+            // The mirrors after the images, through the network once.
+            let reversed: Vec<i64> = (0..w as i64).rev().collect();
+            let idx = g.constant_i64("mirror", &reversed);
+            let mirrored = g.node("Gather", &[&x, &idx], &[("axis", Attr::Int(3))]);
+            x = g.node("Concat", &[&x, &mirrored], &[("axis", Attr::Int(0))]);
+        }
+        let features = match &self.backbone {
+            Backbone::Vgg(v) => v.to_onnx(&mut g, &x),
+            Backbone::MobileNetV2(m) => m.to_onnx(&mut g, &x),
+            Backbone::ResNet50(r) => r.to_onnx(&mut g, &x),
+        };
+        let logits = self.head.to_onnx(&mut g, &features);
+        let mut probs = match sig.loss {
+            crate::spec::Loss::BinaryCrossentropy => {
+                let p = g.node("Sigmoid", &[&logits], &[]);
+                let one = g.constant("one", &[], &[1.0]);
+                let q = g.node("Sub", &[&one, &p], &[]);
+                g.node("Concat", &[&q, &p], &[("axis", Attr::Int(1))])
+            }
+            crate::spec::Loss::CategoricalCrossentropy => {
+                g.node("Softmax", &[&logits], &[("axis", Attr::Int(1))])
+            }
+        };
+        let classes = self.head_outputs(sig.loss);
+        if sig.flip {
+            let shape = g.constant_i64("pairs", &[2, -1, classes as i64]);
+            let pairs = g.node("Reshape", &[&probs, &shape], &[]);
+            probs = g.node(
+                "ReduceMean",
+                &[&pairs],
+                &[("axes", Attr::Ints(vec![0])), ("keepdims", Attr::Int(0))],
+            );
+        }
+        g.output(
+            &probs,
+            "probabilities",
+            &[batch, Dim::Fixed(classes)],
+            "class probabilities, in the order of the model's classes",
+        );
+        g
+    }
+
+    /// Probabilities per image: 2 for a sigmoid output, else the last layer's units.
+    fn head_outputs(&self, loss: crate::spec::Loss) -> usize {
+        let units = self
+            .head
+            .layers
+            .iter()
+            .rev()
+            .find_map(|l| match l {
+                crate::head::Layer::Dense(d) => Some(d.units()),
+                _ => None,
+            })
+            .unwrap_or(1);
+        match loss {
+            crate::spec::Loss::BinaryCrossentropy => 2,
+            crate::spec::Loss::CategoricalCrossentropy => units,
+        }
+    }
+
     /// Builds the model of `plan` on `device` and loads the backbone's pretrained weights.
     pub fn build(plan: &Plan, device: &Device) -> Result<Self, WeightsError> {
         let config = ModelConfig::from_plan(plan);

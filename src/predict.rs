@@ -329,6 +329,17 @@ pub enum Which {
     Last,
 }
 
+impl Which {
+    /// The name on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Final => "final",
+            Self::Best => "best",
+            Self::Last => "last",
+        }
+    }
+}
+
 /// Reads a run's `model.json`: a bad value is named by its key, a card of an unknown version
 /// refused, and a version-2 card must record model.bpk's checksum.
 fn read_card(cp: &Path) -> Result<ModelCard, ModelError> {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     // Import nothing of runner.
     &[
-        "io", "metrics", "cpu", "failure", "console", "spec", "assets",
+        "io", "metrics", "cpu", "failure", "console", "spec", "assets", "onnx",
     ],
     &["device", "fetch", "logs", "logging", "tensorboard"],
     &["backbone", "head", "data", "settings"],
@@ -18,7 +18,7 @@ const LAYERS: &[&[&str]] = &[
     &["model", "results"],
     &["train", "plot", "report"],
     &["predict", "bench"],
-    &["run"],
+    &["run", "export"],
     &["sweep"],
     &["commands", "init"],
     &["cli"],

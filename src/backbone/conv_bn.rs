@@ -63,6 +63,17 @@ impl ConvBn {
         2 * self.bn.gamma.dims()[0]
     }
 
+    /// The same as ONNX nodes on `x` (BatchNorm on its running statistics).
+    pub(crate) fn to_onnx(&self, g: &mut crate::onnx::Graph, x: &str, act: Act) -> String {
+        let y = g.conv(&self.conv, x);
+        let y = g.batch_norm(&self.bn, &y);
+        match act {
+            Act::None => y,
+            Act::Relu => g.node("Relu", &[&y], &[]),
+            Act::Relu6 => g.clip(&y, 0.0, 6.0),
+        }
+    }
+
     pub(crate) fn forward(&self, x: Tensor<4>, act: Act) -> Tensor<4> {
         let y = self.bn.forward(self.conv.forward(x));
         match act {

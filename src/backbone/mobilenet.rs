@@ -81,6 +81,20 @@ pub struct InvertedResidual {
 }
 
 impl InvertedResidual {
+    fn to_onnx(&self, g: &mut crate::onnx::Graph, x: &str) -> String {
+        let mut y = x.to_string();
+        if let Some(e) = &self.expand {
+            y = e.to_onnx(g, &y, Act::Relu6);
+        }
+        let y = self.depthwise.to_onnx(g, &y, Act::Relu6);
+        let y = self.project.to_onnx(g, &y, Act::None);
+        if self.residual {
+            g.node("Add", &[&y, x], &[])
+        } else {
+            y
+        }
+    }
+
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let mut y = x.clone();
         if let Some(e) = &self.expand {
@@ -137,6 +151,15 @@ impl MobileNetV2 {
     pub fn with_batchnorm_frozen(mut self, frozen: bool) -> Self {
         self.bn_frozen = frozen;
         self
+    }
+
+    /// The base (without the classifier) as ONNX nodes on `x`, as inference runs it.
+    pub fn to_onnx(&self, g: &mut crate::onnx::Graph, x: &str) -> String {
+        let mut y = self.stem.to_onnx(g, x, Act::Relu6);
+        for b in &self.blocks {
+            y = b.to_onnx(g, &y);
+        }
+        self.last.to_onnx(g, &y, Act::Relu6)
     }
 
     /// Every BatchNorm running mean and variance, in layer order.

@@ -93,6 +93,18 @@ impl Bottleneck {
         }
     }
 
+    fn to_onnx(&self, g: &mut crate::onnx::Graph, x: &str) -> String {
+        let y = self.conv1.to_onnx(g, x, Act::Relu);
+        let y = self.conv2.to_onnx(g, &y, Act::Relu);
+        let y = self.conv3.to_onnx(g, &y, Act::None);
+        let shortcut = match &self.downsample {
+            Some(d) => d.to_onnx(g, x, Act::None),
+            None => x.to_string(),
+        };
+        let sum = g.node("Add", &[&y, &shortcut], &[]);
+        g.node("Relu", &[&sum], &[])
+    }
+
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let y = self.conv1.forward(x.clone(), Act::Relu);
         let y = self.conv2.forward(y, Act::Relu);
@@ -145,6 +157,16 @@ impl ResNet50 {
     pub fn with_batchnorm_frozen(mut self, frozen: bool) -> Self {
         self.bn_frozen = frozen;
         self
+    }
+
+    /// The base (without the classifier) as ONNX nodes on `x`, as inference runs it.
+    pub fn to_onnx(&self, g: &mut crate::onnx::Graph, x: &str) -> String {
+        let y = self.stem.to_onnx(g, x, Act::Relu);
+        let mut y = g.max_pool(&self.pool, &y);
+        for b in &self.blocks {
+            y = b.to_onnx(g, &y);
+        }
+        y
     }
 
     /// Number of layers (17: the stem and 16 blocks).

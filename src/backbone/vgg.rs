@@ -66,6 +66,21 @@ impl Vgg {
         self.ops.len()
     }
 
+    /// The base as ONNX nodes on `x`.
+    pub fn to_onnx(&self, g: &mut crate::onnx::Graph, x: &str) -> String {
+        let mut y = x.to_string();
+        for op in &self.ops {
+            y = match *op {
+                LayerOp::Conv { index, .. } => {
+                    let c = g.conv(&self.convs[index], &y);
+                    g.node("Relu", &[&c], &[])
+                }
+                LayerOp::MaxPool | LayerOp::Block { .. } => g.max_pool(&self.pool, &y),
+            };
+        }
+        y
+    }
+
     /// Runs layers `from..to` (indices into the backbone's layer list).
     ///
     /// # Shapes

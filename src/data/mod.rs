@@ -17,22 +17,26 @@ const TORCH_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// Writes one HWC RGB u8 image into `out` as CHW f32 with the preprocessing applied.
 pub fn preprocess_into(pixels: &[u8], hw: usize, pre: Preprocess, out: &mut [f32]) {
-    for c in 0..3 {
-        // Output channel c reads input channel src and maps v -> v * scale + shift.
-        let (src, scale, shift) = match pre {
-            Preprocess::Rescale => (c, 1.0 / 255.0, 0.0),
-            Preprocess::Caffe => (2 - c, 1.0, -CAFFE_MEAN_BGR[c]),
-            Preprocess::Torch => (
-                c,
-                1.0 / (255.0 * TORCH_STD[c]),
-                -TORCH_MEAN[c] / TORCH_STD[c],
-            ),
-        };
+    for (c, (src, scale, shift)) in preprocess_affine(pre).into_iter().enumerate() {
         let plane = &mut out[c * hw..(c + 1) * hw];
         for (o, px) in plane.iter_mut().zip(pixels.chunks_exact(3)) {
             *o = f32::from(px[src]) * scale + shift;
         }
     }
+}
+
+/// What preprocessing does to each output channel `c`: `(src, scale, shift)`, reading input
+/// (RGB) channel `src` and mapping `v -> v * scale + shift`.
+pub fn preprocess_affine(pre: Preprocess) -> [(usize, f32, f32); 3] {
+    std::array::from_fn(|c| match pre {
+        Preprocess::Rescale => (c, 1.0 / 255.0, 0.0),
+        Preprocess::Caffe => (2 - c, 1.0, -CAFFE_MEAN_BGR[c]),
+        Preprocess::Torch => (
+            c,
+            1.0 / (255.0 * TORCH_STD[c]),
+            -TORCH_MEAN[c] / TORCH_STD[c],
+        ),
+    })
 }
 
 /// A batch of images `indices` as network input (decoded now when the split is decoded on
