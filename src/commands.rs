@@ -120,8 +120,9 @@ pub fn plot(
 }
 
 /// `runner export`: writes the run's model as ONNX and checks it with tract on the run's
-/// validation images (or `images`), against runner's own predictions; a file that disagrees is
-/// kept, named, and the command fails.
+/// validation images (or `images`), against runner's own predictions. The file is written as
+/// `<out>.unchecked.onnx` and renamed to `out` only once it agrees; one that disagrees is kept
+/// as `<out>.rejected.onnx`, named, and the command fails (an earlier `out` is left alone).
 pub fn export(
     run_id: &str,
     out: Option<PathBuf>,
@@ -133,69 +134,69 @@ pub fn export(
     let device = burn::prelude::Device::flex();
     let (card, model) =
         crate::predict::load(&settings.results, run_id, which, &device).map_err(bad_input)?;
-    let mut files = if images.is_empty() {
-        export::validation_images(&card, &settings.locations).ok_or_else(|| {
-            bad_input(anyhow::anyhow!(
-                "{run_id}: the run's validation images ({}/validation) are not there to check the exported model on; name images with --images",
-                card.spec.data.dir
-            ))
-        })?
-    } else {
-        crate::predict::collect_images(images).map_err(bad_input)?
-    };
-    if let Some(n) = limit {
-        files.truncate(n.max(1));
-    }
     let out = out.unwrap_or_else(|| {
         crate::train::checkpoint::run_dir(&settings.results, run_id).join("model.onnx")
     });
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
-    if let Some(dir) = parent.filter(|p| !p.is_dir()) {
+    export::check_out(&out).map_err(bad_input)?;
+    let files =
+        export::images_to_check(&card, &settings.locations, images, limit).map_err(bad_input)?;
+    let (files, expected) = export::runner_probabilities(&card, &model, &files, &device);
+    if files.is_empty() {
         return Err(bad_input(anyhow::anyhow!(
-            "--out {}: the folder {} does not exist",
-            out.display(),
-            dir.display()
+            "{run_id}: none of the images could be read to check the exported model on"
         )));
     }
-    let (nodes, bytes) = export::write(&model, &card, which, &out)
-        .with_context(|| format!("{}: cannot write the ONNX file", out.display()))
+    let pending = export::sibling(&out, "unchecked");
+    let (nodes, bytes) = export::write(&model, &card, which, &pending)
+        .with_context(|| format!("{}: cannot write the ONNX file", pending.display()))
         .map_err(failed)?;
-    println!(
-        "{}: ONNX (opset {}), {nodes} nodes, {:.1} MB; input pixels [batch, {}, {}, 3] (RGB 0-255, resized), output probabilities over {}",
-        out.display(),
-        crate::onnx::OPSET,
-        bytes as f64 / 1e6,
-        card.spec.data.image_size[0],
-        card.spec.data.image_size[1],
-        card.classes.join(", ")
-    );
-    let (files, expected) = export::runner_probabilities(&card, &model, &files, &device);
-    let agreement = export::check(&out, &card, &files, &expected).map_err(failed)?;
+    let agreement = export::check(&pending, &card, &files, &expected).map_err(failed)?;
     let pct = 100.0 * agreement.same_label as f64 / agreement.images.max(1) as f64;
-    println!(
+    let report = format!(
         "checked with tract (an ONNX runtime independent of burn) on {} images: labels agree on {} ({pct:.2} %), largest probability difference {:.2e} (tolerance {:.0e})",
         agreement.images,
         agreement.same_label,
         agreement.max_difference,
         export::TOLERANCE
     );
-    if agreement.images == 0 {
-        return Err(bad_input(anyhow::anyhow!(
-            "{}: none of the images could be read to check the exported model on",
-            out.display()
-        )));
-    }
+    let keep_as = if agreement.passed() {
+        out.clone()
+    } else {
+        export::sibling(&out, "rejected")
+    };
+    std::fs::rename(&pending, &keep_as)
+        .with_context(|| {
+            format!(
+                "{}: cannot rename to {}",
+                pending.display(),
+                keep_as.display()
+            )
+        })
+        .map_err(failed)?;
+    println!(
+        "{}: ONNX (opset {}), {nodes} nodes, {:.1} MB; input pixels [batch, {}, {}, 3] (RGB 0-255, resized), output probabilities over {}\n{report}",
+        keep_as.display(),
+        crate::onnx::OPSET,
+        bytes as f64 / 1e6,
+        card.spec.data.image_size[0],
+        card.spec.data.image_size[1],
+        card.classes.join(", ")
+    );
     if !agreement.passed() {
         return Err(failed(anyhow::anyhow!(
-            "{}: the exported model disagrees with runner ({} of {} labels the same, largest difference {:.2e} at {}); the file is kept for inspection, do not deploy it",
-            out.display(),
+            "{}: the exported model disagrees with runner ({} of {} labels the same, largest difference {:.2e} at {}{}); kept for inspection, do not deploy it",
+            keep_as.display(),
             agreement.same_label,
             agreement.images,
             agreement.max_difference,
             agreement
                 .worst
                 .as_ref()
-                .map_or("?".into(), |p| p.display().to_string())
+                .map_or("?".into(), |p| p.display().to_string()),
+            agreement
+                .shape_error
+                .as_ref()
+                .map_or(String::new(), |e| format!("; {e}"))
         )));
     }
     Ok(())

@@ -26,13 +26,75 @@ pub struct Agreement {
     pub max_difference: f32,
     /// The image where it is largest.
     pub worst: Option<PathBuf>,
+    /// The file's output did not have one row per image and one column per class.
+    pub shape_error: Option<String>,
 }
 
 impl Agreement {
-    /// Every label the same and every probability within [`TOLERANCE`].
+    /// Every label the same, every probability within [`TOLERANCE`], every row there.
     pub fn passed(&self) -> bool {
-        self.same_label == self.images && self.max_difference <= TOLERANCE
+        self.shape_error.is_none()
+            && self.same_label == self.images
+            && self.max_difference <= TOLERANCE
     }
+}
+
+/// `--out` must name an `.onnx` file in a folder that exists.
+pub fn check_out(out: &Path) -> anyhow::Result<()> {
+    if out
+        .extension()
+        .is_none_or(|e| !e.eq_ignore_ascii_case("onnx"))
+    {
+        anyhow::bail!(
+            "--out {}: the file name must end in .onnx (runner does not replace other files with a model)",
+            out.display()
+        );
+    }
+    if out.is_dir() {
+        anyhow::bail!("--out {}: is a folder, not a file", out.display());
+    }
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(dir) = parent.filter(|p| !p.is_dir()) {
+        anyhow::bail!(
+            "--out {}: the folder {} does not exist",
+            out.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// `out` with `.onnx` replaced by `.<tag>.onnx` (`model.unchecked.onnx`).
+pub fn sibling(out: &Path, tag: &str) -> PathBuf {
+    out.with_extension(format!("{tag}.onnx"))
+}
+
+/// The images the check runs on: `images` (files or folders), else the run's validation split;
+/// at most `limit` of them.
+pub fn images_to_check(
+    card: &ModelCard,
+    locations: &crate::assets::Locations,
+    images: &[PathBuf],
+    limit: Option<usize>,
+) -> anyhow::Result<Vec<PathBuf>> {
+    if limit == Some(0) {
+        anyhow::bail!("--limit 0: the exported model must be checked on at least one image");
+    }
+    let mut files = if images.is_empty() {
+        validation_images(card, locations).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: the run's validation images ({}/validation) are not there to check the exported model on; name images with --images",
+                card.run_id,
+                card.spec.data.dir
+            )
+        })?
+    } else {
+        crate::predict::collect_images(images)?
+    };
+    if let Some(n) = limit {
+        files.truncate(n);
+    }
+    Ok(files)
 }
 
 /// What goes wrong in an export.
@@ -105,6 +167,7 @@ pub fn signature(card: &ModelCard) -> OnnxSignature {
         loss: card.spec.train.loss,
         flip: card.spec.train.test_time_augmentation
             == crate::spec::TestTimeAugmentation::HorizontalFlip,
+        classes: card.classes.len(),
     }
 }
 
@@ -156,6 +219,7 @@ pub fn check(
         same_label: 0,
         max_difference: 0.0,
         worst: None,
+        shape_error: None,
     };
     let pairs: Vec<(&PathBuf, &Vec<f32>)> = files.iter().zip(expected).collect();
     for chunk in pairs.chunks(16) {
@@ -174,11 +238,22 @@ pub fn check(
             .map_err(runtime)?;
         let out = model.run(tvec!(input.into())).map_err(runtime)?;
         let probs = out[0].to_plain_array_view::<f32>().map_err(runtime)?;
-        let classes = probs.shape().get(1).copied().unwrap_or(0);
+        let want_shape = [kept.len(), kept[0].1.len()];
+        if probs.shape() != want_shape {
+            agreement.shape_error = Some(format!(
+                "its output is {:?} for {} images, not {want_shape:?}",
+                probs.shape(),
+                kept.len()
+            ));
+            agreement.images += kept.len();
+            continue;
+        }
         let flat: Vec<f32> = probs.iter().copied().collect();
-        for ((p, want), got) in kept.iter().zip(flat.chunks(classes.max(1))) {
+        for ((p, want), got) in kept.iter().zip(flat.chunks(want_shape[1])) {
             agreement.images += 1;
-            if argmax(got) == argmax(want) && got.len() == want.len() {
+            // A tie within the tolerance may break either way.
+            let (g, w) = (argmax(got), argmax(want));
+            if g == w || (got[g] - got[w]).abs() <= TOLERANCE {
                 agreement.same_label += 1;
             }
             for (a, b) in got.iter().zip(want.iter()) {
@@ -222,4 +297,42 @@ pub fn runner_probabilities(
         .into_iter()
         .filter_map(|(p, r)| r.ok().map(|probs| (p, probs)))
         .unzip()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_rows_or_a_far_probability_fail_the_check() {
+        let good = Agreement {
+            images: 4,
+            same_label: 4,
+            max_difference: 1e-6,
+            worst: None,
+            shape_error: None,
+        };
+        assert!(good.passed());
+        let rows = Agreement {
+            shape_error: Some("its output is [2, 2] for 4 images".into()),
+            ..good.clone()
+        };
+        assert!(!rows.passed());
+        let far = Agreement {
+            max_difference: 2e-4,
+            ..good.clone()
+        };
+        assert!(!far.passed());
+        let label = Agreement {
+            same_label: 3,
+            ..good
+        };
+        assert!(!label.passed());
+        assert_eq!(
+            sibling(Path::new("r/model.onnx"), "unchecked"),
+            Path::new("r/model.unchecked.onnx")
+        );
+        assert!(check_out(Path::new("model.bpk")).is_err());
+        assert!(check_out(Path::new("m.ONNX")).is_ok());
+    }
 }

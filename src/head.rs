@@ -296,13 +296,6 @@ pub struct DenseLayer {
     activation: Activation,
 }
 
-impl DenseLayer {
-    /// Output units.
-    pub fn units(&self) -> usize {
-        self.linear.weight.dims()[1]
-    }
-}
-
 /// A parameter-free reshaping layer.
 #[derive(Module, Debug)]
 pub struct ReshapeLayer {

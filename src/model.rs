@@ -245,6 +245,8 @@ pub struct OnnxSignature {
     pub loss: crate::spec::Loss,
     /// Average each image's probabilities with its mirror's.
     pub flip: bool,
+    /// The classes (two for a sigmoid output).
+    pub classes: usize,
 }
 
 impl TransferModel {
@@ -301,7 +303,10 @@ impl TransferModel {
                 g.node("Softmax", &[&logits], &[("axis", Attr::Int(1))])
             }
         };
-        let classes = self.head_outputs(sig.loss);
+        let classes = match sig.loss {
+            crate::spec::Loss::BinaryCrossentropy => 2,
+            crate::spec::Loss::CategoricalCrossentropy => sig.classes,
+        };
         if sig.flip {
             let shape = g.constant_i64("pairs", &[2, -1, classes as i64]);
             let pairs = g.node("Reshape", &[&probs, &shape], &[]);
@@ -318,24 +323,6 @@ impl TransferModel {
             "class probabilities, in the order of the model's classes",
         );
         g
-    }
-
-    /// Probabilities per image: 2 for a sigmoid output, else the last layer's units.
-    fn head_outputs(&self, loss: crate::spec::Loss) -> usize {
-        let units = self
-            .head
-            .layers
-            .iter()
-            .rev()
-            .find_map(|l| match l {
-                crate::head::Layer::Dense(d) => Some(d.units()),
-                _ => None,
-            })
-            .unwrap_or(1);
-        match loss {
-            crate::spec::Loss::BinaryCrossentropy => 2,
-            crate::spec::Loss::CategoricalCrossentropy => units,
-        }
     }
 
     /// Builds the model of `plan` on `device` and loads the backbone's pretrained weights.

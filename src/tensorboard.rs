@@ -401,6 +401,19 @@ fn last_steps(dir: &Path) -> (Option<i64>, Option<i64>) {
     (epoch, batch)
 }
 
+/// Removes the event files directly in `dir` (not in its subfolders).
+fn remove_event_files(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if is_file && entry.file_name().to_string_lossy().contains("tfevents") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// The first TFRecord of `bytes` and what follows it, if it is whole and its checksums match.
 fn next_record(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
     let len_bytes = bytes.get(..8)?;
@@ -421,7 +434,15 @@ fn next_record(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
 /// written again (its training is the same, step for step).
 pub fn open(dir: &Path, hparams: &[(String, HParam)], group: &str, epochs_done: usize) -> Session {
     let (last_epoch, last_batch) = last_steps(&dir.join("train"));
-    let written = last_epoch.map_or(0, |e| usize::try_from(e).unwrap_or(0));
+    // An epoch is written when both its training and validation records are.
+    let (last_val, _) = last_steps(&dir.join("validation"));
+    let written = last_epoch
+        .min(last_val)
+        .map_or(0, |e| usize::try_from(e).unwrap_or(0));
+    // The root folder holds only the HParams session, written afresh below: TensorBoard keeps
+    // the first start and end it reads, so an earlier run's end (a failure that was resumed)
+    // must not stay.
+    remove_event_files(dir);
     let mut w = Writers {
         root: Stream::new(dir.to_path_buf()),
         train: Stream::new(dir.join("train")),

@@ -252,6 +252,29 @@ fn export_names_what_is_missing_and_writes_nothing_then() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--out") && err.contains("nowhere"), "{err}");
 
+    // Only an .onnx file is written; at least one image is checked.
+    let bpk = s.results.join(&id).join("model.bpk");
+    let before = std::fs::read(&bpk).unwrap();
+    let out = export(&s, &id, &["--out", bpk.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must end in .onnx"));
+    assert_eq!(
+        std::fs::read(&bpk).unwrap(),
+        before,
+        "the model is untouched"
+    );
+    let out = export(&s, &id, &["--limit", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--limit 0"));
+    let empty = s.dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    std::fs::write(empty.join("broken.jpg"), b"not a jpeg").unwrap();
+    let out = export(&s, &id, &["--images", empty.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("none of the images could be read"));
+    assert!(!s.results.join(&id).join("model.onnx").exists());
+    assert!(!s.results.join(&id).join("model.unchecked.onnx").exists());
+
     // The validation split gone: the check needs images, named with --images.
     std::fs::rename(s.data.join("validation"), s.dir.path().join("moved")).unwrap();
     let out = export(&s, &id, &[]);
@@ -266,4 +289,14 @@ fn export_names_what_is_missing_and_writes_nothing_then() {
     let out = export(&s, &id, &["--images", moved.to_str().unwrap()]);
     ok(&out);
     assert_eq!(agreement(&out).0, 8);
+    let left: Vec<_> = std::fs::read_dir(s.results.join(&id))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".onnx"))
+        .collect();
+    assert_eq!(
+        left,
+        ["model.onnx"],
+        "the checked file, renamed; no temporary left"
+    );
 }

@@ -294,7 +294,11 @@ fn a_killed_and_resumed_run_has_each_epoch_and_step_once() {
     std::thread::sleep(std::time::Duration::from_millis(100));
     signal(&child, "-KILL");
     child.wait().unwrap();
-    let before = series(&read_back(&s.results, &id), "train", "epoch_loss").len();
+    // (A kill between the checkpoint and its epoch's events leaves none yet.)
+    let killed = read_back(&s.results, &id);
+    let before = killed["train"]["scalars"]["epoch_loss"]
+        .as_array()
+        .map_or(0, Vec::len);
     assert!(before < 8, "killed before the end");
 
     let out = runner(
@@ -334,4 +338,61 @@ fn a_killed_and_resumed_run_has_each_epoch_and_step_once() {
         .count();
     assert_eq!(files, 2, "the resumed run adds its own file");
     assert_eq!(tb["hparams"]["status"], "STATUS_SUCCESS");
+}
+
+#[test]
+fn a_run_that_failed_at_its_end_and_was_resumed_reads_as_a_success() {
+    if !reader_available() {
+        return;
+    }
+    let s = setup(&[]);
+    let dir = s.spec.parent().unwrap().to_path_buf();
+    // A full disk when the model is saved: the run is recorded failed, its checkpoints stay.
+    let out = Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args([
+            s.spec.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--tensorboard",
+            "--results",
+        ])
+        .arg(&s.results)
+        .current_dir(&dir)
+        .env_remove("RUNNER_ASSETS")
+        .env("RUNNER_CACHE", dir.join("cache"))
+        .env("RUNNER_FAIL_WRITE", "model.bpk")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let (id, _) = only_run(&s.results);
+    assert_eq!(
+        read_back(&s.results, &id)["hparams"]["status"],
+        "STATUS_FAILURE"
+    );
+
+    let out = runner(
+        &[
+            "resume",
+            &id,
+            "--device",
+            "cpu",
+            "--tensorboard",
+            "--results",
+            s.results.to_str().unwrap(),
+        ],
+        &dir,
+    );
+    ok(&out);
+    let tb = read_back(&s.results, &id);
+    assert_eq!(
+        tb["hparams"]["status"], "STATUS_SUCCESS",
+        "the earlier end does not stay"
+    );
+    let (_, df) = only_run(&s.results);
+    assert_eq!(strs(&df, "status")[0], "completed");
+    assert_matches(
+        &series(&tb, "validation", "epoch_accuracy"),
+        &f64s(&df, "val_acc"),
+        "val acc",
+    );
 }
