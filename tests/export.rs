@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::cli::*;
 use serde_json::Value;
@@ -21,38 +21,10 @@ fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn python() -> String {
-    std::env::var("RUNNER_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-/// What the ONNX checker and ONNX Runtime say of `model`, or `None` where they are not
-/// installed (and need not be).
+/// What the ONNX checker and ONNX Runtime say of `model` (`None` where they are not installed
+/// and need not be).
 fn onnx_check(model: &Path) -> Option<Value> {
-    let found = Command::new(python())
-        .args(["-c", "import onnx, onnxruntime"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var_os("RUNNER_REQUIRE_TOOLS").is_none_or(|v| v != "1"),
-            "RUNNER_REQUIRE_TOOLS=1 but {} cannot import onnx and onnxruntime (set RUNNER_PYTHON)",
-            python()
-        );
-        eprintln!("skipped the ONNX checker: no Python with onnx and onnxruntime");
-        return None;
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/onnx_check.py");
-    let out = Command::new(python())
-        .arg(script)
-        .arg(model)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(serde_json::from_slice(&out.stdout).unwrap())
+    python_tool("onnx, onnxruntime", "onnx_check.py", &[model])
 }
 
 /// The agreement line's numbers: (images, same labels, largest difference).

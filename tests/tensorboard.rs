@@ -12,42 +12,20 @@ use std::process::Command;
 use common::cli::*;
 use serde_json::Value;
 
-fn python() -> String {
-    std::env::var("RUNNER_PYTHON").unwrap_or_else(|_| "python3".into())
+/// What TensorBoard's reader finds in `results/<id>/tensorboard`; `None` where the reader is
+/// not installed (and need not be).
+fn try_read_back(results: &Path, id: &str) -> Option<Value> {
+    let dir = results.join(id).join("tensorboard");
+    python_tool("tensorboard", "tensorboard_read.py", &[&dir])
 }
 
 /// Whether the reader can run here; panics when it must.
 fn reader_available() -> bool {
-    let found = Command::new(python())
-        .args(["-c", "import tensorboard"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var_os("RUNNER_REQUIRE_TOOLS").is_none_or(|v| v != "1"),
-            "RUNNER_REQUIRE_TOOLS=1 but {} cannot import tensorboard (set RUNNER_PYTHON to a Python that has it)",
-            python()
-        );
-        eprintln!("skipped: no Python with the tensorboard package");
-    }
-    found
+    python_has("tensorboard")
 }
 
-/// What TensorBoard's reader finds in `results/<id>/tensorboard`.
 fn read_back(results: &Path, id: &str) -> Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/tensorboard_read.py");
-    let dir = results.join(id).join("tensorboard");
-    let out = Command::new(python())
-        .arg(script)
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    try_read_back(results, id).expect("the reader was found available")
 }
 
 /// `(step, value)` of a scalar tag of a folder.
@@ -69,6 +47,29 @@ fn assert_matches(got: &[(i64, f64)], want: &[f64], what: &str) {
     for ((_, g), w) in got.iter().zip(want) {
         assert_eq!(*g as f32, *w as f32, "{what}");
     }
+}
+
+/// Each `(folder, tag, column)`: the tag's values are the table column's, one per epoch.
+fn assert_epochs(tb: &Value, df: &polars::prelude::DataFrame, which: &[(&str, &str, &str)]) {
+    for (folder, tag, column) in which {
+        let what = format!("{folder}/{tag}");
+        assert_matches(&series(tb, folder, tag), &f64s(df, column), &what);
+    }
+}
+
+/// `runner resume ID --tensorboard` in the setup's folder.
+fn resume(s: &Setup, id: &str) -> std::process::Output {
+    let results = s.results.to_str().unwrap();
+    let args = [
+        "resume",
+        id,
+        "--device",
+        "cpu",
+        "--tensorboard",
+        "--results",
+        results,
+    ];
+    runner(&args, s.dir.path())
 }
 
 const TWO_PHASES: &str = r#"
@@ -95,30 +96,16 @@ fn every_scalar_of_a_two_phase_run_reads_back_with_its_step() {
     let (id, df) = only_run(&s.results);
     let tb = read_back(&s.results, &id);
 
-    assert_matches(
-        &series(&tb, "train", "epoch_loss"),
-        &f64s(&df, "train_loss"),
-        "train loss",
-    );
-    assert_matches(
-        &series(&tb, "train", "epoch_accuracy"),
-        &f64s(&df, "train_acc"),
-        "train acc",
-    );
-    assert_matches(
-        &series(&tb, "train", "epoch_learning_rate"),
-        &f64s(&df, "lr"),
-        "lr",
-    );
-    assert_matches(
-        &series(&tb, "validation", "epoch_loss"),
-        &f64s(&df, "val_loss"),
-        "val loss",
-    );
-    assert_matches(
-        &series(&tb, "validation", "epoch_accuracy"),
-        &f64s(&df, "val_acc"),
-        "val acc",
+    assert_epochs(
+        &tb,
+        &df,
+        &[
+            ("train", "epoch_loss", "train_loss"),
+            ("train", "epoch_accuracy", "train_acc"),
+            ("train", "epoch_learning_rate", "lr"),
+            ("validation", "epoch_loss", "val_loss"),
+            ("validation", "epoch_accuracy", "val_acc"),
+        ],
     );
     let test = series(&tb, "test", "epoch_accuracy");
     assert_eq!(test.len(), 1);
@@ -301,30 +288,17 @@ fn a_killed_and_resumed_run_has_each_epoch_and_step_once() {
         .map_or(0, Vec::len);
     assert!(before < 8, "killed before the end");
 
-    let out = runner(
-        &[
-            "resume",
-            &id,
-            "--device",
-            "cpu",
-            "--tensorboard",
-            "--results",
-            s.results.to_str().unwrap(),
-        ],
-        &dir,
-    );
+    let out = resume(&s, &id);
     ok(&out);
     let (_, df) = only_run(&s.results);
     let tb = read_back(&s.results, &id);
-    assert_matches(
-        &series(&tb, "train", "epoch_loss"),
-        &f64s(&df, "train_loss"),
-        "train loss",
-    );
-    assert_matches(
-        &series(&tb, "validation", "epoch_accuracy"),
-        &f64s(&df, "val_acc"),
-        "val acc",
+    assert_epochs(
+        &tb,
+        &df,
+        &[
+            ("train", "epoch_loss", "train_loss"),
+            ("validation", "epoch_accuracy", "val_acc"),
+        ],
     );
     let steps: Vec<i64> = series(&tb, "train", "batch_loss")
         .iter()
@@ -370,18 +344,7 @@ fn a_run_that_failed_at_its_end_and_was_resumed_reads_as_a_success() {
         "STATUS_FAILURE"
     );
 
-    let out = runner(
-        &[
-            "resume",
-            &id,
-            "--device",
-            "cpu",
-            "--tensorboard",
-            "--results",
-            s.results.to_str().unwrap(),
-        ],
-        &dir,
-    );
+    let out = resume(&s, &id);
     ok(&out);
     let tb = read_back(&s.results, &id);
     assert_eq!(
@@ -390,9 +353,5 @@ fn a_run_that_failed_at_its_end_and_was_resumed_reads_as_a_success() {
     );
     let (_, df) = only_run(&s.results);
     assert_eq!(strs(&df, "status")[0], "completed");
-    assert_matches(
-        &series(&tb, "validation", "epoch_accuracy"),
-        &f64s(&df, "val_acc"),
-        "val acc",
-    );
+    assert_epochs(&tb, &df, &[("validation", "epoch_accuracy", "val_acc")]);
 }

@@ -206,3 +206,49 @@ pub fn run_id_of_log(log: &Path) -> String {
         .trim_end_matches(".log.jsonl")
         .to_string()
 }
+
+/// The Python the tests' tools run with: `$RUNNER_PYTHON`, else `python3`.
+pub fn python() -> String {
+    std::env::var("RUNNER_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Runs `tools/<script>` with [`python`] on `args` and parses its JSON output; `None` (the
+/// test skipped, with a message) where that Python cannot import `modules`, unless
+/// `RUNNER_REQUIRE_TOOLS=1`, where that fails the test.
+pub fn python_tool(modules: &str, script: &str, args: &[&Path]) -> Option<serde_json::Value> {
+    if !python_has(modules) {
+        return None;
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tools")
+        .join(script);
+    let out = Command::new(python())
+        .arg(path)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+/// Whether [`python`] imports `modules` (e.g. `onnx, onnxruntime`); a missing one is skipped
+/// with a message, or fails the test under `RUNNER_REQUIRE_TOOLS=1`.
+pub fn python_has(modules: &str) -> bool {
+    let found = Command::new(python())
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var_os("RUNNER_REQUIRE_TOOLS").is_none_or(|v| v != "1"),
+            "RUNNER_REQUIRE_TOOLS=1 but {} cannot import {modules} (set RUNNER_PYTHON to a Python that has them)",
+            python()
+        );
+        eprintln!("skipped: no Python with {modules}");
+    }
+    found
+}
