@@ -67,7 +67,7 @@ pub struct Common {
     /// Also write TensorBoard event files per run, in results/<run_id>/tensorboard/ (Keras'
     /// layout: train/, validation/, test/, and the HParams session), for
     /// `tensorboard --logdir results`.
-    #[arg(long, global = true, env = "RUNNER_TENSORBOARD", value_parser = clap::builder::FalseyValueParser::new())]
+    #[arg(long, global = true, env = "RUNNER_TENSORBOARD", value_parser = clap::builder::BoolishValueParser::new())]
     pub(crate) tensorboard: bool,
 }
 

@@ -131,25 +131,55 @@ pub fn export(
     settings: &Settings,
 ) -> Result<(), Failure> {
     use crate::export;
+    if !settings.sets.is_empty() {
+        return Err(bad_input(anyhow::anyhow!(
+            "--set {}: runner export writes the model as it was trained; --set does not apply to it",
+            settings.sets.join(" --set ")
+        )));
+    }
+    // A trailing slash is what a shell completes a run's folder with.
+    let run_id = run_id.trim_end_matches('/');
     let device = burn::prelude::Device::flex();
     let (card, model) =
         crate::predict::load(&settings.results, run_id, which, &device).map_err(bad_input)?;
+    let finished = crate::predict::card_path(&settings.results, run_id).is_file();
+    let which = if finished || which != crate::predict::Which::Final {
+        which
+    } else {
+        tracing::warn!(
+            run = run_id,
+            "The run has not finished (no model.json): exporting its last checkpoint."
+        );
+        crate::predict::Which::Last
+    };
     let out = out.unwrap_or_else(|| {
         crate::train::checkpoint::run_dir(&settings.results, run_id).join("model.onnx")
     });
     export::check_out(&out).map_err(bad_input)?;
     let files =
         export::images_to_check(&card, &settings.locations, images, limit).map_err(bad_input)?;
-    let (files, expected) = export::runner_probabilities(&card, &model, &files, &device);
+    let (files, expected, unreadable) =
+        export::runner_probabilities(&card, &model, &files, &device);
+    for (path, why) in &unreadable {
+        tracing::warn!(file = %path.display(), error = %why, "Image left out of the check: it cannot be read.");
+    }
     if files.is_empty() {
         return Err(bad_input(anyhow::anyhow!(
-            "{run_id}: none of the images could be read to check the exported model on"
+            "{run_id}: none of the images could be read to check the exported model on:\n  {}",
+            unreadable
+                .iter()
+                .map(|(p, why)| format!("{}: {why}", p.display()))
+                .collect::<Vec<_>>()
+                .join("\n  ")
         )));
     }
     let pending = export::sibling(&out, "unchecked");
-    let (nodes, bytes) = export::write(&model, &card, which, &pending)
-        .with_context(|| format!("{}: cannot write the ONNX file", pending.display()))
-        .map_err(failed)?;
+    let (nodes, bytes) = export::write(&model, &card, which, &pending).map_err(|e| {
+        bad_input(anyhow::anyhow!(
+            "--out {}: cannot write the ONNX file: {e}",
+            out.display()
+        ))
+    })?;
     let agreement = export::check(&pending, &card, &files, &expected).map_err(failed)?;
     let pct = 100.0 * agreement.same_label as f64 / agreement.images.max(1) as f64;
     let report = format!(

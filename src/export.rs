@@ -286,17 +286,28 @@ pub fn validation_images(
         .filter(|f| !f.is_empty())
 }
 
+/// The images read (in order), runner's probabilities for them, and the unreadable ones with
+/// why.
+pub type Predicted = (Vec<PathBuf>, Vec<Vec<f32>>, Vec<(PathBuf, String)>);
+
 /// Runner's probabilities for `files` (the unreadable ones get none).
 pub fn runner_probabilities(
     card: &ModelCard,
     model: &TransferModel,
     files: &[PathBuf],
     device: &Device,
-) -> (Vec<PathBuf>, Vec<Vec<f32>>) {
-    crate::predict::predict(card, model, files, device)
-        .into_iter()
-        .filter_map(|(p, r)| r.ok().map(|probs| (p, probs)))
-        .unzip()
+) -> Predicted {
+    let (mut paths, mut probs, mut unreadable) = (Vec::new(), Vec::new(), Vec::new());
+    for (p, r) in crate::predict::predict(card, model, files, device) {
+        match r {
+            Ok(v) => {
+                paths.push(p);
+                probs.push(v);
+            }
+            Err(e) => unreadable.push((p, e.to_string())),
+        }
+    }
+    (paths, probs, unreadable)
 }
 
 #[cfg(test)]

@@ -238,12 +238,19 @@ fn export_names_what_is_missing_and_writes_nothing_then() {
     let out = export(&s, &id, &["--limit", "0"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--limit 0"));
+    let out = export(&s, &id, &["--set", "data.image_size=[64,64]"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--set does not apply"));
     let empty = s.dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
     std::fs::write(empty.join("broken.jpg"), b"not a jpeg").unwrap();
     let out = export(&s, &id, &["--images", empty.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("none of the images could be read"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("none of the images could be read") && err.contains("broken.jpg"),
+        "{err}"
+    );
     assert!(!s.results.join(&id).join("model.onnx").exists());
     assert!(!s.results.join(&id).join("model.unchecked.onnx").exists());
 
@@ -258,9 +265,21 @@ fn export_names_what_is_missing_and_writes_nothing_then() {
     );
     assert!(!s.results.join(&id).join("model.onnx").exists());
     let moved = s.dir.path().join("moved");
-    let out = export(&s, &id, &["--images", moved.to_str().unwrap()]);
+    // A trailing slash (a completed folder name); an unreadable image among good ones is named
+    // and left out.
+    std::fs::copy(empty.join("broken.jpg"), moved.join("broken.jpg")).unwrap();
+    let out = export(
+        &s,
+        &format!("{id}/"),
+        &["--images", moved.to_str().unwrap()],
+    );
     ok(&out);
     assert_eq!(agreement(&out).0, 8);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("broken.jpg") && err.contains("left out of the check"),
+        "{err}"
+    );
     let left: Vec<_> = std::fs::read_dir(s.results.join(&id))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -271,4 +290,23 @@ fn export_names_what_is_missing_and_writes_nothing_then() {
         ["model.onnx"],
         "the checked file, renamed; no temporary left"
     );
+}
+
+#[test]
+fn an_unfinished_run_exports_its_last_checkpoint_and_says_so() {
+    let s = setup(&[]);
+    ok(&run(&s, &[]));
+    let (id, _) = only_run(&s.results);
+    // What a run still training (or interrupted) has: checkpoints, no model.json.
+    std::fs::remove_file(s.results.join(&id).join("model.json")).unwrap();
+    let out = export(&s, &id, &[]);
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("has not finished") && err.contains("last checkpoint"),
+        "{err}"
+    );
+    if let Some(check) = onnx_check(&s.results.join(&id).join("model.onnx")) {
+        assert_eq!(check["metadata"]["runner.weights"], "last");
+    }
 }

@@ -241,6 +241,15 @@ fn a_sweep_gives_each_point_its_hyperparameters() {
     }
     assert_eq!(seen.len(), 4, "{seen:?}");
 
+    // A value that is not a boolean is refused, naming the variable's flag.
+    let out = Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args(["check", s.spec.to_str().unwrap()])
+        .env("RUNNER_TENSORBOARD", "banana")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tensorboard"));
+
     // Without the flag or the variable nothing is written.
     sweep(&s.results, false);
     let ids = run_ids(&s.results);
