@@ -54,9 +54,13 @@ pub fn write_atomic<E: Into<Cause>>(
     let inject = std::env::var("RUNNER_FAIL_WRITE")
         .ok()
         .filter(|s| !s.is_empty() && path.to_string_lossy().contains(s.as_str()));
+    // 0666 less the umask, as any file a program creates (tempfile's default is 0600, which
+    // would leave a model or a table unreadable to the other users of a shared results folder).
+    let mode = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o666);
     let mut tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}."))
         .suffix(".tmp")
+        .permissions(mode)
         .tempfile_in(dir)
         .map_err(|e| err(e.into()))?;
     if inject.is_some() {
@@ -91,5 +95,29 @@ pub fn remove_stale_temporaries(dir: &Path, prefix: &str) {
         if name.starts_with(&format!(".{prefix}")) && name.ends_with(".tmp") && e.path().is_file() {
             let _ = std::fs::remove_file(e.path());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_written_file_is_readable_by_others_as_the_umask_allows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.onnx");
+        write_atomic(&path, |f| std::io::Write::write_all(f, b"x")).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        // Not tempfile's 0600: group and others get what the umask leaves them.
+        let umask = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Umask:").map(|v| v.trim().to_string()))
+            })
+            .and_then(|v| u32::from_str_radix(&v, 8).ok())
+            .unwrap_or(0o022);
+        assert_eq!(mode, 0o666 & !umask, "{mode:o}");
     }
 }

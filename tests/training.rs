@@ -208,11 +208,17 @@ fn a_diverging_run_is_recorded_as_diverged_with_its_epoch() {
 fn a_second_run_reads_the_feature_cache_and_a_corrupt_entry_is_rebuilt() {
     let s = setup(&[]);
     let cache = s.dir.path().join("cache");
+    // In the order they ran (run ids sort by the second they started in, then at random: two
+    // runs of one second may sort either way).
+    let mut tables: Vec<std::path::PathBuf> = Vec::new();
     for _ in 0..2 {
         ok(&run(&s, &[]));
+        let new = files_with(&s.results, ".parquet")
+            .into_iter()
+            .find(|t| !tables.contains(t))
+            .unwrap();
+        tables.push(new);
     }
-    let mut tables = files_with(&s.results, ".parquet");
-    tables.sort();
     let ids: Vec<String> = tables
         .iter()
         .map(|p| {
@@ -254,9 +260,11 @@ fn a_second_run_reads_the_feature_cache_and_a_corrupt_entry_is_rebuilt() {
     }
     std::fs::write(&entries[0], b"").unwrap();
     ok(&run(&s, &[]));
-    let mut tables = files_with(&s.results, ".parquet");
-    tables.sort();
-    let id = tables[2]
+    let third_table = files_with(&s.results, ".parquet")
+        .into_iter()
+        .find(|t| !tables.contains(t))
+        .unwrap();
+    let id = third_table
         .file_name()
         .unwrap()
         .to_string_lossy()
@@ -268,7 +276,7 @@ fn a_second_run_reads_the_feature_cache_and_a_corrupt_entry_is_rebuilt() {
         3
     );
     assert_eq!(count(&third, "Feature cache written."), 3);
-    assert_eq!(metrics(&tables[0]), metrics(&tables[2]));
+    assert_eq!(metrics(&tables[0]), metrics(&third_table));
     ok(&run(&s, &[]));
 
     // cache = "off" never touches the folder.
