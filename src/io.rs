@@ -49,11 +49,7 @@ pub fn write_atomic<E: Into<Cause>>(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    // Fault injection for the tests: `RUNNER_FAIL_WRITE=<text>` makes every write of a file
-    // whose path contains it fail as a full disk would, after its temporary file was created.
-    let inject = std::env::var("RUNNER_FAIL_WRITE")
-        .ok()
-        .filter(|s| !s.is_empty() && path.to_string_lossy().contains(s.as_str()));
+    let inject = injected_failure(path);
     // 0666 less the umask, as any file a program creates (tempfile's default is 0600, which
     // would leave a model or a table unreadable to the other users of a shared results folder).
     let mode = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o666);
@@ -63,15 +59,8 @@ pub fn write_atomic<E: Into<Cause>>(
         .permissions(mode)
         .tempfile_in(dir)
         .map_err(|e| err(e.into()))?;
-    if inject.is_some() {
-        return Err(err(std::io::Error::new(
-            std::io::ErrorKind::StorageFull,
-            format!(
-                "{} (injected by RUNNER_FAIL_WRITE)",
-                std::io::Error::from(std::io::ErrorKind::StorageFull)
-            ),
-        )
-        .into()));
+    if let Some(e) = inject {
+        return Err(err(e.into()));
     }
     write(tmp.as_file_mut()).map_err(|e| err(e.into()))?;
     tmp.as_file().sync_all().map_err(|e| err(e.into()))?;
@@ -80,6 +69,24 @@ pub fn write_atomic<E: Into<Cause>>(
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// Fault injection for the tests: `RUNNER_FAIL_WRITE=<text>` makes every write of a file whose
+/// path contains it fail as a full disk would (atomic writes after their temporary file was
+/// created, TensorBoard's appends).
+pub fn injected_failure(path: &Path) -> Option<std::io::Error> {
+    std::env::var("RUNNER_FAIL_WRITE")
+        .ok()
+        .filter(|s| !s.is_empty() && path.to_string_lossy().contains(s.as_str()))
+        .map(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                format!(
+                    "{} (injected by RUNNER_FAIL_WRITE)",
+                    std::io::Error::from(std::io::ErrorKind::StorageFull)
+                ),
+            )
+        })
 }
 
 /// Removes the temporary files [`write_atomic`] leaves when its process is killed mid-write

@@ -132,11 +132,7 @@ fn phase_lines(plan: &Plan) -> String {
         let new_head = if i > 0 && ph.head_from == i {
             format!(
                 ", a new head: {} ({} params)",
-                ph.head
-                    .iter()
-                    .map(|l| l.describe())
-                    .collect::<Vec<_>>()
-                    .join(" > "),
+                crate::spec::describe_layers(&ph.head),
                 thousands(head_params)
             )
         } else {

@@ -424,7 +424,7 @@ fn hparams(plan: &Plan) -> Vec<(String, crate::tensorboard::HParam)> {
             "epochs".into(),
             Number(plan.phases.iter().map(|p| p.epochs).sum::<usize>() as f64),
         ),
-        text("head", describe_head(&first.head)),
+        text("head", crate::spec::describe_layers(&first.head)),
         text("trainable_from", first.cutoff.label.clone()),
         text("optimizer", first.optimizer.kind().to_string()),
         ("lr".into(), Number(first.optimizer.lr())),
@@ -460,13 +460,6 @@ fn hparams(plan: &Plan) -> Vec<(String, crate::tensorboard::HParam)> {
     out
 }
 
-fn describe_head(head: &[crate::spec::LayerSpec]) -> String {
-    head.iter()
-        .map(|l| l.describe())
-        .collect::<Vec<_>>()
-        .join(" > ")
-}
-
 /// The phase as TensorBoard's text dashboard shows it at the phase's first epoch.
 fn phase_text(plan: &Plan, i: usize) -> String {
     let Some(p) = plan.phases.get(i) else {
@@ -487,7 +480,7 @@ fn phase_text(plan: &Plan, i: usize) -> String {
         } else {
             "not augmented"
         },
-        describe_head(&p.head)
+        crate::spec::describe_layers(&p.head)
     )
 }
 

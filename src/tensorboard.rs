@@ -197,6 +197,14 @@ impl Stream {
     /// Appends `events` as TFRecords and flushes them, so that a TensorBoard following the
     /// folder sees them at once.
     fn write(&mut self, events: &[Event]) -> io::Result<()> {
+        self.append(events)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.dir.display())))
+    }
+
+    fn append(&mut self, events: &[Event]) -> io::Result<()> {
+        if let Some(e) = crate::io::injected_failure(&self.dir) {
+            return Err(e);
+        }
         if self.file.is_none() {
             std::fs::create_dir_all(&self.dir)?;
             let path = self.dir.join(file_name());
@@ -344,7 +352,7 @@ impl Writers {
         }
         if let Err(e) = f(self) {
             self.failed = true;
-            tracing::warn!(dir = %self.root.dir.display(), error = %e, "Cannot write TensorBoard events; the run goes on without them.");
+            tracing::warn!(error = %e, "Cannot write TensorBoard events; the run goes on without them.");
         }
     }
 }

@@ -235,6 +235,14 @@ fn export_names_what_is_missing_and_writes_nothing_then() {
         before,
         "the model is untouched"
     );
+    // A folder nothing can be written in (even as root).
+    let out = export(&s, &id, &["--out", "/proc/runner-model.onnx"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--out /proc/runner-model.onnx: cannot write"),
+        "{err}"
+    );
     let out = export(&s, &id, &["--limit", "0"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--limit 0"));

@@ -364,3 +364,38 @@ fn a_run_that_failed_at_its_end_and_was_resumed_reads_as_a_success() {
     assert_eq!(strs(&df, "status")[0], "completed");
     assert_epochs(&tb, &df, &[("validation", "epoch_accuracy", "val_acc")]);
 }
+
+#[test]
+fn a_tensorboard_folder_that_cannot_be_written_does_not_stop_the_run() {
+    let s = setup(&[]);
+    let dir = s.spec.parent().unwrap().to_path_buf();
+    let out = Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args([
+            s.spec.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--tensorboard",
+            "--results",
+        ])
+        .arg(&s.results)
+        .current_dir(&dir)
+        .env_remove("RUNNER_ASSETS")
+        .env("RUNNER_CACHE", dir.join("cache"))
+        .env("RUNNER_FAIL_WRITE", "tensorboard/validation")
+        .output()
+        .unwrap();
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    // One warning, naming the folder and the cause; the table is the truth.
+    assert_eq!(
+        err.matches("Cannot write TensorBoard events").count(),
+        1,
+        "{err}"
+    );
+    assert!(
+        err.contains("tensorboard/validation") && err.contains("injected by RUNNER_FAIL_WRITE"),
+        "{err}"
+    );
+    let (_, df) = only_run(&s.results);
+    assert_eq!(strs(&df, "status")[0], "completed");
+}

@@ -116,7 +116,7 @@ pub fn run_frame(
         C::BACKBONE => s(plan.backbone.name),
         C::WEIGHTS => s(&plan.weights.display().to_string()),
         C::PREPROCESS => s(plan.preprocess.as_str()),
-        C::HEAD => per(&|p| p.head.iter().map(|l| l.describe()).collect::<Vec<_>>().join(" > ")),
+        C::HEAD => per(&|p| crate::spec::describe_layers(&p.head)),
         C::SWEEP_POINT => vec![plan.sweep_point.clone(); n],
         C::PHASE => per(&|p| p.name.clone()),
         C::TRAINABLE_FROM => per(&|p| p.cutoff.label.clone()),

@@ -672,6 +672,16 @@ pub enum LayerSpec {
     Dropout(DropoutSpec),
 }
 
+/// A head as one line, its layers' [`LayerSpec::describe`] joined by ` > `, e.g.
+/// `flatten > dense(256, relu) > dense(1, sigmoid)` (the results table's `head` column).
+pub fn describe_layers(layers: &[LayerSpec]) -> String {
+    layers
+        .iter()
+        .map(LayerSpec::describe)
+        .collect::<Vec<_>>()
+        .join(" > ")
+}
+
 impl LayerSpec {
     /// The `kind` string of this layer.
     pub fn kind(&self) -> &'static str {

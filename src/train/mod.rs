@@ -1022,7 +1022,7 @@ fn new_head(
     info!(
         run,
         phase = %ph.name,
-        head = %ph.head.iter().map(|l| l.describe()).collect::<Vec<_>>().join(" > "),
+        head = %crate::spec::describe_layers(&ph.head),
         params,
         "New head."
     );
