@@ -110,6 +110,19 @@ enum Command {
         #[arg(long, value_name = "COLUMNS", value_delimiter = ',')]
         columns: Vec<String>,
     },
+    /// One self-contained HTML page of a results folder: the runs (sortable, filterable), the
+    /// selected runs' curves and config differences, confusion matrices, the misclassified test
+    /// images, the failed runs. No network or server needed to open it.
+    Report {
+        /// The results folder (default: --results).
+        dir: Option<PathBuf>,
+        /// The page to write (.html).
+        #[arg(long, default_value = "report.html")]
+        out: PathBuf,
+        /// Misclassified test images shown per run, most confidently wrong first.
+        #[arg(long, value_name = "N", default_value_t = 24)]
+        misclassified: usize,
+    },
     /// Plot training and validation accuracy and loss per epoch (PNG or SVG).
     Plot {
         /// Run ids, run tables (.parquet) or results folders (default: --results).
@@ -345,6 +358,14 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             };
             commands::results(dir.as_deref().unwrap_or(&s.results), &q)
         }
+        (
+            Some(Command::Report {
+                dir,
+                out,
+                misclassified,
+            }),
+            _,
+        ) => commands::report_page(dir.as_deref().unwrap_or(&s.results), &out, misclassified),
         (Some(Command::Plot { runs, out, smooth }), _) => commands::plot(&runs, &out, smooth, s),
         (Some(Command::Logs { run_id, follow }), _) => commands::logs(&run_id, follow, s),
         (Some(Command::Resume { run_id }), _) => run::resume(&run_id, None, s),

@@ -155,7 +155,7 @@ pub fn export(
     let out = out.unwrap_or_else(|| {
         crate::train::checkpoint::run_dir(&settings.results, run_id).join("model.onnx")
     });
-    export::check_out(&out).map_err(bad_input)?;
+    crate::io::check_out(&out, &["onnx"], "a model").map_err(bad_input)?;
     let files =
         export::images_to_check(&card, &settings.locations, images, limit).map_err(bad_input)?;
     let (files, expected, unreadable) =
@@ -266,6 +266,28 @@ pub fn predict(
             "{bad} of the images could not be read"
         )));
     }
+    Ok(())
+}
+
+/// `runner report`: the HTML page of the results folder `dir`, written to `out`.
+pub fn report_page(dir: &Path, out: &Path, misclassified: usize) -> Result<(), Failure> {
+    crate::io::check_out(out, &["html", "htm"], "a page").map_err(bad_input)?;
+    let options = crate::page::Options { misclassified };
+    let summary = crate::page::write(dir, out, options).map_err(|e| match e {
+        crate::page::PageError::Write(_) => failed(e),
+        other => bad_input(other),
+    })?;
+    for note in &summary.notes {
+        tracing::warn!(note = %note, "Left out of the report.");
+    }
+    println!(
+        "{}: {} runs, {} with a test evaluation, {} thumbnails, {:.1} MB",
+        out.display(),
+        summary.runs,
+        summary.evaluated,
+        summary.thumbnails,
+        summary.bytes as f64 / 1e6
+    );
     Ok(())
 }
 

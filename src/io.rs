@@ -71,6 +71,49 @@ pub fn write_atomic<E: Into<Cause>>(
     Ok(())
 }
 
+/// Why an `--out` path is refused before anything is written.
+#[derive(Debug, thiserror::Error)]
+pub enum OutError {
+    /// Not one of the extensions the command writes.
+    #[error("--out {}: the file name must end in .{} (runner does not replace other files with {what})", path.display(), exts.join(" or ."))]
+    Extension {
+        /// The path given.
+        path: PathBuf,
+        /// The extensions allowed.
+        exts: Vec<&'static str>,
+        /// What the command writes, e.g. `a model`.
+        what: &'static str,
+    },
+    /// A folder.
+    #[error("--out {}: is a folder, not a file", .0.display())]
+    Folder(PathBuf),
+    /// Its folder is missing.
+    #[error("--out {}: the folder {} does not exist", .0.display(), .1.display())]
+    NoFolder(PathBuf, PathBuf),
+}
+
+/// `--out` must name a file with one of `exts` (case-insensitive) in a folder that exists.
+pub fn check_out(out: &Path, exts: &[&'static str], what: &'static str) -> Result<(), OutError> {
+    if out
+        .extension()
+        .is_none_or(|e| !exts.iter().any(|x| e.eq_ignore_ascii_case(x)))
+    {
+        return Err(OutError::Extension {
+            path: out.to_path_buf(),
+            exts: exts.to_vec(),
+            what,
+        });
+    }
+    if out.is_dir() {
+        return Err(OutError::Folder(out.to_path_buf()));
+    }
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(dir) = parent.filter(|p| !p.is_dir()) {
+        return Err(OutError::NoFolder(out.to_path_buf(), dir.to_path_buf()));
+    }
+    Ok(())
+}
+
 /// Fault injection for the tests: `RUNNER_FAIL_WRITE=<text>` makes every write of a file whose
 /// path contains it fail as a full disk would (atomic writes after their temporary file was
 /// created, TensorBoard's appends).
@@ -109,6 +152,28 @@ pub fn remove_stale_temporaries(dir: &Path, prefix: &str) {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn out_paths_are_checked_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = check_out(Path::new("model.bpk"), &["onnx"], "a model").unwrap_err();
+        assert_eq!(
+            bad.to_string(),
+            "--out model.bpk: the file name must end in .onnx (runner does not replace other files with a model)"
+        );
+        assert!(check_out(Path::new("m.ONNX"), &["onnx"], "a model").is_ok());
+        assert!(check_out(Path::new("r.htm"), &["html", "htm"], "a page").is_ok());
+        assert!(matches!(
+            check_out(&dir.path().join("no/r.html"), &["html"], "a page"),
+            Err(OutError::NoFolder(..))
+        ));
+        let folder = dir.path().join("x.html");
+        std::fs::create_dir(&folder).unwrap();
+        assert!(matches!(
+            check_out(&folder, &["html"], "a page"),
+            Err(OutError::Folder(_))
+        ));
+    }
 
     #[test]
     fn a_written_file_is_readable_by_others_as_the_umask_allows() {

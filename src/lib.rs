@@ -24,6 +24,7 @@ pub mod logs;
 pub mod metrics;
 pub mod model;
 pub mod onnx;
+pub mod page;
 pub mod plan;
 pub mod plot;
 pub mod predict;

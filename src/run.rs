@@ -21,7 +21,13 @@ use crate::train::{self, checkpoint};
 
 /// Loads and validates one experiment file.
 pub fn load_plan(path: &Path, settings: &Settings) -> Result<Plan, Failure> {
-    load::load_checked(path, &settings.sets, &[], |l| {
+    load_point(path, settings, &[])
+}
+
+/// [`load_plan`] at a `[sweep]` point (`key=value` items).
+fn load_point(path: &Path, settings: &Settings, point: &[String]) -> Result<Plan, Failure> {
+    let point = load::parse_point(point).map_err(bad_input)?;
+    load::load_checked(path, &settings.sets, &point, |l| {
         plan::build(l, &settings.locations)
     })
     .map_err(bad_input)
@@ -95,11 +101,10 @@ pub fn fresh(
 ) -> (String, Result<(), Failure>) {
     let now = chrono::Utc::now();
     let id = claim_run_id(&settings.results, run_id(plan, now));
-    let mut sets = point_sets;
-    sets.extend(settings.sets.iter().cloned());
     let origin = train::Origin {
         file: std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
-        sets,
+        sets: settings.sets.clone(),
+        point: point_sets,
         config: crate::results::config_toml(plan),
         config_hash: plan.config_hash.clone(),
         started_at: now.to_rfc3339(),
@@ -237,7 +242,8 @@ pub fn resume(id: &str, file: Option<&Path>, settings: &Settings) -> Result<(), 
         sets,
         ..settings.clone()
     };
-    let plan = load_plan(&source, &with_sets)?;
+    // The grid values go in as the point they were, so the run keeps its `sweep_point`.
+    let plan = load_point(&source, &with_sets, &origin.point)?;
     let now = crate::results::config_toml(&plan);
     let drift = config_drift(&origin.config, &now);
     if !drift.is_empty() {

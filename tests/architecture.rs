@@ -16,7 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["backbone", "head", "data", "settings"],
     &["plan"],
     &["model", "results"],
-    &["train", "plot", "report"],
+    &["train", "plot", "report", "page"],
     &["predict", "bench"],
     &["run", "export"],
     &["sweep"],

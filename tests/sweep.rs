@@ -559,6 +559,15 @@ fn an_interrupted_sweep_resumes_where_it_stopped() {
         "the interrupted run was continued, not restarted: {r:?}"
     );
     assert!(r.iter().all(|x| x.1 == "completed"), "{r:?}");
+    // The resumed run is still its grid point (it once lost its `sweep_point` on every row).
+    let mut points: Vec<&str> = r.iter().map(|x| x.2.as_str()).collect();
+    points.sort();
+    assert_eq!(points, ["optimizer.lr = 0.0001", "optimizer.lr = 0.001"]);
+    for p in files_with(&s.results, ".parquet") {
+        let df = runner::results::read_run(&p).unwrap().0;
+        let sp = strs(&df, "sweep_point");
+        assert!(sp.iter().all(|x| x == &sp[0]), "{}: {sp:?}", p.display());
+    }
 }
 
 #[test]

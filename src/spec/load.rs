@@ -306,6 +306,19 @@ fn parse_set_value(raw: &str) -> toml::Value {
     }
 }
 
+/// A `[sweep]` point written as `key=value` items (as a checkpoint keeps it) back as values.
+pub fn parse_point(items: &[String]) -> Result<Vec<(String, toml::Value)>, SpecError> {
+    items
+        .iter()
+        .map(|s| {
+            s.split_once('=')
+                .filter(|(k, _)| !k.trim().is_empty())
+                .map(|(k, v)| (k.trim().to_string(), parse_set_value(v.trim())))
+                .ok_or_else(|| SpecError::BadSet(s.clone()))
+        })
+        .collect()
+}
+
 /// Loads `path` with all layers and checks every key against the spec types.
 pub fn load(path: &Path, sets: &[String]) -> Result<Loaded, SpecError> {
     load_with(path, sets, &[])

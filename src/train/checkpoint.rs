@@ -25,6 +25,10 @@ pub struct Origin {
     pub file: PathBuf,
     /// `--set` arguments given.
     pub sets: Vec<String>,
+    /// The `[sweep]` point's values as `key=value` (TOML), empty outside a grid. Checkpoints
+    /// written before it existed have the point among `sets`.
+    #[serde(default)]
+    pub point: Vec<String>,
     /// The resolved spec as TOML.
     pub config: String,
     /// Hash of the resolved spec.

@@ -219,6 +219,7 @@ pub fn run_options(
         origin: runner::train::Origin {
             file: plan.file.clone(),
             sets: Vec::new(),
+            point: Vec::new(),
             config: String::new(),
             config_hash: plan.config_hash.clone(),
             started_at: String::new(),
