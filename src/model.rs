@@ -30,6 +30,39 @@ impl burn::module::ModuleVisitor for Digest {
     }
 }
 
+/// Collects the ids of the parameters it visits.
+struct Ids(Vec<burn::module::ParamId>);
+
+impl burn::module::ModuleVisitor for Ids {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+        self.0.push(param.id);
+    }
+}
+
+/// What a checkpoint or a saved model leaves out: the backbone's first `layers` layers, which
+/// no phase trained, so they are still the values of the weights file the run loaded. A model is
+/// rebuilt from that file and its digest checked before the stored parameters go on top.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FrozenBase {
+    /// How many of the backbone's layers (from the input) are the file's.
+    pub layers: usize,
+    /// The weights file the run loaded (absolute).
+    pub weights: std::path::PathBuf,
+    /// SHA-256 (hex) of those layers' values as loaded ([`Backbone::digest_before`]).
+    pub sha256: String,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl FrozenBase {
+    /// Whether `backbone`'s first layers are the ones this describes.
+    pub fn matches(&self, backbone: &Backbone) -> bool {
+        hex(&backbone.digest_before(self.layers)) == self.sha256
+    }
+}
+
 /// A pretrained base of one of the known families.
 // One per model: boxing the large variant would buy nothing (its size differs with the backends
 // compiled in).
@@ -132,20 +165,32 @@ impl Backbone {
         }
     }
 
+    /// Visits the parameters of the layers before `cut`.
+    fn visit_before<V: burn::module::ModuleVisitor>(&self, cut: usize, v: &mut V) {
+        match self {
+            Self::Vgg(vgg) => {
+                for i in vgg.convs_before(cut) {
+                    vgg.convs[i].visit(v);
+                }
+            }
+            Self::MobileNetV2(m) => m.visit_before(cut, v),
+            Self::ResNet50(r) => r.visit_before(cut, v),
+        }
+    }
+
     /// SHA-256 of the current values of the layers before `cut`.
     pub fn digest_before(&self, cut: usize) -> [u8; 32] {
         use sha2::Digest as _;
         let mut d = Digest(sha2::Sha256::new());
-        match self {
-            Self::Vgg(v) => {
-                for i in v.convs_before(cut) {
-                    v.convs[i].visit(&mut d);
-                }
-            }
-            Self::MobileNetV2(m) => m.visit_before(cut, &mut d),
-            Self::ResNet50(r) => r.visit_before(cut, &mut d),
-        }
+        self.visit_before(cut, &mut d);
         d.0.finalize().into()
+    }
+
+    /// The ids of the parameters of the layers before `cut`.
+    pub fn ids_before(&self, cut: usize) -> Vec<burn::module::ParamId> {
+        let mut ids = Ids(Vec::new());
+        self.visit_before(cut, &mut ids);
+        ids.0
     }
 
     /// The VGG base, if it is one.
@@ -351,6 +396,41 @@ impl TransferModel {
             head: self.head,
             cut,
         }
+    }
+
+    /// What a checkpoint or model of this model leaves out when the backbone's first `layers`
+    /// layers never trained (they are `weights`' values); `None` when nothing is left out.
+    pub fn frozen_base(&self, layers: usize, weights: &std::path::Path) -> Option<FrozenBase> {
+        (layers > 0 && !self.backbone.ids_before(layers).is_empty()).then(|| FrozenBase {
+            layers,
+            weights: std::path::absolute(weights).unwrap_or_else(|_| weights.to_path_buf()),
+            sha256: hex(&self.backbone.digest_before(layers)),
+        })
+    }
+
+    /// Whether the backbone's first layers are the ones `frozen` describes.
+    pub fn has_frozen(&self, frozen: &FrozenBase) -> bool {
+        frozen.matches(&self.backbone)
+    }
+
+    /// The record of every parameter but those `frozen` leaves out (all, for `None`).
+    pub fn stored_record(&self, frozen: Option<&FrozenBase>) -> burn::store::ModuleRecord {
+        use burn::module::ParamGroup;
+        match frozen {
+            None => self.clone().into_record(),
+            Some(f) => {
+                let left_out = ParamGroup::from_ids(self.backbone.ids_before(f.layers));
+                self.clone()
+                    .into_record_group(ParamGroup::all().exclude(left_out))
+            }
+        }
+    }
+
+    /// How many tensors [`TransferModel::stored_record`] holds.
+    pub fn stored_tensors(&self, frozen: Option<&FrozenBase>) -> usize {
+        let mut all = Ids(Vec::new());
+        self.visit(&mut all);
+        all.0.len() - frozen.map_or(0, |f| self.backbone.ids_before(f.layers).len())
     }
 
     /// SHA-256 of the current weights of the frozen convolutions (part of the feature cache key).

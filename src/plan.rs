@@ -86,6 +86,17 @@ impl Plan {
     pub fn split(&self, name: &str) -> Option<&SplitListing> {
         self.splits.iter().find(|s| s.name == name)
     }
+
+    /// How many of the backbone's layers (from the input) no phase up to `phase` trains: the
+    /// smallest cutoff so far.
+    pub fn frozen_layers(&self, phase: usize) -> usize {
+        self.phases
+            .iter()
+            .take(phase + 1)
+            .map(|p| p.cutoff.index)
+            .min()
+            .unwrap_or(self.cutoff.index)
+    }
 }
 
 /// A short, stable hash of the resolved spec.

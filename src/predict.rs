@@ -21,9 +21,10 @@ use crate::results::ResultsError;
 use crate::spec::{Preprocess, Spec};
 use crate::train::{self, checkpoint, loss};
 
-/// The version of `model.json` this runner writes: 2 records `bpk_sha256` always. Cards
-/// without `card_version` are version 1 (written before the checksum was recorded).
-pub const CARD_VERSION: u32 = 2;
+/// The version of `model.json` this runner writes: 2 records `bpk_sha256` always; 3 may leave
+/// the backbone's frozen layers out of `model.bpk` (`frozen`). Cards without `card_version`
+/// are version 1 (written before the checksum was recorded).
+pub const CARD_VERSION: u32 = 3;
 
 fn card_version_1() -> u32 {
     1
@@ -49,6 +50,10 @@ pub struct ModelCard {
     /// before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bpk_sha256: Option<String>,
+    /// The backbone layers `model.bpk` leaves out: no phase trained them, so they are those of
+    /// the weights file named here, checked by their digest when the model is loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen: Option<crate::model::FrozenBase>,
 }
 
 impl ModelCard {
@@ -86,6 +91,15 @@ impl ModelCard {
                 return Err(CardError::Checksum(h.clone()));
             }
             _ => {}
+        }
+        if let Some(f) = &self.frozen
+            && (f.layers == 0 || f.layers > def.layers().len())
+        {
+            return Err(CardError::Frozen {
+                layers: f.layers,
+                backbone: def.name,
+                max: def.layers().len(),
+            });
         }
         let lower = |p: Preprocess| format!("{p:?}").to_lowercase();
         if let Some(p) = self
@@ -164,6 +178,16 @@ pub enum CardError {
     /// `bpk_sha256` is not 64 hexadecimal digits.
     #[error("bpk_sha256 = \"{0}\" is not a SHA-256 (64 hexadecimal digits)")]
     Checksum(String),
+    /// `frozen.layers` is not a number of the backbone's layers.
+    #[error("frozen.layers = {layers}, but {backbone} has layers 1 to {max}")]
+    Frozen {
+        /// The value.
+        layers: usize,
+        /// The backbone.
+        backbone: &'static str,
+        /// Its number of layers.
+        max: usize,
+    },
     /// `preprocess` and the spec's `backbone.preprocess` disagree.
     #[error("preprocess = \"{card}\" contradicts spec.backbone.preprocess = \"{spec}\"")]
     Preprocess {
@@ -284,9 +308,14 @@ pub fn save(
         preprocess: plan.preprocess,
         cut: model.cut(),
         bpk_sha256: None,
+        frozen: model.frozen_base(
+            plan.frozen_layers(plan.phases.len().saturating_sub(1)),
+            &plan.weights,
+        ),
     };
     let bpk = dir.join("model.bpk");
-    let bytes = train::model_bytes(model).map_err(|e| WriteError::new(&bpk, e))?;
+    let bytes =
+        train::model_bytes(model, card.frozen.as_ref()).map_err(|e| WriteError::new(&bpk, e))?;
     let card = ModelCard {
         bpk_sha256: Some(hex(&sha2::Sha256::digest(&bytes))),
         ..card
@@ -431,8 +460,9 @@ pub fn load(
             classes,
             spec,
             bpk_sha256: None,
+            frozen: None,
         };
-        (card, Some((ck.model, from)))
+        (card, Some((ck.model, from, ck.state.frozen)))
     };
     let def = backbone::find(&card.spec.backbone.name).ok_or_else(|| {
         unreadable(
@@ -458,9 +488,15 @@ pub fn load(
             format!("{m}; the saved model description does not fit the model (was it edited?)"),
         )
     })?;
+    let which = kept(results, run_id, which, cp.exists())?;
     // The weights, and the phase whose head they hold (`None`: the final model's).
-    let (path, bytes, head_from) = match (which, bytes) {
-        (Which::Final, Some((b, from))) => (checkpoint::last_path(results, run_id), b, Some(from)),
+    let (path, bytes, head_from, frozen) = match (which, bytes) {
+        (Which::Final, Some((b, from, frozen))) => (
+            checkpoint::last_path(results, run_id),
+            b,
+            Some(from),
+            frozen,
+        ),
         (Which::Final, None) => {
             let p = dir.join("model.bpk");
             let b = std::fs::read(&p).map_err(|e| unreadable(&p, e.to_string()))?;
@@ -481,7 +517,7 @@ pub fn load(
                     ));
                 }
             }
-            (p, b, None)
+            (p, b, None, card.frozen.clone())
         }
         (Which::Best | Which::Last, _) => {
             let p = if which == Which::Best {
@@ -491,16 +527,20 @@ pub fn load(
             };
             let ck = checkpoint::read(&p).map_err(|e| ModelError::Missing(e.to_string()))?;
             let from = ck.state.progress.head_from;
-            (p, ck.model, Some(from))
+            (p, ck.model, Some(from), ck.state.frozen)
         }
     };
-    let model = card.model_config_at(def, head_from).init(device);
+    let config = card.model_config_at(def, head_from);
+    let model = match &frozen {
+        None => config.init(device),
+        Some(f) => config.assemble(frozen_base(&config, f, &path, device)?, device),
+    };
     let described = if cp.exists() {
         cp
     } else {
         results.join(format!("{run_id}.toml"))
     };
-    let model = train::load_model_bytes(model, &bytes).map_err(|m| {
+    let model = train::load_model_bytes(model, &bytes, frozen.as_ref()).map_err(|m| {
         unreadable(
             &path,
             format!(
@@ -510,6 +550,66 @@ pub fn load(
         )
     })?;
     Ok((card, model))
+}
+
+/// `which` where a completed run's checkpoint may be gone (`train.keep`): its last weights are
+/// the final model; a best checkpoint not kept is said so.
+fn kept(results: &Path, run_id: &str, which: Which, completed: bool) -> Result<Which, ModelError> {
+    let gone = |p: PathBuf| completed && !p.exists();
+    Ok(match which {
+        Which::Last if gone(checkpoint::last_path(results, run_id)) => {
+            tracing::info!(
+                run = run_id,
+                "last.ckpt is not kept (train.keep): the final model holds the same weights."
+            );
+            Which::Final
+        }
+        Which::Best if gone(checkpoint::best_path(results, run_id)) => {
+            return Err(ModelError::Missing(format!(
+                "{}: not kept: run {run_id} completed with train.keep = \"model\", which keeps no checkpoint; --weights final is its model",
+                checkpoint::best_path(results, run_id).display()
+            )));
+        }
+        w => w,
+    })
+}
+
+/// The backbone with the frozen layers `f` names, loaded from its weights file and checked;
+/// the error names `stored` (the file that holds the rest) and what to do.
+fn frozen_base(
+    config: &crate::model::ModelConfig,
+    f: &crate::model::FrozenBase,
+    stored: &Path,
+    device: &Device,
+) -> Result<crate::model::Backbone, ModelError> {
+    let refers = format!(
+        "holds the trained layers only; the first {} backbone layers are those of {}",
+        f.layers,
+        f.weights.display()
+    );
+    if !f.weights.is_file() {
+        return Err(ModelError::Missing(format!(
+            "{}: {refers}, which is missing: put it back (`runner fetch {}/imagenet` fetches the published file)",
+            stored.display(),
+            config.backbone.name
+        )));
+    }
+    let base = config
+        .init_backbone(device)
+        .load(config.backbone, &f.weights)
+        .map_err(|e| ModelError::Unreadable {
+            path: stored.to_path_buf(),
+            message: format!("{refers}, which does not load: {e}"),
+        })?;
+    if !f.matches(&base) {
+        return Err(ModelError::Unreadable {
+            path: stored.to_path_buf(),
+            message: format!(
+                "{refers}, but that file's values differ now (replaced or changed since the run): put the original back"
+            ),
+        });
+    }
+    Ok(base)
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -363,7 +363,8 @@ fn execute(
             train::TrainError::Data(_)
             | train::TrainError::Weights(_)
             | train::TrainError::EmptyClass { .. }
-            | train::TrainError::Restore { .. } => bad_input(e),
+            | train::TrainError::Restore { .. }
+            | train::TrainError::FrozenChanged { .. } => bad_input(e),
             train::TrainError::Write(_) => {
                 record.failed(last.borrow().as_ref(), &e);
                 failed(e)
@@ -372,6 +373,28 @@ fn execute(
     })?;
     stopped_early(&outcome.progress, plan, id, &settings.results)?;
     finish(&record, &outcome, started)
+}
+
+/// Removes the checkpoints a completed run does not keep (`train.keep`).
+fn remove_unkept(results: &Path, id: &str, keep: crate::spec::Keep) {
+    use crate::spec::Keep;
+    for (path, kept_by) in [
+        (train::checkpoint::last_path(results, id), Keep::All),
+        (train::checkpoint::best_path(results, id), Keep::Best),
+    ] {
+        if keep == Keep::All || keep == kept_by {
+            continue;
+        }
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => tracing::warn!(
+                run = %id,
+                file = %path.display(),
+                error = %e,
+                "Cannot remove a checkpoint train.keep does not keep."
+            ),
+            _ => {}
+        }
+    }
 }
 
 /// Writes a run's results table; records failures.
@@ -558,6 +581,7 @@ fn finish(
     let written = record
         .write(progress, outcome.test)
         .map_err(|e| fail(e.into()))?;
+    remove_unkept(results, id, plan.spec.train.keep.unwrap_or_default());
     let history = &progress.history;
     let best = crate::metrics::best_val_acc(history);
     let last = history.last();

@@ -224,7 +224,7 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn results_show_a_killed_run_as_stopped_and_a_live_one_as_running() {
-    let s = common::cli::setup(&[("epochs = 2", "epochs = 8\nsteps_per_epoch = 40")]);
+    let s = common::cli::setup(&[("epochs = 2", "epochs = 8\nsteps_per_epoch = 4000")]);
     let results = s.results.to_str().unwrap().to_string();
     let mut child = common::cli::spawn(
         &s,

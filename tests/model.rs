@@ -217,10 +217,22 @@ fn every_head_parameter_trains_and_a_restored_model_and_optimizer_continue_exact
         assert_ne!(a, b, "head parameter {i} did not train");
     }
 
-    let model_bytes = runner::train::model_bytes(&model).unwrap();
+    // A checkpoint leaves the frozen base out: the fresh model loads it from the weights file.
+    let frozen = model.frozen_base(plan.frozen_layers(0), &plan.weights);
+    assert!(frozen.is_some(), "the whole base is frozen");
+    let model_bytes = runner::train::model_bytes(&model, frozen.as_ref()).unwrap();
+    let full = runner::train::model_bytes(&model, None).unwrap();
+    assert!(
+        model_bytes.len() * 4 < full.len(),
+        "{} of {}",
+        model_bytes.len(),
+        full.len()
+    );
     let opt_bytes = opt.into_bytes().unwrap().to_vec();
     let fresh = TransferModel::build(&plan, &device).unwrap();
-    let mut restored = runner::train::load_model_bytes(fresh, &model_bytes).unwrap();
+    assert!(fresh.has_frozen(frozen.as_ref().unwrap()));
+    let mut restored =
+        runner::train::load_model_bytes(fresh, &model_bytes, frozen.as_ref()).unwrap();
     let mut restored_opt = runner::train::optim::build(&plan.spec.optimizer, None)
         .from_bytes(burn::tensor::Bytes::from_bytes_vec(opt_bytes))
         .unwrap();

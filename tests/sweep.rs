@@ -462,7 +462,7 @@ fn smoothing_is_the_notebooks_exponential_moving_average() {
 
 #[test]
 fn logs_follow_a_live_run_until_it_ends() {
-    let s = setup(&[("epochs = 2", "epochs = 6\nsteps_per_epoch = 40")]);
+    let s = setup(&[("epochs = 2", "epochs = 6\nsteps_per_epoch = 4000")]);
     let mut child = common::cli::spawn(
         &s,
         &[
@@ -507,7 +507,7 @@ fn logs_follow_a_live_run_until_it_ends() {
 
 #[test]
 fn an_interrupted_sweep_resumes_where_it_stopped() {
-    let s = setup(&[("epochs = 2", "epochs = 6\nsteps_per_epoch = 40")]);
+    let s = setup(&[("epochs = 2", "epochs = 6\nsteps_per_epoch = 4000")]);
     let text = std::fs::read_to_string(&s.spec).unwrap();
     std::fs::write(
         &s.spec,

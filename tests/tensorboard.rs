@@ -265,8 +265,9 @@ fn a_killed_and_resumed_run_has_each_epoch_and_step_once() {
     if !reader_available() {
         return;
     }
-    // As tests/training.rs' killed runs: long enough that the kill lands mid-run.
-    let s = setup(&[("epochs = 2", "epochs = 8\nsteps_per_epoch = 40")]);
+    // As tests/training.rs' killed runs: long enough that the kill lands mid-run (a step of
+    // the dense head on cached features takes about 60 us here).
+    let s = setup(&[("epochs = 2", "epochs = 8\nsteps_per_epoch = 4000")]);
     let dir = s.spec.parent().unwrap().to_path_buf();
     let spawn_run = |extra: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_runner"))
@@ -313,8 +314,8 @@ fn a_killed_and_resumed_run_has_each_epoch_and_step_once() {
         .iter()
         .map(|p| p.0)
         .collect();
-    // 40 steps an epoch, reported every 4th: 80 points over 8 epochs.
-    let expected: Vec<i64> = (1..=80).map(|k| 4 * k).collect();
+    // 4000 steps an epoch, reported every 400th: 80 points over 8 epochs.
+    let expected: Vec<i64> = (1..=80).map(|k| 400 * k).collect();
     assert_eq!(steps, expected, "every reported step once, in order");
     let files = std::fs::read_dir(s.results.join(&id).join("tensorboard/train"))
         .unwrap()

@@ -314,7 +314,7 @@ fn spawn(s: &Setup, results: &Path) -> Child {
 }
 
 /// Long enough to interrupt: 8 epochs of 40 steps (ten passes over the 16 images each).
-const LONG: [(&str, &str); 1] = [("epochs = 2", "epochs = 8\nsteps_per_epoch = 40")];
+const LONG: [(&str, &str); 1] = [("epochs = 2", "epochs = 8\nsteps_per_epoch = 4000")];
 
 /// Per-epoch metrics of a run table.
 fn curve(df: &DataFrame) -> Vec<Vec<f64>> {

@@ -464,6 +464,19 @@ pub enum BatchNormMode {
     Frozen,
 }
 
+/// What a completed run keeps besides its model (`train.keep`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Keep {
+    /// The model, `best.ckpt` and `last.ckpt`.
+    #[default]
+    All,
+    /// The model and `best.ckpt`.
+    Best,
+    /// The model only.
+    Model,
+}
+
 /// How pixel values (RGB, 0-255) become network input.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
@@ -870,6 +883,12 @@ pub struct TrainSpec {
     /// training sees it). Default `none`.
     #[serde(default, skip_serializing_if = "TestTimeAugmentation::is_none")]
     pub test_time_augmentation: TestTimeAugmentation,
+    /// What a completed run keeps in `results/<run_id>/` besides its model: `all` (the
+    /// default: `best.ckpt` and `last.ckpt` too), `best` (`best.ckpt`, for `runner predict
+    /// --weights best`) or `model` (no checkpoint). Checkpoints go only once the model, the
+    /// predictions and the table are written; a run that stops before keeps them to resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<Keep>,
     /// `auto`: reuse activations at the cutoff from the on-disk cache; `off`: never touch it.
     #[serde(default)]
     pub cache: CacheMode,

@@ -48,6 +48,10 @@ pub struct State {
     pub origin: Origin,
     /// Where training stands.
     pub progress: Progress,
+    /// The backbone layers the model section leaves out (the weights file's, unchanged);
+    /// `None` in checkpoints that hold the whole model (all written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen: Option<crate::model::FrozenBase>,
 }
 
 /// A whole checkpoint.

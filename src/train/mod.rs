@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 use crate::backbone::weights::WeightsError;
 use crate::data::{self, DataError, Images, augment};
 pub use crate::metrics::{EpochMetrics, Evaluation, Partial, Prediction, Status};
-use crate::model::TransferModel;
+use crate::model::{FrozenBase, TransferModel};
 use crate::plan::{PhasePlan, Plan};
 use crate::spec::{AugmentSpec, OnBadImage};
 pub use checkpoint::{Checkpoint, Origin};
@@ -60,6 +60,18 @@ pub enum TrainError {
         part: &'static str,
         /// burn's error.
         error: RecordError,
+    },
+    /// The weights file a checkpoint's frozen layers come from is not what it was.
+    #[error(
+        "{path}: the checkpoint holds the trained layers only; its first {layers} backbone layers are those of {weights}, but that file's values differ now (replaced or changed since the run started): put the original back to resume"
+    )]
+    FrozenChanged {
+        /// The checkpoint.
+        path: std::path::PathBuf,
+        /// The weights file.
+        weights: std::path::PathBuf,
+        /// How many layers come from it.
+        layers: usize,
     },
     /// A checkpoint or result file could not be written.
     #[error(transparent)]
@@ -187,16 +199,35 @@ pub struct RunOptions {
     pub interrupt: Option<Arc<AtomicBool>>,
 }
 
-/// A model's weights as burnpack bytes.
-pub fn model_bytes(model: &TransferModel) -> Result<Vec<u8>, RecordError> {
-    model.clone().into_record().into_bytes().map(|b| b.to_vec())
+/// A model's weights as burnpack bytes, without the backbone layers `frozen` leaves out.
+pub fn model_bytes(
+    model: &TransferModel,
+    frozen: Option<&FrozenBase>,
+) -> Result<Vec<u8>, RecordError> {
+    model.stored_record(frozen).into_bytes().map(|b| b.to_vec())
 }
 
 /// Loads burnpack bytes into `model` (parameter ids included, so optimizer state still fits).
-pub fn load_model_bytes(model: TransferModel, bytes: &[u8]) -> Result<TransferModel, RecordError> {
+/// With `frozen`, the bytes hold every parameter but the backbone layers it names, which
+/// `model` must already hold (loaded from the weights file, checked by the caller); the record
+/// must hold exactly the rest.
+pub fn load_model_bytes(
+    model: TransferModel,
+    bytes: &[u8],
+    frozen: Option<&FrozenBase>,
+) -> Result<TransferModel, RecordError> {
     let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(bytes.to_vec()))?;
+    let want = model.stored_tensors(frozen);
+    if frozen.is_some() && record.len() != want {
+        return Err(RecordError::Validation(format!(
+            "it holds {} tensors, but this model has {want} besides the frozen layers",
+            record.len()
+        )));
+    }
     let cut = model.cut();
-    model.try_load_record(record).map(|m| m.with_cut(cut))
+    model
+        .try_load_record(record.allow_partial(frozen.is_some()))
+        .map(|m| m.with_cut(cut))
 }
 
 /// The seed of the device before step `step` of epoch `epoch` (dropout masks).
@@ -853,11 +884,11 @@ fn load_images(plan: &Plan, run: &str) -> Result<(Vec<Images>, usize), TrainErro
 fn write_last(
     opts: &RunOptions,
     progress: &Progress,
-    model: &TransferModel,
+    (model, frozen): (&TransferModel, Option<&FrozenBase>),
     optimizer: &ModuleOptimizer,
     phase_best: Option<&TransferModel>,
 ) -> Result<Checkpoint, TrainError> {
-    let ck = checkpoint_of(opts, progress, model, optimizer, phase_best)?;
+    let ck = checkpoint_of(opts, progress, (model, frozen), optimizer, phase_best)?;
     checkpoint::write(&checkpoint::last_path(&opts.results, &opts.run_id), &ck)?;
     Ok(ck)
 }
@@ -866,7 +897,7 @@ fn write_last(
 fn checkpoint_of(
     opts: &RunOptions,
     progress: &Progress,
-    model: &TransferModel,
+    (model, frozen): (&TransferModel, Option<&FrozenBase>),
     optimizer: &ModuleOptimizer,
     phase_best: Option<&TransferModel>,
 ) -> Result<Checkpoint, TrainError> {
@@ -878,11 +909,12 @@ fn checkpoint_of(
             run_id: opts.run_id.clone(),
             origin: opts.origin.clone(),
             progress: progress.clone(),
+            frozen: frozen.cloned(),
         },
-        model: model_bytes(model).map_err(fail)?,
+        model: model_bytes(model, frozen).map_err(fail)?,
         optimizer: optimizer.into_bytes().map(|b| b.to_vec()).map_err(fail)?,
         phase_best: match phase_best {
-            Some(m) => model_bytes(m).map_err(fail)?,
+            Some(m) => model_bytes(m, frozen).map_err(fail)?,
             None => Vec::new(),
         },
     })
@@ -1071,6 +1103,9 @@ fn run_phase(
     let ph = &plan.phases[progress.phase];
     let phase_started = Instant::now();
     model = model.with_cut(ph.cutoff.index);
+    // What no phase so far trained stays out of the checkpoints (the weights file holds it).
+    let frozen = model.frozen_base(plan.frozen_layers(progress.phase), &plan.weights);
+    let frozen = frozen.as_ref();
     info!(
         run,
         phase = %ph.name,
@@ -1116,7 +1151,8 @@ fn run_phase(
             StepsEnd::Finished(m) => model = m,
             StepsEnd::Interrupted(m) => {
                 progress.status = Status::Interrupted;
-                write_last(opts, progress, &m, &runner.optimizer, phase_best.as_ref())?;
+                let at = (&m, frozen);
+                write_last(opts, progress, at, &runner.optimizer, phase_best.as_ref())?;
                 on_update(progress);
                 let step = progress.step;
                 warn!(run, epoch, step, "Interrupted; checkpoint written.");
@@ -1167,7 +1203,7 @@ fn run_phase(
         let ck = write_last(
             opts,
             progress,
-            &model,
+            (&model, frozen),
             &runner.optimizer,
             phase_best.as_ref(),
         )?;
@@ -1244,8 +1280,16 @@ fn restore(
     ),
     TrainError,
 > {
+    let frozen = ck.state.frozen.as_ref();
+    if let Some(f) = frozen.filter(|f| !model.has_frozen(f)) {
+        return Err(TrainError::FrozenChanged {
+            path: path.to_path_buf(),
+            weights: f.weights.clone(),
+            layers: f.layers,
+        });
+    }
     let restore = |m: TransferModel, bytes: &[u8]| {
-        load_model_bytes(m, bytes).map_err(|error| TrainError::Restore {
+        load_model_bytes(m, bytes, frozen).map_err(|error| TrainError::Restore {
             path: path.to_path_buf(),
             part: "",
             error,

@@ -1,0 +1,231 @@
+//! Disk per run: checkpoints and `model.bpk` leave out the backbone layers no phase trained
+//! (`model.json` and the checkpoint name the weights file and the digest of those layers), and
+//! `train.keep` decides what a completed run keeps. `predict`, `export` and `resume` rebuild
+//! the model from the weights file and say clearly when it is missing or changed.
+
+mod common;
+
+use std::path::Path;
+
+use common::cli::*;
+
+/// Two phases: the dense head on the frozen base, then block5_conv3 and the head.
+const PHASES: &str = r#"
+[[phase]]
+name = "head"
+epochs = 1
+trainable_from = "none"
+
+[[phase]]
+name = "fine_tune"
+epochs = 1
+trainable_from = "block5_conv3"
+"#;
+
+fn size(p: &Path) -> u64 {
+    std::fs::metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .len()
+}
+
+fn predict(s: &Setup, id: &str, extra: &[&str]) -> std::process::Output {
+    let test = s.data.join("test");
+    let mut args = vec![
+        "predict",
+        id,
+        test.to_str().unwrap(),
+        "--results",
+        s.results.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    runner(&args, s.dir.path())
+}
+
+/// `(path, p_dogs)` of each line `runner predict` printed.
+fn dogs(out: &std::process::Output) -> Vec<(String, f64)> {
+    ok(out);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols[0].to_string(), cols[2].parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn the_frozen_base_stays_out_of_checkpoints_and_the_model_and_predict_rebuilds_it() {
+    let s = setup(&[]);
+    let text = std::fs::read_to_string(&s.spec).unwrap();
+    std::fs::write(&s.spec, format!("{text}{PHASES}")).unwrap();
+    ok(&run(&s, &[]));
+    let (id, _) = only_run(&s.results);
+    let dir = s.results.join(&id);
+
+    // What the run left out: the layers before block5_conv3, from the weights file.
+    let card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("model.json")).unwrap()).unwrap();
+    assert_eq!(card["card_version"], 3);
+    let def = runner::backbone::find("vgg16").unwrap();
+    let cut = runner::backbone::Cutoff::resolve(def, "block5_conv3")
+        .unwrap()
+        .index;
+    assert_eq!(card["frozen"]["layers"], cut as u64);
+    assert_eq!(
+        card["frozen"]["weights"],
+        std::path::absolute(&s.weights)
+            .unwrap()
+            .display()
+            .to_string()
+    );
+    let ck = runner::train::checkpoint::read(&dir.join("last.ckpt")).unwrap();
+    assert_eq!(
+        ck.state.frozen.as_ref().map(|f| f.layers),
+        Some(cut),
+        "the checkpoint of the last phase leaves out what it did not train"
+    );
+
+    // VGG16's base is 14.7M parameters; block5_conv3 2.4M; this head 0.13M (a 512x1x1 map).
+    let weights = size(&s.weights);
+    for f in ["model.bpk", "last.ckpt", "best.ckpt"] {
+        let n = size(&dir.join(f));
+        // A checkpoint also holds the optimizer state: RMSprop keeps one value per parameter.
+        let share = if f == "model.bpk" { 4 } else { 2 };
+        assert!(
+            n * share < weights,
+            "{f}: {n} bytes against {weights} of weights"
+        );
+    }
+
+    // predict (from model.bpk) gives the run's own test probabilities.
+    let p = runner::results::read_run(&s.results.join(format!("{id}.predictions.parquet")))
+        .unwrap()
+        .0;
+    let (paths, want) = (strs(&p, "path"), f64s(&p, "p_dogs"));
+    let got = dogs(&predict(&s, &id, &[]));
+    assert_eq!(got.len(), 8);
+    for (path, d) in &got {
+        let i = paths.iter().position(|p| p == path).unwrap();
+        assert!((d - want[i]).abs() < 1e-4, "{path}: {d} vs {}", want[i]);
+    }
+    // --weights last reads the checkpoint: the same weights.
+    let last = dogs(&predict(&s, &id, &["--weights", "last"]));
+    assert_eq!(last, got);
+
+    // The weights file moved away: named, exit 2.
+    let moved = s.dir.path().join("moved.safetensors");
+    std::fs::rename(&s.weights, &moved).unwrap();
+    let out = predict(&s, &id, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("holds the trained layers only")
+            && err.contains(&s.weights.display().to_string())
+            && err.contains("which is missing"),
+        "{err}"
+    );
+    // Other weights at its place: refused, not silently used.
+    common::write_vgg_weights(&s.weights, def, 10);
+    for which in ["final", "best"] {
+        let out = predict(&s, &id, &["--weights", which]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{which}: {err}");
+        assert!(err.contains("values differ now"), "{which}: {err}");
+    }
+    // The original back: it works again.
+    std::fs::rename(&moved, &s.weights).unwrap();
+    assert_eq!(dogs(&predict(&s, &id, &[])), got);
+}
+
+#[test]
+fn resume_refuses_a_changed_weights_file_and_continues_with_the_original() {
+    let s = setup(&[("epochs = 2", "epochs = 6\nsteps_per_epoch = 4000")]);
+    let args = [
+        s.spec.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--results",
+        s.results.to_str().unwrap(),
+    ];
+    let mut child = spawn(&s, &args);
+    let id = wait_for_checkpoint(&s.results, &mut child);
+    signal(&child, "-TERM");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{out:?}");
+    let ck = runner::train::checkpoint::read(&s.results.join(&id).join("last.ckpt")).unwrap();
+    assert!(ck.state.frozen.is_some());
+
+    let original = std::fs::read(&s.weights).unwrap();
+    common::write_vgg_weights(&s.weights, runner::backbone::find("vgg16").unwrap(), 10);
+    let resume = |s: &Setup| {
+        runner(
+            &[
+                "resume",
+                &id,
+                "--device",
+                "cpu",
+                "--results",
+                s.results.to_str().unwrap(),
+            ],
+            s.dir.path(),
+        )
+    };
+    let out = resume(&s);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("last.ckpt") && err.contains("values differ now"),
+        "{err}"
+    );
+    std::fs::write(&s.weights, original).unwrap();
+    ok(&resume(&s));
+    let (_, df) = only_run(&s.results);
+    assert_eq!(strs(&df, "status")[0], "completed");
+    assert_eq!(df.height(), 6);
+}
+
+#[test]
+fn train_keep_decides_which_checkpoints_a_completed_run_keeps() {
+    for (keep, kept) in [
+        ("all", &["best.ckpt", "last.ckpt"][..]),
+        ("best", &["best.ckpt"][..]),
+        ("model", &[][..]),
+    ] {
+        let s = setup(&[(
+            "loss = \"binary_crossentropy\"",
+            &format!("loss = \"binary_crossentropy\"\nkeep = \"{keep}\""),
+        )]);
+        ok(&run(&s, &[]));
+        let (id, _) = only_run(&s.results);
+        let dir = s.results.join(&id);
+        for f in ["best.ckpt", "last.ckpt"] {
+            assert_eq!(
+                dir.join(f).exists(),
+                kept.contains(&f),
+                "keep = {keep}: {f}"
+            );
+        }
+        for f in ["model.bpk", "model.json", "model.safetensors"] {
+            assert!(dir.join(f).is_file(), "keep = {keep}: {f}");
+        }
+        let final_ = dogs(&predict(&s, &id, &[]));
+        // --weights last is the final model when last.ckpt is not kept.
+        assert_eq!(
+            dogs(&predict(&s, &id, &["--weights", "last"])),
+            final_,
+            "{keep}"
+        );
+        let best = predict(&s, &id, &["--weights", "best"]);
+        if keep == "model" {
+            let err = String::from_utf8_lossy(&best.stderr);
+            assert_eq!(best.status.code(), Some(2), "{err}");
+            assert!(
+                err.contains("not kept") && err.contains("--weights final"),
+                "{err}"
+            );
+        } else {
+            ok(&best);
+        }
+    }
+}
