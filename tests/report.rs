@@ -190,6 +190,17 @@ fn the_report_of_a_real_sweep_sorts_filters_and_shows_what_was_selected() {
     let (s, failed) = sweep_and_failure();
     let runs = per_run(&s);
     assert_eq!(runs.len(), 5);
+    // Hostile text in a config value: shown as text, never as markup or as the page's script.
+    let toml = s.results.join(format!("{failed}.toml"));
+    let text = std::fs::read_to_string(&toml).unwrap();
+    let hostile = r#"/x/*SCRIPT*/</script><img src=x onerror=alert(1)>/*STYLE*/"#;
+    let start = text.find("\ndir = ").unwrap() + 1;
+    let end = start + text[start..].find('\n').unwrap();
+    std::fs::write(
+        &toml,
+        format!("{}dir = '{hostile}'{}", &text[..start], &text[end..]),
+    )
+    .unwrap();
     let page = s.dir.path().join("report.html");
     let said = report(&s, &page);
     assert!(said.contains("5 runs, 5 with a test evaluation"), "{said}");
@@ -307,6 +318,30 @@ fn the_report_of_a_real_sweep_sorts_filters_and_shows_what_was_selected() {
         listed[&failed].contains("injected by RUNNER_FAIL_WRITE"),
         "{listed:?}"
     );
+
+    // A link that names runs (one malformed, one unknown) opens on them; the hostile config
+    // value is in their difference, as text: no request for `x`, no script error.
+    let hash = format!("runs=%,{failed},{a},nowhere");
+    let shot2 = Path::new(env!("CARGO_TARGET_TMPDIR")).join("report-link.png");
+    let v = browse(
+        &page,
+        &shot2,
+        &["--chromium", chromium.to_str().unwrap(), "--hash", &hash],
+    );
+    let sel = &v["initial_selection"];
+    let mut picked = ids(&sel["selected"]);
+    picked.sort();
+    let mut want = vec![failed.clone(), a.clone()];
+    want.sort();
+    assert_eq!(picked, want);
+    let note = sel["note"].as_str().unwrap();
+    assert!(
+        note.contains("Not in this folder") && note.contains("%, nowhere"),
+        "{note}"
+    );
+    let keys = ids(&sel["diff_keys"]);
+    assert!(keys.contains(&"data.dir".to_string()), "{keys:?}");
+    assert_eq!(sel["hash"], format!("#runs={failed},{a}"));
 }
 
 #[test]
@@ -445,4 +480,39 @@ fn bad_folders_and_outputs_exit_2_and_a_broken_file_is_left_out_with_a_note() {
         html.contains("\"missing\""),
         "placeholders for the moved images"
     );
+
+    // A folder of tables only: the configs come from the tables' metadata. A parquet file that
+    // is not a run table is named on the page and hides nothing.
+    for t in files_with(&s.results, ".toml") {
+        std::fs::remove_file(t).unwrap();
+    }
+    let mut stray = polars::df!("x" => [1i64, 2]).unwrap();
+    let stray_path = s.results.join("other.parquet");
+    ParquetWriter::new(std::fs::File::create(&stray_path).unwrap())
+        .finish(&mut stray)
+        .unwrap();
+    let out = runner(&["report", r, "--out", page.to_str().unwrap()], cwd);
+    ok(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("5 runs"),
+        "{out:?}"
+    );
+    let data = page_data(&page);
+    for run in data["runs"].as_array().unwrap() {
+        let id = run["run_id"].as_str().unwrap();
+        assert_eq!(data["configs"][id]["optimizer.kind"], "\"rmsprop\"", "{id}");
+    }
+    let notes = data["notes"].to_string();
+    assert!(
+        notes.contains("other.parquet: not a readable run table"),
+        "{notes}"
+    );
+}
+
+/// The JSON a page carries.
+fn page_data(page: &Path) -> Value {
+    let html = std::fs::read_to_string(page).unwrap();
+    let start = html.find("id=\"runner-data\">").unwrap() + "id=\"runner-data\">".len();
+    let end = start + html[start..].find("</script>").unwrap();
+    serde_json::from_str(&html[start..end]).unwrap()
 }

@@ -187,9 +187,10 @@ def main():
     ap.add_argument("--filter", default="")
     ap.add_argument("--sort", default="best_val_acc")
     ap.add_argument("--max-height", type=int, default=6000, help="of the screenshot, in pixels")
+    ap.add_argument("--hash", default="", help="the address's #fragment, e.g. runs=ID,ID")
     args = ap.parse_args()
     page = Path(args.page).resolve()
-    url = page.as_uri()
+    url = page.as_uri() + ("#" + args.hash if args.hash else "")
     profile = tempfile.mkdtemp(prefix="runner-chromium-")
     b = Browser(args.chromium, profile)
     out = {}
@@ -283,7 +284,7 @@ def main():
                 errors.append("log: " + p["entry"]["text"])
             elif m == "Network.requestWillBeSent":
                 u = p["request"]["url"]
-                if u != url and not u.startswith("data:"):
+                if u.split("#")[0] != url.split("#")[0] and not u.startswith("data:"):
                     requests.append(u)
             elif m == "Network.loadingFailed":
                 errors.append("load failed: " + p.get("errorText", ""))

@@ -68,6 +68,16 @@ pub enum LeftOut {
         /// `text` or `number`.
         kind: &'static str,
     },
+    /// A value runner would not have written (an empty label, a probability outside [0, 1]).
+    #[error("column \"{name}\", row {row}: {value}")]
+    Value {
+        /// The column.
+        name: &'static str,
+        /// The row (0-based).
+        row: usize,
+        /// What is wrong with it.
+        value: String,
+    },
     /// The image's header is not readable.
     #[error("{0}")]
     Image(image::ImageError),
@@ -123,6 +133,13 @@ pub fn build(dir: &Path, options: Options) -> Result<(String, Summary), PageErro
         runs: runs.len(),
         ..Summary::default()
     };
+    for p in query::run_files(dir) {
+        if let Some(why) = query::not_a_run_table(&p) {
+            summary
+                .notes
+                .push(format!("{}: not a readable run table: {why}", p.display()));
+        }
+    }
     let configs: BTreeMap<&str, Value> = ids
         .iter()
         .map(|id| (id.as_str(), config(dir, id, &mut summary.notes)))
@@ -166,10 +183,22 @@ fn page(data: &Value) -> String {
     // `<` only occurs inside JSON strings, where `\u003c` means the same: no `</script>` or
     // `<!--` in the data can end the script element early.
     let data = data.to_string().replace('<', "\\u003c");
-    TEMPLATE
-        .replacen("/*STYLE*/", STYLE, 1)
-        .replacen("/*DATA*/", &data, 1)
-        .replacen("/*SCRIPT*/", SCRIPT, 1)
+    // The template is cut at its three places once, so that nothing the data holds (a
+    // `/*SCRIPT*/` in a folder name) is taken for one of them.
+    let mut out = String::with_capacity(TEMPLATE.len() + STYLE.len() + SCRIPT.len() + data.len());
+    let mut rest = TEMPLATE;
+    for (mark, with) in [
+        ("/*STYLE*/", STYLE),
+        ("/*DATA*/", data.as_str()),
+        ("/*SCRIPT*/", SCRIPT),
+    ] {
+        let (before, after) = rest.split_once(mark).unwrap_or((rest, ""));
+        out.push_str(before);
+        out.push_str(with);
+        rest = after;
+    }
+    out.push_str(rest);
+    out
 }
 
 /// `runner results --format json` of `dir` (per run, or per epoch with `columns`), as values.
@@ -212,7 +241,17 @@ fn curves(rows: &[Value]) -> BTreeMap<String, BTreeMap<String, Vec<Value>>> {
 fn config(dir: &Path, id: &str, notes: &mut Vec<String>) -> Value {
     let path = dir.join(format!("{id}.toml"));
     let text = match std::fs::metadata(&path) {
-        Err(_) => return Value::Null,
+        // The same TOML is in the run table's metadata (a folder of tables only).
+        Err(_) => match crate::results::read_run(&dir.join(format!("{id}.parquet")))
+            .ok()
+            .and_then(|(_, meta)| {
+                meta.into_iter()
+                    .find(|(k, _)| k == crate::results::CONFIG_KEY)
+                    .map(|(_, v)| v)
+            }) {
+            Some(text) => Ok(text),
+            None => return Value::Null,
+        },
         Ok(m) if m.len() > MAX_CONFIG_BYTES => {
             notes.push(format!(
                 "{}: {} bytes, not a config runner wrote; left out",
@@ -272,11 +311,24 @@ fn evaluation(path: &Path, limit: usize, thumbs: &mut Thumbnails) -> Result<Valu
     }
     let df = reader.finish().map_err(LeftOut::Parquet)?;
     let text = |name: &'static str| -> Result<Vec<String>, LeftOut> {
-        let column = df.column(name).ok().and_then(|c| c.str().ok());
-        let c = column.ok_or(LeftOut::Column { name, kind: "text" })?;
-        Ok(c.iter()
-            .map(|v| v.unwrap_or_default().to_string())
-            .collect())
+        let column = df
+            .column(name)
+            .ok()
+            .and_then(|c| c.cast(&DataType::String).ok());
+        let column = column.ok_or(LeftOut::Column { name, kind: "text" })?;
+        let c = column
+            .str()
+            .map_err(|_| LeftOut::Column { name, kind: "text" })?;
+        c.iter()
+            .enumerate()
+            .map(|(row, v)| {
+                v.map(str::to_string).ok_or(LeftOut::Value {
+                    name,
+                    row,
+                    value: "empty".into(),
+                })
+            })
+            .collect()
     };
     let (paths, labels, predicted) = (text("path")?, text("label")?, text("predicted")?);
     let number = LeftOut::Column {
@@ -292,6 +344,17 @@ fn evaluation(path: &Path, limit: usize, thumbs: &mut Thumbnails) -> Result<Valu
         .iter()
         .map(|v| v.unwrap_or(f64::NAN))
         .collect();
+    if let Some((row, p)) = probability
+        .iter()
+        .enumerate()
+        .find(|(_, p)| !(0.0..=1.0).contains(*p))
+    {
+        return Err(LeftOut::Value {
+            name: "probability",
+            row,
+            value: format!("{p} is not a probability"),
+        });
+    }
     // The classes in the model's order: its `p_<class>` columns; then any other name seen.
     let mut classes: Vec<String> = df
         .get_column_names()
@@ -396,6 +459,10 @@ impl Thumbnails {
 /// Decoded by runner's own decoder, with its size and pixel limits.
 pub fn thumbnail(path: &Path) -> Result<String, LeftOut> {
     use base64::Engine;
+    // A pipe or a device would block the header read (runner's decoder says the same).
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        return Err(LeftOut::Decode(folder::DecodeError::NotAFile));
+    }
     let (w, h) = image::ImageReader::open(path)
         .and_then(|r| r.with_guessed_format())
         .map_err(LeftOut::Io)?
@@ -447,6 +514,15 @@ mod tests {
         assert_eq!(flat["head.layers.2.units"], "256");
         assert_eq!(flat["head.layers.1.kind"], "\"flatten\"");
         assert_eq!(flat["data.image_size"], "[150, 150]");
+    }
+
+    #[test]
+    fn the_data_cannot_take_the_place_of_the_style_or_the_script() {
+        let html = page(&json!({ "dir": "/data/*SCRIPT*/x/*STYLE*/y/*DATA*/" }));
+        assert_eq!(html.matches(SCRIPT).count(), 1);
+        assert_eq!(html.matches(STYLE).count(), 1);
+        assert!(html.contains("/data/*SCRIPT*/x/*STYLE*/y/*DATA*/"));
+        assert!(html.find(SCRIPT) > html.find("/data/*SCRIPT*/"));
     }
 
     #[test]

@@ -4,6 +4,11 @@
 const DATA = JSON.parse(document.getElementById("runner-data").textContent);
 const RUNS = DATA.runs;
 const BY_ID = new Map(RUNS.map((r) => [r.run_id, r]));
+// Maps, not the parsed objects: a run id such as `__proto__` is an id like any other.
+const CONFIGS = new Map(Object.entries(DATA.configs));
+const EPOCHS = new Map(Object.entries(DATA.epochs));
+const EVALUATIONS = new Map(Object.entries(DATA.evaluations));
+const plural = (n, word) => n + " " + word + (n === 1 ? "" : "s");
 const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"];
 // At most this many selected runs get curves, config columns and evaluations (the table keeps all).
 const DETAIL_LIMIT = 24;
@@ -23,9 +28,9 @@ const COLUMNS = [
   { key: "run_id", label: "run", cls: "id" },
   { key: "experiment", label: "experiment" },
   { key: "status", label: "status" },
-  { key: "best_val_acc", label: "best val_acc", num: true, fmt: fmtAcc },
-  { key: "final_val_acc", label: "final val_acc", num: true, fmt: fmtAcc },
-  { key: "test_acc", label: "test_acc", num: true, fmt: fmtAcc },
+  { key: "best_val_acc", label: "best val_acc", num: true, fmt: fmtAcc, bestFirst: true },
+  { key: "final_val_acc", label: "final val_acc", num: true, fmt: fmtAcc, bestFirst: true },
+  { key: "test_acc", label: "test_acc", num: true, fmt: fmtAcc, bestFirst: true },
   { key: "epochs", label: "epochs", num: true, fmt: fmtNum },
   { key: "seconds", label: "time", num: true, fmt: fmtSeconds },
   { key: "sweep_point", label: "sweep point" },
@@ -61,7 +66,11 @@ const textOf = new Map();
 function buildTable() {
   const head = document.querySelector("#runs thead tr");
   const all = el("input", { type: "checkbox", "aria-label": "select every run shown", id: "select-all" });
-  all.addEventListener("change", () => (all.checked ? selectShown() : setSelection([])));
+  // Ticked: every run shown is selected; unticking deselects the runs shown.
+  all.addEventListener("change", () => {
+    if (all.checked) selectShown();
+    else setSelection(state.selected.filter((id) => rowOf.get(id).hidden));
+  });
   head.append(el("th", { class: "pick" }, all));
   for (const c of COLUMNS) {
     const th = el("th", { "data-key": c.key, class: c.num ? "num" : null, text: c.label, title: "sort by " + c.label });
@@ -83,8 +92,15 @@ function buildTable() {
     }
     rowOf.set(r.run_id, tr);
     // What the filter matches: the cells, and every key = value of the run's config.
-    const cfg = DATA.configs[r.run_id] || {};
-    const cfgText = Object.entries(cfg).map(([k, v]) => k + "=" + String(v).replace(/"/g, "")).join(" ");
+    const cfg = CONFIGS.get(r.run_id) || {};
+    // Numbers also as the table writes them (`lr=2e-5` finds 0.00002).
+    const cfgText = Object.entries(cfg)
+      .map(([k, v]) => {
+        const plain = String(v).replace(/"/g, "");
+        const n = Number(plain);
+        return k + "=" + plain + (plain !== "" && isFinite(n) && n !== 0 ? " " + k + "=" + fmtLr(n) : "");
+      })
+      .join(" ");
     textOf.set(r.run_id, (tr.textContent + " " + (r.sweep_point || "").replace(/ /g, "") + " " + cfgText).toLowerCase());
     frag.append(tr);
   }
@@ -108,10 +124,10 @@ function compare(key, a, b) {
   return state.desc ? -c : c;
 }
 
-// First click: ascending for text, descending for numbers (best first); again: the other way.
+// First click: accuracies best (highest) first, everything else ascending; again: the other way.
 function sortBy(key) {
   const col = COLUMNS.find((c) => c.key === key);
-  state.desc = state.sortKey === key ? !state.desc : !!col.num;
+  state.desc = state.sortKey === key ? !state.desc : !!col.bestFirst;
   state.sortKey = key;
   applySort();
 }
@@ -143,7 +159,14 @@ function applyFilter() {
     rowOf.get(r.run_id).hidden = !vis;
     n += vis;
   }
-  document.getElementById("run-count").textContent = n === RUNS.length ? RUNS.length + " runs" : n + " of " + RUNS.length + " runs shown";
+  document.getElementById("run-count").textContent = n === RUNS.length ? plural(RUNS.length, "run") : n + " of " + plural(RUNS.length, "run") + " shown";
+  syncSelectAll();
+}
+
+function syncSelectAll() {
+  const shownIds = RUNS.map((r) => r.run_id).filter((id) => !rowOf.get(id).hidden);
+  const box = document.getElementById("select-all");
+  box.checked = shownIds.length > 0 && shownIds.every((id) => state.selected.includes(id));
 }
 
 // ---- selection ----
@@ -157,21 +180,33 @@ function selectShown() {
   setSelection(ids);
 }
 function setSelection(ids) {
-  state.selected = ids.filter((id) => BY_ID.has(id));
+  state.selected = [...new Set(ids)].filter((id) => BY_ID.has(id));
   for (const [id, tr] of rowOf) {
     const on = state.selected.includes(id);
     tr.classList.toggle("selected", on);
     tr.querySelector("input").checked = on;
   }
-  document.getElementById("select-all").checked = false;
+  syncSelectAll();
   const hash = "#runs=" + state.selected.map(encodeURIComponent).join(",");
   if (location.hash !== hash) history.replaceState(null, "", hash);
   renderSelection();
 }
 
-function initialSelection() {
+// The runs an address names (`#runs=ID,ID`), or null; ids not in this folder are said once.
+function fromAddress() {
   const m = /^#runs=(.*)$/.exec(location.hash);
-  if (m) return m[1].split(",").filter(Boolean).map(decodeURIComponent);
+  if (!m) return null;
+  const ids = m[1].split(",").filter(Boolean).map((x) => {
+    try { return decodeURIComponent(x); } catch (e) { return x; }
+  });
+  const unknown = ids.filter((id) => !BY_ID.has(id));
+  state.unknown = unknown;
+  return ids.filter((id) => BY_ID.has(id));
+}
+
+function initialSelection() {
+  const named = fromAddress();
+  if (named) return named;
   // The best completed run (else the best of any), ties by run id; else the latest run.
   const scored = RUNS.filter((r) => r.best_val_acc != null);
   const completed = scored.filter((r) => r.status === "completed");
@@ -186,7 +221,11 @@ function renderSelection() {
   const note = document.getElementById("selection-note");
   if (!state.selected.length) note.textContent = "Select runs in the table (the box at the left of a row) to see their curves, config differences and test evaluation.";
   else if (state.selected.length > DETAIL_LIMIT) note.textContent = state.selected.length + " runs selected: the first " + DETAIL_LIMIT + " are shown below.";
-  else note.textContent = state.selected.length === 1 ? "1 run selected." : state.selected.length + " runs selected.";
+  else note.textContent = plural(state.selected.length, "run") + " selected.";
+  if (state.unknown && state.unknown.length) {
+    note.textContent += " Not in this folder (named by the address): " + state.unknown.join(", ") + ".";
+    state.unknown = [];
+  }
   const color = new Map(ids.map((id, i) => [id, COLORS[i % COLORS.length]]));
   const legend = document.getElementById("legend");
   legend.replaceChildren(...ids.map((id) => el("span", { class: "item" }, el("span", { class: "swatch", style: "background:" + color.get(id) }), id)));
@@ -200,7 +239,7 @@ function renderSelection() {
 function renderCurves(ids, color) {
   const box = document.getElementById("curves");
   box.replaceChildren();
-  const withEpochs = ids.filter((id) => DATA.epochs[id] && DATA.epochs[id].epoch.length);
+  const withEpochs = ids.filter((id) => EPOCHS.has(id) && EPOCHS.get(id).epoch.length);
   if (!withEpochs.length) {
     if (ids.length) box.append(el("p", { class: "note", text: "No epoch has finished in the selected runs." }));
     return;
@@ -223,7 +262,7 @@ function chart(title, metric, ids, color) {
   const series = [];
   let maxEpoch = 1, lo = Infinity, hi = -Infinity;
   for (const id of ids) {
-    const e = DATA.epochs[id];
+    const e = EPOCHS.get(id);
     for (const split of ["train", "val"]) {
       const ys = e[split + "_" + metric];
       const pts = [];
@@ -260,23 +299,25 @@ function chart(title, metric, ids, color) {
   xl.textContent = "epoch";
   s.append(xl);
   s.append(svg("line", { class: "axis", x1: L, x2: L, y1: T, y2: H - B }), svg("line", { class: "axis", x1: L, x2: W - R, y1: H - B, y2: H - B }));
-  // Phase boundaries: a dotted line before the first epoch of each later phase, named once.
+  // Phase boundaries: a dotted line before the first epoch of each later phase; with one run,
+  // each phase named (a second row where the name before it is still running).
   for (const id of ids) {
-    const e = DATA.epochs[id];
+    const e = EPOCHS.get(id);
+    const named = ids.length === 1 && e.phase.some((p) => p !== e.phase[0]);
+    const ends = [-Infinity, -Infinity];
+    const label = (x, text) => {
+      const row = x < ends[0] ? 1 : 0;
+      const t = svg("text", { x, y: T + 10 + 12 * row });
+      t.textContent = text;
+      s.append(t);
+      ends[row] = x + 6.5 * text.length;
+    };
+    if (named) label(L + 3, e.phase[0]);
     for (let i = 1; i < e.epoch.length; i++) {
       if (e.phase[i] === e.phase[i - 1]) continue;
       const px = x(e.epoch[i] - 0.5);
       s.append(svg("line", { class: "phase", x1: px, x2: px, y1: T, y2: H - B, stroke: color.get(id), "data-phase": e.phase[i] }));
-      if (ids.length === 1) {
-        const t = svg("text", { x: px + 3, y: T + 10 });
-        t.textContent = e.phase[i];
-        s.append(t);
-      }
-    }
-    if (ids.length === 1 && e.phase.length && e.phase.some((p) => p !== e.phase[0])) {
-      const t = svg("text", { x: L + 3, y: T + 10 });
-      t.textContent = e.phase[0];
-      s.append(t);
+      if (named) label(px + 3, e.phase[i]);
     }
   }
   for (const { id, split, pts } of series) {
@@ -300,7 +341,7 @@ function chart(title, metric, ids, color) {
 function renderDiff(ids) {
   const box = document.getElementById("config-diff");
   box.replaceChildren();
-  const cfgs = ids.map((id) => DATA.configs[id]);
+  const cfgs = ids.map((id) => CONFIGS.get(id));
   if (!ids.length) return;
   if (ids.length === 1) {
     const cfg = cfgs[0];
@@ -335,23 +376,42 @@ function renderDiff(ids) {
 function renderEvaluations(ids) {
   const box = document.getElementById("evaluations");
   box.replaceChildren();
-  const evaluated = ids.filter((id) => DATA.evaluations[id]);
+  const evaluated = ids.filter((id) => EVALUATIONS.has(id));
   if (ids.length && !evaluated.length) box.append(el("p", { class: "note", text: "None of the selected runs has a test evaluation (a test/ split, and a run that completed)." }));
-  for (const id of evaluated) box.append(evaluation(id, DATA.evaluations[id]));
+  for (const id of evaluated) box.append(evaluation(id, EVALUATIONS.get(id)));
 }
 
-function evaluation(id, ev) {
-  const right = ev.matrix.reduce((s, row, i) => s + row[i], 0);
-  const div = el("div", { class: "evaluation", "data-run": id });
-  div.append(el("h4", { text: id }), el("p", { class: "note", text: right + " of " + ev.images + " test images right (" + (ev.images ? ((100 * right) / ev.images).toFixed(1) : "0") + " %). Rows: the true class; columns: the predicted class." }));
+// Up to this many classes the whole confusion matrix is drawn; above, its largest confusions.
+const MATRIX_LIMIT = 30;
+
+function matrix(id, ev) {
   const t = el("table", { class: "confusion", "data-run": id });
   t.append(el("tr", {}, el("th", { text: "true \\ predicted" }), ...ev.classes.map((c) => el("th", { text: c }))));
   ev.matrix.forEach((row, i) => {
     const total = row.reduce((a, b) => a + b, 0);
     t.append(el("tr", {}, el("th", { text: ev.classes[i] }), ...row.map((n, j) => el("td", { class: (i === j ? "hit" : "miss") + (n ? " some" : ""), "data-count": n, title: n + " of " + total + " " + ev.classes[i] + " images predicted " + ev.classes[j], text: String(n) + (total ? " (" + Math.round((100 * n) / total) + " %)" : "") }))));
   });
-  div.append(t);
-  if (ev.wrong) {
+  return el("div", { class: "matrix-wrap" }, t);
+}
+
+function confusions(id, ev) {
+  const pairs = [];
+  ev.matrix.forEach((row, i) => row.forEach((n, j) => { if (i !== j && n) pairs.push([n, i, j]); }));
+  pairs.sort((a, b) => b[0] - a[0] || a[1] - b[1] || a[2] - b[2]);
+  const t = el("table", { class: "confusion-pairs diff", "data-run": id });
+  t.append(el("tr", {}, el("th", { text: "true class" }), el("th", { text: "predicted" }), el("th", { text: "images" })));
+  for (const [n, i, j] of pairs.slice(0, 20)) t.append(el("tr", {}, el("td", { text: ev.classes[i] }), el("td", { text: ev.classes[j] }), el("td", { text: String(n) })));
+  return el("div", {}, el("p", { class: "note", text: ev.classes.length + " classes: the " + Math.min(20, pairs.length) + " most frequent confusions of " + pairs.length + " (the matrix is drawn up to " + MATRIX_LIMIT + " classes)." }), t);
+}
+
+function evaluation(id, ev) {
+  const right = ev.matrix.reduce((s, row, i) => s + row[i], 0);
+  const div = el("div", { class: "evaluation", "data-run": id });
+  div.append(el("h4", { text: id }), el("p", { class: "note", text: right + " of " + ev.images + " test images right (" + (ev.images ? ((100 * right) / ev.images).toFixed(1) : "0") + " %). Rows: the true class; columns: the predicted class." }));
+  div.append(ev.classes.length <= MATRIX_LIMIT ? matrix(id, ev) : confusions(id, ev));
+  if (ev.wrong && !ev.shown.length) {
+    div.append(el("p", { class: "note", text: plural(ev.wrong, "test image") + " misclassified (none shown: --misclassified 0)." }));
+  } else if (ev.wrong) {
     div.append(el("p", { class: "note", text: (ev.shown.length < ev.wrong ? "The " + ev.shown.length + " most confidently misclassified of " + ev.wrong : "All " + ev.wrong + " misclassified") + " test images, most confident first:" }));
     const grid = el("div", { class: "misclassified" });
     for (const m of ev.shown) {
@@ -371,8 +431,10 @@ function renderFailed() {
   document.getElementById("failed-section").hidden = false;
   const list = document.getElementById("failed");
   for (const r of bad) {
-    const why = r.error || (r.status === "stopped" ? "No process holds its log: it was killed or crashed. `runner resume " + r.run_id + "` continues it." : r.status === "running" ? "Still training." : r.status === "interrupted" ? "Interrupted; `runner resume " + r.run_id + "` continues it." : "");
-    list.append(el("li", { "data-run": r.run_id }, el("span", { class: "status status-" + r.status, text: r.status }), " ", el("code", { text: r.run_id }), " (" + r.experiment + (r.sweep_point ? ", " + r.sweep_point : "") + ", " + (r.epochs || 0) + " epochs)", why ? el("pre", { text: why }) : null));
+    const resume = "`runner resume " + r.run_id + " --results " + DATA.folder + "` continues it.";
+    let why = r.error || (r.status === "stopped" ? "No process holds its log: it was killed or crashed. " + resume : r.status === "running" ? "Still training." : r.status === "interrupted" ? "Interrupted; " + resume : "");
+    if (why.length > 4000) why = why.slice(0, 4000) + "\u2026 (" + why.length + " characters; the whole error is in the run's log)";
+    list.append(el("li", { "data-run": r.run_id }, el("span", { class: "status status-" + r.status, text: r.status }), " ", el("code", { text: r.run_id }), " (" + r.experiment + (r.sweep_point ? ", " + r.sweep_point : "") + ", " + plural(r.epochs || 0, "epoch") + ")", why ? el("pre", { text: why }) : null));
   }
 }
 
@@ -391,4 +453,9 @@ applySort();
 applyFilter();
 renderFailed();
 setSelection(initialSelection());
+// A link pasted into an open page selects what it names.
+window.addEventListener("hashchange", () => {
+  const named = fromAddress();
+  if (named && named.join(",") !== state.selected.join(",")) setSelection(named);
+});
 document.body.dataset.ready = "true";

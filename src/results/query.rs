@@ -56,21 +56,33 @@ pub fn run_files(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// Why `path` is not a run table runner can read (not parquet, cut short, or a table of other
+/// columns), or `None`.
+pub fn not_a_run_table(path: &Path) -> Option<String> {
+    let schema = std::fs::File::open(path)
+        .map_err(|e| e.to_string())
+        .and_then(|f| ParquetReader::new(f).schema().map_err(|e| e.to_string()));
+    let known = super::schema::schema();
+    match schema {
+        Err(e) => Some(e),
+        Ok(s) if !s.contains(C::RUN_ID) => Some(format!("no column \"{}\"", C::RUN_ID)),
+        Ok(s) => s
+            .iter_names()
+            .find(|n| !known.contains(n.as_str()))
+            .map(|n| format!("a column \"{n}\" that run tables do not have")),
+    }
+}
+
 /// One lazy scan over every run table in `dir`. A file that is not a readable parquet table
 /// (junk, cut short) is left out with a warning naming it, so that it hides no good run.
 pub fn scan(dir: &Path) -> Result<Option<LazyFrame>, ResultsError> {
     let files: Vec<PathBuf> = run_files(dir)
         .into_iter()
-        .filter(|p| {
-            let read = std::fs::File::open(p)
-                .map_err(|e| e.to_string())
-                .and_then(|f| ParquetReader::new(f).schema().map(|_| ()).map_err(|e| e.to_string()));
-            match read {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::warn!(file = %p.display(), error = %e, "Not a readable run table: left out.");
-                    false
-                }
+        .filter(|p| match not_a_run_table(p) {
+            None => true,
+            Some(e) => {
+                tracing::warn!(file = %p.display(), error = %e, "Not a readable run table: left out.");
+                false
             }
         })
         .collect();
