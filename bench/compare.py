@@ -12,8 +12,13 @@ and with channels_last + cudnn.benchmark, every timing synchronised with the dev
 
     RUNNER_ASSETS=... python bench/compare.py --gpu [--torch-device cuda] [--set data.image_size=[48,48]]
 
+CPU peers, each its own column and each checked equal to runner before it is timed: PyTorch
+eager (its default), channels_last, torch.compile (inductor), and ONNX Runtime (CPU) on the same
+weights exported to ONNX for the VGG16 forward and the feature extraction. The ratio is runner
+over the best of them.
+
 Needs (in the Python that runs it, a venv outside the repo): torch, torchvision, numpy,
-safetensors, pillow. Prints one table (markdown).
+safetensors, pillow, onnx, onnxruntime. Prints one table (markdown).
 """
 import argparse
 import glob
@@ -180,11 +185,46 @@ def assert_two_steps(res, r, got, want):
     assert first < 1e-4 and r < 2e-3, (res["check"], got, want.tolist())
 
 
-def torch_worker(name, out, warmup, repeats, images_n, device="cpu", channels_last=False, size=150):
+# The peers of the CPU table, each its own column: PyTorch as a user runs it by default, with
+# channels_last, with torch.compile (inductor), and ONNX Runtime on the same weights exported.
+PEERS = ["eager", "channels_last", "compile", "ort"]
+PEER_LABEL = {"eager": "PyTorch", "channels_last": "PyTorch channels_last",
+              "compile": "PyTorch torch.compile", "ort": "ONNX Runtime"}
+# Which peers a workload has (no convolution: no channels_last; ONNX Runtime: inference only).
+WORKLOAD_PEERS = {
+    "matmul": ["eager"],
+    "vgg16_forward": ["eager", "channels_last", "compile", "ort"],
+    "fine_tune_step": ["eager", "channels_last", "compile"],
+    "conv_head_step": ["eager", "channels_last", "compile"],
+    "dense_head_epoch": ["eager", "compile"],
+    "decode_resize": ["eager"],
+    "augment": ["eager"],
+    "extract": ["eager", "ort"],
+}
+
+
+def ort_session(torch, base, x, threads):
+    """`base` exported to ONNX (opset 17, any batch) and an ONNX Runtime CPU session on it."""
+    import tempfile
+    import onnxruntime as ort
+    path = os.path.join(tempfile.mkdtemp(prefix="runner-bench-"), "vgg16.onnx")
+    torch.onnx.export(base, x[:1], path, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, opset_version=17, dynamo=False)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return lambda a: sess.run(None, {"x": np.ascontiguousarray(a, np.float32)})[0]
+
+
+def torch_worker(name, out, warmup, repeats, images_n, device="cpu", channels_last=False, size=150,
+                 mode="eager"):
     import torch
     import torch.nn as nn
     from safetensors.numpy import load_file
     torch.manual_seed(0)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
         SYNC[0] = torch.cuda.synchronize
@@ -213,8 +253,13 @@ def torch_worker(name, out, warmup, repeats, images_n, device="cpu", channels_la
     res = {"workload": name, "check": ""}
     check = load_file(os.path.join(out, f"{name}.safetensors")) if name not in ("matmul", "augment", "extract") else {}
 
+    compiled = mode == "compile"
+
     def net(m):
         return m.to(dev).to(memory_format=fmt)
+
+    def maybe_compile(f):
+        return torch.compile(f) if compiled else f
 
     if name == "matmul":
         n = 2048
@@ -226,12 +271,20 @@ def torch_worker(name, out, warmup, repeats, images_n, device="cpu", channels_la
         base = net(vgg16(torch, nn, weights).eval())
         x = to(torch.from_numpy(check["input"]))
         with torch.no_grad():
-            y = base(x)
-            err = rel(y.float().cpu().numpy(), check["output"])
+            if mode == "ort":
+                run = ort_session(torch, base, x, torch.get_num_threads())
+                xn = x.numpy()
+                forward = lambda: run(xn)  # noqa: E731
+                y = forward()
+            else:
+                base = maybe_compile(base)
+                forward = lambda: base(x)  # noqa: E731
+                y = forward().float().cpu().numpy()
+            err = rel(y, check["output"])
             res["check"] = f"output rel err {err:.1e}"
             assert err < 1e-4, res["check"]
             timing_defaults()
-            med, ts = median_time(lambda: base(x), warmup, repeats)
+            med, ts = median_time(forward, warmup, repeats)
         res.update(items=x.shape[0])
 
     elif name in ("fine_tune_step", "conv_head_step", "fine_tune_epoch"):
@@ -266,10 +319,12 @@ def torch_worker(name, out, warmup, repeats, images_n, device="cpu", channels_la
                 return dense[1](torch.relu(dense[0](torch.flatten(torch.relu(conv(f)), 1))))
             params = [p for m in [conv] + dense for p in m.parameters()]
 
+        frozen_run, trainable_run = maybe_compile(frozen), maybe_compile(trainable)
+
         def forward(x):
             with torch.no_grad():
-                f = frozen(x)
-            return trainable(f)
+                f = frozen_run(x)
+            return trainable_run(f)
         r, got = check_two_steps(torch, forward, params, lr, x, y, check["metrics"])
         assert_two_steps(res, r, got, check["metrics"])
         timing_defaults()
@@ -331,8 +386,9 @@ def torch_worker(name, out, warmup, repeats, images_n, device="cpu", channels_la
         dense = [nn.Linear(n_in, 256).to(dev), nn.Linear(256, 1).to(dev)]
         load_head(torch, dense, check, dev)
         drop = nn.Dropout(0.0)
-        def forward(f):
+        def forward_eager(f):
             return dense[1](drop(torch.relu(dense[0](f))))
+        forward = maybe_compile(forward_eager)
         params = [p for m in dense for p in m.parameters()]
         r, got = check_two_steps(torch, forward, params, lr, to(torch.from_numpy(check["features"])),
                                  to(torch.from_numpy(check["labels"])), check["metrics"])
@@ -381,17 +437,21 @@ def torch_worker(name, out, warmup, repeats, images_n, device="cpu", channels_la
             files += sorted(glob.glob(os.path.join(data, split, "*", "*.jpg")))
         files = files[:images_n]
         mean = torch.tensor(CAFFE_MEAN).view(1, 3, 1, 1)
+        run = base
+        if mode == "ort":
+            run = ort_session(torch, base, torch.zeros(1, 3, size, size), torch.get_num_threads())
         t = time.perf_counter()
         feats = []
         with torch.no_grad():
             for i in range(0, len(files), 20):
                 x = torch.stack([torch.from_numpy(decode_one(f)).permute(2, 0, 1) for f in files[i:i + 20]]).float()
-                feats.append(base(x.flip(1) - mean))
+                xb = x.flip(1) - mean
+                feats.append(run(xb.numpy()) if mode == "ort" else base(xb))
         med, ts = time.perf_counter() - t, [time.perf_counter() - t]
         res.update(items=len(files), check="streamed: decoded per batch, features kept")
 
     res.update(median_s=med, seconds=ts, items_per_s=res["items"] / med, peak_rss_mib=peak_rss_mib(),
-               threads=torch.get_num_threads(), device=str(dev), channels_last=channels_last)
+               threads=torch.get_num_threads(), device=str(dev), channels_last=channels_last, mode=mode)
     if dev.type == "cuda":
         res["gpu"] = torch.cuda.get_device_name(dev)
     print(json.dumps(res))
@@ -438,6 +498,7 @@ def main():
     ap.add_argument("--check-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--torch-worker", help=argparse.SUPPRESS)
     ap.add_argument("--channels-last", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="eager", choices=PEERS, help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, default=150, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -448,7 +509,8 @@ def main():
         CHECK_ONLY[0] = args.check_only
         try:
             torch_worker(args.torch_worker, args.out, args.warmup, args.repeats, args.images and int(args.images),
-                         args.torch_device, args.channels_last, args.size)
+                         args.torch_device, args.channels_last or args.mode == "channels_last", args.size,
+                         args.mode)
         except Checked as c:
             print(json.dumps(c.res))
         return
@@ -464,24 +526,58 @@ def main():
             extra = ["--images", n] if n else []
             reps = ["--warmup", "0", "--repeats", "1"] if w == "extract" else ["--warmup", str(args.warmup), "--repeats", str(args.repeats)]
             r = json.loads(run_child([args.runner, "bench-workload", w, "--out", args.out] + reps + extra, env).strip().splitlines()[-1])
-            t = json.loads(run_child([sys.executable, __file__, "--torch-worker", w, "--out", args.out,
-                                      "--threads", str(args.threads), "--images", n or "0"] + reps, env).strip().splitlines()[-1])
-            rows.append((w if not n else f"{w} ({n} images)", r, t))
-            print(f"{rows[-1][0]}: runner {r['items_per_s']:.2f}/s, torch {t['items_per_s']:.2f}/s", file=sys.stderr)
+            peers = {}
+            for mode in WORKLOAD_PEERS.get(w, ["eager"]):
+                # torch.compile's first calls compile: one more warm-up run than the others.
+                mreps = reps if mode != "compile" else ["--warmup", str(args.warmup + 1)] + reps[2:]
+                try:
+                    peers[mode] = json.loads(run_child(
+                        [sys.executable, __file__, "--torch-worker", w, "--out", args.out, "--threads", str(args.threads),
+                         "--images", n or "0", "--mode", mode] + mreps, env).strip().splitlines()[-1])
+                except RuntimeError as e:
+                    peers[mode] = {"failed": str(e).strip().splitlines()[-1][-200:]}
+            rows.append((w if not n else f"{w} ({n} images)", r, peers))
+            got = ", ".join(f"{m} {p['items_per_s']:.2f}/s" if "items_per_s" in p else f"{m} failed" for m, p in peers.items())
+            print(f"{rows[-1][0]}: runner {r['items_per_s']:.2f}/s, {got}", file=sys.stderr)
 
     ceiling = max([r["gflop_per_s"] for w, r, _ in rows if w == "matmul"] +
-                  [t["items_per_s"] * t["gflop_per_item"] for w, _, t in rows if w == "matmul"] or [float("nan")])
-    print(f"runner vs PyTorch, {args.threads} threads, median of {args.repeats} after {args.warmup} warm-up; "
-          f"ceiling = best measured float32 matmul: {ceiling:.0f} GFLOP/s\n")
-    print("| workload | runner items/s | PyTorch items/s | runner / PyTorch | runner GFLOP/s (% of ceiling) | PyTorch GFLOP/s (% of ceiling) | runner peak MiB | PyTorch peak MiB | same result |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for w, r, t in rows:
-        gf = r.get("gflop_per_item") or 0.0
-        def g(ips):
+                  [p["eager"]["items_per_s"] * p["eager"]["gflop_per_item"] for w, _, p in rows if w == "matmul"] or [float("nan")])
+    print(f"runner vs the strongest CPU peer, {args.threads} threads, median of {args.repeats} after {args.warmup} warm-up "
+          f"(torch.compile: one more); each peer checked equal to runner before timing. Ceiling = best measured float32 "
+          f"matmul: {ceiling:.0f} GFLOP/s. runner's GFLOP/s counts the multiplies its kernels do (Winograd F(2x2,3x3): "
+          f"16 per 2x2 tile, not 36; the trainable convolutions' backward in a training step); a peer's counts the "
+          f"direct convolutions' forward.\n")
+    head = ["workload", "runner items/s"] + [f"{PEER_LABEL[m]} items/s" for m in PEERS] + [
+        "runner / best peer", "runner GFLOP/s done (% of ceiling)", "best peer GFLOP/s (% of ceiling)",
+        "runner peak MiB", "best peer peak MiB", "same result (best peer)"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for w, r, peers in rows:
+        ok = {m: p for m, p in peers.items() if "items_per_s" in p}
+        best_mode = max(ok, key=lambda m: ok[m]["items_per_s"]) if ok else None
+        best = ok[best_mode] if best_mode else None
+
+        def cell(m):
+            if m not in peers:
+                return "-"
+            p = peers[m]
+            return f"{p['items_per_s']:.2f}" if "items_per_s" in p else "failed"
+
+        done = r.get("done_gflop_per_item") or r.get("gflop_per_item") or 0.0
+        direct = r.get("gflop_per_item") or 0.0
+
+        def g(ips, gf):
             return f"{ips * gf:.0f} ({100 * ips * gf / ceiling:.0f} %)" if gf else "-"
-        print(f"| {w}: {r['what']} | {r['items_per_s']:.2f} | {t['items_per_s']:.2f} | "
-              f"{r['items_per_s'] / t['items_per_s']:.2f} | {g(r['items_per_s'])} | {g(t['items_per_s'])} | "
-              f"{r['peak_rss_mib']:.0f} | {t['peak_rss_mib']:.0f} | {t['check'] or '-'} |")
+        ratio = f"{r['items_per_s'] / best['items_per_s']:.2f} ({PEER_LABEL[best_mode]})" if best else "-"
+        cols = [f"{w}: {r['what']}", f"{r['items_per_s']:.2f}"] + [cell(m) for m in PEERS] + [
+            ratio, g(r["items_per_s"], done), g(best["items_per_s"], direct) if best else "-",
+            f"{r['peak_rss_mib']:.0f}", f"{best['peak_rss_mib']:.0f}" if best else "-",
+            (best.get("check") or "-") if best else "-"]
+        print("| " + " | ".join(cols) + " |")
+    for w, r, peers in rows:
+        for m, p in peers.items():
+            if "failed" in p:
+                print(f"\n{w}, {PEER_LABEL[m]}: failed: {p['failed']}")
 
 
 def gpu_table(args, env):
