@@ -140,8 +140,14 @@ pub fn export(
     // A trailing slash is what a shell completes a run's folder with.
     let run_id = run_id.trim_end_matches('/');
     let device = burn::prelude::Device::flex();
-    let (card, model) =
-        crate::predict::load(&settings.results, run_id, which, &device).map_err(bad_input)?;
+    let (card, model) = crate::predict::load(
+        &settings.results,
+        run_id,
+        which,
+        &device,
+        &settings.locations,
+    )
+    .map_err(bad_input)?;
     let finished = crate::predict::card_path(&settings.results, run_id).is_file();
     let which = if finished || which != crate::predict::Which::Final {
         which
@@ -240,8 +246,14 @@ pub fn predict(
     settings: &Settings,
 ) -> Result<(), Failure> {
     let device = device::select(settings.device).map_err(bad_input)?.device;
-    let (card, model) =
-        crate::predict::load(&settings.results, run_id, which, &device).map_err(bad_input)?;
+    let (card, model) = crate::predict::load(
+        &settings.results,
+        run_id,
+        which,
+        &device,
+        &settings.locations,
+    )
+    .map_err(bad_input)?;
     let files = crate::predict::collect_images(inputs).map_err(bad_input)?;
     if files.is_empty() {
         return Err(bad_input(anyhow::anyhow!(

@@ -99,9 +99,41 @@ impl Plan {
     }
 }
 
-/// A short, stable hash of the resolved spec.
+/// The file `backbone.weights` names: `imagenet` is the mirror's safetensors, else the original
+/// file `runner fetch` downloads; anything else a path (from the current folder, then the mirror).
+pub fn resolve_weights(
+    def: &backbone::BackboneDef,
+    w: &str,
+    locations: &Locations,
+) -> Result<PathBuf, crate::assets::NotFound> {
+    if w != "imagenet" {
+        return locations.path(w, "weights file", false);
+    }
+    let original = crate::assets::find_asset(&format!("{}/imagenet", def.name))
+        .and_then(|a| a.upstream.path.strip_prefix("weights/"));
+    let what = format!("ImageNet weights for {}", def.name);
+    locations
+        .weights_file(def.imagenet_file, &what)
+        .or_else(|first| match original {
+            Some(file) => {
+                locations
+                    .weights_file(file, &what)
+                    .map_err(|second| crate::assets::NotFound {
+                        tried: [first.tried, second.tried].concat(),
+                        ..second
+                    })
+            }
+            None => Err(first),
+        })
+}
+
+/// A short, stable hash of the resolved spec. `train.keep` (what a finished run keeps on disk)
+/// is left out: it changes no number, so changing it neither reruns a sweep's points nor
+/// refuses a resume.
 pub fn config_hash(spec: &Spec) -> String {
-    let json = serde_json::to_string(spec).unwrap_or_default();
+    let mut spec = spec.clone();
+    spec.train.keep = None;
+    let json = serde_json::to_string(&spec).unwrap_or_default();
     let digest = Sha256::digest(json.as_bytes());
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
@@ -207,25 +239,7 @@ fn backbone_rules(
             );
             return None;
         }
-        let found = if w == "imagenet" {
-            // The mirror's safetensors, else the original file `runner fetch` downloads.
-            let original = crate::assets::find_asset(&format!("{}/imagenet", def.name))
-                .and_then(|a| a.upstream.path.strip_prefix("weights/"));
-            let what = format!("ImageNet weights for {}", def.name);
-            locations
-                .weights_file(def.imagenet_file, &what)
-                .or_else(|first| match original {
-                    Some(file) => locations.weights_file(file, &what).map_err(|second| {
-                        crate::assets::NotFound {
-                            tried: [first.tried, second.tried].concat(),
-                            ..second
-                        }
-                    }),
-                    None => Err(first),
-                })
-        } else {
-            locations.path(w, "weights file", false)
-        };
+        let found = resolve_weights(def, w, locations);
         let asset = format!("{}/imagenet", def.name);
         found
             .map_err(|e| {

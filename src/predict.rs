@@ -297,7 +297,7 @@ pub fn save(
     results: &Path,
     run_id: &str,
     plan: &Plan,
-    model: &TransferModel,
+    (model, whole): (&TransferModel, bool),
 ) -> Result<PathBuf, ModelError> {
     let dir = checkpoint::run_dir(results, run_id);
     let card = ModelCard {
@@ -308,10 +308,14 @@ pub fn save(
         preprocess: plan.preprocess,
         cut: model.cut(),
         bpk_sha256: None,
-        frozen: model.frozen_base(
-            plan.frozen_layers(plan.phases.len().saturating_sub(1)),
-            &plan.weights,
-        ),
+        frozen: (!whole)
+            .then(|| {
+                model.frozen_base(
+                    plan.frozen_layers(plan.phases.len().saturating_sub(1)),
+                    &plan.weights,
+                )
+            })
+            .flatten(),
     };
     let bpk = dir.join("model.bpk");
     let bytes =
@@ -414,12 +418,15 @@ fn read_card(cp: &Path) -> Result<ModelCard, ModelError> {
     Ok(card)
 }
 
-/// Loads a run's model on `device`.
+/// Loads a run's model on `device`. The base layers a run did not store come from the weights
+/// file it recorded, else from the file its `backbone.weights` names through `locations` now (a
+/// mirror that moved); either is checked by the layers' digest.
 pub fn load(
     results: &Path,
     run_id: &str,
     which: Which,
     device: &Device,
+    locations: &crate::assets::Locations,
 ) -> Result<(ModelCard, TransferModel), ModelError> {
     let cp = card_path(results, run_id);
     let dir = checkpoint::run_dir(results, run_id);
@@ -488,7 +495,10 @@ pub fn load(
             format!("{m}; the saved model description does not fit the model (was it edited?)"),
         )
     })?;
-    let which = kept(results, run_id, which, cp.exists())?;
+    let keep = cp
+        .exists()
+        .then(|| card.spec.train.keep.unwrap_or_default());
+    let which = kept(results, run_id, which, keep)?;
     // The weights, and the phase whose head they hold (`None`: the final model's).
     let (path, bytes, head_from, frozen) = match (which, bytes) {
         (Which::Final, Some((b, from, frozen))) => (
@@ -533,7 +543,10 @@ pub fn load(
     let config = card.model_config_at(def, head_from);
     let model = match &frozen {
         None => config.init(device),
-        Some(f) => config.assemble(frozen_base(&config, f, &path, device)?, device),
+        Some(f) => {
+            let named = (card.spec.backbone.weights.as_str(), locations);
+            config.assemble(frozen_base(&config, f, &path, named, device)?, device)
+        }
     };
     let described = if cp.exists() {
         cp
@@ -554,20 +567,42 @@ pub fn load(
 
 /// `which` where a completed run's checkpoint may be gone (`train.keep`): its last weights are
 /// the final model; a best checkpoint not kept is said so.
-fn kept(results: &Path, run_id: &str, which: Which, completed: bool) -> Result<Which, ModelError> {
-    let gone = |p: PathBuf| completed && !p.exists();
+fn kept(
+    results: &Path,
+    run_id: &str,
+    which: Which,
+    keep: Option<crate::spec::Keep>,
+) -> Result<Which, ModelError> {
+    use crate::spec::Keep;
+    // `keep` is the completed run's setting (`None`: the run has not completed).
+    let gone = |p: PathBuf| keep.is_some() && !p.exists();
+    let why = |kept: bool| {
+        if kept {
+            format!(
+                "deleted since the run (its train.keep = \"{}\" keeps it)",
+                keep.map_or("all", Keep::as_str)
+            )
+        } else {
+            format!(
+                "not kept (train.keep = \"{}\")",
+                keep.map_or("all", Keep::as_str)
+            )
+        }
+    };
     Ok(match which {
         Which::Last if gone(checkpoint::last_path(results, run_id)) => {
             tracing::info!(
                 run = run_id,
-                "last.ckpt is not kept (train.keep): the final model holds the same weights."
+                "last.ckpt is {}: the final model holds the same weights.",
+                why(keep == Some(Keep::All))
             );
             Which::Final
         }
         Which::Best if gone(checkpoint::best_path(results, run_id)) => {
             return Err(ModelError::Missing(format!(
-                "{}: not kept: run {run_id} completed with train.keep = \"model\", which keeps no checkpoint; --weights final is its model",
-                checkpoint::best_path(results, run_id).display()
+                "{}: {}; --weights final is run {run_id}'s model",
+                checkpoint::best_path(results, run_id).display(),
+                why(keep != Some(Keep::Model))
             )));
         }
         w => w,
@@ -580,6 +615,7 @@ fn frozen_base(
     config: &crate::model::ModelConfig,
     f: &crate::model::FrozenBase,
     stored: &Path,
+    (named, locations): (&str, &crate::assets::Locations),
     device: &Device,
 ) -> Result<crate::model::Backbone, ModelError> {
     let refers = format!(
@@ -587,16 +623,42 @@ fn frozen_base(
         f.layers,
         f.weights.display()
     );
-    if !f.weights.is_file() {
-        return Err(ModelError::Missing(format!(
-            "{}: {refers}, which is missing: put it back (`runner fetch {}/imagenet` fetches the published file)",
-            stored.display(),
-            config.backbone.name
-        )));
-    }
+    let file = if f.weights.is_file() {
+        f.weights.clone()
+    } else {
+        // The file the spec names, found again (a mirror that moved, another machine's copy).
+        let again = crate::plan::resolve_weights(config.backbone, named, locations)
+            .ok()
+            .filter(|p| p.is_file());
+        match again {
+            Some(p) => {
+                tracing::info!(recorded = %f.weights.display(), found = %p.display(), "The run's weights file is not where it was; using the one backbone.weights names now (its digest is checked).");
+                p
+            }
+            None => {
+                let what = if f.weights.exists() {
+                    "which is not a file"
+                } else {
+                    "which is missing"
+                };
+                let hint = if named == "imagenet" {
+                    format!(
+                        "put it back, or give the folder that holds it now with --assets (`runner fetch {}/imagenet` fetches the published file into weights/)",
+                        config.backbone.name
+                    )
+                } else {
+                    "put it back".to_string()
+                };
+                return Err(ModelError::Missing(format!(
+                    "{}: {refers}, {what}: {hint}",
+                    stored.display()
+                )));
+            }
+        }
+    };
     let base = config
         .init_backbone(device)
-        .load(config.backbone, &f.weights)
+        .load(config.backbone, &file)
         .map_err(|e| ModelError::Unreadable {
             path: stored.to_path_buf(),
             message: format!("{refers}, which does not load: {e}"),

@@ -190,7 +190,8 @@ pub fn config_drift(old: &str, new: &str) -> Vec<String> {
     let (a, b) = (parse(old), parse(new));
     let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
     keys.into_iter()
-        .filter(|k| a.get(*k) != b.get(*k))
+        // What a finished run keeps on disk changes no number: it may change on resume.
+        .filter(|k| a.get(*k) != b.get(*k) && k.as_str() != "train.keep")
         .map(|k| {
             let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(unset)".into());
             format!("{k}: {} -> {}", show(a.get(k)), show(b.get(k)))
@@ -576,8 +577,8 @@ fn finish(
         crate::results::write_predictions(results, id, &plan.classes, &outcome.predictions)
             .map_err(|e| fail(e.into()))?;
     }
-    let model_dir =
-        crate::predict::save(results, id, plan, &outcome.model).map_err(|e| fail(e.into()))?;
+    let model_dir = crate::predict::save(results, id, plan, (&outcome.model, progress.store_whole))
+        .map_err(|e| fail(e.into()))?;
     let written = record
         .write(progress, outcome.test)
         .map_err(|e| fail(e.into()))?;

@@ -368,9 +368,12 @@ pub fn run(
             Err(f) => {
                 bad += 1;
                 eprintln!("  {:#}", f.error);
-                // A diverged run has recorded itself; anything else is recorded as failed.
+                // A resume refused before training (its weights file changed, say) leaves the
+                // run as it was, resumable once that is fixed. A diverged run has recorded
+                // itself; anything else is recorded as failed.
                 let recorded = read_row(results_dir, &id).map(|r| r.0);
-                if matches!(recorded.as_deref(), None | Some("running")) {
+                let refused = note == "resumed" && f.code == 2;
+                if !refused && matches!(recorded.as_deref(), None | Some("running")) {
                     record_failure(point, settings, &id, &format!("{:#}", f.error));
                 }
             }

@@ -229,3 +229,169 @@ fn train_keep_decides_which_checkpoints_a_completed_run_keeps() {
         }
     }
 }
+
+/// A run killed mid-way (its table says `running`, its checkpoint is there).
+fn killed_run(s: &Setup, args: &[&str]) -> String {
+    let mut child = spawn(s, args);
+    let id = wait_for_checkpoint(&s.results, &mut child);
+    signal(&child, "-KILL");
+    child.wait().unwrap();
+    id
+}
+
+#[test]
+fn a_whole_model_checkpoint_resumes_on_a_changed_file_and_stores_the_whole_model() {
+    let s = setup(&[("epochs = 2", "epochs = 6\nsteps_per_epoch = 4000")]);
+    let args = [
+        s.spec.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--results",
+        s.results.to_str().unwrap(),
+    ];
+    let id = killed_run(&s, &args);
+    // Rewrite the checkpoint as runners before 3 wrote it: the whole model, no `frozen`.
+    let path = s.results.join(&id).join("last.ckpt");
+    let mut ck = runner::train::checkpoint::read(&path).unwrap();
+    let device = burn::prelude::Device::flex();
+    let (_, model) = runner::predict::load(
+        &s.results,
+        &id,
+        runner::predict::Which::Last,
+        &device,
+        &Default::default(),
+    )
+    .unwrap();
+    ck.model = runner::train::model_bytes(&model, None).unwrap();
+    ck.state.frozen = None;
+    runner::train::checkpoint::write(&path, &ck).unwrap();
+    // The weights file changes: the checkpoint's values win, and the run stores them whole.
+    common::write_vgg_weights(&s.weights, runner::backbone::find("vgg16").unwrap(), 10);
+    let out = runner(
+        &[
+            "resume",
+            &id,
+            "--device",
+            "cpu",
+            "--results",
+            s.results.to_str().unwrap(),
+        ],
+        s.dir.path(),
+    );
+    ok(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stores its whole model"),
+        "{out:?}"
+    );
+    let card: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(s.results.join(&id).join("model.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(card.get("frozen").is_none(), "{card}");
+    let p = runner::results::read_run(&s.results.join(format!("{id}.predictions.parquet")))
+        .unwrap()
+        .0;
+    let (paths, want) = (strs(&p, "path"), f64s(&p, "p_dogs"));
+    for (path, d) in dogs(&predict(&s, &id, &[])) {
+        let i = paths.iter().position(|p| p == &path).unwrap();
+        assert!((d - want[i]).abs() < 1e-4, "{path}: {d} vs {}", want[i]);
+    }
+}
+
+#[test]
+fn a_sweep_leaves_a_run_it_cannot_resume_resumable() {
+    let s = setup(&[("epochs = 2", "epochs = 6\nsteps_per_epoch = 4000")]);
+    let text = std::fs::read_to_string(&s.spec).unwrap();
+    std::fs::write(
+        &s.spec,
+        format!("{text}\n[sweep]\n\"optimizer.lr\" = [1e-3]\n"),
+    )
+    .unwrap();
+    let args = [
+        "sweep",
+        s.spec.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--results",
+        s.results.to_str().unwrap(),
+    ];
+    let id = killed_run(&s, &args);
+    let original = std::fs::read(&s.weights).unwrap();
+    common::write_vgg_weights(&s.weights, runner::backbone::find("vgg16").unwrap(), 10);
+    let out = runner(&args, s.dir.path());
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("values differ now"),
+        "{out:?}"
+    );
+    let (_, df) = only_run(&s.results);
+    assert_eq!(strs(&df, "status")[0], "running", "not recorded as failed");
+    // The file back: the same sweep resumes the same run.
+    std::fs::write(&s.weights, original).unwrap();
+    ok(&runner(&args, s.dir.path()));
+    let (again, df) = only_run(&s.results);
+    assert_eq!(again, id);
+    assert_eq!(strs(&df, "status")[0], "completed");
+}
+
+#[test]
+fn train_keep_changes_neither_the_config_hash_nor_a_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::make_dataset(&dir.path().join("data"), &["cats", "dogs"], [4, 2, 2], 32);
+    let weights = dir.path().join("w.safetensors");
+    common::write_vgg_weights(&weights, runner::backbone::find("vgg16").unwrap(), 9);
+    let base = common::spec_text(&data, &weights, "");
+    let hash = |extra: &str| {
+        let text = base.replace(
+            "loss = \"binary_crossentropy\"",
+            &format!("loss = \"binary_crossentropy\"\n{extra}"),
+        );
+        common::plan_for(dir.path(), &text).config_hash
+    };
+    let plain = hash("");
+    for keep in ["all", "best", "model"] {
+        assert_eq!(hash(&format!("keep = \"{keep}\"")), plain, "{keep}");
+    }
+    assert!(
+        runner::run::config_drift(
+            "[train]\nepochs = 2\n",
+            "[train]\nepochs = 2\nkeep = \"model\"\n"
+        )
+        .is_empty()
+    );
+}
+
+#[test]
+fn a_named_weights_file_that_moved_is_found_again_through_the_mirror() {
+    let s = setup(&[]);
+    let mirror = s.dir.path().join("mirror");
+    std::fs::create_dir_all(mirror.join("weights")).unwrap();
+    std::fs::rename(
+        &s.weights,
+        mirror.join("weights/vgg16_imagenet_notop.safetensors"),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&s.spec).unwrap().replace(
+        &format!("weights = \"{}\"", s.weights.display()),
+        "weights = \"imagenet\"",
+    );
+    assert!(text.contains("weights = \"imagenet\""));
+    std::fs::write(&s.spec, text).unwrap();
+    ok(&run(&s, &["--assets", mirror.to_str().unwrap()]));
+    let (id, _) = only_run(&s.results);
+    let got = dogs(&predict(&s, &id, &[]));
+    // The mirror moves: without it, the error says where to point; with --assets, it is found.
+    let moved = s.dir.path().join("moved");
+    std::fs::rename(&mirror, &moved).unwrap();
+    let out = predict(&s, &id, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("which is missing") && err.contains("--assets"),
+        "{err}"
+    );
+    assert_eq!(
+        dogs(&predict(&s, &id, &["--assets", moved.to_str().unwrap()])),
+        got
+    );
+}

@@ -178,7 +178,7 @@ fn a_saved_mobilenet_model_exports_torchvision_names_and_reloads_as_backbone_wei
     let device = Device::flex().autodiff();
     let results = dir.path().join("results");
     let trained = common::train(&plan, &device, &results).model;
-    let saved = runner::predict::save(&results, "test", &plan, &trained).unwrap();
+    let saved = runner::predict::save(&results, "test", &plan, (&trained, false)).unwrap();
     let file = saved.join("model.safetensors");
     let bytes = std::fs::read(&file).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();

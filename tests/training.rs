@@ -1034,8 +1034,14 @@ fn test_time_flips_average_each_image_with_its_mirror_and_leave_training_alone()
     assert!((correct as f64 / 8.0 - f64s(&b, "test_acc")[0]).abs() < 1e-9);
     // `runner predict` sees the same two views (the saved model's card says so).
     let device = burn::prelude::Device::flex();
-    let (card, model) =
-        runner::predict::load(&tta.results, &b_id, runner::predict::Which::Final, &device).unwrap();
+    let (card, model) = runner::predict::load(
+        &tta.results,
+        &b_id,
+        runner::predict::Which::Final,
+        &device,
+        &Default::default(),
+    )
+    .unwrap();
     let files: Vec<std::path::PathBuf> = both
         .iter()
         .map(|(n, _)| tta.data.join("test").join(n))
@@ -1103,7 +1109,8 @@ fn predict_builds_the_head_a_checkpoint_holds_before_and_after_a_new_head() {
         (runner::predict::Which::Best, Some(1)),
         (runner::predict::Which::Last, Some(1)),
     ] {
-        let (card, model) = runner::predict::load(&s.results, &id, which, &device).unwrap();
+        let (card, model) =
+            runner::predict::load(&s.results, &id, which, &device, &Default::default()).unwrap();
         assert_eq!(card.spec.final_head().0, "phase[1].head");
         assert_eq!(model.head.layers.len(), 3, "{which:?}: the conv head");
         if let Some(from) = from {

@@ -477,6 +477,17 @@ pub enum Keep {
     Model,
 }
 
+impl Keep {
+    /// The spec's word for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Best => "best",
+            Self::Model => "model",
+        }
+    }
+}
+
 /// How pixel values (RGB, 0-255) become network input.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]

@@ -111,6 +111,11 @@ pub struct Progress {
     /// The phase whose head the model carries (`PhasePlan::head_from`; 0 for the first head).
     #[serde(default)]
     pub head_from: usize,
+    /// Store the whole model in checkpoints and `model.bpk`: the run resumed from a checkpoint
+    /// that held it whole (written before frozen layers were left out) and whose frozen layers
+    /// are not the weights file's any more, so they cannot be referred to.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub store_whole: bool,
 }
 
 impl Progress {
@@ -960,8 +965,20 @@ pub fn run(
             model =
                 crate::model::ModelConfig::for_phase(plan, from).assemble(model.backbone, device);
         }
-        let restored = restore(model, ck, &path)?;
+        // A checkpoint that holds the whole model: are its frozen layers still the file's?
+        let frozen = plan.frozen_layers(ck.state.progress.phase);
+        let whole = ck.state.frozen.is_none() && ck.state.progress.phase < plan.phases.len();
+        let file_digest = whole.then(|| model.backbone.digest_before(frozen));
+        let restored = restore(model, ck, (&path, &plan.weights))?;
         (model, phase_best, optimizer_state, progress) = restored;
+        if file_digest.is_some_and(|d| d != model.backbone.digest_before(frozen)) {
+            tracing::warn!(
+                run,
+                weights = %plan.weights.display(),
+                "The checkpoint's frozen layers differ from this weights file (changed since the run started?): the run goes on with the checkpoint's values and stores its whole model."
+            );
+            progress.store_whole = true;
+        }
         info!(
             run,
             phase = %plan.phases.get(progress.phase).map_or("", |p| p.name.as_str()),
@@ -1104,7 +1121,9 @@ fn run_phase(
     let phase_started = Instant::now();
     model = model.with_cut(ph.cutoff.index);
     // What no phase so far trained stays out of the checkpoints (the weights file holds it).
-    let frozen = model.frozen_base(plan.frozen_layers(progress.phase), &plan.weights);
+    let frozen = (!progress.store_whole)
+        .then(|| model.frozen_base(plan.frozen_layers(progress.phase), &plan.weights))
+        .flatten();
     let frozen = frozen.as_ref();
     info!(
         run,
@@ -1270,7 +1289,7 @@ fn early_stopping(
 fn restore(
     model: TransferModel,
     ck: Checkpoint,
-    path: &std::path::Path,
+    (path, weights): (&std::path::Path, &std::path::Path),
 ) -> Result<
     (
         TransferModel,
@@ -1284,7 +1303,7 @@ fn restore(
     if let Some(f) = frozen.filter(|f| !model.has_frozen(f)) {
         return Err(TrainError::FrozenChanged {
             path: path.to_path_buf(),
-            weights: f.weights.clone(),
+            weights: weights.to_path_buf(),
             layers: f.layers,
         });
     }
