@@ -140,14 +140,7 @@ pub fn export(
     // A trailing slash is what a shell completes a run's folder with.
     let run_id = run_id.trim_end_matches('/');
     let device = burn::prelude::Device::flex();
-    let (card, model) = crate::predict::load(
-        &settings.results,
-        run_id,
-        which,
-        &device,
-        &settings.locations,
-    )
-    .map_err(bad_input)?;
+    let (card, model) = load_model(run_id, which, &device, settings)?;
     let finished = crate::predict::card_path(&settings.results, run_id).is_file();
     let which = if finished || which != crate::predict::Which::Final {
         which
@@ -246,14 +239,7 @@ pub fn predict(
     settings: &Settings,
 ) -> Result<(), Failure> {
     let device = device::select(settings.device).map_err(bad_input)?.device;
-    let (card, model) = crate::predict::load(
-        &settings.results,
-        run_id,
-        which,
-        &device,
-        &settings.locations,
-    )
-    .map_err(bad_input)?;
+    let (card, model) = load_model(run_id, which, &device, settings)?;
     let files = crate::predict::collect_images(inputs).map_err(bad_input)?;
     if files.is_empty() {
         return Err(bad_input(anyhow::anyhow!(
@@ -301,6 +287,24 @@ pub fn report_page(dir: &Path, out: &Path, misclassified: usize) -> Result<(), F
         summary.bytes as f64 / 1e6
     );
     Ok(())
+}
+
+/// A run's model for predict and export (the frozen base from its weights file, found through
+/// the settings' locations when it moved).
+fn load_model(
+    run_id: &str,
+    which: crate::predict::Which,
+    device: &burn::prelude::Device,
+    settings: &Settings,
+) -> Result<(crate::predict::ModelCard, crate::model::TransferModel), Failure> {
+    crate::predict::load(
+        &settings.results,
+        run_id,
+        which,
+        device,
+        &settings.locations,
+    )
+    .map_err(bad_input)
 }
 
 /// `runner results`: one row per run (or per epoch) of `dir`.
