@@ -57,10 +57,6 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> FetchError + '_ {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Lowercase hex SHA-256 and MD5 of a file, in one pass.
 pub fn digests(path: &Path) -> Result<(String, String), FetchError> {
     let mut f = std::fs::File::open(path).map_err(io(path))?;
@@ -74,7 +70,10 @@ pub fn digests(path: &Path) -> Result<(String, String), FetchError> {
         sha.update(&buf[..n]);
         md5.update(&buf[..n]);
     }
-    Ok((hex(&sha.finalize()), hex(&md5.finalize())))
+    Ok((
+        crate::io::hex(&sha.finalize()),
+        crate::io::hex(&md5.finalize()),
+    ))
 }
 
 /// Lowercase hex SHA-256 of a file.

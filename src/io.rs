@@ -71,6 +71,11 @@ pub fn write_atomic<E: Into<Cause>>(
     Ok(())
 }
 
+/// Bytes as lowercase hexadecimal (SHA-256 digests in cards, checkpoints and caches).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Why an `--out` path is refused before anything is written.
 #[derive(Debug, thiserror::Error)]
 pub enum OutError {

@@ -52,14 +52,10 @@ pub struct FrozenBase {
     pub sha256: String,
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 impl FrozenBase {
     /// Whether `backbone`'s first layers are the ones this describes.
     pub fn matches(&self, backbone: &Backbone) -> bool {
-        hex(&backbone.digest_before(self.layers)) == self.sha256
+        crate::io::hex(&backbone.digest_before(self.layers)) == self.sha256
     }
 }
 
@@ -404,13 +400,8 @@ impl TransferModel {
         (layers > 0 && !self.backbone.ids_before(layers).is_empty()).then(|| FrozenBase {
             layers,
             weights: std::path::absolute(weights).unwrap_or_else(|_| weights.to_path_buf()),
-            sha256: hex(&self.backbone.digest_before(layers)),
+            sha256: crate::io::hex(&self.backbone.digest_before(layers)),
         })
-    }
-
-    /// Whether the backbone's first layers are the ones `frozen` describes.
-    pub fn has_frozen(&self, frozen: &FrozenBase) -> bool {
-        frozen.matches(&self.backbone)
     }
 
     /// The record of every parameter but those `frozen` leaves out (all, for `None`).

@@ -321,7 +321,7 @@ pub fn save(
     let bytes =
         train::model_bytes(model, card.frozen.as_ref()).map_err(|e| WriteError::new(&bpk, e))?;
     let card = ModelCard {
-        bpk_sha256: Some(hex(&sha2::Sha256::digest(&bytes))),
+        bpk_sha256: Some(crate::io::hex(&sha2::Sha256::digest(&bytes))),
         ..card
     };
     write_atomic(&bpk, |f| std::io::Write::write_all(f, &bytes))?;
@@ -517,7 +517,7 @@ pub fn load(
                 );
             }
             if let Some(want) = &card.bpk_sha256 {
-                let got = hex(&sha2::Sha256::digest(&b));
+                let got = crate::io::hex(&sha2::Sha256::digest(&b));
                 if !got.eq_ignore_ascii_case(want) {
                     return Err(unreadable(
                         &p,
@@ -672,10 +672,6 @@ fn frozen_base(
         });
     }
     Ok(base)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Image files under `inputs` (files as given, folders searched recursively, sorted).

@@ -90,7 +90,7 @@ fn the_frozen_base_stays_out_of_checkpoints_and_the_model_and_predict_rebuilds_i
     let weights = size(&s.weights);
     for f in ["model.bpk", "last.ckpt", "best.ckpt"] {
         let n = size(&dir.join(f));
-        // A checkpoint also holds the optimizer state: RMSprop keeps one value per parameter.
+        // A checkpoint also holds the optimizer's state (twice the trained parameters here).
         let share = if f == "model.bpk" { 4 } else { 2 };
         assert!(
             n * share < weights,
@@ -352,6 +352,23 @@ fn train_keep_changes_neither_the_config_hash_nor_a_resume() {
     for keep in ["all", "best", "model"] {
         assert_eq!(hash(&format!("keep = \"{keep}\"")), plain, "{keep}");
     }
+    // A value that is not one of the three is named with its key, exit 2.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        base.replace(
+            "loss = \"binary_crossentropy\"",
+            "loss = \"binary_crossentropy\"\nkeep = \"none\"",
+        ),
+    )
+    .unwrap();
+    let out = runner(&["check", bad.to_str().unwrap()], dir.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("train.keep") && err.contains("bad.toml"),
+        "{err}"
+    );
     assert!(
         runner::run::config_drift(
             "[train]\nepochs = 2\n",

@@ -194,11 +194,7 @@ pub fn key(model: &TransferModel, images: &Images, plan: &Plan) -> String {
         h.update(digest);
         h.update((*label as u64).to_le_bytes());
     }
-    hex(&h.finalize())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::io::hex(&h.finalize())
 }
 
 /// The on-disk cache, or none (`train.cache = "off"` or no folder).
@@ -304,7 +300,7 @@ pub fn write(path: &Path, key: &str, f: &Features) -> Result<(), crate::io::Writ
         "__metadata__": {
             "runner.key": key,
             "runner.version": CACHE_VERSION,
-            "runner.sha256": hex(&sha.finalize()),
+            "runner.sha256": crate::io::hex(&sha.finalize()),
         },
         "features": {"dtype": "F32", "shape": [n, c, h, w], "data_offsets": [0, data_bytes]},
         "labels": {"dtype": "U32", "shape": [n], "data_offsets": [data_bytes, data_bytes + 4 * n]},
@@ -384,7 +380,7 @@ pub fn read(path: &Path, key: &str, images: &Images) -> Result<Features, CacheEn
     };
     let feats = tensor("features")?;
     let labels = tensor("labels")?;
-    if meta.get("runner.sha256") != Some(&hex(&Sha256::digest(feats.data()))) {
+    if meta.get("runner.sha256") != Some(&crate::io::hex(&Sha256::digest(feats.data()))) {
         return Err(CacheEntryError::Checksum);
     }
     let shape = feats.shape();

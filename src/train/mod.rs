@@ -1300,7 +1300,7 @@ fn restore(
     TrainError,
 > {
     let frozen = ck.state.frozen.as_ref();
-    if let Some(f) = frozen.filter(|f| !model.has_frozen(f)) {
+    if let Some(f) = frozen.filter(|f| !f.matches(&model.backbone)) {
         return Err(TrainError::FrozenChanged {
             path: path.to_path_buf(),
             weights: weights.to_path_buf(),
