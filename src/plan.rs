@@ -128,11 +128,12 @@ pub fn resolve_weights(
 }
 
 /// A short, stable hash of the resolved spec. `train.keep` (what a finished run keeps on disk)
-/// is left out: it changes no number, so changing it neither reruns a sweep's points nor
-/// refuses a resume.
+/// and `data.max_decoded_mib` (whether decoded images are held or decoded again) are left out:
+/// they change no number, so changing them neither reruns a sweep's points nor refuses a resume.
 pub fn config_hash(spec: &Spec) -> String {
     let mut spec = spec.clone();
     spec.train.keep = None;
+    spec.data.max_decoded_mib = None;
     let json = serde_json::to_string(&spec).unwrap_or_default();
     let digest = Sha256::digest(json.as_bytes());
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()

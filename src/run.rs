@@ -178,6 +178,9 @@ fn flatten(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<S
     }
 }
 
+/// Keys that change no number of a run (left out of the drift check).
+const NO_NUMBER_KEYS: [&str; 2] = ["train.keep", "data.max_decoded_mib"];
+
 /// The keys whose values differ between two resolved configs: `key: old -> new`.
 pub fn config_drift(old: &str, new: &str) -> Vec<String> {
     let parse = |s: &str| {
@@ -190,8 +193,9 @@ pub fn config_drift(old: &str, new: &str) -> Vec<String> {
     let (a, b) = (parse(old), parse(new));
     let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
     keys.into_iter()
-        // What a finished run keeps on disk changes no number: it may change on resume.
-        .filter(|k| a.get(*k) != b.get(*k) && k.as_str() != "train.keep")
+        // What a finished run keeps on disk, and whether decoded images are held in memory,
+        // change no number: they may change on resume.
+        .filter(|k| a.get(*k) != b.get(*k) && !NO_NUMBER_KEYS.contains(&k.as_str()))
         .map(|k| {
             let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(unset)".into());
             format!("{k}: {} -> {}", show(a.get(k)), show(b.get(k)))
@@ -360,12 +364,19 @@ fn execute(
     let outcome = result.map_err(|e| {
         tracing::error!(run = %id, error = %e, "Run failed.");
         match e {
-            // Bad images and weights are input problems, found before any training step.
+            // Bad images and weights are input problems, found before any training step, or
+            // (an image of a split decoded again every epoch that changed) after some epochs
+            // were written: then the table says the run failed, and why.
             train::TrainError::Data(_)
             | train::TrainError::Weights(_)
             | train::TrainError::EmptyClass { .. }
             | train::TrainError::Restore { .. }
-            | train::TrainError::FrozenChanged { .. } => bad_input(e),
+            | train::TrainError::FrozenChanged { .. } => {
+                if let Some(progress) = last.borrow().as_ref() {
+                    record.failed(Some(progress), &e);
+                }
+                bad_input(e)
+            }
             train::TrainError::Write(_) => {
                 record.failed(last.borrow().as_ref(), &e);
                 failed(e)

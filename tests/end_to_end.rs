@@ -269,12 +269,20 @@ fn an_augmented_run_trains_end_to_end_and_is_reproducible() {
         format!("{}{AUGMENT}", std::fs::read_to_string(&s.spec).unwrap()),
     )
     .unwrap();
-    for _ in 0..2 {
-        let out = run(&s, &[]);
+    // The second run decodes its training split again batch by batch every epoch instead of
+    // holding it (a split larger than `data.max_decoded_mib`): the same pixels, the same run.
+    for sets in [&[][..], &["--set", "data.max_decoded_mib=0"]] {
+        let out = run(&s, sets);
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            err.contains("decoded again batch by batch every epoch"),
+            !sets.is_empty(),
+            "{err}"
         );
     }
     let tables: Vec<DataFrame> = files_with(&s.results, ".parquet")

@@ -3,6 +3,7 @@
 mod common;
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -263,4 +264,74 @@ fn results_show_a_killed_run_as_stopped_and_a_live_one_as_running() {
         Some("running")
     );
     assert_eq!(status(), "stopped", "a killed run");
+}
+
+#[test]
+fn an_image_that_changes_while_its_split_is_decoded_every_epoch_fails_the_run_which_resumes() {
+    let s = common::cli::setup(&[("epochs = 2", "epochs = 2\nsteps_per_epoch = 60")]);
+    let text = std::fs::read_to_string(&s.spec).unwrap();
+    let augment = "\n[augment]\nhorizontal_flip = true\nzoom = 0.2\n";
+    std::fs::write(&s.spec, format!("{text}{augment}")).unwrap();
+    let image = s.data.join("train/cats/cats.3.png");
+    let original = std::fs::read(&image).unwrap();
+    let mut child = common::cli::spawn(
+        &s,
+        &[
+            s.spec.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--results",
+            s.results.to_str().unwrap(),
+            "--set",
+            "data.max_decoded_mib=0",
+        ],
+    );
+    // Once the first epoch is written, the image is replaced: the second epoch decodes it again.
+    let t = Instant::now();
+    let id = loop {
+        if t.elapsed() > Duration::from_secs(120) || child.try_wait().unwrap().is_some() {
+            let mut child = child;
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "no epoch finished\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let logs = common::cli::files_with(&s.results, ".log.jsonl");
+        let finished = |log: &&PathBuf| {
+            let text = std::fs::read_to_string(log).unwrap();
+            text.contains("Epoch finished.")
+        };
+        if let Some(log) = logs.first().filter(finished) {
+            let name = log.file_name().unwrap().to_string_lossy();
+            break name.trim_end_matches(".log.jsonl").to_string();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    image::RgbImage::new(40, 40).save(&image).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let named = format!(
+        "{}: the file changed while runner was using it",
+        image.display()
+    );
+    assert!(err.contains(&named), "{err}");
+    let (status, error) = status_and_error(&s);
+    assert_eq!(status, "failed");
+    assert!(error.contains(&named), "{error}");
+    assert!(s.results.join(&id).join("last.ckpt").is_file());
+
+    // The file back as it was: the run resumes from its last epoch and completes.
+    std::fs::write(&image, original).unwrap();
+    let out = common::cli::runner(
+        &["resume", &id, "--results", s.results.to_str().unwrap()],
+        s.dir.path(),
+    );
+    common::cli::ok(&out);
+    let (status, _) = status_and_error(&s);
+    assert_eq!(status, "completed");
+    let (df, _) = runner::results::read_run(&s.results.join(format!("{id}.parquet"))).unwrap();
+    assert_eq!(df.height(), 2);
 }

@@ -431,7 +431,7 @@ fn a_conv_head_over_the_frozen_base_takes_the_same_augmented_step() {
     let images = runner::data::folder::load_split(listing, size, plan.spec.data.interpolation).0;
     let items: Vec<(usize, usize)> = (0..images.len()).map(|i| (i, 0)).collect();
     let aug = runner::spec::AugmentSpec::notebook();
-    let pixels = runner::data::augment::augment_pass_batch(&images, &items, &aug, 7, 1);
+    let pixels = runner::data::augment::augment_pass_batch(&images, &items, &aug, 7, 1).unwrap();
     let (m_cpu, m_gpu) = both(&plan, &gpu);
     // The frozen base on each device, outside autodiff, as the training loop runs it.
     let frozen = |m: &TransferModel, d: &Device| {

@@ -60,7 +60,7 @@ pub fn run(plan: &Plan, device: &Device, steps: usize) -> Result<String, TrainEr
             &aug,
             spec.experiment.seed,
             e,
-        ));
+        )?);
     }
     let aug_rate = (epochs * all.len()) as f64 / t.elapsed().as_secs_f64();
     rows.push((

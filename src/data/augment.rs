@@ -13,7 +13,7 @@
 
 use rayon::prelude::*;
 
-use super::Images;
+use super::{DataError, Images};
 use crate::spec::{AugmentSpec, Fill};
 
 /// The random draw for one image.
@@ -243,13 +243,15 @@ pub fn apply(
 }
 
 /// Augmented copies of images `indices` of `images` for `epoch`, in parallel; HWC u8, in order.
+/// A split decoded on demand is decoded now; an image that no longer decodes, or whose file
+/// changed, is an error naming it.
 pub fn augment_batch(
     images: &Images,
     indices: &[usize],
     spec: &AugmentSpec,
     seed: u64,
     epoch: usize,
-) -> Vec<u8> {
+) -> Result<Vec<u8>, DataError> {
     let items: Vec<(usize, usize)> = indices.iter().map(|&i| (i, 0)).collect();
     augment_pass_batch(images, &items, spec, seed, epoch)
 }
@@ -262,11 +264,30 @@ pub fn augment_pass_batch(
     spec: &AugmentSpec,
     seed: u64,
     epoch: usize,
-) -> Vec<u8> {
+) -> Result<Vec<u8>, DataError> {
     // The mirrored view exists for test-time augmentation only, which `batch_tensor` applies.
     debug_assert!(!images.mirrored, "augmentation reads the pixels as stored");
     let size = [images.height, images.width];
     let n = images.height * images.width * 3;
+    // A split decoded on demand: this batch's images, each decoded once (an image may come
+    // twice when `steps_per_epoch` asks for more than one pass).
+    let decoded = match images.on_demand {
+        None => None,
+        Some(_) => {
+            let mut unique: Vec<usize> = items.iter().map(|&(i, _)| i).collect();
+            unique.sort_unstable();
+            unique.dedup();
+            let pixels = images.pixels_of(&unique)?;
+            Some((unique, pixels))
+        }
+    };
+    let source = |i: usize| match &decoded {
+        None => images.image(i),
+        Some((unique, pixels)) => {
+            let at = unique.binary_search(&i).expect("every item was decoded");
+            &pixels[at * n..][..n]
+        }
+    };
     let mut out = vec![0u8; items.len() * n];
     out.par_chunks_mut(n)
         .zip(items.par_iter())
@@ -277,9 +298,9 @@ pub fn augment_pass_batch(
                 epoch + pass * 1_000_003
             };
             let t = draw(spec, size, seed, key, i);
-            apply(&t, images.image(i), size, spec.fill, spec.fill_value, dst);
+            apply(&t, source(i), size, spec.fill, spec.fill_value, dst);
         });
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -421,12 +442,62 @@ mod tests {
             on_demand: None,
             mirrored: false,
         };
-        let a = augment_batch(&images, &[0, 1, 2, 3], &spec, 42, 1);
-        assert_eq!(a, augment_batch(&images, &[0, 1, 2, 3], &spec, 42, 1));
-        assert_ne!(a, augment_batch(&images, &[0, 1, 2, 3], &spec, 42, 2));
+        let batch = |idx: &[usize], epoch| augment_batch(&images, idx, &spec, 42, epoch).unwrap();
+        let a = batch(&[0, 1, 2, 3], 1);
+        assert_eq!(a, batch(&[0, 1, 2, 3], 1));
+        assert_ne!(a, batch(&[0, 1, 2, 3], 2));
         // Image 2's result does not depend on which batch or position it is in.
-        let alone = augment_batch(&images, &[2], &spec, 42, 1);
+        let alone = batch(&[2], 1);
         assert_eq!(&a[2 * 108..3 * 108], &alone[..]);
+    }
+
+    #[test]
+    fn a_split_decoded_batch_by_batch_augments_as_the_one_held_and_names_a_changed_file() {
+        use crate::data::folder::{load_split_with, scan_split};
+        use crate::spec::Interpolation;
+        let dir = tempfile::tempdir().unwrap();
+        for (class, n) in [("cats", 3u8), ("dogs", 3)] {
+            std::fs::create_dir_all(dir.path().join(class)).unwrap();
+            for i in 0..n {
+                image::RgbImage::from_fn(20, 16, |x, y| {
+                    image::Rgb([x as u8 * 11, y as u8 * 13, i * 70 + 5])
+                })
+                .save(dir.path().join(class).join(format!("{i}.png")))
+                .unwrap();
+            }
+        }
+        let l = scan_split("train", dir.path()).unwrap();
+        let (held, _) = load_split_with(&l, [12, 10], Interpolation::Bilinear, true);
+        let (lazy, _) = load_split_with(&l, [12, 10], Interpolation::Bilinear, false);
+        assert!(lazy.pixels.is_empty() && lazy.on_demand.is_some());
+        let spec = AugmentSpec::notebook();
+        // Image 4 twice (a second pass of the epoch), out of order.
+        let items = [(4, 0), (1, 0), (4, 1), (0, 0), (5, 0)];
+        let want = augment_pass_batch(&held, &items, &spec, 7, 3).unwrap();
+        assert_eq!(
+            augment_pass_batch(&lazy, &items, &spec, 7, 3).unwrap(),
+            want
+        );
+        assert_ne!(
+            &want[..360],
+            &want[2 * 360..3 * 360],
+            "a second pass is a new draw"
+        );
+
+        image::RgbImage::new(20, 16).save(&lazy.paths[1]).unwrap();
+        let e = augment_pass_batch(&lazy, &items, &spec, 7, 3)
+            .unwrap_err()
+            .to_string();
+        let named = format!(
+            "{}: the file changed while runner was using it",
+            lazy.paths[1].display()
+        );
+        assert!(e.contains(&named), "{e}");
+        // What is held is not read again.
+        assert_eq!(
+            augment_pass_batch(&held, &items, &spec, 7, 3).unwrap(),
+            want
+        );
     }
 
     #[test]

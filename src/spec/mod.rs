@@ -335,7 +335,16 @@ pub struct DataSpec {
     /// or `skip` (each is logged and the count is stored with the run).
     #[serde(default)]
     pub on_bad_image: OnBadImage,
+    /// The most MiB of decoded training images held in memory (default 1024). An augmented
+    /// training split that decodes to more is decoded again batch by batch every epoch, on the
+    /// thread that prepares the next batches, so memory stays flat in the number of images; the
+    /// pixels, and so the results, are the same either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_decoded_mib: Option<u64>,
 }
+
+/// [`DataSpec::max_decoded_mib`]'s default.
+pub const MAX_DECODED_MIB: u64 = 1024;
 
 /// Policy for unreadable images.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]

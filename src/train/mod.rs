@@ -31,7 +31,7 @@ use crate::data::{self, DataError, Images, augment};
 pub use crate::metrics::{EpochMetrics, Evaluation, Partial, Prediction, Status};
 use crate::model::{FrozenBase, TransferModel};
 use crate::plan::{PhasePlan, Plan};
-use crate::spec::{AugmentSpec, OnBadImage};
+use crate::spec::{AugmentSpec, MAX_DECODED_MIB, OnBadImage};
 pub use checkpoint::{Checkpoint, Origin};
 pub use features::{ExtractError, FeatureCache, Features};
 use schedule::{Schedule, ScheduleState, Tracker};
@@ -489,6 +489,8 @@ enum StepsEnd {
     Finished(TransferModel),
     Interrupted(TransferModel),
     Diverged(TransferModel),
+    /// An image of a split decoded on demand could not be read again.
+    Failed(DataError),
 }
 
 /// One phase's optimizer and schedule, and the settings its steps need.
@@ -709,33 +711,45 @@ impl<'a> PhaseRunner<'a> {
             } => {
                 // Augmentation, preprocessing and the upload of the next batches run on another
                 // thread while this one computes; the channel bounds how far ahead it gets.
+                // A split decoded on demand is decoded there too; an image that fails then ends
+                // the epoch with its error.
                 let preprocess = self.plan.preprocess;
-                std::thread::scope(|scope| {
-                    let (tx, rx) = std::sync::mpsc::sync_channel::<Tensor<4>>(2);
+                let failed = std::cell::Cell::new(None);
+                let end = std::thread::scope(|scope| {
+                    let (tx, rx) = std::sync::mpsc::sync_channel(2);
                     let chunks_ref = &chunks;
                     let plain = &plain;
                     scope.spawn(move || {
                         for chunk in chunks_ref {
-                            let pixels =
-                                augment::augment_pass_batch(images, chunk, aug, seed, epoch);
-                            let x = data::pixels_tensor(
-                                &pixels,
-                                chunk.len(),
-                                [images.height, images.width],
-                                preprocess,
-                                plain,
-                            );
-                            if tx.send(x).is_err() {
+                            let x = augment::augment_pass_batch(images, chunk, aug, seed, epoch)
+                                .map(|pixels| {
+                                    data::pixels_tensor(
+                                        &pixels,
+                                        chunk.len(),
+                                        [images.height, images.width],
+                                        preprocess,
+                                        plain,
+                                    )
+                                });
+                            let stop = x.is_err();
+                            if tx.send(x).is_err() || stop {
                                 return;
                             }
                         }
                     });
-                    let batches = chunks.iter().zip(rx.iter()).map(|(chunk, x)| {
+                    let received = rx
+                        .iter()
+                        .map_while(|x| x.map_err(|e| failed.set(Some(e))).ok());
+                    let batches = chunks.iter().zip(received).map(|(chunk, x)| {
                         let y: Vec<usize> = chunk.iter().map(|(i, _)| images.labels[*i]).collect();
                         (frozen.frozen_features(x).autodiff(), y)
                     });
                     self.steps(model, progress, epoch, started, batches)
-                })
+                });
+                match failed.take() {
+                    Some(e) => StepsEnd::Failed(e),
+                    None => end,
+                }
             }
         };
         progress.partial.seconds += started.elapsed().as_secs_f64();
@@ -775,6 +789,8 @@ pub fn fit_with(
     for epoch in 1..=phase.epochs {
         model = match runner.epoch(model, train, &mut progress, epoch) {
             StepsEnd::Finished(m) | StepsEnd::Interrupted(m) | StepsEnd::Diverged(m) => m,
+            // The benchmark's splits are held in memory.
+            StepsEnd::Failed(e) => panic!("{e}"),
         };
         let m = finish_epoch(&mut progress, &runner, &model, validation, epoch, run);
         progress.history.push(m);
@@ -842,12 +858,20 @@ fn load_images(plan: &Plan, run: &str) -> Result<(Vec<Images>, usize), TrainErro
     let spec = &plan.spec;
     let mut images = Vec::new();
     let mut bad = Vec::new();
-    // Only an augmented training split is read image by image every epoch; every other split is
-    // read once per phase by the feature extraction, so it is decoded again batch by batch there
-    // instead of being held (memory stays flat however many images a split has).
+    // Only an augmented training split is read image by image every epoch, and it is held in
+    // memory when it fits `data.max_decoded_mib`; every other split is read once per phase by
+    // the feature extraction, and a larger augmented one once per epoch, so they are decoded
+    // again batch by batch instead of being held (memory stays flat however many images a split
+    // has).
     let augmented = plan.phases.iter().any(|p| p.augment.is_some());
+    let [h, w] = spec.data.image_size;
+    let budget = spec.data.max_decoded_mib.unwrap_or(MAX_DECODED_MIB) << 20;
     for (k, listing) in plan.splits.iter().enumerate() {
-        let keep = k == 0 && augmented;
+        let fits = (listing.files.len() as u64).saturating_mul((h * w * 3) as u64) <= budget;
+        let keep = k == 0 && augmented && fits;
+        if k == 0 && augmented && !fits {
+            info!(run, split = %listing.name, images = listing.files.len(), max_decoded_mib = budget >> 20, "The augmented split is larger than data.max_decoded_mib: it is decoded again batch by batch every epoch.");
+        }
         let (imgs, report) = data::folder::load_split_with(
             listing,
             spec.data.image_size,
@@ -1168,6 +1192,7 @@ fn run_phase(
         let epoch = progress.history.len() + 1;
         match runner.epoch(model, &source, progress, epoch) {
             StepsEnd::Finished(m) => model = m,
+            StepsEnd::Failed(e) => return Err(e.into()), // last.ckpt stays, to resume from
             StepsEnd::Interrupted(m) => {
                 progress.status = Status::Interrupted;
                 let at = (&m, frozen);
