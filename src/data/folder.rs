@@ -449,6 +449,9 @@ pub fn load_split(
     load_split_with(listing, size, interp, true)
 }
 
+/// Images decoded in parallel at once by [`load_split_with`].
+const DECODE_CHUNK: usize = 512;
+
 /// `load_split`, keeping the pixels (`keep`) or only checking every image and recording its
 /// digest, to be decoded again batch by batch (`Images::on_demand`).
 pub fn load_split_with(
@@ -457,18 +460,6 @@ pub fn load_split_with(
     interp: Interpolation,
     keep: bool,
 ) -> (Images, Preflight) {
-    let decoded: Vec<Result<Decoded, DecodeError>> = listing
-        .files
-        .par_iter()
-        .map(|(p, _)| {
-            decode(p, size, interp).map(|mut d| {
-                if !keep {
-                    d.pixels = Vec::new();
-                }
-                d
-            })
-        })
-        .collect();
     let mut images = Images {
         split: listing.name.clone(),
         height: size[0],
@@ -485,6 +476,22 @@ pub fn load_split_with(
         mirrored: false,
     };
     let mut report = Preflight::default();
+    // Decoded in parallel a chunk at a time, so that a held split costs its pixels plus one
+    // chunk at its peak, not twice its pixels.
+    let decoded = listing.files.chunks(DECODE_CHUNK).flat_map(|chunk| {
+        let part: Vec<Result<Decoded, DecodeError>> = chunk
+            .par_iter()
+            .map(|(p, _)| {
+                decode(p, size, interp).map(|mut d| {
+                    if !keep {
+                        d.pixels = Vec::new();
+                    }
+                    d
+                })
+            })
+            .collect();
+        part
+    });
     for ((path, label), r) in listing.files.iter().zip(decoded) {
         match r {
             Ok(d) => {
