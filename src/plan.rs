@@ -136,7 +136,7 @@ pub fn config_hash(spec: &Spec) -> String {
     spec.data.max_decoded_mib = None;
     let json = serde_json::to_string(&spec).unwrap_or_default();
     let digest = Sha256::digest(json.as_bytes());
-    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    crate::io::hex(&digest[..8])
 }
 
 /// Checks the loaded spec and resolves it into a plan, or returns every problem found.

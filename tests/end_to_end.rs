@@ -301,6 +301,24 @@ fn an_augmented_run_trains_end_to_end_and_is_reproducible() {
     for col in ["train_loss", "val_loss", "test_loss"] {
         assert_eq!(f64s(&tables[0], col), f64s(&tables[1], col), "{col}");
     }
+    // `data.max_decoded_mib` changes no number: the same config hash (a sweep skips the point),
+    // and a resume may change it.
+    assert_eq!(
+        first_str(&tables[0], "config_hash"),
+        first_str(&tables[1], "config_hash")
+    );
+    let drift = runner::run::config_drift("[data]\nmax_decoded_mib = 0\n", "[data]\n");
+    assert!(drift.is_empty(), "{drift:?}");
+    // A value that is not a count of MiB is named with its key and file.
+    let out = run(&s, &["--set", "data.max_decoded_mib=-1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("data.max_decoded_mib"), "{err}");
+    assert_eq!(
+        files_with(&s.results, ".parquet").len(),
+        2,
+        "nothing new written"
+    );
 }
 
 #[test]

@@ -3,7 +3,6 @@
 mod common;
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -227,16 +226,7 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 fn results_show_a_killed_run_as_stopped_and_a_live_one_as_running() {
     let s = common::cli::setup(&[("epochs = 2", "epochs = 8\nsteps_per_epoch = 4000")]);
     let results = s.results.to_str().unwrap().to_string();
-    let mut child = common::cli::spawn(
-        &s,
-        &[
-            s.spec.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--results",
-            &results,
-        ],
-    );
+    let mut child = common::cli::spawn_run(&s, &[]);
     common::cli::wait_for_checkpoint(&s.results, &mut child);
     let status = || {
         let out = common::cli::runner(&["results", &results, "--format", "csv"], s.dir.path());
@@ -274,41 +264,9 @@ fn an_image_that_changes_while_its_split_is_decoded_every_epoch_fails_the_run_wh
     std::fs::write(&s.spec, format!("{text}{augment}")).unwrap();
     let image = s.data.join("train/cats/cats.3.png");
     let original = std::fs::read(&image).unwrap();
-    let mut child = common::cli::spawn(
-        &s,
-        &[
-            s.spec.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--results",
-            s.results.to_str().unwrap(),
-            "--set",
-            "data.max_decoded_mib=0",
-        ],
-    );
+    let mut child = common::cli::spawn_run(&s, &["--set", "data.max_decoded_mib=0"]);
     // Once the first epoch is written, the image is replaced: the second epoch decodes it again.
-    let t = Instant::now();
-    let id = loop {
-        if t.elapsed() > Duration::from_secs(120) || child.try_wait().unwrap().is_some() {
-            let mut child = child;
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "no epoch finished\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let logs = common::cli::files_with(&s.results, ".log.jsonl");
-        let finished = |log: &&PathBuf| {
-            let text = std::fs::read_to_string(log).unwrap();
-            text.contains("Epoch finished.")
-        };
-        if let Some(log) = logs.first().filter(finished) {
-            let name = log.file_name().unwrap().to_string_lossy();
-            break name.trim_end_matches(".log.jsonl").to_string();
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let id = common::cli::wait_for_checkpoint(&s.results, &mut child);
     image::RgbImage::new(40, 40).save(&image).unwrap();
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

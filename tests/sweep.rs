@@ -463,16 +463,7 @@ fn smoothing_is_the_notebooks_exponential_moving_average() {
 #[test]
 fn logs_follow_a_live_run_until_it_ends() {
     let s = setup(&[("epochs = 2", "epochs = 6\nsteps_per_epoch = 4000")]);
-    let mut child = common::cli::spawn(
-        &s,
-        &[
-            s.spec.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--results",
-            s.results.to_str().unwrap(),
-        ],
-    );
+    let mut child = common::cli::spawn_run(&s, &[]);
     // Start following as soon as the log exists, long before the run ends.
     let log = loop {
         if let Some(l) = files_with(&s.results, ".log.jsonl").pop() {

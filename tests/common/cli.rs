@@ -108,6 +108,19 @@ pub fn spawn(s: &Setup, args: &[&str]) -> Child {
         .unwrap()
 }
 
+/// Starts the tiny experiment in the background with `extra` arguments (as [`run`] does).
+pub fn spawn_run(s: &Setup, extra: &[&str]) -> Child {
+    let mut args = vec![
+        s.spec.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--results",
+        s.results.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    spawn(s, &args)
+}
+
 /// Asserts a zero exit, showing the output otherwise.
 pub fn ok(out: &Output) {
     assert!(
