@@ -52,6 +52,11 @@ pub fn runner(args: &[&str], cwd: &Path) -> Output {
 
 /// Runs the tiny experiment with `extra` arguments.
 pub fn run(s: &Setup, extra: &[&str]) -> Output {
+    runner(&run_args(s, extra), s.dir.path())
+}
+
+/// The tiny experiment's command line on the CPU into the setup's results, then `extra`.
+fn run_args<'a>(s: &'a Setup, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         s.spec.to_str().unwrap(),
         "--device",
@@ -60,7 +65,7 @@ pub fn run(s: &Setup, extra: &[&str]) -> Output {
         s.results.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    runner(&args, s.dir.path())
+    args
 }
 
 pub fn files_with(dir: &Path, suffix: &str) -> Vec<PathBuf> {
@@ -110,15 +115,7 @@ pub fn spawn(s: &Setup, args: &[&str]) -> Child {
 
 /// Starts the tiny experiment in the background with `extra` arguments (as [`run`] does).
 pub fn spawn_run(s: &Setup, extra: &[&str]) -> Child {
-    let mut args = vec![
-        s.spec.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--results",
-        s.results.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    spawn(s, &args)
+    spawn(s, &run_args(s, extra))
 }
 
 /// Asserts a zero exit, showing the output otherwise.
