@@ -36,39 +36,97 @@ pub fn write_atomic<E: Into<Cause>>(
     path: &Path,
     write: impl FnOnce(&mut File) -> Result<(), E>,
 ) -> Result<(), WriteError> {
-    let err = |cause: Cause| WriteError {
-        path: path.to_path_buf(),
-        cause,
-    };
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| err(e.into()))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let inject = injected_failure(path);
-    // 0666 less the umask, as any file a program creates (tempfile's default is 0600, which
-    // would leave a model or a table unreadable to the other users of a shared results folder).
-    let mode = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o666);
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".tmp")
-        .permissions(mode)
-        .tempfile_in(dir)
-        .map_err(|e| err(e.into()))?;
-    if let Some(e) = inject {
-        return Err(err(e.into()));
+    let mut file = AtomicFile::create(path)?;
+    write(file.file()).map_err(|e| WriteError::new(path, e))?;
+    file.commit().map(drop)
+}
+
+/// A file being written in place of `path`, for a writer that goes on for long (a feature
+/// cache written batch by batch during an extraction): the temporary file of [`write_atomic`],
+/// renamed over `path` by [`commit`](Self::commit) and removed when dropped before that.
+#[derive(Debug)]
+pub struct AtomicFile {
+    path: PathBuf,
+    tmp: tempfile::NamedTempFile,
+}
+
+impl AtomicFile {
+    /// Creates the temporary file beside `path` (and `path`'s folder when missing).
+    pub fn create(path: &Path) -> Result<Self, WriteError> {
+        let err = |cause: Cause| WriteError {
+            path: path.to_path_buf(),
+            cause,
+        };
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| err(e.into()))?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let inject = injected_failure(path);
+        // 0666 less the umask, as any file a program creates (tempfile's default is 0600, which
+        // would leave a model or a table unreadable to the other users of a shared results folder).
+        let mode = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o666);
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".tmp")
+            .permissions(mode)
+            .tempfile_in(dir)
+            .map_err(|e| err(e.into()))?;
+        if let Some(e) = inject {
+            return Err(err(e.into()));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            tmp,
+        })
     }
-    write(tmp.as_file_mut()).map_err(|e| err(e.into()))?;
-    tmp.as_file().sync_all().map_err(|e| err(e.into()))?;
-    tmp.persist(path).map_err(|e| err(e.error.into()))?;
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
+
+    /// The file `path` will be.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
-    Ok(())
+
+    /// The temporary file, to write to (and read back from).
+    pub fn file(&mut self) -> &mut File {
+        self.tmp.as_file_mut()
+    }
+
+    /// Syncs the file, renames it over `path` and syncs the folder; returns the file, open.
+    pub fn commit(self) -> Result<File, WriteError> {
+        self.try_commit().map_err(|(e, _)| e)
+    }
+
+    /// [`commit`](Self::commit), giving the temporary file back when it fails.
+    #[allow(clippy::result_large_err)] // once per file
+    pub fn try_commit(self) -> Result<File, (WriteError, Self)> {
+        let err = |path: &Path, cause: Cause| WriteError {
+            path: path.to_path_buf(),
+            cause,
+        };
+        if let Err(e) = self.tmp.as_file().sync_all() {
+            return Err((err(&self.path, e.into()), self));
+        }
+        let file = match self.tmp.persist(&self.path) {
+            Ok(file) => file,
+            Err(e) => {
+                let path = self.path;
+                return Err((err(&path, e.error.into()), Self { path, tmp: e.file }));
+            }
+        };
+        let dir = self
+            .path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(file)
+    }
 }
 
 /// Bytes as lowercase hexadecimal (SHA-256 digests in cards, checkpoints and caches).

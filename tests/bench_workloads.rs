@@ -92,10 +92,11 @@ trainable_from = "block5_conv1"
     let feats =
         runner::train::features::extract(&model, &images, &plan, &plain, "test", None).unwrap();
     // The workload takes the listing's first two and last two, the last ones from the end.
-    let per = feats.values.len() / feats.len();
+    let values = feats.values().unwrap();
+    let per = values.len() / feats.len();
     let rows: Vec<f32> = [0, 1, 3, 2]
         .iter()
-        .flat_map(|&i| feats.values[i * per..(i + 1) * per].to_vec())
+        .flat_map(|&i| values[i * per..(i + 1) * per].to_vec())
         .collect();
     assert_eq!(output.len(), rows.len());
     let rel = common::relative_error(output, &rows);

@@ -293,3 +293,96 @@ fn an_image_that_changes_while_its_split_is_decoded_every_epoch_fails_the_run_wh
     let (df, _) = runner::results::read_run(&s.results.join(format!("{id}.parquet"))).unwrap();
     assert_eq!(df.height(), 2);
 }
+
+#[test]
+fn a_feature_cache_that_cannot_be_written_is_done_without_and_the_run_is_the_same() {
+    let s = common::cli::setup(&[]);
+    // Every write under the cache folder fails as on a full disk; nothing else does.
+    let out = run_failing(&s, "/cache/");
+    common::cli::ok(&out);
+    let (status, _) = status_and_error(&s);
+    assert_eq!(status, "completed");
+    let tables = common::cli::files_with(&s.results, ".parquet");
+    let id = tables[0]
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let ev = common::cli::events(&s.results, &id);
+    // Train, validation and test: each extracted, none written.
+    assert_eq!(
+        common::cli::count(&ev, "Cannot write the feature cache; going on without it."),
+        3
+    );
+    assert_eq!(common::cli::count(&ev, "Feature cache written."), 0);
+    let cache = s.dir.path().join("cache");
+    let left: Vec<_> = std::fs::read_dir(&cache)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    let (without, _) = runner::results::read_run(&tables[0]).unwrap();
+
+    // The same run with the cache written: the same losses, read from the files.
+    std::fs::remove_dir_all(&s.results).unwrap();
+    common::cli::ok(&common::cli::run(&s, &[]));
+    let tables = common::cli::files_with(&s.results, ".parquet");
+    let (with, _) = runner::results::read_run(&tables[0]).unwrap();
+    for c in ["train_loss", "val_loss", "test_loss"] {
+        let values =
+            |df: &polars::prelude::DataFrame| df.column(c).unwrap().f64().unwrap().to_vec();
+        assert_eq!(values(&without), values(&with), "{c} differs");
+    }
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 3);
+}
+
+#[test]
+fn a_cached_split_damaged_during_the_run_fails_it_naming_the_file_and_the_run_resumes() {
+    // Long enough that the file is damaged while epochs are still to come.
+    let s = common::cli::setup(&[("epochs = 2", "epochs = 400\nsteps_per_epoch = 20")]);
+    let mut child = common::cli::spawn_run(&s, &[]);
+    let id = common::cli::wait_for_checkpoint(&s.results, &mut child);
+    let cache = s.dir.path().join("cache");
+    let entries: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    assert_eq!(entries.len(), 2, "train and validation: {entries:?}");
+    for p in &entries {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_len(100)
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("cannot read the cached activations")
+            && entries
+                .iter()
+                .any(|p| err.contains(&p.display().to_string())),
+        "{err}"
+    );
+    let (status, error) = status_and_error(&s);
+    assert_eq!(status, "failed");
+    assert!(
+        error.contains("cannot read the cached activations"),
+        "{error}"
+    );
+    assert!(s.results.join(&id).join("last.ckpt").is_file());
+
+    // On resume the damaged files fail their check and are rebuilt.
+    let out = common::cli::runner(
+        &["resume", &id, "--results", s.results.to_str().unwrap()],
+        s.dir.path(),
+    );
+    common::cli::ok(&out);
+    let (status, _) = status_and_error(&s);
+    assert_eq!(status, "completed");
+    let ev = common::cli::events(&s.results, &id);
+    assert!(common::cli::count(&ev, "Feature cache file is corrupt; rebuilding it.") >= 2);
+}

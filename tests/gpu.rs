@@ -184,12 +184,12 @@ fn features(plan: &Plan, n: usize, seed: u64) -> Features {
         .shape_at(plan.phases[0].cutoff.index, plan.spec.data.image_size);
     let mut rng = common::Rng::new(seed);
     let per: usize = shape.iter().product();
-    Features {
-        values: (0..n * per).map(|_| rng.uniform().abs() * 2.0).collect(),
+    Features::new(
+        (0..n * per).map(|_| rng.uniform().abs() * 2.0).collect(),
         shape,
-        labels: (0..n).map(|i| (i * 7 + 1) % 2).collect(),
-        paths: (0..n).map(|i| format!("{i}.png").into()).collect(),
-    }
+        (0..n).map(|i| (i * 7 + 1) % 2).collect(),
+        (0..n).map(|i| format!("{i}.png").into()).collect(),
+    )
 }
 
 /// Every float parameter: id, rank, trainable, module path.
@@ -337,7 +337,7 @@ fn same_step(
 /// Features at the cutoff as a batch on `device` (with autodiff, as the training loop has them).
 fn batch(f: &Features, device: &Device) -> (Tensor<4>, Vec<usize>) {
     let idx: Vec<usize> = (0..f.len()).collect();
-    f.batch(&idx, device)
+    f.batch(&idx, device).unwrap()
 }
 
 #[test]

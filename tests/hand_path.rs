@@ -66,12 +66,12 @@ fn notebook(dir: &Path, trainable_from: &str) -> Plan {
 fn features(n: usize, classes: usize, seed: u64, shape: [usize; 3]) -> Features {
     let mut rng = common::Rng::new(seed);
     let per: usize = shape.iter().product();
-    Features {
-        values: (0..n * per).map(|_| rng.uniform() * 2.0).collect(),
+    Features::new(
+        (0..n * per).map(|_| rng.uniform() * 2.0).collect(),
         shape,
-        labels: (0..n).map(|i| (i * 7 + 1) % classes).collect(),
-        paths: (0..n).map(|i| format!("{i}.jpg").into()).collect(),
-    }
+        (0..n).map(|i| (i * 7 + 1) % classes).collect(),
+        (0..n).map(|i| format!("{i}.jpg").into()).collect(),
+    )
 }
 
 /// Ids and ranks of every parameter of a module.
@@ -138,7 +138,7 @@ fn same_step_with(plan: &Plan, kind: Loss, classes: usize, params: usize, eps: f
     let mut model = TransferModel::build(plan, &device).unwrap();
     let f = features(6, classes, 11, cut_shape(plan));
     let idx: Vec<usize> = (0..6).collect();
-    let (x, labels) = f.batch(&idx, &device);
+    let (x, labels) = f.batch(&idx, &device).unwrap();
 
     device.seed(42);
     let logits = model.forward_from_cut(x.clone());
@@ -186,7 +186,7 @@ fn same_step_with(plan: &Plan, kind: Loss, classes: usize, params: usize, eps: f
     // The parameters (block5's too) went back where they were, unchanged and still trainable.
     assert_eq!(trainable_values(&model), before);
     device.seed(42);
-    let again = path.step(&mut model, f.batch(&idx, &device).0, &labels);
+    let again = path.step(&mut model, f.batch(&idx, &device).unwrap().0, &labels);
     assert_eq!(again.loss, got.loss);
 }
 

@@ -503,12 +503,13 @@ fn train_step(
 /// The first `n` examples of `f`.
 fn first_n(f: &Features, n: usize) -> Features {
     let per: usize = f.shape.iter().product();
-    Features {
-        values: f.values[..n * per].to_vec(),
-        shape: f.shape,
-        labels: f.labels[..n].to_vec(),
-        paths: f.paths[..n].to_vec(),
-    }
+    let values = f.values().expect("the benchmark's features are in memory");
+    Features::new(
+        values[..n * per].to_vec(),
+        f.shape,
+        f.labels[..n].to_vec(),
+        f.paths[..n].to_vec(),
+    )
 }
 
 /// Deterministic activations in `[0, 1)` standing in for cached VGG16 features.
@@ -523,12 +524,12 @@ fn synthetic_features(n: usize, shape: [usize; 3]) -> Features {
             (state >> 40) as f32 / (1u64 << 24) as f32
         })
         .collect();
-    Features {
+    Features::new(
         values,
         shape,
-        labels: (0..n).map(|i| i % 2).collect(),
-        paths: (0..n).map(|i| PathBuf::from(format!("{i}"))).collect(),
-    }
+        (0..n).map(|i| i % 2).collect(),
+        (0..n).map(|i| PathBuf::from(format!("{i}"))).collect(),
+    )
 }
 
 /// An epoch of the dense head on cached features (2000 x 8192), through [`train::fit`].
@@ -560,7 +561,7 @@ fn dense_head_epoch(opts: &Options, device: &Device) -> anyhow::Result<Report> {
     check.push((
         "features".into(),
         vec![batch, plan.base_output.iter().product()],
-        first.values.clone(),
+        first.values()?.into_owned(),
     ));
     check.push((
         "labels".into(),
@@ -679,6 +680,7 @@ fn extract(opts: &Options, device: &Device) -> anyhow::Result<Report> {
     let plain = device.clone().without_autodiff();
     let model = TransferModel::build(&plan, &plain)?;
     let dir = tempfile_dir("runner-bench-extract")?;
+    let mut cache = train::FeatureCache::new(Some(dir.clone()));
     for listing in &plan.splits {
         if left == 0 {
             break;
@@ -689,9 +691,8 @@ fn extract(opts: &Options, device: &Device) -> anyhow::Result<Report> {
         let size = plan.spec.data.image_size;
         let images = folder::load_split_with(&l, size, plan.spec.data.interpolation, false).0;
         n += images.len();
-        let f = train::features::extract(&model, &images, &plan, &plain, "bench", None)?;
-        let key = train::features::key(&model, &images, &plan);
-        train::features::write(&dir.join(format!("{key}.safetensors")), &key, &f)?;
+        let f = cache.features(&model, &images, &plan, &plain, "bench")?;
+        anyhow::ensure!(f.file().is_some(), "the feature cache was not written");
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(Report {

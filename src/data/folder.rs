@@ -27,6 +27,15 @@ pub enum DataError {
     /// Images that could not be decoded; every one is listed.
     #[error("{} image{} cannot be decoded:\n{}", .0.len(), if .0.len() == 1 { "" } else { "s" }, .0.iter().map(|(p, e)| format!("  {}: {e}\n", p.display())).collect::<String>())]
     BadImages(Vec<(PathBuf, String)>),
+    /// The feature cache file a run reads a split's activations from failed to read (it was
+    /// truncated or damaged in place after the run checked it).
+    #[error("{}: cannot read the cached activations: {error}; run again to rebuild them", path.display())]
+    FeatureCache {
+        /// The cache file.
+        path: PathBuf,
+        /// The I/O error.
+        error: std::io::Error,
+    },
     /// A class folder whose name is not UTF-8 (class names go into results and saved models).
     #[error("{}: the class folder's name is not valid UTF-8; rename it", .0.display())]
     ClassName(PathBuf),

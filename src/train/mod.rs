@@ -302,7 +302,7 @@ pub fn evaluate_with(
     plan: &Plan,
     device: &Device,
     keep: bool,
-) -> (Evaluation, Vec<Prediction>) {
+) -> Result<(Evaluation, Vec<Prediction>), DataError> {
     let m = model.valid();
     let plain = device.clone().without_autodiff();
     let kind = plan.spec.train.loss;
@@ -311,7 +311,7 @@ pub fn evaluate_with(
     let mut logits_all = Vec::new();
     let indices: Vec<usize> = (0..feats.len()).collect();
     for chunk in indices.chunks(plan.spec.data.batch_size) {
-        let (x, y) = feats.batch(chunk, &plain);
+        let (x, y) = feats.batch(chunk, &plain)?;
         let logits = m.forward_from_cut(x);
         let correct = loss::correct_on_device(kind, logits.clone(), &y);
         stats.push(Tensor::cat(
@@ -347,7 +347,7 @@ pub fn evaluate_with(
             });
         }
     }
-    (e, out)
+    Ok((e, out))
 }
 
 /// The predictions of two views of the same images averaged, with the loss (`-ln p(label)`,
@@ -376,8 +376,8 @@ pub fn evaluate(
     feats: &Features,
     plan: &Plan,
     device: &Device,
-) -> Evaluation {
-    evaluate_with(model, feats, plan, device, false).0
+) -> Result<Evaluation, DataError> {
+    Ok(evaluate_with(model, feats, plan, device, false)?.0)
 }
 
 /// Where training batches come from.
@@ -608,6 +608,9 @@ impl<'a> PhaseRunner<'a> {
                 return StepsEnd::Diverged(model);
             }
             model = self.optimizer.step(lr, model, grads);
+            if hand.is_some() {
+                hand::release_graphs(self.device);
+            }
             self.last_lr = lr;
             if due {
                 self.report(progress, epoch, started, lr, report_every);
@@ -688,20 +691,31 @@ impl<'a> PhaseRunner<'a> {
                     self.resident = Some(f.resident(&plain));
                 }
                 let resident = self.resident.clone().flatten();
-                let batches = chunks.iter().map(move |chunk| {
+                // A cache file that no longer reads ends the epoch with its error.
+                let failed = std::sync::Mutex::new(None);
+                let batches = chunks.iter().map_while(|chunk| {
                     let idx: Vec<usize> = chunk.iter().map(|(i, _)| *i).collect();
                     match &resident {
-                        Some(all) => f.gather(all, &idx),
-                        None => f.batch(&idx, device),
+                        Some(all) => Some(f.gather(all, &idx)),
+                        None => f
+                            .batch(&idx, device)
+                            .map_err(|e| {
+                                *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e)
+                            })
+                            .ok(),
                     }
                 });
                 // On the CPU, on a worker of the thread pool: the parallel parts of each step
                 // then start there instead of waking the pool from outside and sleeping until
                 // it is done. (A GPU's work is queued from this thread.)
-                if crate::cpu::is_cpu(device) {
+                let end = if crate::cpu::is_cpu(device) {
                     rayon::scope(|_| self.steps(model, progress, epoch, started, batches))
                 } else {
                     self.steps(model, progress, epoch, started, batches)
+                };
+                match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                    Some(e) => StepsEnd::Failed(e),
+                    None => end,
                 }
             }
             TrainSource::Augmented {
@@ -793,7 +807,7 @@ pub fn fit_with(
             StepsEnd::Failed(e) => panic!("{e}"),
         };
         let m = finish_epoch(&mut progress, &runner, &model, validation, epoch, run);
-        progress.history.push(m);
+        progress.history.push(m.unwrap_or_else(|e| panic!("{e}")));
     }
     (model, progress.history)
 }
@@ -815,9 +829,9 @@ fn finish_epoch(
     validation: &Features,
     epoch: usize,
     run: &str,
-) -> EpochMetrics {
+) -> Result<EpochMetrics, DataError> {
     let started = Instant::now();
-    let val = evaluate(model, validation, runner.plan, runner.device);
+    let val = evaluate(model, validation, runner.plan, runner.device)?;
     let p = std::mem::take(&mut progress.partial);
     let n = p.seen.max(1) as f64;
     let m = EpochMetrics {
@@ -849,7 +863,7 @@ fn finish_epoch(
         seconds = m.seconds,
         "Epoch finished."
     );
-    m
+    Ok(m)
 }
 
 /// Decodes every split and applies the `data.on_bad_image` policy: `fail` lists every bad file
@@ -1222,7 +1236,7 @@ fn run_phase(
                 )));
             }
         }
-        let m = finish_epoch(progress, &runner, &model, &val_feats, epoch, run);
+        let m = finish_epoch(progress, &runner, &model, &val_feats, epoch, run)?;
         if let Some(lr) = runner.schedule.epoch_end(&m) {
             info!(run, epoch, lr, "Learning rate reduced on plateau.");
         }
@@ -1439,11 +1453,11 @@ fn test_evaluation(
 ) -> Result<(Evaluation, Vec<Prediction>), ExtractError> {
     let f = cache.features(model, images, plan, device, run)?;
     let (e, p) = match plan.spec.train.test_time_augmentation {
-        crate::spec::TestTimeAugmentation::None => evaluate_with(model, &f, plan, device, true),
+        crate::spec::TestTimeAugmentation::None => evaluate_with(model, &f, plan, device, true)?,
         crate::spec::TestTimeAugmentation::HorizontalFlip => {
             let mirrored = cache.features(model, &images.mirrored(), plan, device, run)?;
-            let (_, a) = evaluate_with(model, &f, plan, device, true);
-            let (_, b) = evaluate_with(model, &mirrored, plan, device, true);
+            let (_, a) = evaluate_with(model, &f, plan, device, true)?;
+            let (_, b) = evaluate_with(model, &mirrored, plan, device, true)?;
             averaged(a, &b)
         }
     };
