@@ -126,6 +126,17 @@ fn run_failing(s: &common::cli::Setup, suffix: &str) -> std::process::Output {
         .unwrap()
 }
 
+/// `runner resume id` succeeds and the table then says `completed`.
+fn resume_to_completion(s: &common::cli::Setup, id: &str) {
+    let out = common::cli::runner(
+        &["resume", id, "--results", s.results.to_str().unwrap()],
+        s.dir.path(),
+    );
+    common::cli::ok(&out);
+    let (status, _) = status_and_error(s);
+    assert_eq!(status, "completed");
+}
+
 fn status_and_error(s: &common::cli::Setup) -> (String, String) {
     let tables = common::cli::files_with(&s.results, ".parquet");
     assert_eq!(tables.len(), 1, "{tables:?}");
@@ -283,13 +294,7 @@ fn an_image_that_changes_while_its_split_is_decoded_every_epoch_fails_the_run_wh
 
     // The file back as it was: the run resumes from its last epoch and completes.
     std::fs::write(&image, original).unwrap();
-    let out = common::cli::runner(
-        &["resume", &id, "--results", s.results.to_str().unwrap()],
-        s.dir.path(),
-    );
-    common::cli::ok(&out);
-    let (status, _) = status_and_error(&s);
-    assert_eq!(status, "completed");
+    resume_to_completion(&s, &id);
     let (df, _) = runner::results::read_run(&s.results.join(format!("{id}.parquet"))).unwrap();
     assert_eq!(df.height(), 2);
 }
@@ -376,13 +381,7 @@ fn a_cached_split_damaged_during_the_run_fails_it_naming_the_file_and_the_run_re
     assert!(s.results.join(&id).join("last.ckpt").is_file());
 
     // On resume the damaged files fail their check and are rebuilt.
-    let out = common::cli::runner(
-        &["resume", &id, "--results", s.results.to_str().unwrap()],
-        s.dir.path(),
-    );
-    common::cli::ok(&out);
-    let (status, _) = status_and_error(&s);
-    assert_eq!(status, "completed");
+    resume_to_completion(&s, &id);
     let ev = common::cli::events(&s.results, &id);
     assert!(common::cli::count(&ev, "Feature cache file is corrupt; rebuilding it.") >= 2);
 }

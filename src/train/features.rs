@@ -816,12 +816,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_entry_written_batch_by_batch_is_read_back_from_the_file_batch_by_batch() {
+    /// An entry `k` of `n` examples of `shape` written in a fresh folder.
+    fn written(n: usize, shape: [usize; 3]) -> (tempfile::TempDir, PathBuf, Features) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k.safetensors");
-        let f = features(9, [2, 3, 1]);
+        let f = features(n, shape);
         write(&path, "k", &f).unwrap();
+        (dir, path, f)
+    }
+
+    #[test]
+    fn an_entry_written_batch_by_batch_is_read_back_from_the_file_batch_by_batch() {
+        let (dir, path, f) = written(9, [2, 3, 1]);
         // A valid safetensors file, as the cache's format says.
         let bytes = std::fs::read(&path).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -842,10 +848,7 @@ mod tests {
 
     #[test]
     fn a_file_truncated_after_it_was_opened_fails_the_batch_naming_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("k.safetensors");
-        let f = features(4, [8, 1, 1]);
-        write(&path, "k", &f).unwrap();
+        let (_dir, path, f) = written(4, [8, 1, 1]);
         let back = read(&path, "k", &images_of(&f)).unwrap();
         let len = std::fs::metadata(&path).unwrap().len();
         std::fs::OpenOptions::new()
@@ -870,10 +873,7 @@ mod tests {
 
     #[test]
     fn every_damage_to_an_entry_is_refused_by_its_check() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("k.safetensors");
-        let f = features(3, [4, 1, 1]);
-        write(&path, "k", &f).unwrap();
+        let (_dir, path, f) = written(3, [4, 1, 1]);
         let good = std::fs::read(&path).unwrap();
         let images = images_of(&f);
         let header_len = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
