@@ -278,7 +278,10 @@ fn an_image_that_changes_while_its_split_is_decoded_every_epoch_fails_the_run_wh
     let mut child = common::cli::spawn_run(&s, &["--set", "data.max_decoded_mib=0"]);
     // Once the first epoch is written, the image is replaced: the second epoch decodes it again.
     let id = common::cli::wait_for_checkpoint(&s.results, &mut child);
-    image::RgbImage::new(40, 40).save(&image).unwrap();
+    // Renamed into place: a run must never read it half-written (it would be undecodable).
+    let replacement = s.dir.path().join("replacement.png");
+    image::RgbImage::new(40, 40).save(&replacement).unwrap();
+    std::fs::rename(&replacement, &image).unwrap();
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::prelude::*;
+use safetensors::Dtype;
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
@@ -446,33 +447,14 @@ impl EntryWriter {
         if let Err(e) = self.file.file().write_all_at(&header, 8) {
             return Err((io(e), self));
         }
-        let Self {
-            file,
-            key,
-            n,
-            shape,
-            offset,
-            written,
-            sha,
-        } = *self;
-        match file.try_commit() {
+        let me = *self;
+        match me.file.try_commit() {
             Ok(file) => Ok(Store::File {
                 file: Arc::new(file),
-                offset,
+                offset: me.offset,
                 path,
             }),
-            Err((e, file)) => {
-                let back = Self {
-                    file,
-                    key,
-                    n,
-                    shape,
-                    offset,
-                    written,
-                    sha,
-                };
-                Err((e, Box::new(back)))
-            }
+            Err((e, file)) => Err((e, Box::new(Self { file, ..me }))),
         }
     }
 
@@ -674,12 +656,12 @@ pub enum CacheEntryError {
     #[error("checksum mismatch")]
     Checksum,
     /// The features are not `[images, c, h, w]` f32.
-    #[error("expected f32 [{images}, c, h, w], found {dtype} {shape:?}")]
+    #[error("expected f32 [{images}, c, h, w], found {dtype:?} {shape:?}")]
     Shape {
         /// The number of images.
         images: usize,
         /// The stored dtype.
-        dtype: String,
+        dtype: Dtype,
         /// The stored shape.
         shape: Vec<usize>,
     },
@@ -690,14 +672,6 @@ pub enum CacheEntryError {
 
 /// The largest header read (safetensors' own limit).
 const MAX_HEADER: u64 = 100 << 20;
-
-/// One tensor of a cache entry's header: dtype, shape, data offsets.
-#[derive(serde::Deserialize)]
-struct TensorInfo {
-    dtype: String,
-    shape: Vec<usize>,
-    data_offsets: [u64; 2],
-}
 
 /// Opens and checks one cache entry against the key and the images it should describe: its
 /// layout, key, checksum (read through once, not kept) and labels. The values are then read from
@@ -717,54 +691,48 @@ pub fn read(path: &Path, key: &str, images: &Images) -> Result<Features, CacheEn
     }
     let mut header = vec![0u8; header_len as usize];
     r.read_exact(&mut header).map_err(CacheEntryError::Read)?;
-    #[derive(serde::Deserialize)]
-    struct Header {
-        #[serde(rename = "__metadata__")]
-        metadata: HashMap<String, String>,
-        features: TensorInfo,
-        labels: TensorInfo,
-    }
-    let header: Header =
+    // safetensors' own reading of a header (it refuses overlapping or misplaced tensors).
+    let header: safetensors::tensor::Metadata =
         serde_json::from_slice(&header).map_err(|e| format(format!("its header: {e}")))?;
-    if header.metadata.get("runner.key").map(String::as_str) != Some(key) {
+    let meta = header.metadata().clone().unwrap_or_default();
+    if meta.get("runner.key").map(String::as_str) != Some(key) {
         return Err(CacheEntryError::Key);
     }
-    let (feats, labels) = (&header.features, &header.labels);
+    let (Some(feats), Some(labels)) = (header.info("features"), header.info("labels")) else {
+        return Err(format("no features or labels tensor".into()));
+    };
     let shape = &feats.shape;
-    let values: Option<usize> = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-    let values_bytes = values.and_then(|v| v.checked_mul(4)).map(|b| b as u64);
-    if feats.dtype != "F32"
-        || shape.len() != 4
-        || shape[0] != images.len()
-        || values_bytes.is_none()
-    {
+    let values_bytes = shape
+        .iter()
+        .try_fold(4usize, |a, &d| a.checked_mul(d))
+        .filter(|_| feats.dtype == Dtype::F32 && shape.len() == 4 && shape[0] == images.len());
+    let Some(values_bytes) = values_bytes else {
         return Err(CacheEntryError::Shape {
             images: images.len(),
-            dtype: feats.dtype.clone(),
+            dtype: feats.dtype,
             shape: shape.clone(),
         });
-    }
-    let values_bytes = values_bytes.unwrap_or_default();
-    let labels_bytes = 4 * images.len() as u64;
-    if feats.data_offsets != [0, values_bytes]
-        || labels.dtype != "U32"
+    };
+    let labels_bytes = 4 * images.len();
+    if feats.data_offsets != (0, values_bytes)
+        || labels.dtype != Dtype::U32
         || labels.shape != [images.len()]
-        || labels.data_offsets != [values_bytes, values_bytes + labels_bytes]
-        || len != 8 + header_len + values_bytes + labels_bytes
+        || labels.data_offsets != (values_bytes, values_bytes + labels_bytes)
+        || len != 8 + header_len + (values_bytes + labels_bytes) as u64
     {
         return Err(format(format!(
             "its tensors do not fill its {len} bytes as a cache entry's do"
         )));
     }
     let mut sha = Sha256::new();
-    let copied =
-        std::io::copy(&mut (&mut r).take(values_bytes), &mut sha).map_err(CacheEntryError::Read)?;
-    if copied != values_bytes
-        || header.metadata.get("runner.sha256") != Some(&crate::io::hex(&sha.finalize()))
+    let copied = std::io::copy(&mut (&mut r).take(values_bytes as u64), &mut sha)
+        .map_err(CacheEntryError::Read)?;
+    if copied != values_bytes as u64
+        || meta.get("runner.sha256") != Some(&crate::io::hex(&sha.finalize()))
     {
         return Err(CacheEntryError::Checksum);
     }
-    let mut stored = vec![0u8; labels_bytes as usize];
+    let mut stored = vec![0u8; labels_bytes];
     r.read_exact(&mut stored).map_err(CacheEntryError::Read)?;
     let stored: Vec<usize> = stored
         .chunks_exact(4)
