@@ -10,6 +10,19 @@ use super::weights::KeyMap;
 use super::{BackboneDef, LayerOp};
 use crate::cpu::{pool, winograd};
 
+/// The largest activation, in floats (24 MiB), that [`Vgg::forward_frozen`] computes over a
+/// whole batch: earlier layers run a few images at a time (see `Vgg::frozen_in_groups`).
+const GROUP_FLOATS: usize = 6 << 20;
+
+/// Makes `buf` at least `len` long (its values to be overwritten), growing it by exactly what is
+/// missing: a doubled capacity could cross the allocator's 32 MiB threshold for fresh mappings.
+fn at_least(buf: &mut Vec<f32>, len: usize) {
+    if buf.len() < len {
+        buf.reserve_exact(len - buf.len());
+        buf.resize(len, 0.0);
+    }
+}
+
 /// A VGG base: 3x3 same convolutions with ReLU, 2x2 max pooling after each block.
 #[derive(Module, Debug)]
 pub struct Vgg {
@@ -109,12 +122,82 @@ impl Vgg {
         if !crate::cpu::is_cpu(&device) || to == 0 {
             return self.forward_range(x, 0, to);
         }
-        let [n, mut c, mut h, mut w] = x.dims();
-        let mut data = x
+        let [n, c, h, w] = x.dims();
+        let input = x
             .into_data()
             .try_into_vec::<f32>()
             .expect("backbone activations are f32");
-        for op in &self.ops[..to] {
+        let (y, [c, h, w]) = self.frozen_in_groups(&input, [n, c, h, w], to, GROUP_FLOATS);
+        Tensor::from_data(TensorData::new(y, [n, c, h, w]), &device)
+    }
+
+    /// [`Vgg::forward_frozen`] on planar values: the first layers, whose activations over the
+    /// whole batch would be larger than `limit` floats, a few images at a time (as many as keep
+    /// each activation within `limit`), the rest over the whole batch. Returns the output and its
+    /// `[c, h, w]`.
+    ///
+    /// Whole-batch activations of the first block are 115 MiB each (20 images at 150x150): glibc
+    /// maps such buffers afresh and unmaps them when freed, so every layer of every batch had
+    /// the kernel map and zero new pages, 12 % of the time (perf, `runner bench-workload
+    /// vgg16_forward`). Buffers within `limit` come from the allocator's heap and are reused
+    /// (`cpu::keep_freed_memory`); the result is the same, image by image.
+    fn frozen_in_groups(
+        &self,
+        input: &[f32],
+        [n, c, h, w]: [usize; 4],
+        to: usize,
+        limit: usize,
+    ) -> (Vec<f32>, [usize; 3]) {
+        // out[i]: the floats layer i puts out for one image.
+        let mut out = Vec::with_capacity(to);
+        self.visit_shapes([1, c, h, w], to, |_, _, floats| out.push(floats));
+        let at = |i: usize| if i == 0 { c * h * w } else { out[i - 1] };
+        // The first layer from which every activation of the whole batch fits.
+        let split = (0..=to)
+            .find(|&s| (s..=to).all(|i| n * at(i) <= limit))
+            .unwrap_or(to);
+        // Storage for the two activations and the scratch, shared by every group and the rest
+        // of the batch; it only grows.
+        let mut bufs: [Vec<f32>; 3] = Default::default();
+        let (len, shape) = if split == 0 {
+            self.frozen_layers(input, [n, c, h, w], 0..to, &mut bufs)
+        } else {
+            let per_image = (0..=split).map(at).max().unwrap_or(1);
+            let group = (limit / per_image).clamp(1, n);
+            let mut mid = Vec::with_capacity(n * at(split));
+            let mut shape = [c, h, w];
+            for first in (0..n).step_by(group) {
+                let k = group.min(n - first);
+                let images = &input[first * c * h * w..][..k * c * h * w];
+                let (len, s) = self.frozen_layers(images, [k, c, h, w], 0..split, &mut bufs);
+                mid.extend_from_slice(&bufs[0][..len]);
+                shape = s;
+            }
+            let [c, h, w] = shape;
+            self.frozen_layers(&mid, [n, c, h, w], split..to, &mut bufs)
+        };
+        let mut y = std::mem::take(&mut bufs[0]);
+        y.truncate(len);
+        y.shrink_to_fit();
+        (y, shape)
+    }
+
+    /// Layers `layers` by Winograd convolutions and pools on `[n, c, h, w]` planar values,
+    /// `bufs` the storage of the two activations the layers alternate between and of the
+    /// convolutions' scratch. Leaves the output in the first `len` floats of `bufs[0]` and
+    /// returns `len` and its `[c, h, w]`.
+    fn frozen_layers(
+        &self,
+        input: &[f32],
+        [n, mut c, mut h, mut w]: [usize; 4],
+        layers: std::ops::Range<usize>,
+        bufs: &mut [Vec<f32>; 3],
+    ) -> (usize, [usize; 3]) {
+        let [src, dst, scratch] = bufs;
+        let mut len = input.len();
+        at_least(src, len);
+        src[..len].copy_from_slice(input);
+        for op in &self.ops[layers] {
             match *op {
                 LayerOp::Conv { index, .. } => {
                     let conv = &self.convs[index];
@@ -131,16 +214,43 @@ impl Vgg {
                         cout,
                         cin,
                     );
-                    data = fast.forward(&data, n, h, w);
-                    c = cout;
+                    let out = n * cout * h * w;
+                    at_least(dst, out);
+                    at_least(
+                        scratch,
+                        winograd::Conv3x3::scratch_len(cin, cout, [n, h, w]),
+                    );
+                    fast.forward_into(&src[..len], [n, h, w], &mut dst[..out], scratch);
+                    (len, c) = (out, cout);
                 }
                 LayerOp::MaxPool | LayerOp::Block { .. } => {
-                    data = pool::max_pool(&data, n * c, h, w);
-                    (h, w) = (h / 2, w / 2);
+                    let out = n * c * (h / 2) * (w / 2);
+                    at_least(dst, out);
+                    pool::max_pool_into(&src[..len], n * c, h, w, &mut dst[..out]);
+                    (len, h, w) = (out, h / 2, w / 2);
                 }
             }
+            std::mem::swap(src, dst);
         }
-        Tensor::from_data(TensorData::new(data, [n, c, h, w]), &device)
+        (len, [c, h, w])
+    }
+
+    /// Calls `f(op, input shape, output floats)` for each of the layers `0..to` on an input
+    /// `[n, c, h, w]`.
+    fn visit_shapes(
+        &self,
+        [n, mut c, mut h, mut w]: [usize; 4],
+        to: usize,
+        mut f: impl FnMut(LayerOp, [usize; 4], usize),
+    ) {
+        for &op in &self.ops[..to] {
+            let input = [n, c, h, w];
+            match op {
+                LayerOp::Conv { out_channels, .. } => c = out_channels,
+                LayerOp::MaxPool | LayerOp::Block { .. } => (h, w) = (h / 2, w / 2),
+            }
+            f(op, input, n * c * h * w);
+        }
     }
 
     /// Indices (into `convs`) of the convolutions that sit before layer `cut`.
@@ -195,5 +305,45 @@ pub fn key_map(def: &BackboneDef) -> KeyMap {
             .map(String::from)
             .to_vec(),
         keras: true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_in_groups_give_what_the_whole_batch_gives() {
+        let device = Device::flex();
+        let def = crate::backbone::find("vgg16").expect("vgg16 is defined");
+        let vgg = Vgg::init(def, &device);
+        let (n, h, w) = (3, 32, 30);
+        let x: Vec<f32> = (0..n * 3 * h * w)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let burn = |to: usize| {
+            let t = Tensor::<4>::from_data(TensorData::new(x.clone(), [n, 3, h, w]), &device);
+            vgg.forward_range(t, 0, to)
+                .into_data()
+                .try_into_vec::<f32>()
+                .unwrap()
+        };
+        for to in [1, 3, 7, vgg.num_layers()] {
+            let want = burn(to);
+            let (whole, shape) = vgg.frozen_in_groups(&x, [n, 3, h, w], to, usize::MAX);
+            assert_eq!(whole.len(), want.len(), "to {to}");
+            assert_eq!(n * shape.iter().product::<usize>(), want.len(), "to {to}");
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+            for (g, e) in whole.iter().zip(&want) {
+                assert!((g - e).abs() <= 1e-4 * scale, "to {to}: {g} vs {e}");
+            }
+            // Limits that put one image, two, or the whole batch in a group, and split the
+            // layers at different places.
+            for limit in [1, 64 * h * w, 2 * 64 * h * w, 64 * h * w * n / 4] {
+                let (grouped, s) = vgg.frozen_in_groups(&x, [n, 3, h, w], to, limit);
+                assert_eq!(s, shape, "to {to}, limit {limit}");
+                assert_eq!(grouped, whole, "to {to}, limit {limit}");
+            }
+        }
     }
 }

@@ -5,10 +5,17 @@ use rayon::prelude::*;
 
 /// 2x2 max pooling, stride 2, no padding (odd sizes drop the last row/column), `[n][c][h][w]`.
 pub fn max_pool(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut y = vec![0.0f32; planes * (h / 2) * (w / 2)];
+    max_pool_into(x, planes, h, w, &mut y);
+    y
+}
+
+/// [`max_pool`] into `y` (`[planes][h / 2][w / 2]`), every element overwritten.
+pub fn max_pool_into(x: &[f32], planes: usize, h: usize, w: usize, y: &mut [f32]) {
     let (ho, wo) = (h / 2, w / 2);
-    let mut y = vec![0.0f32; planes * ho * wo];
+    assert_eq!(y.len(), planes * ho * wo, "pooling output");
     if ho == 0 || wo == 0 {
-        return y;
+        return;
     }
     y.par_chunks_mut(ho * wo)
         .zip(x.par_chunks(h * w))
@@ -23,7 +30,6 @@ pub fn max_pool(x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
                 }
             }
         });
-    y
 }
 
 /// The gradient of [`max_pool`]: each window's gradient goes to its largest input (the first
@@ -73,6 +79,17 @@ mod tests {
         want[1] = 10.0; // 5 is the largest of 1 5 3 4
         want[7] = 20.0; // 8 of 2 0 8 1; the last column and row are in no window
         assert_eq!(dx, want);
+    }
+
+    #[test]
+    fn max_pool_into_a_used_buffer_overwrites_all_of_it() {
+        let x: Vec<f32> = (0..2 * 5 * 5).map(|v| v as f32).collect();
+        let mut y = vec![f32::NAN; 8];
+        max_pool_into(&x, 2, 5, 5, &mut y);
+        assert_eq!(y, max_pool(&x, 2, 5, 5));
+        y.fill(f32::NAN);
+        max_pool_into(&x, 1, 4, 4, &mut y[..4]);
+        assert_eq!(y[..4], [5.0, 7.0, 13.0, 15.0]);
     }
 
     #[test]

@@ -14,8 +14,9 @@
 use rayon::prelude::*;
 
 /// Transformed tiles processed at once, in elements of the larger of the two channel counts:
-/// bounds the two scratch buffers to 2^19 * 16 floats (32 MiB) each, whatever the batch.
-const CHUNK_ELEMENTS: usize = 1 << 19;
+/// bounds the two scratch buffers to 2^18 * 16 floats (16 MiB) each, whatever the batch (twice
+/// that was no faster and cost 32 MiB more).
+const CHUNK_ELEMENTS: usize = 1 << 18;
 
 /// One 3x3 convolution (stride 1, padding 1) followed by a ReLU (unless `without_relu`), its
 /// weights pre-transformed.
@@ -96,15 +97,36 @@ impl Conv3x3 {
     /// `relu(conv(x) + bias)` (or without the ReLU) for a batch `[n][cin][h][w]`; returns
     /// `[n][cout][h][w]`.
     pub fn forward(&self, x: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
+        let mut y = vec![0.0f32; n * self.cout * h * w];
+        let mut scratch = vec![0.0f32; Self::scratch_len(self.cin, self.cout, [n, h, w])];
+        self.forward_into(x, [n, h, w], &mut y, &mut scratch);
+        y
+    }
+
+    /// How many floats of scratch [`Conv3x3::forward_into`] needs for a `cin` to `cout`
+    /// convolution of a batch `[n, h, w]`: the transformed tiles of one chunk, 16 MiB at most.
+    pub fn scratch_len(cin: usize, cout: usize, [n, h, w]: [usize; 3]) -> usize {
+        (cin + cout) * 16 * chunk_tiles(cin, cout, [n, h, w])
+    }
+
+    /// [`Conv3x3::forward`] into `y` (`[n][cout][h][w]`, every element overwritten), with
+    /// `scratch` (at least [`Conv3x3::scratch_len`] floats, whatever they hold) for the
+    /// transformed tiles: a caller that runs layer after layer gives the same buffers to each.
+    pub fn forward_into(
+        &self,
+        x: &[f32],
+        [n, h, w]: [usize; 3],
+        y: &mut [f32],
+        scratch: &mut [f32],
+    ) {
         let (cin, cout) = (self.cin, self.cout);
         assert_eq!(x.len(), n * cin * h * w, "convolution input");
+        assert_eq!(y.len(), n * cout * h * w, "convolution output");
         let (tyn, txn) = (h.div_ceil(2), w.div_ceil(2));
         let tile_rows = n * tyn;
-        // Whole rows of tiles per chunk.
-        let chunk = (CHUNK_ELEMENTS / cin.max(cout) / txn).clamp(1, tile_rows) * txn;
-        let mut y = vec![0.0f32; n * cout * h * w];
-        let mut v = vec![0.0f32; cin * 16 * chunk];
-        let mut m = vec![0.0f32; cout * 16 * chunk];
+        let chunk = chunk_tiles(cin, cout, [n, h, w]);
+        // Every element of y, and of the parts of v and m in use, is written before it is read.
+        let (v, m) = scratch[..(cin + cout) * 16 * chunk].split_at_mut(cin * 16 * chunk);
         let geo = Geometry {
             h,
             w,
@@ -168,8 +190,14 @@ impl Conv3x3 {
                 });
             r0 += len / txn;
         }
-        y
     }
+}
+
+/// Tiles per chunk of a `cin` to `cout` convolution of `[n, h, w]`: whole rows of tiles, about
+/// `CHUNK_ELEMENTS` elements of the larger channel count.
+fn chunk_tiles(cin: usize, cout: usize, [n, h, w]: [usize; 3]) -> usize {
+    let txn = w.div_ceil(2);
+    (CHUNK_ELEMENTS / cin.max(cout) / txn).clamp(1, n * h.div_ceil(2)) * txn
 }
 
 /// Gradients of a 3x3 convolution's (stride 1, padding 1) weight `[cout][cin][3][3]` and bias
@@ -468,6 +496,22 @@ mod tests {
                 ((z >> 8) % 2001) as f32 / 1000.0 - 1.0
             })
             .collect()
+    }
+
+    #[test]
+    fn reused_buffers_give_what_fresh_ones_give_whatever_they_held() {
+        // The buffers hold NaN, then an earlier layer's values, where this one writes; nothing
+        // of them may show through.
+        let mut y = vec![f32::NAN; 4000];
+        let mut scratch = vec![f32::NAN; 20_000];
+        for &(n, cin, cout, h, w) in &[(2, 3, 5, 7, 6), (1, 2, 3, 3, 5), (3, 4, 6, 9, 8)] {
+            let x = values(n * cin * h * w, 4);
+            let conv = Conv3x3::new(&values(cout * cin * 9, 5), &values(cout, 6), cout, cin);
+            let y = &mut y[..n * cout * h * w];
+            assert!(Conv3x3::scratch_len(cin, cout, [n, h, w]) <= scratch.len());
+            conv.forward_into(&x, [n, h, w], y, &mut scratch);
+            assert_eq!(y, conv.forward(&x, n, h, w), "{n}x{cin}->{cout} {h}x{w}");
+        }
     }
 
     #[test]
