@@ -80,8 +80,15 @@ impl LayerInfo {
     }
 
     /// Output shape `[channels, height, width]` for an input of that shape.
+    pub fn output_shape(&self, shape: [usize; 3]) -> [usize; 3] {
+        self.op.output_shape(shape)
+    }
+}
+
+impl LayerOp {
+    /// Output shape `[channels, height, width]` for an input of that shape.
     pub fn output_shape(&self, [c, h, w]: [usize; 3]) -> [usize; 3] {
-        match self.op {
+        match *self {
             LayerOp::Conv { out_channels, .. } => [out_channels, h, w],
             LayerOp::MaxPool => [c, h / 2, w / 2],
             LayerOp::Block {

@@ -149,8 +149,13 @@ impl Vgg {
         limit: usize,
     ) -> (Vec<f32>, [usize; 3]) {
         // out[i]: the floats layer i puts out for one image.
-        let mut out = Vec::with_capacity(to);
-        self.visit_shapes([1, c, h, w], to, |_, _, floats| out.push(floats));
+        let mut shape = [c, h, w];
+        let out: Vec<usize> = (self.ops[..to].iter())
+            .map(|op| {
+                shape = op.output_shape(shape);
+                shape.iter().product()
+            })
+            .collect();
         let at = |i: usize| if i == 0 { c * h * w } else { out[i - 1] };
         // The first layer from which every activation of the whole batch fits.
         let split = (0..=to)
@@ -233,24 +238,6 @@ impl Vgg {
             std::mem::swap(src, dst);
         }
         (len, [c, h, w])
-    }
-
-    /// Calls `f(op, input shape, output floats)` for each of the layers `0..to` on an input
-    /// `[n, c, h, w]`.
-    fn visit_shapes(
-        &self,
-        [n, mut c, mut h, mut w]: [usize; 4],
-        to: usize,
-        mut f: impl FnMut(LayerOp, [usize; 4], usize),
-    ) {
-        for &op in &self.ops[..to] {
-            let input = [n, c, h, w];
-            match op {
-                LayerOp::Conv { out_channels, .. } => c = out_channels,
-                LayerOp::MaxPool | LayerOp::Block { .. } => (h, w) = (h / 2, w / 2),
-            }
-            f(op, input, n * c * h * w);
-        }
     }
 
     /// Indices (into `convs`) of the convolutions that sit before layer `cut`.
