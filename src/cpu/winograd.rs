@@ -36,7 +36,10 @@ impl Conv3x3 {
         assert_eq!(weight.len(), cout * cin * 9, "3x3 convolution weight");
         assert_eq!(bias.len(), cout, "convolution bias");
         let mut u = vec![0.0f32; 16 * cout * cin];
-        for o in 0..cout {
+        // One output channel per task: it writes row o of each of the 16 `[cout][cin]` blocks.
+        let up = SendPtr(u.as_mut_ptr());
+        (0..cout).into_par_iter().for_each(|o| {
+            let up = &up;
             for i in 0..cin {
                 let g = &weight[(o * cin + i) * 9..][..9];
                 // tmp = G g (4x3), then U = tmp G^T (4x4).
@@ -56,11 +59,13 @@ impl Conv3x3 {
                         t[2],
                     ];
                     for (c, v) in row.into_iter().enumerate() {
-                        u[((r * 4 + c) * cout + o) * cin + i] = v;
+                        // SAFETY: inside u (r, c < 4, o < cout, i < cin), written by task o
+                        // only, while u lives.
+                        unsafe { *up.0.add(((r * 4 + c) * cout + o) * cin + i) = v };
                     }
                 }
             }
-        }
+        });
         Self {
             cin,
             cout,
@@ -105,8 +110,8 @@ impl Conv3x3 {
 
     /// How many floats of scratch [`Conv3x3::forward_into`] needs for a `cin` to `cout`
     /// convolution of a batch `[n, h, w]`: the transformed tiles of one chunk, 16 MiB at most.
-    pub fn scratch_len(cin: usize, cout: usize, [n, h, w]: [usize; 3]) -> usize {
-        (cin + cout) * 16 * chunk_tiles(cin, cout, [n, h, w])
+    pub fn scratch_len(cin: usize, cout: usize, dims: [usize; 3]) -> usize {
+        Plan::new(cin, cout, dims).scratch(cin, cout)
     }
 
     /// [`Conv3x3::forward`] into `y` (`[n][cout][h][w]`, every element overwritten), with
@@ -119,14 +124,28 @@ impl Conv3x3 {
         y: &mut [f32],
         scratch: &mut [f32],
     ) {
+        let plan = Plan::new(self.cin, self.cout, [n, h, w]);
+        self.forward_planned(x, [n, h, w], y, scratch, &plan);
+    }
+
+    /// [`Conv3x3::forward_into`] the way `plan` says (tests give every kind).
+    fn forward_planned(
+        &self,
+        x: &[f32],
+        [n, h, w]: [usize; 3],
+        y: &mut [f32],
+        scratch: &mut [f32],
+        plan: &Plan,
+    ) {
         let (cin, cout) = (self.cin, self.cout);
         assert_eq!(x.len(), n * cin * h * w, "convolution input");
         assert_eq!(y.len(), n * cout * h * w, "convolution output");
         let (tyn, txn) = (h.div_ceil(2), w.div_ceil(2));
         let tile_rows = n * tyn;
-        let chunk = chunk_tiles(cin, cout, [n, h, w]);
-        // Every element of y, and of the parts of v and m in use, is written before it is read.
-        let (v, m) = scratch[..(cin + cout) * 16 * chunk].split_at_mut(cin * 16 * chunk);
+        assert!(
+            scratch.len() >= plan.scratch(cin, cout),
+            "convolution scratch"
+        );
         let geo = Geometry {
             h,
             w,
@@ -135,70 +154,158 @@ impl Conv3x3 {
             planes_in: cin,
             planes_out: cout,
         };
-        let mut r0 = 0;
-        while r0 < tile_rows {
-            let len = chunk.min((tile_rows - r0) * txn);
-            // V[c][xi][t]: the transformed input tiles, one channel per task.
-            v[..cin * 16 * len]
-                .par_chunks_mut(16 * len)
+        let yp = SendPtr(y.as_mut_ptr());
+        let rows = plan.chunk / txn;
+        if plan.private {
+            // Every thread its own chunks, start to end, in its own part of the scratch.
+            let part = plan.scratch(cin, cout) / plan.parts;
+            let chunks = tile_rows.div_ceil(rows);
+            scratch[..part * plan.parts]
+                .par_chunks_mut(part)
                 .enumerate()
-                .for_each(|(c, out)| geo.input_tiles(x, c, r0, len, out));
-            // M[o][xi][t] = sum_c U[xi][o][c] V[c][xi][t]: 16 independent products.
-            let (mp, vp, up) = (
-                SendPtr(m.as_mut_ptr()),
-                SendPtr(v.as_mut_ptr()),
-                SendPtr(self.u.as_ptr() as *mut f32),
-            );
-            (0..16).into_par_iter().for_each(|xi| {
-                let (mp, vp, up) = (&mp, &vp, &up);
-                // SAFETY: each xi writes its own rows of M (offset xi * len, row stride 16 len,
-                // `len` columns), disjoint from every other xi's; V and U are only read; all
-                // three buffers outlive the parallel loop.
-                unsafe {
-                    gemm::gemm(
-                        cout,
-                        len,
-                        cin,
-                        mp.0.add(xi * len),
-                        1,
-                        (16 * len) as isize,
-                        false,
-                        up.0.add(xi * cout * cin),
-                        1,
-                        cin as isize,
-                        vp.0.add(xi * len),
-                        1,
-                        (16 * len) as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    )
-                }
-            });
-            // Back to 2x2 output tiles, plus bias, ReLU; one output channel per task.
-            let yp = SendPtr(y.as_mut_ptr());
-            m[..cout * 16 * len]
-                .par_chunks(16 * len)
-                .enumerate()
-                .for_each(|(o, mo)| {
-                    let yp = &yp;
-                    // SAFETY: task o writes only the planes of output channel o.
-                    unsafe { geo.output_tiles(mo, o, (self.bias[o], self.relu), r0, len, yp.0) }
+                .for_each(|(t, mine)| {
+                    for k in (t..chunks).step_by(plan.parts) {
+                        let r0 = k * rows;
+                        let len = (rows.min(tile_rows - r0)) * txn;
+                        // SAFETY: chunk k writes only its own tile rows of y.
+                        unsafe { self.chunk(&geo, x, (r0, len), mine, &yp, false) };
+                    }
                 });
-            r0 += len / txn;
+        } else {
+            let mut r0 = 0;
+            while r0 < tile_rows {
+                let len = plan.chunk.min((tile_rows - r0) * txn);
+                // SAFETY: one chunk at a time, each parallel inside.
+                unsafe { self.chunk(&geo, x, (r0, len), scratch, &yp, true) };
+                r0 += len / txn;
+            }
+        }
+    }
+
+    /// The tile rows `r0..r0 + len / txn`: transformed input tiles, 16 products, output tiles
+    /// written into `y`; each step over all threads (`parallel`), or all on this one.
+    ///
+    /// # Safety
+    ///
+    /// `y` points to the `[n][cout][h][w]` output; no other thread writes these tile rows;
+    /// `scratch` holds `(cin + cout) 16 len` floats.
+    unsafe fn chunk(
+        &self,
+        geo: &Geometry,
+        x: &[f32],
+        (r0, len): (usize, usize),
+        scratch: &mut [f32],
+        y: &SendPtr,
+        parallel: bool,
+    ) {
+        let (cin, cout) = (self.cin, self.cout);
+        // Every element of the parts of v and m in use is written before it is read.
+        let (v, m) = scratch[..(cin + cout) * 16 * len].split_at_mut(cin * 16 * len);
+        // V[c][xi][t]: the transformed input tiles, one channel per task.
+        let input = |(c, out): (usize, &mut [f32])| geo.input_tiles(x, c, r0, len, out);
+        if parallel {
+            v.par_chunks_mut(16 * len).enumerate().for_each(input);
+        } else {
+            v.chunks_mut(16 * len).enumerate().for_each(input);
+        }
+        // M[o][xi][t] = sum_c U[xi][o][c] V[c][xi][t]: 16 independent products.
+        let (mp, vp, up) = (
+            SendPtr(m.as_mut_ptr()),
+            SendPtr(v.as_mut_ptr()),
+            SendPtr(self.u.as_ptr() as *mut f32),
+        );
+        let product = |xi: usize| {
+            let (mp, vp, up) = (&mp, &vp, &up);
+            // SAFETY: each xi writes its own rows of M (offset xi * len, row stride 16 len,
+            // `len` columns), disjoint from every other xi's; V and U are only read; all
+            // three buffers outlive the loop.
+            unsafe {
+                gemm::gemm(
+                    cout,
+                    len,
+                    cin,
+                    mp.0.add(xi * len),
+                    1,
+                    (16 * len) as isize,
+                    false,
+                    up.0.add(xi * cout * cin),
+                    1,
+                    cin as isize,
+                    vp.0.add(xi * len),
+                    1,
+                    (16 * len) as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            }
+        };
+        if parallel {
+            (0..16).into_par_iter().for_each(product);
+        } else {
+            (0..16).for_each(product);
+        }
+        // Back to 2x2 output tiles, plus bias, ReLU; one output channel per task.
+        let output = |(o, mo): (usize, &[f32])| {
+            // SAFETY: task o writes only the planes of output channel o, in these tile rows
+            // (the caller's contract).
+            unsafe { geo.output_tiles(mo, o, (self.bias[o], self.relu), r0, len, y.0) }
+        };
+        if parallel {
+            m.par_chunks(16 * len).enumerate().for_each(output);
+        } else {
+            m.chunks(16 * len).enumerate().for_each(output);
         }
     }
 }
 
-/// Tiles per chunk of a `cin` to `cout` convolution of `[n, h, w]`: whole rows of tiles, about
-/// `CHUNK_ELEMENTS` elements of the larger channel count.
-fn chunk_tiles(cin: usize, cout: usize, [n, h, w]: [usize; 3]) -> usize {
-    let txn = w.div_ceil(2);
-    (CHUNK_ELEMENTS / cin.max(cout) / txn).clamp(1, n * h.div_ceil(2)) * txn
+#[derive(Debug)]
+/// How a convolution goes through its tiles: in chunks of `chunk` tiles (whole rows of them),
+/// one at a time over all threads, or (`private`) each thread its own chunks in its own part of
+/// the scratch.
+struct Plan {
+    chunk: usize,
+    private: bool,
+    parts: usize,
 }
+
+impl Plan {
+    fn new(cin: usize, cout: usize, [n, h, w]: [usize; 3]) -> Self {
+        let txn = w.div_ceil(2);
+        let rows = |elements: usize| (elements / txn).clamp(1, n * h.div_ceil(2)) * txn;
+        let threads = rayon::current_num_threads();
+        // Small weights (U within a thread's L2) over many tiles: each thread transforms,
+        // multiplies and transforms back its own chunks, sized for its cache, with no
+        // waiting on the others between the steps.
+        let private_chunk = rows(PRIVATE_FLOATS / (16 * (cin + cout)));
+        if cin * cout <= PRIVATE_WEIGHTS && n * h.div_ceil(2) * txn >= 2 * threads * private_chunk {
+            Self {
+                chunk: private_chunk,
+                private: true,
+                parts: threads,
+            }
+        } else {
+            Self {
+                chunk: rows(CHUNK_ELEMENTS / cin.max(cout)),
+                private: false,
+                parts: 1,
+            }
+        }
+    }
+
+    fn scratch(&self, cin: usize, cout: usize) -> usize {
+        (cin + cout) * 16 * self.chunk * self.parts
+    }
+}
+
+/// Transformed floats (input and output) of one thread's chunk when each thread runs its own.
+const PRIVATE_FLOATS: usize = 1 << 19;
+
+/// The largest `cin x cout` run one chunk per thread: 16 of them (U) are 1 MiB.
+const PRIVATE_WEIGHTS: usize = 128 * 128;
 
 /// Gradients of a 3x3 convolution's (stride 1, padding 1) weight `[cout][cin][3][3]` and bias
 /// `[cout]` from its input `x` `[n][cin][h][w]` and the gradient `g` `[n][cout][h][w]` of its
@@ -526,20 +633,79 @@ mod tests {
             let wt = values(cout * cin * 9, 2);
             let b = values(cout, 3);
             let want = direct(&x, &wt, &b, n, cin, cout, h, w);
-            let got = Conv3x3::new(&wt, &b, cout, cin).forward(&x, n, h, w);
+            let conv = Conv3x3::new(&wt, &b, cout, cin);
+            let got = conv.forward(&x, n, h, w);
             for (k, (g, e)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
                     "{n}x{cin}->{cout} {h}x{w} at {k}: {g} vs {e}"
                 );
             }
+            // Every way through the tiles gives the same values.
+            for plan in every_plan(cin, cout, [n, h, w]) {
+                assert_eq!(planned(&conv, &x, [n, h, w], &plan), got, "{plan:?}");
+            }
         }
+    }
+
+    /// Ways through the tiles of `[n, h, w]`: the one chosen, and chunks of one and two rows of
+    /// tiles, one at a time over all threads, or each of 1 to 3 parts of the scratch its own.
+    fn every_plan(cin: usize, cout: usize, [n, h, w]: [usize; 3]) -> Vec<Plan> {
+        let txn = w.div_ceil(2);
+        let rows = n * h.div_ceil(2);
+        let mut all = vec![Plan::new(cin, cout, [n, h, w])];
+        for chunk in [txn, (2 * txn).min(rows * txn)] {
+            all.push(Plan {
+                chunk,
+                private: false,
+                parts: 1,
+            });
+            for parts in 1..=3 {
+                all.push(Plan {
+                    chunk,
+                    private: true,
+                    parts,
+                });
+            }
+        }
+        all
+    }
+
+    fn planned(conv: &Conv3x3, x: &[f32], [n, h, w]: [usize; 3], plan: &Plan) -> Vec<f32> {
+        let mut y = vec![f32::NAN; n * conv.cout * h * w];
+        let mut scratch = vec![f32::NAN; plan.scratch(conv.cin, conv.cout)];
+        conv.forward_planned(x, [n, h, w], &mut y, &mut scratch, plan);
+        y
+    }
+
+    #[test]
+    fn each_thread_on_its_own_chunks_gives_what_all_threads_on_each_give() {
+        let (n, cin, cout, h, w) = (2, 16, 24, 64, 61);
+        let conv = Conv3x3::new(&values(cout * cin * 9, 1), &values(cout, 2), cout, cin);
+        let x = values(n * cin * h * w, 3);
+        let want = planned(
+            &conv,
+            &x,
+            [n, h, w],
+            &Plan {
+                chunk: n * h.div_ceil(2) * w.div_ceil(2),
+                private: false,
+                parts: 1,
+            },
+        );
+        assert!(want.iter().any(|v| *v > 0.0) && want.iter().all(|v| v.is_finite()));
+        for plan in every_plan(cin, cout, [n, h, w]) {
+            assert_eq!(planned(&conv, &x, [n, h, w], &plan), want, "{plan:?}");
+        }
+        // VGG's first block is run that way (on up to 250 threads), its later ones not.
+        assert!(Plan::new(64, 64, [20, 150, 150]).private);
+        assert!(!Plan::new(256, 256, [20, 37, 37]).private);
     }
 
     #[test]
     fn chunks_smaller_than_the_batch_give_the_same_result() {
-        // 64 channels make the chunk 2^19 / 64 / 65 = 126 rows of 65 tiles; 3 images of 130x130 are
-        // 195 rows.
+        // 3 images of 130x130 are 195 rows of 65 tiles; the chunks are 7 rows (2^19 / (16 x 66)
+        // tiles, each thread its own) or, on many threads, 63 (2^18 / 64 tiles).
         let (n, cin, cout, h, w) = (3, 2, 64, 130, 130);
         let x = values(n * cin * h * w, 4);
         let wt = values(cout * cin * 9, 5);
