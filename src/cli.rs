@@ -221,7 +221,7 @@ enum Command {
     /// Run one workload of the PyTorch comparison (`bench/compare.py` runs them all): prints a
     /// JSON line with its timings and writes `<out>/<workload>.safetensors` for the check.
     BenchWorkload {
-        /// matmul, vgg16_forward, fine_tune_step, conv_head_step, dense_head_epoch,
+        /// matmul, vgg16_forward, vgg16_layers, fine_tune_step, conv_head_step, dense_head_epoch,
         /// fine_tune_epoch, decode_resize, augment or extract (`--set` applies to the
         /// experiments' specs: `--set data.batch_size=64`).
         workload: String,

@@ -109,6 +109,13 @@ trainable_from = "block5_conv1"
         "the activations are not all zero"
     );
 
+    // 1b. vgg16_layers: every convolution timed, the multiplies of the whole forward.
+    let layers = workloads::run("vgg16_layers", &opts, &device).unwrap();
+    assert_eq!(layers.items, r.items);
+    assert_eq!(layers.seconds.len(), 1);
+    assert!(layers.seconds[0] > 0.0);
+    assert_eq!(layers.done_gflop_per_item, r.done_gflop_per_item);
+
     // 2. fine_tune_step: the losses of two one-step epochs are those of a pipeline run of the
     // fine_tune phase alone on the same four images (validation = the same images).
     let r = workloads::run("fine_tune_step", &opts, &device).unwrap();

@@ -14,6 +14,35 @@ use crate::cpu::{pool, winograd};
 /// whole batch: earlier layers run a few images at a time (see `Vgg::frozen_in_groups`).
 const GROUP_FLOATS: usize = 6 << 20;
 
+/// How [`Vgg::forward_frozen`] splits the layers `ops` over a batch `[n, c, h, w]`: the layers
+/// before the first returned (`split`) run `group` images at a time (as many as keep each of
+/// their activations within `limit` floats), the rest over the whole batch, once every
+/// activation from `split` on fits within `limit`.
+pub fn groups(ops: &[LayerOp], [n, c, h, w]: [usize; 4], limit: usize) -> (usize, usize) {
+    let to = ops.len();
+    // out[i]: the floats layer i puts out for one image.
+    let mut shape = [c, h, w];
+    let out: Vec<usize> = ops
+        .iter()
+        .map(|op| {
+            shape = op.output_shape(shape);
+            shape.iter().product()
+        })
+        .collect();
+    let at = |i: usize| if i == 0 { c * h * w } else { out[i - 1] };
+    // The first layer from which every activation of the whole batch fits.
+    let split = (0..=to)
+        .find(|&s| (s..=to).all(|i| n * at(i) <= limit))
+        .unwrap_or(to);
+    let per_image = (0..=split).map(at).max().unwrap_or(1);
+    (split, (limit / per_image).clamp(1, n.max(1)))
+}
+
+/// [`groups`] with the limit the frozen forward uses (24 MiB per activation).
+pub fn frozen_groups(ops: &[LayerOp], dims: [usize; 4]) -> (usize, usize) {
+    groups(ops, dims, GROUP_FLOATS)
+}
+
 /// Makes `buf` at least `len` long (its values to be overwritten), growing it by exactly what is
 /// missing: a doubled capacity could cross the allocator's 32 MiB threshold for fresh mappings.
 fn at_least(buf: &mut Vec<f32>, len: usize) {
@@ -148,33 +177,22 @@ impl Vgg {
         to: usize,
         limit: usize,
     ) -> (Vec<f32>, [usize; 3]) {
-        // out[i]: the floats layer i puts out for one image.
-        let mut shape = [c, h, w];
-        let out: Vec<usize> = (self.ops[..to].iter())
-            .map(|op| {
-                shape = op.output_shape(shape);
-                shape.iter().product()
-            })
-            .collect();
-        let at = |i: usize| if i == 0 { c * h * w } else { out[i - 1] };
-        // The first layer from which every activation of the whole batch fits.
-        let split = (0..=to)
-            .find(|&s| (s..=to).all(|i| n * at(i) <= limit))
-            .unwrap_or(to);
+        let (split, group) = groups(&self.ops[..to], [n, c, h, w], limit);
         // Storage for the two activations and the scratch, shared by every group and the rest
         // of the batch; it only grows.
         let mut bufs: [Vec<f32>; 3] = Default::default();
         let (len, shape) = if split == 0 {
             self.frozen_layers(input, [n, c, h, w], 0..to, &mut bufs)
         } else {
-            let per_image = (0..=split).map(at).max().unwrap_or(1);
-            let group = (limit / per_image).clamp(1, n);
-            let mut mid = Vec::with_capacity(n * at(split));
+            let mut mid = Vec::new();
             let mut shape = [c, h, w];
             for first in (0..n).step_by(group) {
                 let k = group.min(n - first);
                 let images = &input[first * c * h * w..][..k * c * h * w];
                 let (len, s) = self.frozen_layers(images, [k, c, h, w], 0..split, &mut bufs);
+                // The whole batch's activation at the split, reserved exactly: a doubled
+                // capacity could cross the allocator's threshold for fresh mappings.
+                mid.reserve_exact((len / k * n).saturating_sub(mid.len()));
                 mid.extend_from_slice(&bufs[0][..len]);
                 shape = s;
             }
@@ -298,6 +316,17 @@ pub fn key_map(def: &BackboneDef) -> KeyMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_three_blocks_run_four_images_at_a_time_at_150x150() {
+        let def = crate::backbone::find("vgg16").expect("vgg16 is defined");
+        let ops: Vec<LayerOp> = def.layers().iter().map(|l| l.op).collect();
+        // Layers 0..10 (block1_conv1 to block3_pool) run in groups: block3_conv3's output for
+        // 20 images, 20 x 256 x 37 x 37 floats, is over 6 Mi; 6 Mi / (64 x 150 x 150) is 4.
+        assert_eq!(frozen_groups(&ops, [20, 3, 150, 150]), (10, 4));
+        // A small batch runs whole.
+        assert_eq!(frozen_groups(&ops, [2, 3, 32, 32]).0, 0);
+    }
 
     #[test]
     fn images_in_groups_give_what_the_whole_batch_gives() {

@@ -22,9 +22,10 @@ use crate::spec::{AugmentSpec, LayerSpec};
 use crate::train::{self, TrainSource, features::Features};
 
 /// Every workload, in the table's order.
-pub const WORKLOADS: [&str; 9] = [
+pub const WORKLOADS: [&str; 10] = [
     "matmul",
     "vgg16_forward",
+    "vgg16_layers",
     "fine_tune_step",
     "conv_head_step",
     "dense_head_epoch",
@@ -166,6 +167,7 @@ pub fn run(name: &str, opts: &Options, device: &Device) -> anyhow::Result<Report
     let mut r = match name {
         "matmul" => matmul(opts, device),
         "vgg16_forward" => vgg16_forward(opts, device)?,
+        "vgg16_layers" => vgg16_layers(opts)?,
         "fine_tune_step" => train_step(opts, device, "fine_tune.toml", Some(1), false, None)?,
         "conv_head_step" => train_step(opts, device, "conv_head.toml", None, true, None)?,
         "fine_tune_epoch" => train_step(
@@ -331,6 +333,87 @@ fn vgg16_forward(opts: &Options, device: &Device) -> anyhow::Result<Report> {
             ),
             ("output".into(), vec![batch, 512, h, w], out),
         ],
+        ..Report::default()
+    })
+}
+
+/// VGG16's 13 convolutions one by one, by runner's CPU kernels alone (`cpu::winograd`, random
+/// weights, the experiment's batch and image size, the first layers a few images at a time as
+/// the frozen forward runs them): where the forward's time goes. Prints one row per layer on
+/// stderr (median milliseconds per batch, GFLOP/s of the multiplies done, how the tiles are
+/// shared among threads); its seconds are the sums over the layers.
+fn vgg16_layers(opts: &Options) -> anyhow::Result<Report> {
+    use crate::cpu::winograd::{self, Conv3x3};
+    let plan = plan_of(opts, "feature_extraction.toml")?;
+    let n = plan.spec.data.batch_size;
+    let [h, w] = plan.spec.data.image_size;
+    let def = crate::backbone::find("vgg16").expect("vgg16 is known");
+    let value = |i: usize| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0;
+    let ops: Vec<crate::backbone::LayerOp> = def.layers().iter().map(|l| l.op).collect();
+    let (split, grouped) = crate::backbone::vgg::frozen_groups(&ops, [n, 3, h, w]);
+    let mut shape = [3, h, w];
+    let mut total = vec![0.0; opts.repeats.max(1)];
+    let mut rows = Vec::new();
+    for (i, l) in def.layers().iter().enumerate() {
+        let out = l.output_shape(shape);
+        if let crate::backbone::LayerOp::Conv {
+            in_channels: cin,
+            out_channels: cout,
+            ..
+        } = l.op
+        {
+            let [_, h, w] = shape;
+            let group = if i < split { grouped } else { n };
+            let x: Vec<f32> = (0..group * cin * h * w).map(value).collect();
+            let weight: Vec<f32> = (0..cout * cin * 9).map(|i| value(i) * 0.05).collect();
+            let conv = Conv3x3::new(&weight, &vec![0.1; cout], cout, cin);
+            let mut y = vec![0.0; group * cout * h * w];
+            let mut scratch = vec![0.0; Conv3x3::scratch_len(cin, cout, [group, h, w])];
+            let seconds = time(opts, &Device::flex(), || {
+                for first in (0..n).step_by(group) {
+                    let k = group.min(n - first);
+                    conv.forward_into(
+                        &x[..k * cin * h * w],
+                        [k, h, w],
+                        &mut y[..k * cout * h * w],
+                        &mut scratch,
+                    );
+                }
+                std::hint::black_box(&y);
+            });
+            for (t, s) in total.iter_mut().zip(&seconds) {
+                *t += s;
+            }
+            let mut sorted = seconds.clone();
+            sorted.sort_by(f64::total_cmp);
+            let median = sorted[sorted.len() / 2];
+            let tiles = n * h.div_ceil(2) * w.div_ceil(2);
+            let gflop = 2.0 * 16.0 * (cin * cout * tiles) as f64 / 1e9;
+            rows.push(format!(
+                "| {} | {cin} -> {cout} | {h}x{w} | {group} | {:.1} | {:.0} | {} |",
+                l.name,
+                median * 1e3,
+                gflop / median,
+                if winograd::runs_per_thread(cin, cout, [group, h, w]) {
+                    "each thread its own chunks"
+                } else {
+                    "one chunk at a time over all threads"
+                }
+            ));
+        }
+        shape = out;
+    }
+    eprintln!(
+        "| layer | channels | size | images at once | ms per batch of {n} (median) | GFLOP/s done | tiles |\n|---|---|---|---|---|---|---|\n{}",
+        rows.join("\n")
+    );
+    Ok(Report {
+        items: n,
+        seconds: total,
+        gflop_per_item: vgg16_gflop([h, w]),
+        done_gflop_per_item: vgg16_done_gflop([h, w], None),
+        what: format!("VGG16's 13 convolutions one by one (the kernels alone), {h}x{w}, batch {n}"),
+        device: "cpu (runner's kernels)".into(),
         ..Report::default()
     })
 }

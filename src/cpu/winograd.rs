@@ -262,6 +262,12 @@ impl Conv3x3 {
     }
 }
 
+/// Whether a `cin` to `cout` convolution of `[n, h, w]` has each thread run its own chunks of
+/// tiles (small weights over many tiles), rather than one chunk at a time over all threads.
+pub fn runs_per_thread(cin: usize, cout: usize, dims: [usize; 3]) -> bool {
+    Plan::new(cin, cout, dims).private
+}
+
 #[derive(Debug)]
 /// How a convolution goes through its tiles: in chunks of `chunk` tiles (whole rows of them),
 /// one at a time over all threads, or (`private`) each thread its own chunks in its own part of
