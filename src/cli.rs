@@ -178,15 +178,16 @@ enum Command {
         #[arg(long, value_enum, default_value_t = crate::predict::Which::Final)]
         weights: crate::predict::Which,
     },
-    /// Export a trained run's model for deployment (ONNX: preprocessing, base, head and
-    /// probabilities in one file) and check it against runner's own predictions.
+    /// Export a trained run's model: for deployment as ONNX (preprocessing, base, head and
+    /// probabilities in one file, checked against runner's own predictions), or as safetensors
+    /// (every weight, to reuse as another experiment's `backbone.weights`).
     Export {
         /// The run id.
         run_id: String,
-        /// The format (ONNX, opset 13).
+        /// The format.
         #[arg(long, value_enum, default_value_t = ExportFormat::Onnx)]
         format: ExportFormat,
-        /// Where the file goes (default: results/<run_id>/model.onnx).
+        /// Where the file goes (default: results/<run_id>/model.onnx or model.safetensors).
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
         /// Which weights: the final model, or the best or last checkpoint.
@@ -284,6 +285,9 @@ enum Command {
 pub enum ExportFormat {
     /// ONNX (opset 13), for ONNX Runtime, tract, OpenVINO, TensorRT...
     Onnx,
+    /// safetensors: every weight, the frozen base included, under the ImageNet file's names
+    /// (another experiment's `backbone.weights`, or any safetensors reader).
+    Safetensors,
 }
 
 impl Common {
@@ -390,14 +394,14 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         (
             Some(Command::Export {
                 run_id,
-                format: ExportFormat::Onnx,
+                format,
                 out,
                 weights,
                 images,
                 limit,
             }),
             _,
-        ) => commands::export(&run_id, out, weights, (&images, limit), s),
+        ) => commands::export(&run_id, (format, out), weights, (&images, limit), s),
         (Some(Command::Check { experiments }), _) => sweep::check(&experiments, s),
         (Some(Command::Plan { experiment }), _) => commands::plan(&experiment, s),
         (

@@ -123,9 +123,11 @@ pub fn plot(
 /// validation images (or `images`), against runner's own predictions. The file is written as
 /// `<out>.unchecked.onnx` and renamed to `out` only once it agrees; one that disagrees is kept
 /// as `<out>.rejected.onnx`, named, and the command fails (an earlier `out` is left alone).
+/// As safetensors: every weight, written atomically, then loaded back as the backbone weights
+/// of the same model, as another experiment would load it.
 pub fn export(
     run_id: &str,
-    out: Option<PathBuf>,
+    (format, out): (crate::cli::ExportFormat, Option<PathBuf>),
     which: crate::predict::Which,
     (images, limit): (&[PathBuf], Option<usize>),
     settings: &Settings,
@@ -151,6 +153,9 @@ pub fn export(
         );
         crate::predict::Which::Last
     };
+    if format == crate::cli::ExportFormat::Safetensors {
+        return export_safetensors(run_id, out, (&card, &model), (images, limit), settings);
+    }
     let out = out.unwrap_or_else(|| {
         crate::train::checkpoint::run_dir(&settings.results, run_id).join("model.onnx")
     });
@@ -228,6 +233,48 @@ pub fn export(
                 .map_or(String::new(), |e| format!("; {e}"))
         )));
     }
+    Ok(())
+}
+
+/// `runner export --format safetensors`.
+fn export_safetensors(
+    run_id: &str,
+    out: Option<PathBuf>,
+    (card, model): (&crate::predict::ModelCard, &crate::model::TransferModel),
+    (images, limit): (&[PathBuf], Option<usize>),
+    settings: &Settings,
+) -> Result<(), Failure> {
+    if !images.is_empty() || limit.is_some() {
+        return Err(bad_input(anyhow::anyhow!(
+            "--images and --limit choose what an ONNX file is checked on; a safetensors file holds the weights themselves and is checked by loading it back"
+        )));
+    }
+    let out = out.unwrap_or_else(|| {
+        crate::train::checkpoint::run_dir(&settings.results, run_id).join("model.safetensors")
+    });
+    crate::io::check_out(&out, &["safetensors"], "a model").map_err(bad_input)?;
+    let bytes = crate::predict::write_safetensors(&out, model, card).map_err(failed)?;
+    // Loaded back as another experiment's backbone.weights would be: every tensor found, with
+    // its shape.
+    let def = crate::backbone::find(&card.spec.backbone.name).ok_or_else(|| {
+        failed(anyhow::anyhow!(
+            "unknown backbone {}",
+            card.spec.backbone.name
+        ))
+    })?;
+    model.backbone.clone().load(def, &out).map_err(|e| {
+        failed(anyhow::anyhow!(
+            "{}: written but cannot be loaded back: {e}",
+            out.display()
+        ))
+    })?;
+    println!(
+        "{}: safetensors, {:.1} MB: the {} base under its ImageNet file's names (a backbone.weights for another experiment) and the head as head.*; classes {}",
+        out.display(),
+        bytes as f64 / 1e6,
+        def.name,
+        card.classes.join(", ")
+    );
     Ok(())
 }
 

@@ -1,10 +1,11 @@
 //! The trained model on disk, and `runner predict`.
 //!
-//! A finished run leaves `results/<run_id>/model.bpk` (burn's record, parameter ids included),
-//! `results/<run_id>/model.safetensors` (the backbone in the same Keras naming as the ImageNet
-//! files, so it can be the `backbone.weights` of another experiment; the head as `head.*`) and
-//! `results/<run_id>/model.json` (what is needed to rebuild and use the model: the resolved
-//! spec, the classes, the preprocessing and the cutoff).
+//! A finished run leaves `results/<run_id>/model.bpk` (burn's record of what the run trained,
+//! parameter ids included) and `results/<run_id>/model.json` (what is needed to rebuild and use
+//! the model: the resolved spec, the classes, the preprocessing, the cutoff and the frozen
+//! base's file and digest). `runner export RUN_ID --format safetensors` writes
+//! `model.safetensors` on demand ([`write_safetensors`]: the backbone in the ImageNet files'
+//! naming, so it can be the `backbone.weights` of another experiment; the head as `head.*`).
 
 use std::path::{Path, PathBuf};
 
@@ -292,7 +293,8 @@ pub fn card_path(results: &Path, run_id: &str) -> PathBuf {
     checkpoint::run_dir(results, run_id).join("model.json")
 }
 
-/// Saves the model of a finished run in both formats, with its card.
+/// Saves the model of a finished run, `model.bpk` (what it trained; the frozen base is named by
+/// its file and digest in the card), with its card (`model.json`).
 pub fn save(
     results: &Path,
     run_id: &str,
@@ -330,25 +332,44 @@ pub fn save(
     write_atomic(&card_path(results, run_id), |f| {
         std::io::Write::write_all(f, json.as_bytes())
     })?;
+    Ok(dir)
+}
 
-    let st = dir.join("model.safetensors");
-    let fail = |e: crate::backbone::weights::ExportError| WriteError::new(&st, e);
+/// The whole model (the frozen base included) as one safetensors file at `out`, written
+/// atomically: the backbone under the names of its ImageNet file (Keras names for VGG,
+/// torchvision's names and conventions for the others), so that it can be another experiment's
+/// `backbone.weights`, whose loader ignores the `head.*` tensors; the run, classes and config in
+/// its metadata. `runner export RUN_ID --format safetensors` writes it on demand: a run keeps
+/// only what it trained (`model.bpk`).
+pub fn write_safetensors(
+    out: &Path,
+    model: &TransferModel,
+    card: &ModelCard,
+) -> Result<usize, ModelError> {
+    let def = backbone::find(&card.spec.backbone.name).ok_or_else(|| ModelError::Unreadable {
+        path: out.to_path_buf(),
+        message: format!("unknown backbone {}", card.spec.backbone.name),
+    })?;
+    let fail = |e: crate::backbone::weights::ExportError| WriteError::new(out, e);
     let root = format!("backbone.{}", model.backbone.variant());
     let bytes = crate::backbone::weights::to_safetensors(
         model,
         &root,
-        &model.backbone.key_map(plan.backbone),
+        &model.backbone.key_map(def),
         // VGG's base holds convolutions only; the others follow torchvision's conventions.
-        plan.backbone.family != backbone::Family::Vgg,
+        def.family != backbone::Family::Vgg,
         &[
-            ("runner.run_id", run_id.to_string()),
-            ("runner.classes", plan.classes.join(",")),
-            ("runner.config", crate::results::config_toml(plan)),
+            ("runner.run_id", card.run_id.clone()),
+            ("runner.classes", card.classes.join(",")),
+            (
+                "runner.config",
+                toml::to_string_pretty(&card.spec).unwrap_or_default(),
+            ),
         ],
     )
     .map_err(fail)?;
-    write_atomic(&st, |f| std::io::Write::write_all(f, &bytes))?;
-    Ok(dir)
+    write_atomic(out, |f| std::io::Write::write_all(f, &bytes))?;
+    Ok(bytes.len())
 }
 
 /// Which weights `runner predict` uses.

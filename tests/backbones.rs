@@ -168,6 +168,32 @@ fn assert_pattern(exported: &HashMap<String, (Vec<usize>, Vec<f32>)>, model: &st
 }
 
 #[test]
+fn a_safetensors_file_whose_header_length_starts_like_a_pickle_is_safetensors() {
+    // The first byte of a safetensors file is the low byte of its header's length; 0x80 is also
+    // a legacy pickle's first byte. One export in 256 was refused as "not a PyTorch checkpoint".
+    let dir = tempfile::tempdir().unwrap();
+    let values = [1.0f32, 2.0, 3.0];
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![3], &bytes).unwrap();
+    for pad in 0..300 {
+        let meta = std::collections::HashMap::from([("pad".to_string(), "x".repeat(pad))]);
+        let file = safetensors::serialize([("t", view.clone())], Some(meta)).unwrap();
+        if file[0] != 0x80 {
+            continue;
+        }
+        let path = dir.path().join("w.safetensors");
+        std::fs::write(&path, &file).unwrap();
+        assert_eq!(
+            weights::Format::detect(&path).unwrap(),
+            weights::Format::Safetensors
+        );
+        return;
+    }
+    panic!("no padding gave a header length ending in 0x80");
+}
+
+#[test]
 fn a_torchvision_pth_loads_every_tensor_in_place() {
     let path = common::fixture("resnet50_torchvision.pth");
     assert_eq!(

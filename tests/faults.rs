@@ -157,7 +157,7 @@ fn status_and_error(s: &common::cli::Setup) -> (String, String) {
 fn a_full_disk_at_each_kind_of_write_leaves_a_truthful_status() {
     for suffix in [
         "model.bpk",
-        "model.safetensors",
+        "model.json",
         "last.ckpt",
         ".predictions.parquet",
     ] {
@@ -185,6 +185,59 @@ fn a_full_disk_at_each_kind_of_write_leaves_a_truthful_status() {
             .collect();
         assert!(leftovers.is_empty(), "{suffix}: {leftovers:?}");
     }
+}
+
+#[test]
+fn a_safetensors_export_that_cannot_be_written_names_the_file_and_leaves_nothing() {
+    let s = common::cli::setup(&[]);
+    common::cli::ok(&common::cli::run(&s, &[]));
+    let (id, _) = common::cli::only_run(&s.results);
+    let file = s.results.join(&id).join("model.safetensors");
+    let export = |fail: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_runner"));
+        c.args(["export", &id, "--format", "safetensors"])
+            .args(["--results", s.results.to_str().unwrap()])
+            .current_dir(s.dir.path())
+            .env_remove("RUNNER_ASSETS")
+            .env("RUNNER_CACHE", s.dir.path().join("cache"));
+        if let Some(f) = fail {
+            c.env("RUNNER_FAIL_WRITE", f);
+        }
+        c.output().unwrap()
+    };
+    let out = export(Some("model.safetensors"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("injected by RUNNER_FAIL_WRITE"), "{err}");
+    assert!(err.contains(&file.display().to_string()), "{err}");
+    assert!(!file.exists());
+    let leftovers: Vec<_> = walk(&s.results)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // Then it works, and again over the file it wrote; the run's table still says completed.
+    for _ in 0..2 {
+        let out = export(None);
+        assert!(out.status.success(), "{out:?}");
+        assert!(file.is_file());
+    }
+    assert_eq!(status_and_error(&s).0, "completed");
+    // --images is for the ONNX check: refused, exit 2.
+    let out = common::cli::runner(
+        &[
+            "export",
+            &id,
+            "--format",
+            "safetensors",
+            "--limit",
+            "3",
+            "--results",
+            s.results.to_str().unwrap(),
+        ],
+        s.dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
 
 #[test]

@@ -179,7 +179,21 @@ fn a_saved_mobilenet_model_exports_torchvision_names_and_reloads_as_backbone_wei
     let results = dir.path().join("results");
     let trained = common::train(&plan, &device, &results).model;
     let saved = runner::predict::save(&results, "test", &plan, (&trained, false)).unwrap();
+    assert!(
+        !saved.join("model.safetensors").exists(),
+        "written on demand only"
+    );
+    // What `runner export test --format safetensors` writes: the saved model, loaded back.
+    let (card, model) = runner::predict::load(
+        &results,
+        "test",
+        runner::predict::Which::Final,
+        &Device::flex(),
+        &runner::assets::Locations::new(None),
+    )
+    .unwrap();
     let file = saved.join("model.safetensors");
+    runner::predict::write_safetensors(&file, &model, &card).unwrap();
     let bytes = std::fs::read(&file).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let names: Vec<String> = st.names().into_iter().map(str::to_string).collect();

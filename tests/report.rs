@@ -132,7 +132,7 @@ fn sweep_and_failure() -> (Setup, String) {
         .args(["--results", s.results.to_str().unwrap()])
         .current_dir(s.dir.path())
         .env("RUNNER_CACHE", s.dir.path().join("cache"))
-        .env("RUNNER_FAIL_WRITE", "model.safetensors")
+        .env("RUNNER_FAIL_WRITE", "model.json")
         .output()
         .unwrap();
     assert_eq!(failed.status.code(), Some(1), "{failed:?}");

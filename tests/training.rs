@@ -72,7 +72,7 @@ fn phases_number_epochs_across_the_run_and_unfreeze_only_block5() {
 
     // The saved model uses the ImageNet files' names: blocks 1-4 are the weights it was given,
     // block 5 was trained in the second phase.
-    let model = s.results.join(&id).join("model.safetensors");
+    let model = exported_safetensors(&s, &id);
     let before = tensors(&s.weights, "block");
     let after = tensors(&model, "block");
     assert_eq!(before.len(), 26);
@@ -134,7 +134,7 @@ fn the_second_phase_starts_from_the_first_phases_weights() {
     ok(&run(&then_still, &[]));
     let head = |s: &Setup| {
         let (id, _) = only_run(&s.results);
-        tensors(&s.results.join(&id).join("model.safetensors"), "head.")
+        tensors(&exported_safetensors(s, &id), "head.")
     };
     let (a, b) = (head(&alone), head(&then_still));
     assert!(!a.is_empty());
@@ -170,7 +170,7 @@ fn early_stopping_stops_the_phase_and_restores_the_best_weights() {
 
     let head = |s: &Setup| {
         let (id, _) = only_run(&s.results);
-        tensors(&s.results.join(&id).join("model.safetensors"), "head.")
+        tensors(&exported_safetensors(s, &id), "head.")
     };
     assert_eq!(head(&restored), head(&first_epoch));
     assert_ne!(head(&kept), head(&first_epoch));
@@ -774,7 +774,7 @@ fn a_phase_with_its_own_head_starts_it_fresh_on_the_trained_base_and_predict_use
     assert_eq!(new[0]["params"], 4 * 512 + 4 + 4 + 1);
 
     // The saved model is the conv head on a base whose block5_conv3 alone was trained.
-    let model = s.results.join(&id).join("model.safetensors");
+    let model = exported_safetensors(&s, &id);
     let head: Vec<(String, usize)> = tensors(&model, "head.")
         .into_iter()
         .map(|(n, v)| (n, v.len()))

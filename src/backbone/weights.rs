@@ -59,12 +59,18 @@ impl Format {
         std::fs::File::open(path)
             .and_then(|f| f.take(9).read_to_end(&mut head))
             .map_err(|e| unreadable(e.to_string()))?;
+        // safetensors first: its first byte is the low byte of the header's length, which is
+        // 0x80, a legacy pickle's first byte, for one file in 256.
+        let header_fits = || {
+            let len = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+            std::fs::metadata(path).is_ok_and(|m| len.saturating_add(8) <= m.len())
+        };
         if head.starts_with(b"\x89HDF\r\n\x1a\n") {
             Ok(Self::KerasH5)
+        } else if head.len() == 9 && head[8] == b'{' && header_fits() {
+            Ok(Self::Safetensors)
         } else if head.starts_with(b"PK\x03\x04") || head.first() == Some(&0x80) {
             Ok(Self::PyTorch)
-        } else if head.len() == 9 && head[8] == b'{' {
-            Ok(Self::Safetensors)
         } else {
             Err(unreadable(
                 "not a safetensors, PyTorch (.pth) or Keras HDF5 (.h5) weights file".into(),

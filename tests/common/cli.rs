@@ -38,6 +38,26 @@ pub fn setup(extra_replace: &[(&str, &str)]) -> Setup {
     }
 }
 
+/// `runner export ID --format safetensors` of a run in the setup's results: the whole model as
+/// one file, which a run no longer writes by itself. Returns the file.
+pub fn exported_safetensors(s: &Setup, id: &str) -> PathBuf {
+    let out = runner(
+        &[
+            "export",
+            id,
+            "--format",
+            "safetensors",
+            "--results",
+            s.results.to_str().unwrap(),
+        ],
+        s.dir.path(),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let file = s.results.join(id).join("model.safetensors");
+    assert!(file.is_file(), "{}", file.display());
+    file
+}
+
 /// Runs the binary in `cwd`, with the feature cache under `cwd/cache`.
 pub fn runner(args: &[&str], cwd: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_runner"))
