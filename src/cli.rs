@@ -185,8 +185,8 @@ enum Command {
         /// The run id.
         run_id: String,
         /// The format.
-        #[arg(long, value_enum, default_value_t = ExportFormat::Onnx)]
-        format: ExportFormat,
+        #[arg(long, value_enum, default_value_t = crate::export::Format::Onnx)]
+        format: crate::export::Format,
         /// Where the file goes (default: results/<run_id>/model.onnx or model.safetensors).
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
@@ -280,16 +280,6 @@ enum Command {
         dir: PathBuf,
     },
 }
-/// `runner export --format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ExportFormat {
-    /// ONNX (opset 13), for ONNX Runtime, tract, OpenVINO, TensorRT...
-    Onnx,
-    /// safetensors: every weight, the frozen base included, under the ImageNet file's names
-    /// (another experiment's `backbone.weights`, or any safetensors reader).
-    Safetensors,
-}
-
 impl Common {
     /// The settings every command is given: the asset mirror resolved, the cache folder's
     /// default filled in.

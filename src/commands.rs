@@ -127,7 +127,7 @@ pub fn plot(
 /// of the same model, as another experiment would load it.
 pub fn export(
     run_id: &str,
-    (format, out): (crate::cli::ExportFormat, Option<PathBuf>),
+    (format, out): (crate::export::Format, Option<PathBuf>),
     which: crate::predict::Which,
     (images, limit): (&[PathBuf], Option<usize>),
     settings: &Settings,
@@ -153,7 +153,7 @@ pub fn export(
         );
         crate::predict::Which::Last
     };
-    if format == crate::cli::ExportFormat::Safetensors {
+    if format == crate::export::Format::Safetensors {
         return export_safetensors(run_id, out, (&card, &model), (images, limit), settings);
     }
     let out = out.unwrap_or_else(|| {

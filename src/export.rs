@@ -12,6 +12,16 @@ use crate::data::folder;
 use crate::model::{OnnxSignature, TransferModel};
 use crate::predict::{ModelCard, Which};
 
+/// `runner export --format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// ONNX (opset 13), for ONNX Runtime, tract, OpenVINO, TensorRT...
+    Onnx,
+    /// safetensors: every weight, the frozen base included, under the ImageNet file's names
+    /// (another experiment's `backbone.weights`, or any safetensors reader).
+    Safetensors,
+}
+
 /// Largest probability difference the check accepts.
 pub const TOLERANCE: f32 = 1e-4;
 
