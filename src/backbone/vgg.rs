@@ -231,18 +231,16 @@ impl Vgg {
                         Some(b) => b.val().into_data().try_into_vec::<f32>(),
                         None => Ok(vec![0.0; cout]),
                     };
-                    let fast = winograd::Conv3x3::new(
+                    let fast = winograd::Conv3x3::with_tile(
                         &weight.expect("f32 weights"),
                         &bias.expect("f32 bias"),
                         cout,
                         cin,
+                        winograd::Tile::for_layer(cin, cout, [h, w]),
                     );
                     let out = n * cout * h * w;
                     at_least(dst, out);
-                    at_least(
-                        scratch,
-                        winograd::Conv3x3::scratch_len(cin, cout, [n, h, w]),
-                    );
+                    at_least(scratch, fast.scratch_len([n, h, w]));
                     fast.forward_into(&src[..len], [n, h, w], &mut dst[..out], scratch);
                     (len, c) = (out, cout);
                 }

@@ -130,12 +130,15 @@ pub fn vgg16_gflop([h, w]: [usize; 2]) -> f64 {
 }
 
 /// What runner's CPU kernels multiply per image in VGG16's base: each 3x3 convolution by
-/// Winograd F(2x2, 3x3), 2 x 16 x cin x cout per 2x2 output tile; with `trainable_from` (a layer
+/// Winograd with the tile `cpu::winograd` picks for the layer (F(4x4, 3x3): 2 x 36 x cin x cout per
+/// 4x4 output tile, from block3 on; F(2x2, 3x3): 2 x 16 x cin x cout per 2x2 tile; trainable
+/// layers F(2x2)); with `trainable_from` (a layer
 /// index), also the backward of the trainable convolutions: the kernels' gradient by one im2col
 /// product (2 x 9 x cin x cout x h x w) and the input's by the same Winograd convolution, except
 /// at the first trainable layer, whose input needs none. The transforms, pooling and the dense
 /// head are left out (under 1 % here).
 pub fn vgg16_done_gflop([h, w]: [usize; 2], trainable_from: Option<usize>) -> f64 {
+    use crate::cpu::winograd::Tile;
     let def = crate::backbone::find("vgg16").expect("vgg16 is known");
     let mut shape = [3, h, w];
     let mut flop = 0.0;
@@ -148,9 +151,16 @@ pub fn vgg16_done_gflop([h, w]: [usize; 2], trainable_from: Option<usize>) -> f6
         } = l.op
         {
             let pair = (in_channels * out_channels) as f64;
-            let winograd = 2.0 * 16.0 * pair * (out[1].div_ceil(2) * out[2].div_ceil(2)) as f64;
+            let map = [out[1], out[2]];
+            let trainable = trainable_from.filter(|&t| i >= t);
+            // Trainable convolutions run F(2x2) (`train::hand`), frozen ones the layer's tile.
+            let tile = match trainable {
+                Some(_) => Tile::F2,
+                None => Tile::for_layer(in_channels, out_channels, map),
+            };
+            let winograd = 2.0 * tile.multiplies(in_channels, out_channels, map);
             flop += winograd;
-            if let Some(t) = trainable_from.filter(|&t| i >= t) {
+            if let Some(t) = trainable {
                 flop += 2.0 * 9.0 * pair * (out[1] * out[2]) as f64;
                 if i > t {
                     flop += winograd;
@@ -340,10 +350,11 @@ fn vgg16_forward(opts: &Options, device: &Device) -> anyhow::Result<Report> {
 /// VGG16's 13 convolutions one by one, by runner's CPU kernels alone (`cpu::winograd`, random
 /// weights, the experiment's batch and image size, the first layers a few images at a time as
 /// the frozen forward runs them): where the forward's time goes. Prints one row per layer on
-/// stderr (median milliseconds per batch, GFLOP/s of the multiplies done, how the tiles are
-/// shared among threads); its seconds are the sums over the layers.
+/// stderr (median milliseconds per batch and GFLOP/s of the multiplies done by each Winograd
+/// tile, how the used tile's work is shared among threads); its seconds are the sums over the
+/// layers of the tile the forward uses (`winograd::Tile::for_layer`).
 fn vgg16_layers(opts: &Options) -> anyhow::Result<Report> {
-    use crate::cpu::winograd::{self, Conv3x3};
+    use crate::cpu::winograd::{Conv3x3, Tile};
     let plan = plan_of(opts, "feature_extraction.toml")?;
     let n = plan.spec.data.batch_size;
     let [h, w] = plan.spec.data.image_size;
@@ -366,45 +377,52 @@ fn vgg16_layers(opts: &Options) -> anyhow::Result<Report> {
             let group = if i < split { grouped } else { n };
             let x: Vec<f32> = (0..group * cin * h * w).map(value).collect();
             let weight: Vec<f32> = (0..cout * cin * 9).map(|i| value(i) * 0.05).collect();
-            let conv = Conv3x3::new(&weight, &vec![0.1; cout], cout, cin);
-            let mut y = vec![0.0; group * cout * h * w];
-            let mut scratch = vec![0.0; Conv3x3::scratch_len(cin, cout, [group, h, w])];
-            let seconds = time(opts, &Device::flex(), || {
-                for first in (0..n).step_by(group) {
-                    let k = group.min(n - first);
-                    conv.forward_into(
-                        &x[..k * cin * h * w],
-                        [k, h, w],
-                        &mut y[..k * cout * h * w],
-                        &mut scratch,
-                    );
+            let chosen = Tile::for_layer(cin, cout, [h, w]);
+            let mut cells = Vec::new();
+            let mut shared = "";
+            for tile in [Tile::F2, Tile::F4] {
+                let conv = Conv3x3::with_tile(&weight, &vec![0.1; cout], cout, cin, tile);
+                let mut y = vec![0.0; group * cout * h * w];
+                let mut scratch = vec![0.0; conv.scratch_len([group, h, w])];
+                let seconds = time(opts, &Device::flex(), || {
+                    for first in (0..n).step_by(group) {
+                        let k = group.min(n - first);
+                        conv.forward_into(
+                            &x[..k * cin * h * w],
+                            [k, h, w],
+                            &mut y[..k * cout * h * w],
+                            &mut scratch,
+                        );
+                    }
+                    std::hint::black_box(&y);
+                });
+                let mut sorted = seconds.clone();
+                sorted.sort_by(f64::total_cmp);
+                let median = sorted[sorted.len() / 2];
+                let gflop = 2.0 * n as f64 * tile.multiplies(cin, cout, [h, w]) / 1e9;
+                let mark = if tile == chosen { " (used)" } else { "" };
+                cells.push(format!("{:.1}{mark} | {:.0}", median * 1e3, gflop / median));
+                if tile == chosen {
+                    for (t, s) in total.iter_mut().zip(&seconds) {
+                        *t += s;
+                    }
+                    shared = if conv.runs_per_thread([group, h, w]) {
+                        "each thread its own chunks"
+                    } else {
+                        "one chunk at a time over all threads"
+                    };
                 }
-                std::hint::black_box(&y);
-            });
-            for (t, s) in total.iter_mut().zip(&seconds) {
-                *t += s;
             }
-            let mut sorted = seconds.clone();
-            sorted.sort_by(f64::total_cmp);
-            let median = sorted[sorted.len() / 2];
-            let tiles = n * h.div_ceil(2) * w.div_ceil(2);
-            let gflop = 2.0 * 16.0 * (cin * cout * tiles) as f64 / 1e9;
             rows.push(format!(
-                "| {} | {cin} -> {cout} | {h}x{w} | {group} | {:.1} | {:.0} | {} |",
+                "| {} | {cin} -> {cout} | {h}x{w} | {group} | {} | {shared} |",
                 l.name,
-                median * 1e3,
-                gflop / median,
-                if winograd::runs_per_thread(cin, cout, [group, h, w]) {
-                    "each thread its own chunks"
-                } else {
-                    "one chunk at a time over all threads"
-                }
+                cells.join(" | "),
             ));
         }
         shape = out;
     }
     eprintln!(
-        "| layer | channels | size | images at once | ms per batch of {n} (median) | GFLOP/s done | tiles |\n|---|---|---|---|---|---|---|\n{}",
+        "| layer | channels | size | images at once | F(2x2): ms per batch of {n} (median) | F(2x2): GFLOP/s done | F(4x4): ms | F(4x4): GFLOP/s done | the used tile's chunks |\n|---|---|---|---|---|---|---|---|---|\n{}",
         rows.join("\n")
     );
     Ok(Report {
@@ -801,25 +819,50 @@ fn tempfile_dir(prefix: &str) -> anyhow::Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::winograd::Tile;
 
     #[test]
     fn winograd_does_fewer_multiplies_and_the_backward_adds_the_trainable_convolutions() {
-        // 224x224: every map size is even, so F(2x2, 3x3) is exactly 16 / 36 of the direct count.
         let direct = vgg16_gflop([224, 224]);
         assert!((direct - 30.69).abs() < 0.01, "{direct}");
-        let forward = vgg16_done_gflop([224, 224], None);
-        assert!((forward / direct - 16.0 / 36.0).abs() < 1e-9, "{forward}");
-        // From block5_conv1 (layer 14): three kernel gradients at 14x14, two input gradients.
-        let block5 = 2.0 * 9.0 * 512.0 * 512.0 * 196.0 / 1e9;
+        // 256x256: every map size is a multiple of 4, so blocks 1 and 2 (F(2x2, 3x3)) do exactly
+        // 16 / 36 of the direct count, blocks 3 to 5 (F(4x4, 3x3)) 36 / 144.
+        let direct = vgg16_gflop([256, 256]);
+        let pairs_1_2 = [
+            (3.0, 64.0, 256.0),
+            (64.0, 64.0, 256.0),
+            (64.0, 128.0, 128.0),
+            (128.0, 128.0, 128.0),
+        ];
+        let direct_1_2: f64 = pairs_1_2
+            .iter()
+            .map(|(i, o, s)| 2.0 * 9.0 * i * o * s * s / 1e9)
+            .sum();
+        let forward = vgg16_done_gflop([256, 256], None);
+        let want = direct_1_2 * 16.0 / 36.0 + (direct - direct_1_2) * 0.25;
+        assert!((forward - want).abs() < 1e-9, "{forward} vs {want}");
+        // From block5_conv1 (layer 14): three kernel gradients at 16x16, two input gradients.
+        let block5 = 2.0 * 9.0 * 512.0 * 512.0 * 256.0 / 1e9;
         let cut = crate::backbone::Cutoff::resolve(find_vgg16(), "block5_conv1")
             .unwrap()
             .index;
-        let step = vgg16_done_gflop([224, 224], Some(cut));
-        let want = forward + 3.0 * block5 + 2.0 * block5 * 16.0 / 36.0;
+        let step = vgg16_done_gflop([256, 256], Some(cut));
+        // Trainable, block 5 runs F(2x2): its forward 16/36 instead of 1/4 of the direct count.
+        let want = forward
+            + 3.0 * block5 * (16.0 / 36.0 - 0.25)
+            + 3.0 * block5
+            + 2.0 * block5 * 16.0 / 36.0;
         assert!((step - want).abs() < 1e-6, "{step} vs {want}");
-        // Odd map sizes round their tiles up: 150x150 does a little more than 16/36.
+        // Map sizes that are no multiple of the tile round their tiles up: 150x150 (maps of
+        // 150, 75, 37, 18 and 9) does more.
         let odd = vgg16_done_gflop([150, 150], None) / vgg16_gflop([150, 150]);
-        assert!(odd > 16.0 / 36.0 && odd < 0.5, "{odd}");
+        assert!(odd > 0.35 && odd < 0.37, "{odd}");
+        // F(4x4) for many channels on maps of 3x3 and more; F(2x2) for few channels, and for
+        // 1x1 and 2x2 maps.
+        assert_eq!(Tile::for_layer(512, 512, [9, 9]), Tile::F4);
+        assert_eq!(Tile::for_layer(128, 256, [37, 37]), Tile::F4);
+        assert_eq!(Tile::for_layer(128, 128, [75, 75]), Tile::F2);
+        assert_eq!(Tile::for_layer(512, 512, [2, 2]), Tile::F2);
     }
 
     fn find_vgg16() -> &'static crate::backbone::BackboneDef {

@@ -8,7 +8,7 @@
 //! more than the arithmetic (perf on `runner bench-workload dense_head_epoch`: 15 % in
 //! memset/memmove of the weight gradient alone). Here the dense layers' three matrix products run
 //! on `gemm` (the crate burn's CPU backend uses) straight from the parameters' own buffers, and a
-//! 3x3 convolution runs forward and carries its gradient back by Winograd's algorithm over the
+//! 3x3 convolution runs forward and carries its gradient back by Winograd's F(2x2, 3x3) over the
 //! whole batch, its parameters' gradients by one im2col product (`cpu::winograd`). The
 //! gradients go to the phase's optimizer exactly as burn's would: optimizer state, schedules,
 //! gradient clipping and checkpoints are unchanged. Dropout masks come from the device's random
@@ -327,7 +327,11 @@ impl HandPath {
                             &zeros
                         }
                     };
-                    let conv = Conv3x3::new(p.weight.values(), bias, p.cout, p.cin);
+                    // F(2x2): its rounding (about 1e-6, F(4x4)'s nearer 1e-5) keeps the
+                    // gradients within 1e-5 of autodiff's, and VGG's trainable blocks at
+                    // 150x150 (9x9 maps) run as fast with it (`bench-workload vgg16_layers`).
+                    let tile = winograd::Tile::F2;
+                    let conv = Conv3x3::with_tile(p.weight.values(), bias, p.cout, p.cin, tile);
                     dims = vec![batch, p.cout, h, w];
                     Some(conv.forward(x, batch, h, w))
                 }
@@ -428,7 +432,8 @@ impl HandPath {
                     if Some(i) == first_param {
                         break;
                     }
-                    grad = Conv3x3::backward_input(p.weight.values(), p.cout, p.cin)
+                    let tile = winograd::Tile::F2;
+                    grad = Conv3x3::backward_input(p.weight.values(), p.cout, p.cin, tile)
                         .forward(&grad, batch, h, w);
                 }
                 Op::Pool => {
