@@ -544,8 +544,8 @@ def main():
                   [p["eager"]["items_per_s"] * p["eager"]["gflop_per_item"] for w, _, p in rows if w == "matmul"] or [float("nan")])
     print(f"runner vs the strongest CPU peer, {args.threads} threads, median of {args.repeats} after {args.warmup} warm-up "
           f"(torch.compile: one more); each peer checked equal to runner before timing. Ceiling = best measured float32 "
-          f"matmul: {ceiling:.0f} GFLOP/s. runner's GFLOP/s counts the multiplies its kernels do (Winograd F(2x2,3x3): "
-          f"16 per 2x2 tile, not 36; the trainable convolutions' backward in a training step); a peer's counts the "
+          f"matmul: {ceiling:.0f} GFLOP/s. runner's GFLOP/s counts the multiplies its kernels do (Winograd: F(2x2,3x3) "
+          f"16 per 2x2 tile where the direct convolution does 36, F(4x4,3x3) 36 per 4x4 tile where it does 144; the trainable convolutions' backward in a training step); a peer's counts the "
           f"direct convolutions' forward.\n")
     head = ["workload", "runner items/s"] + [f"{PEER_LABEL[m]} items/s" for m in PEERS] + [
         "runner / best peer", "runner GFLOP/s done (% of ceiling)", "best peer GFLOP/s (% of ceiling)",
