@@ -20,6 +20,16 @@ use rayon::prelude::*;
 /// batch (twice that was no faster and cost 32 MiB more).
 const CHUNK_FLOATS: usize = 1 << 22;
 
+/// `G` of F(4x4, 3x3)'s `U = G g G^T`.
+const G4: [[f64; 3]; 6] = [
+    [1.0 / 4.0, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+
 /// The fewest `cin x cout` channel pairs [`Tile::for_layer`] gives F(4x4) to.
 const MANY_CHANNELS: usize = 128 * 256;
 
@@ -59,7 +69,7 @@ impl Tile {
     /// transforms cost) and the map is large enough that its 4x4 tiles need fewer
     /// multiplications than 2x2 ones; else F(2x2). Measured per layer with
     /// `runner bench-workload vgg16_layers` (both tiles, every VGG16 layer, 2 threads, AVX-512):
-    /// F(4x4) took 5 to 18 % less time from block3_conv1 on, 4 to 21 % more on block1 and
+    /// F(4x4) took 5 to 18 % less time from block3_conv1 on, 4 to 39 % more on block1 and
     /// block2 (3 to 128 channels).
     pub fn for_layer(cin: usize, cout: usize, [h, w]: [usize; 2]) -> Self {
         let fewer = Self::F4.multiplies(1, 1, [h, w]) < Self::F2.multiplies(1, 1, [h, w]);
@@ -67,26 +77,6 @@ impl Tile {
             Self::F4
         } else {
             Self::F2
-        }
-    }
-
-    /// `G` of `U = G g G^T`: `(m + 2) x 3`.
-    fn g(self) -> &'static [[f64; 3]] {
-        match self {
-            Self::F2 => &[
-                [1.0, 0.0, 0.0],
-                [0.5, 0.5, 0.5],
-                [0.5, -0.5, 0.5],
-                [0.0, 0.0, 1.0],
-            ],
-            Self::F4 => &[
-                [1.0 / 4.0, 0.0, 0.0],
-                [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
-                [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
-                [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
-                [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
-                [0.0, 0.0, 1.0],
-            ],
         }
     }
 }
@@ -528,8 +518,7 @@ fn weights_f2(weight: &[f32], cout: usize, cin: usize) -> Vec<f32> {
 
 /// `U = G g G^T` of F(4x4, 3x3) for `weight` `[cout][cin][3][3]`, laid out `[36][cout][cin]`.
 fn weights_f4(weight: &[f32], cout: usize, cin: usize) -> Vec<f32> {
-    let tile = Tile::F4;
-    let (a, points, g) = (tile.size() + 2, tile.points(), tile.g());
+    let (a, points, g) = (6, Tile::F4.points(), &G4);
     let mut u = vec![0.0f32; points * cout * cin];
     // One output channel per task: it writes row o of each of the `[cout][cin]` blocks,
     // all input channels at once (so that every step runs along contiguous rows).
