@@ -639,12 +639,9 @@ impl Geometry {
     /// 0 4 0 -5 0 1]`.
     fn input_tiles_f4(&self, x: &[f32], c: usize, r0: usize, len: usize, out: &mut [f32]) {
         let (h, w, txn) = (self.h, self.w, self.txn);
-        // First the patches themselves, out[(r 6 + k) len + t] = d[r][k] of tile t: an input row
-        // padded (column p holds input column p - 1) and split by column modulo 4, so that
-        // column k of every tile along the row is one contiguous run.
-        let phases = txn + 1;
-        let mut padded = vec![0.0f32; 4 * phases];
-        let mut split = vec![0.0f32; 4 * phases];
+        // First the patches themselves, out[(r 6 + k) len + t] = d[r][k] of tile t, from an
+        // input row padded (column p holds input column p - 1).
+        let mut padded = vec![0.0f32; 4 * txn + 4];
         for rr in 0..len / txn {
             let (n, ty) = ((r0 + rr) / self.tyn, (r0 + rr) % self.tyn);
             let plane = &x[(n * self.planes_in + c) * h * w..][..h * w];
@@ -660,24 +657,15 @@ impl Geometry {
                 }
                 padded[1..=w].copy_from_slice(&plane[yy as usize * w..][..w]);
                 padded[w + 1..].fill(0.0);
-                let (p0, rest) = split.split_at_mut(phases);
-                let (p1, rest) = rest.split_at_mut(phases);
-                let (p2, p3) = rest.split_at_mut(phases);
-                for (t, q) in padded.chunks_exact(4).enumerate() {
-                    (p0[t], p1[t], p2[t], p3[t]) = (q[0], q[1], q[2], q[3]);
-                }
-                for (k, from) in [
-                    &p0[..txn],
-                    &p1[..txn],
-                    &p2[..txn],
-                    &p3[..txn],
-                    &p0[1..],
-                    &p1[1..],
-                ]
-                .into_iter()
-                .enumerate()
-                {
-                    out[run(k)..][..txn].copy_from_slice(from);
+                // Column k of tile t is padded column 4 t + k: six strided runs, written
+                // where they go (short copies by `memmove` cost more than the gather).
+                let mut runs = out[run(0)..].chunks_mut(len).map(|r| &mut r[..txn]);
+                let mut next = || runs.next().expect("six runs");
+                let (o0, o1, o2, o3, o4, o5) = (next(), next(), next(), next(), next(), next());
+                for t in 0..txn {
+                    let q = &padded[4 * t..][..6];
+                    (o0[t], o1[t], o2[t], o3[t], o4[t], o5[t]) =
+                        (q[0], q[1], q[2], q[3], q[4], q[5]);
                 }
             }
         }
@@ -763,8 +751,8 @@ impl Geometry {
                 (q0[t], q1[t], q2[t], q3[t]) = (out[0], out[1], out[2], out[3]);
             }
         }
-        // Row r of each tile row: the four columns of its tiles, interleaved.
-        let mut line = vec![0.0f32; 4 * txn];
+        // Row r of each tile row: the four columns of its tiles, interleaved, written where
+        // they go.
         for rr in 0..len / txn {
             let (n, ty) = ((r0 + rr) / self.tyn, (r0 + rr) % self.tyn);
             let at = rr * txn;
@@ -775,17 +763,21 @@ impl Geometry {
                 }
                 let col = |j: usize| &q[(r * 4 + j) * len + at..][..txn];
                 let (c0, c1, c2, c3) = (col(0), col(1), col(2), col(3));
-                for (t, e) in line.chunks_exact_mut(4).enumerate() {
-                    (e[0], e[1], e[2], e[3]) = (c0[t], c1[t], c2[t], c3[t]);
-                }
-                // SAFETY: row yy of channel o's plane of image n (caller's contract).
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        line.as_ptr(),
+                // SAFETY: row yy of channel o's plane of image n, w floats that no other thread
+                // writes (caller's contract).
+                let row = unsafe {
+                    std::slice::from_raw_parts_mut(
                         y.add((n * self.planes_out + o) * h * w + yy * w),
                         w,
                     )
                 };
+                let whole = w / 4;
+                for (t, e) in row[..4 * whole].chunks_exact_mut(4).enumerate() {
+                    (e[0], e[1], e[2], e[3]) = (c0[t], c1[t], c2[t], c3[t]);
+                }
+                for (j, e) in row[4 * whole..].iter_mut().enumerate() {
+                    *e = [c0, c1, c2, c3][j][whole];
+                }
             }
         }
     }
