@@ -857,8 +857,8 @@ mod tests {
         // 150, 75, 37, 18 and 9) does more.
         let odd = vgg16_done_gflop([150, 150], None) / vgg16_gflop([150, 150]);
         assert!(odd > 0.35 && odd < 0.37, "{odd}");
-        // F(4x4) for many channels on maps of 3x3 and more; F(2x2) for few channels, and for
-        // 1x1 and 2x2 maps.
+        // F(4x4) for many channels on maps where 4x4 tiles need fewer multiplies (3x3, 4x4,
+        // 7x7 and more; 5x5 and 6x6 tie); F(2x2) for few channels, and for 1x1 and 2x2 maps.
         assert_eq!(Tile::for_layer(512, 512, [9, 9]), Tile::F4);
         assert_eq!(Tile::for_layer(128, 256, [37, 37]), Tile::F4);
         assert_eq!(Tile::for_layer(128, 128, [75, 75]), Tile::F2);
