@@ -3,10 +3,11 @@
 //! run them. F(4x4, 3x3) computes each 4x4 output tile from a 6x6 input patch with 36
 //! multiplications per input/output channel pair where the direct convolution takes 144 (4x
 //! fewer); F(2x2, 3x3), 16 for a 2x2 tile instead of 36 (2.25x), serves maps too small for 4x4
-//! tiles or channels too few ([`Tile::for_layer`]). What is left is 36 (or 16) independent matrix multiplies per layer,
-//! one per position of the transformed tile, run by the same `gemm` crate burn's CPU backend
-//! uses, with the transforms fused with the bias and the ReLU. It serves the frozen layers and, with the gradients below (the input's by
-//! the same Winograd convolution with flipped kernels, the parameters' by one im2col product), the
+//! tiles and layers with few channels ([`Tile::for_layer`]). What is left is 36 (or 16)
+//! independent matrix multiplies per layer, one per position of the transformed tile, run by the
+//! same `gemm` crate burn's CPU backend uses, with the transforms fused with the bias and the
+//! ReLU. It serves the frozen layers and, with the gradients below (the input's by the same
+//! Winograd convolution with flipped kernels, the parameters' by one im2col product), the
 //! trainable VGG convolutions of `train::hand`. F(2x2) agrees with the direct convolution to
 //! about 1e-6 relative, F(4x4) to about 1e-5 (its transforms multiply by up to 8 and divide by
 //! up to 24).
@@ -69,7 +70,7 @@ impl Tile {
     /// transforms cost) and the map is large enough that its 4x4 tiles need fewer
     /// multiplications than 2x2 ones; else F(2x2). Measured per layer with
     /// `runner bench-workload vgg16_layers` (both tiles, every VGG16 layer, 2 threads, AVX-512):
-    /// F(4x4) took 5 to 18 % less time from block3_conv1 on, 4 to 39 % more on block1 and
+    /// F(4x4) took 2 to 20 % less time from block3_conv1 on, 4 to 39 % more on block1 and
     /// block2 (3 to 128 channels).
     pub fn for_layer(cin: usize, cout: usize, [h, w]: [usize; 2]) -> Self {
         let fewer = Self::F4.multiplies(1, 1, [h, w]) < Self::F2.multiplies(1, 1, [h, w]);
@@ -112,11 +113,6 @@ impl Conv3x3 {
             bias: bias.to_vec(),
             relu: true,
         }
-    }
-
-    /// The tile it computes.
-    pub fn tile(&self) -> Tile {
-        self.tile
     }
 
     /// The same convolution without the ReLU (`conv(x) + bias`).
@@ -304,16 +300,22 @@ impl Conv3x3 {
         } else {
             (0..points).for_each(product);
         }
-        // Back to output tiles, plus bias, ReLU; one output channel per task.
-        let output = |(o, mo): (usize, &[f32])| {
+        // Back to output tiles, plus bias, ReLU; one output channel per task, each thread
+        // with one work buffer for all its channels.
+        let output = |work: &mut Vec<f32>, (o, mo): (usize, &[f32])| {
             // SAFETY: task o writes only the planes of output channel o, in these tile rows
             // (the caller's contract).
-            unsafe { geo.output_tiles(mo, o, (self.bias[o], self.relu), r0, len, y.0) }
+            unsafe { geo.output_tiles(mo, o, (self.bias[o], self.relu), (r0, len), y.0, work) }
         };
         if parallel {
-            m.par_chunks(points * len).enumerate().for_each(output);
+            m.par_chunks(points * len)
+                .enumerate()
+                .for_each_init(Vec::new, output);
         } else {
-            m.chunks(points * len).enumerate().for_each(output);
+            let mut work = Vec::new();
+            for task in m.chunks(points * len).enumerate() {
+                output(&mut work, task);
+            }
         }
     }
 }
@@ -607,7 +609,7 @@ impl Geometry {
 
     /// Writes `relu(A^T m A + bias)` (without the ReLU when `relu` is false) of every tile in `m`
     /// (`[points][len]`, output channel `o`, tile rows `r0..r0 + len / txn`) into the output
-    /// planes of channel `o`.
+    /// planes of channel `o`; `work` is scratch (whatever it holds).
     ///
     /// # Safety
     ///
@@ -617,15 +619,15 @@ impl Geometry {
         m: &[f32],
         o: usize,
         bias: (f32, bool),
-        r0: usize,
-        len: usize,
+        (r0, len): (usize, usize),
         y: *mut f32,
+        work: &mut Vec<f32>,
     ) {
         // SAFETY: the caller's contract, passed on.
         unsafe {
             match self.tile {
                 Tile::F2 => self.output_tiles_f2(m, o, bias, r0, len, y),
-                Tile::F4 => self.output_tiles_f4(m, o, bias, r0, len, y),
+                Tile::F4 => self.output_tiles_f4(m, o, bias, (r0, len), y, work),
             }
         }
     }
@@ -703,9 +705,9 @@ impl Geometry {
         m: &[f32],
         o: usize,
         (bias, relu): (f32, bool),
-        r0: usize,
-        len: usize,
+        (r0, len): (usize, usize),
         y: *mut f32,
+        work: &mut Vec<f32>,
     ) {
         let (h, w, txn) = (self.h, self.w, self.txn);
         let a_t = |v: [f32; 6]| {
@@ -717,8 +719,13 @@ impl Geometry {
                 d12 + 8.0 * d34 + v[5],
             ]
         };
-        // a[(r 6 + k) len + t] = (A^T m)[r][k], along all the chunk's tiles at once.
-        let mut a = vec![0.0f32; 24 * len];
+        // a[(r 6 + k) len + t] = (A^T m)[r][k], along all the chunk's tiles at once; then
+        // q[(r 4 + j) len + t] = (A^T m A)[r][j] + bias, ReLU'd. Both in `work`, every element
+        // written before it is read.
+        if work.len() < 40 * len {
+            work.resize(40 * len, 0.0);
+        }
+        let (a, q) = work[..40 * len].split_at_mut(24 * len);
         for k in 0..6 {
             let v: [&[f32]; 6] = std::array::from_fn(|i| &m[(i * 6 + k) * len..][..len]);
             let mut runs = a[k * len..].chunks_mut(6 * len).map(|r| &mut r[..len]);
@@ -729,8 +736,6 @@ impl Geometry {
                 (a0[t], a1[t], a2[t], a3[t]) = (out[0], out[1], out[2], out[3]);
             }
         }
-        // q[(r 4 + j) len + t] = (A^T m A)[r][j] + bias, ReLU'd.
-        let mut q = vec![0.0f32; 16 * len];
         for r in 0..4 {
             let v: [&[f32]; 6] = std::array::from_fn(|k| &a[(r * 6 + k) * len..][..len]);
             let mut runs = q[r * 4 * len..][..4 * len].chunks_exact_mut(len);
